@@ -1,0 +1,38 @@
+# wsurgery: `make demo` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is pinned to the CPU build this machine class keeps on disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test lint fixtures bench fuzz clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p build/demo
+	$(BIN)/wsurgery inspect fixtures/tiny_lm.pt --filter '*.weight' --tree
+	$(BIN)/wsurgery tie fixtures/tiny_lm.pt --src embedding.weight --dst projection.weight \
+		-o build/demo/tiny_lm.tied.safetensors --force
+	$(BIN)/wsurgery inspect build/demo/tiny_lm.tied.safetensors --filter '*embedding*'
+	$(BIN)/wsurgery inspect build/demo/tiny_lm.tied.safetensors --filter '*projection*'
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check wsurgery tests fixtures
+
+fixtures: $(STAMP)
+	$(BIN)/python fixtures/make_fixtures.py
+
+clean:
+	rm -rf build .pytest_cache

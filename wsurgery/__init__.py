@@ -1,0 +1,35 @@
+"""wsurgery: weight surgery on PyTorch checkpoints.
+
+Importing the package is cheap and never imports torch; the functions below import
+it only when the work needs tensors.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import check, diff, load, load_state_dict, save_state_dict  # noqa: E402
+from .checkpoint import Checkpoint  # noqa: E402
+from .errors import (  # noqa: E402
+    InputError,
+    OutputError,
+    SurgeryError,
+    TransformError,
+    UsageError,
+    WsurgeryError,
+)
+
+__all__ = [
+    "Checkpoint",
+    "InputError",
+    "OutputError",
+    "SurgeryError",
+    "TransformError",
+    "UsageError",
+    "WsurgeryError",
+    "check",
+    "diff",
+    "load",
+    "load_state_dict",
+    "save_state_dict",
+]

@@ -1,0 +1,221 @@
+"""Ties: find them in shared storage, and encode/decode them as safetensors metadata.
+
+A tie is an *alias* name whose value is ``transform(source)``, where ``source`` is a
+stored tensor. In a safetensors file ``__metadata__`` records:
+
+- ``"wsurgery.aliases"``: JSON ``{"<alias>": {"source": "<stored>", "transform": [...]}}``;
+- ``"<alias>": "<stored>"`` for every tie without a transform (the convention of
+  ``safetensors.torch.save_model``), never for a transformed one;
+- ``"format": "pt"``.
+
+Invariants (enforced on read and on write): an alias is never also a stored name; its
+source is a stored name (chains are composed, cycles refused); its transform fits the
+source's shape and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .errors import InputError, SurgeryError, TransformError
+from .transforms import Transform, parse
+
+ALIASES_KEY = "wsurgery.aliases"
+FORMAT_KEY = "format"
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    source: str
+    specs: tuple[str, ...]  # canonical transform steps, () = same
+
+
+def encode(aliases: dict[str, AliasRecord], metadata: dict[str, str] | None) -> dict[str, str]:
+    """The ``__metadata__`` dict for a file storing tensors with these aliases.
+
+    ``metadata`` is the user's metadata to keep; alias entries of an older encoding in it
+    are dropped and rewritten.
+    """
+    out: dict[str, str] = {}
+    for key, value in sorted((metadata or {}).items()):
+        if key == ALIASES_KEY or key in aliases:
+            continue
+        out[key] = value
+    out[FORMAT_KEY] = "pt"
+    if aliases:
+        table = {name: {"source": rec.source, "transform": list(rec.specs)} for name, rec in sorted(aliases.items())}
+        out[ALIASES_KEY] = json.dumps(table, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        for name, rec in sorted(aliases.items()):
+            if not rec.specs:
+                out[name] = rec.source
+    return out
+
+
+def decode(metadata: dict[str, str] | None, stored: dict[str, tuple[tuple[int, ...], str]], path) -> tuple[dict[str, AliasRecord], dict[str, str]]:
+    """Read alias records back; returns ``(aliases, other metadata)``.
+
+    ``stored`` maps each stored name to ``(shape, dtype)``. Alias metadata is input like
+    any other: malformed JSON, a missing source, a cycle, or a transform that does not
+    parse or fit is an :class:`InputError`.
+    """
+    metadata = dict(metadata or {})
+    raw: dict[str, AliasRecord] = {}
+    text = metadata.pop(ALIASES_KEY, None)
+    if text is not None:
+        try:
+            table = json.loads(text)
+        except ValueError:
+            raise InputError(f"{path}: {ALIASES_KEY} metadata is not valid JSON") from None
+        if not isinstance(table, dict):
+            raise InputError(f"{path}: {ALIASES_KEY} metadata is not a JSON object")
+        for name, rec in table.items():
+            if (
+                not isinstance(rec, dict)
+                or not isinstance(rec.get("source"), str)
+                or not isinstance(rec.get("transform", []), list)
+                or not all(isinstance(s, str) for s in rec.get("transform", []))
+            ):
+                raise InputError(f"{path}: {ALIASES_KEY} entry {name!r} must be {{\"source\": str, \"transform\": [str, ...]}}")
+            raw[name] = AliasRecord(rec["source"], tuple(rec.get("transform", [])))
+    # The save_model convention: "<alias>": "<stored name>".
+    others: dict[str, str] = {}
+    for key, value in metadata.items():
+        if key == FORMAT_KEY or key.startswith("wsurgery."):
+            others[key] = value
+            continue
+        if key in raw:
+            if not raw[key].specs and raw[key].source == value:
+                continue  # the plain entry that mirrors a wsurgery record
+            others[key] = value
+            continue
+        if key not in stored and value in stored:
+            raw[key] = AliasRecord(value, ())
+            continue
+        others[key] = value
+
+    for name in raw:
+        if name in stored:
+            raise InputError(f"{path}: {name!r} is both a stored tensor and an alias in the metadata")
+    resolved: dict[str, AliasRecord] = {}
+    for name in raw:
+        resolved[name] = _resolve(name, raw, stored, path)
+    return resolved, others
+
+
+def _resolve(name: str, raw: dict[str, AliasRecord], stored, path) -> AliasRecord:
+    """Follow ``name`` to a stored source, composing transforms; refuse cycles and misfits."""
+    seen = [name]
+    specs: list[str] = []
+    cur = raw[name]
+    chain = [cur]
+    while cur.source not in stored:
+        if cur.source not in raw:
+            raise InputError(f"{path}: alias {name!r} names a missing source {cur.source!r}")
+        if cur.source in seen:
+            raise InputError(f"{path}: aliases form a cycle: {' -> '.join([*seen, cur.source])}")
+        seen.append(cur.source)
+        cur = raw[cur.source]
+        chain.append(cur)
+    for rec in reversed(chain):
+        specs.extend(rec.specs)
+    try:
+        transform = parse(specs)
+        shape, dtype = stored[cur.source]
+        transform.infer(tuple(shape), dtype)
+    except (TransformError, SurgeryError) as exc:
+        raise InputError(f"{path}: alias {name!r} has a bad transform: {exc}") from None
+    if not transform.is_view:
+        raise InputError(f"{path}: alias {name!r} has a transform that is not a view: {transform}")
+    return AliasRecord(cur.source, tuple(transform.specs()))
+
+
+def transform_of(rec: AliasRecord) -> Transform:
+    return parse(list(rec.specs))
+
+
+# --- shared storage in torch state dicts -------------------------------------------------
+
+
+def _span(t) -> tuple[int, int]:
+    """Byte interval ``[lo, hi)`` a tensor covers in its storage."""
+    isz = t.element_size()
+    if t.numel() == 0:
+        return (t.storage_offset() * isz, t.storage_offset() * isz)
+    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    lo = t.storage_offset()
+    return lo * isz, (lo + extent) * isz
+
+
+def _same_view(a, b) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.storage_offset() == b.storage_offset()
+        and tuple(a.shape) == tuple(b.shape)
+        and tuple(a.stride()) == tuple(b.stride())
+    )
+
+
+def _transposed_view(base, t) -> bool:
+    return (
+        base.dim() == 2
+        and t.dim() == 2
+        and base.dtype == t.dtype
+        and base.storage_offset() == t.storage_offset()
+        and tuple(t.shape) == tuple(base.shape)[::-1]
+        and tuple(t.stride()) == tuple(base.stride())[::-1]
+    )
+
+
+def find_shared(tensors: dict, path="<state dict>") -> dict[str, AliasRecord]:
+    """Ties implied by shared storage in a torch state dict.
+
+    Tensors whose bytes overlap in one storage are read as ties: the same view is a tie
+    without a transform, a transposed 2-D view a ``transpose`` tie. The source is the
+    contiguous member (the first by name if none or several are). Any other overlap is
+    an :class:`InputError` that names the tensors. Tensors that share a storage without
+    overlapping (slices of one buffer) stay independent.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        key = (t.device.type, t.device.index, storage.data_ptr())
+        groups.setdefault(key, []).append(name)
+
+    aliases: dict[str, AliasRecord] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        spans = sorted((_span(tensors[n]), n) for n in names)
+        clusters: list[list[str]] = []
+        hi_max = -1
+        for (lo, hi), n in spans:
+            if clusters and lo < hi_max:
+                clusters[-1].append(n)
+                hi_max = max(hi_max, hi)
+            else:
+                clusters.append([n])
+                hi_max = hi
+        for cluster in clusters:
+            if len(cluster) < 2:
+                continue
+            members = sorted(cluster)
+            contiguous = [n for n in members if tensors[n].is_contiguous()]
+            base = contiguous[0] if contiguous else members[0]
+            for n in members:
+                if n == base:
+                    continue
+                if _same_view(tensors[base], tensors[n]):
+                    aliases[n] = AliasRecord(base, ())
+                elif _transposed_view(tensors[base], tensors[n]):
+                    aliases[n] = AliasRecord(base, ("transpose",))
+                else:
+                    a, b = tensors[base], tensors[n]
+                    raise InputError(
+                        f"{path}: tensors {base!r} {tuple(a.shape)} and {n!r} {tuple(b.shape)} overlap in storage "
+                        "but are neither the same view nor a transpose of each other",
+                        hint="save them as separate tensors (clone one) and retry",
+                    )
+    return aliases

@@ -1,0 +1,230 @@
+"""Shared option types, output helpers and the one error-to-exit-code table."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError, OutputError, SurgeryError, UsageError, WsurgeryError
+
+# Exit codes, in one place (see the README's table).
+EXIT_OK = 0
+EXIT_DIFFERENT = 1
+EXIT_INTERNAL = 70
+EXIT_CODES: dict[type[WsurgeryError], int] = {
+    UsageError: 2,
+    InputError: 3,
+    SurgeryError: 4,
+    OutputError: 5,
+}
+
+
+def exit_code_for(exc: WsurgeryError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return exc.exit_code
+
+
+# --- shared options ---------------------------------------------------------------------
+
+CkptArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint: .safetensors, a sharded *.index.json or its folder, or a torch .pt/.pth/.bin/.ckpt.",
+        show_default=False,
+    ),
+]
+SrcOpt = Annotated[
+    str,
+    typer.Option(
+        "--src",
+        help="Source tensor, or a module prefix for every tensor under it. A name that is both a tensor and a "
+        "prefix means the tensor.",
+        show_default=False,
+    ),
+]
+DstOpt = Annotated[
+    str,
+    typer.Option("--dst", help="Destination tensor (new or existing), or a module prefix.", show_default=False),
+]
+TransformOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--transform",
+        "-t",
+        help="Transform step, repeatable, applied in order: same, transpose, transpose(d0,d1), permute(...), "
+        "reshape(...), slice(dim,start,stop), cast(dtype), scale(x).",
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", help="Output .safetensors path [default: the input's path with .safetensors].",
+                 show_default=False),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
+InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Allow the output to replace the input file.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan and write nothing.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+FilterOpt = Annotated[
+    Optional[str], typer.Option("--filter", help="Only tensors whose name matches this glob.", show_default=False)
+]
+
+
+# --- printing ---------------------------------------------------------------------------
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+
+def emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def debug() -> bool:
+    return os.environ.get("WSURGERY_DEBUG", "") not in ("", "0")
+
+
+def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
+    code = exit_code_for(exc)
+    if debug():
+        traceback.print_exc()
+    sys.stderr.write(f"error: {exc.one_line()}\n")
+    if json_out:
+        emit_json(
+            {
+                "schema": f"wsurgery.{command}/1",
+                "error": {"kind": exc.kind, "message": str(exc), "hint": exc.hint, "exit_code": code},
+            }
+        )
+    return code
+
+
+def command(name: str):
+    """Wrap a command: map library errors to one stderr line and the table's exit code."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            json_out = bool(kwargs.get("json_out", False))
+            try:
+                code = fn(*args, **kwargs)
+            except WsurgeryError as exc:
+                raise typer.Exit(report_error(name, exc, json_out)) from None
+            except KeyboardInterrupt:
+                sys.stderr.write("error: interrupted\n")
+                raise typer.Exit(130) from None
+            except MemoryError:
+                exc = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
+                raise typer.Exit(report_error(name, exc, json_out)) from None
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except Exception as exc:  # a bug in wsurgery: still one line, never a traceback unless asked
+                if debug():
+                    traceback.print_exc()
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                sys.stderr.write(
+                    f"error: internal error: {type(exc).__name__}: {first} "
+                    "(hint: set WSURGERY_DEBUG=1 for a traceback and report it)\n"
+                )
+                if json_out:
+                    emit_json({"schema": f"wsurgery.{name}/1", "error": {"kind": "internal", "message": first,
+                                                                         "hint": None, "exit_code": EXIT_INTERNAL}})
+                raise typer.Exit(EXIT_INTERNAL) from None
+            raise typer.Exit(code or 0)
+
+        return wrapper
+
+    return deco
+
+
+# --- outputs ----------------------------------------------------------------------------
+
+
+def default_output(ckpt_path: Path) -> Path:
+    p = Path(ckpt_path)
+    if p.is_dir():
+        return p.with_name(p.name.rstrip("/") + ".safetensors")
+    if p.name.endswith(".index.json"):
+        return p.with_name(p.name[: -len(".index.json")].removesuffix(".safetensors") + ".safetensors")
+    return p.with_suffix(".safetensors")
+
+
+def resolve_output(out: Path | None, ckpt_path: Path, inputs: list[str], force: bool, in_place: bool) -> Path:
+    """Decide where to write, refusing to overwrite silently (exit 5)."""
+    target = Path(out) if out is not None else default_output(ckpt_path)
+    if target.is_dir():
+        raise OutputError(f"{target} is a folder", hint="give a file path with -o")
+    real = os.path.realpath(target)
+    is_input = any(os.path.realpath(i) == real for i in inputs)
+    if is_input and not in_place:
+        raise OutputError(
+            f"{target} is an input; refusing to write over it",
+            hint="choose another path with -o, or pass --in-place",
+        )
+    if target.exists() and not is_input and not force:
+        raise OutputError(f"{target} exists", hint="pass --force to overwrite it, or choose another path with -o")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{parent} is not a folder", hint="create it first or choose another path with -o")
+    return target
+
+
+def shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def human_bytes(n: int) -> str:
+    step = 1024.0
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < step or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= step
+    return f"{n} B"
+
+
+class ByteProgress:
+    """A rich progress bar on stderr, in bytes, for work that is large enough to take a while."""
+
+    THRESHOLD = 256 << 20
+
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        self.enabled = enabled and total >= self.THRESHOLD
+        self.total = total
+        self.description = description
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+            self._progress = Progress(
+                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), console=console(stderr=True), transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=self.total)
+        return self
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, nbytes)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False

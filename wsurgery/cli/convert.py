@@ -1,0 +1,32 @@
+"""wsurgery convert: any readable checkpoint to safetensors, keeping its ties."""
+
+from __future__ import annotations
+
+from ..checkpoint import load, natural_key
+from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, OutOpt, command
+from .output import finish
+
+
+@command("convert")
+def convert(
+    ckpt: CkptArg,
+    output: OutOpt = None,
+    force: ForceOpt = False,
+    in_place: InPlaceOpt = False,
+    json_out: JsonOpt = False,
+) -> int:
+    """Convert a checkpoint to safetensors; shared storage is recorded as aliases.
+
+    Example: wsurgery convert model.pt -o model.safetensors
+    """
+    c = load(ckpt)
+    try:
+        summary = {
+            "stored": len(c.stored),
+            "aliases": [{"name": n, **c.aliases[n].record()} for n in sorted(c.aliases, key=natural_key)],
+            "copied": [],
+        }
+        return finish("convert", ckpt, c, summary, out=output, force=force, in_place=in_place, dry_run=False,
+                      json_out=json_out)
+    finally:
+        c.close()

@@ -1,0 +1,69 @@
+"""Writing a surgery result and printing what was done: shared by tie, copy, untie, convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, natural_key
+from .common import ByteProgress, console, emit_json, human_bytes, resolve_output, shape_text
+
+
+def finish(
+    command: str,
+    ckpt_path: Path,
+    result: Checkpoint,
+    summary: dict,
+    *,
+    out: Path | None,
+    force: bool,
+    in_place: bool,
+    dry_run: bool,
+    json_out: bool,
+) -> int:
+    """Write ``result`` (unless dry run) and report it; returns the exit code."""
+    target = resolve_output(out, ckpt_path, result.input_files, force, in_place)
+    if not dry_run:
+        with ByteProgress(result.total_bytes, f"writing {target.name}", enabled=not json_out) as bar:
+            result.save(target, progress=bar.advance)
+    if json_out:
+        emit_json(
+            {
+                "schema": f"wsurgery.{command}/1",
+                "output": str(target),
+                "dry_run": dry_run,
+                "stored": summary["stored"],
+                "aliases": summary["aliases"],
+                "copied": summary["copied"],
+                "plan": summary.get("plan", []),
+            }
+        )
+        return 0
+    con = console()
+    plan = summary.get("plan", [])
+    if plan:
+        from rich.table import Table
+
+        table = Table(title="plan" if dry_run else None, title_justify="left", box=None, pad_edge=False)
+        for col in ("op", "destination", "from", "transform", "dtype", "shape"):
+            table.add_column(col, overflow="fold")
+        for step in plan:
+            table.add_row(
+                step["op"],
+                step["dst"] + (" (replaced)" if step["replaces"] else " (new)"),
+                step["source"],
+                " -> ".join(step["transform"]) or "same",
+                step["dtype"],
+                shape_text(step["shape"]),
+            )
+        con.print(table)
+    verb = "would write" if dry_run else "wrote"
+    n_alias = len(summary["aliases"])
+    con.print(
+        f"{verb} {target}: {summary['stored']} stored tensor{'s' if summary['stored'] != 1 else ''} "
+        f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
+        markup=False,
+    )
+    for a in sorted(summary["aliases"], key=lambda a: natural_key(a["name"])):
+        t = " -> ".join(a["transform"]) or "same"
+        con.print(f"  {a['name']} = {t}({a['source']})", markup=False)
+    return 0

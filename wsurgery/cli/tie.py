@@ -1,0 +1,33 @@
+"""wsurgery tie: make DST an alias of transform(SRC), stored once."""
+
+from __future__ import annotations
+
+from ..checkpoint import load
+from ..surgery import plan_tie
+from .common import CkptArg, DryRunOpt, DstOpt, ForceOpt, InPlaceOpt, JsonOpt, OutOpt, SrcOpt, TransformOpt, command
+from .output import finish
+
+
+@command("tie")
+def tie(
+    ckpt: CkptArg,
+    src: SrcOpt,
+    dst: DstOpt,
+    transform: TransformOpt = None,
+    output: OutOpt = None,
+    force: ForceOpt = False,
+    in_place: InPlaceOpt = False,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+) -> int:
+    """Tie DST to SRC: store SRC once and record DST as its alias (view transforms only).
+
+    Example: wsurgery tie model.pt --src embedding.weight --dst projection.weight
+    """
+    c = load(ckpt)
+    try:
+        p = plan_tie(c, src, dst, transform or [])
+        return finish("tie", ckpt, p.result, p.summary(), out=output, force=force, in_place=in_place,
+                      dry_run=dry_run, json_out=json_out)
+    finally:
+        c.close()

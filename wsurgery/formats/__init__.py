@@ -1,0 +1,1 @@
+"""Bytes and files: safetensors headers, sharded indexes, torch pickles, atomic writers."""

@@ -1,0 +1,80 @@
+"""Sharded safetensors: an index (``weight_map``) over several validated shard files."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import HeaderError, InputError
+from .safetensors import SafetensorsFile
+
+
+@dataclass
+class ShardedIndex:
+    path: str
+    folder: str
+    metadata: dict  # the index's own "metadata" (total_size, alias records)
+    weight_map: dict[str, str]
+    shards: dict[str, SafetensorsFile]  # shard file name -> opened shard
+
+
+def _fail(path, rule: str) -> HeaderError:
+    return HeaderError(f"{path}: invalid sharded index: {rule}")
+
+
+def _inside(folder: str, rel: str) -> bool:
+    if os.path.isabs(rel) or not rel or "\x00" in rel:
+        return False
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(folder, rel))
+    return os.path.commonpath([root, target]) == root
+
+
+def open_index(path) -> ShardedIndex:
+    """Parse the index and validate every shard and its agreement with ``weight_map``."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(100_000_001)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > 100_000_000:
+        raise _fail(path, "index is larger than 100,000,000 bytes")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _fail(path, "not UTF-8 JSON") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        raise _fail(path, "no \"weight_map\" object")
+    weight_map = obj["weight_map"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise _fail(path, "weight_map must map tensor names to shard file names")
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise _fail(path, "\"metadata\" is not an object")
+    folder = os.path.dirname(os.path.abspath(path))
+
+    shards: dict[str, SafetensorsFile] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not _inside(folder, shard):
+            raise _fail(path, f"shard path {shard!r} leaves the checkpoint's folder")
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            raise InputError(f"{path}: shard {shard!r} named in weight_map does not exist")
+        shards[shard] = SafetensorsFile.open(shard_path)
+
+    owner: dict[str, str] = {}
+    for shard, sf in shards.items():
+        for name in sf.tensors:
+            if name in owner:
+                raise _fail(path, f"tensor {name!r} is stored in two shards: {owner[name]!r} and {shard!r}")
+            owner[name] = shard
+    for name, shard in weight_map.items():
+        if owner.get(name) != shard:
+            where = f"it is in {owner[name]!r}" if name in owner else "no shard holds it"
+            raise _fail(path, f"weight_map puts {name!r} in {shard!r} but {where}")
+    for name, shard in owner.items():
+        if name not in weight_map:
+            raise _fail(path, f"shard {shard!r} holds {name!r}, which weight_map does not list")
+    return ShardedIndex(path=path, folder=folder, metadata=metadata, weight_map=dict(weight_map), shards=shards)

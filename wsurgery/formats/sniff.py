@@ -1,0 +1,70 @@
+"""Find a checkpoint's format from its first bytes, never from its name."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..errors import InputError
+
+SAFETENSORS = "safetensors"
+SHARDED = "safetensors-sharded"
+TORCH_ZIP = "torch-zip"
+TORCH_LEGACY = "torch-legacy"
+
+INDEX_SUFFIX = ".index.json"
+
+
+def find_index(folder: str) -> str:
+    """The one ``*.safetensors.index.json`` (or ``*.index.json``) in ``folder``."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
+    found = [n for n in names if n.endswith(".safetensors.index.json")] or [n for n in names if n.endswith(INDEX_SUFFIX)]
+    if not found:
+        single = [n for n in names if n.endswith(".safetensors")]
+        if len(single) == 1:
+            return os.path.join(folder, single[0])
+        raise InputError(f"{folder}: folder holds no *.safetensors.index.json", hint="pass the checkpoint file itself")
+    if len(found) > 1:
+        raise InputError(f"{folder}: folder holds several index files: {', '.join(found)}", hint="pass one of them")
+    return os.path.join(folder, found[0])
+
+
+def sniff(path: str) -> tuple[str, str]:
+    """Return ``(format, path)``; a folder resolves to its index file."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        path = find_index(path)
+        if not path.endswith(INDEX_SUFFIX):
+            return SAFETENSORS, path
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return TORCH_ZIP, path
+    if head[:1] == b"\x80":  # pickle protocol 2+: the legacy torch.save format
+        return TORCH_LEGACY, path
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n <= size:
+            return SAFETENSORS, path
+    stripped = head.lstrip()
+    if stripped.startswith(b"{"):
+        return SHARDED, path
+    if len(head) >= 8:
+        # A safetensors prefix whose header is broken: let the strict parser say why.
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > 0 and (len(head) < 9 or head[8:9] in b"{ "):
+            return SAFETENSORS, path
+    if path.endswith(".safetensors"):
+        return SAFETENSORS, path
+    raise InputError(
+        f"{path}: not a checkpoint wsurgery can read (first bytes {head[:8].hex()})",
+        hint="expected safetensors, a sharded index, or a torch.save file",
+    )

@@ -1,0 +1,149 @@
+"""Atomic, streaming safetensors writers.
+
+Every write goes to a temporary file in the destination's folder, is flushed and
+fsynced, then moved into place with ``os.replace``. On any error the temporary is
+removed and the destination is left as it was. A process killed mid-write leaves at
+most a hidden ``.NAME.*.wsurgery-tmp`` file beside the destination, never a partial
+destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import OutputError
+from .safetensors import build_header
+
+TMP_SUFFIX = ".wsurgery-tmp"
+_COPY_CHUNK = 64 << 20
+
+
+def _os_error(path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    hint = None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some disk space or write elsewhere with -o"
+    elif exc.errno == errno.EFBIG:
+        hint = "the file-size limit (ulimit -f) is too small for this output"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "choose a writable destination with -o"
+    return OutputError(f"cannot write {path}: {reason}", hint=hint)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield an unbuffered binary file; on success it replaces ``path`` atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    ok = False
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise _os_error(path, exc) from None
+        try:
+            os.chmod(tmp, 0o644 & ~_umask())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        ok = True
+        _fsync_dir(folder)
+    finally:
+        if not ok:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_all(f, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        if n is None or n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+
+
+def copy_range(src_path: str, offset: int, nbytes: int, f) -> None:
+    """Copy ``nbytes`` of ``src_path`` from ``offset`` to the current position of ``f``.
+
+    Uses ``os.copy_file_range`` (in-kernel, no user-space copy) where the system has
+    it, a bounded buffer otherwise.
+    """
+    if nbytes == 0:
+        return
+    with open(src_path, "rb", buffering=0) as src:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(src.fileno(), f.fileno(), nbytes - done, offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+        src.seek(offset + done)
+        buf = bytearray(min(_COPY_CHUNK, nbytes - done))
+        view = memoryview(buf)
+        while done < nbytes:
+            want = min(len(buf), nbytes - done)
+            got = src.readinto(view[:want])
+            if not got:
+                raise OSError(errno.EIO, f"{src_path} ended early while copying")
+            write_all(f, view[:got])
+            done += got
+
+
+@dataclass
+class WriteItem:
+    """One stored tensor to write: header facts plus a function that writes its bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    write: Callable  # write(f) writes exactly nbytes at f's position
+
+
+def write_safetensors(path, items: list[WriteItem], metadata: dict[str, str] | None, progress=None) -> None:
+    """Write one safetensors file atomically, tensors in the order given."""
+    prefix, _ = build_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
+    with atomic_file(path) as f:
+        write_all(f, prefix)
+        for item in items:
+            start = f.tell()
+            item.write(f)
+            written = f.tell() - start
+            if written != item.nbytes:
+                raise OutputError(f"internal error: {item.name!r} wrote {written} bytes, expected {item.nbytes}")
+            if progress is not None:
+                progress(item.nbytes)
