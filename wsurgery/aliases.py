@@ -52,7 +52,9 @@ def encode(aliases: dict[str, AliasRecord], metadata: dict[str, str] | None) -> 
     return out
 
 
-def decode(metadata: dict[str, str] | None, stored: dict[str, tuple[tuple[int, ...], str]], path) -> tuple[dict[str, AliasRecord], dict[str, str]]:
+def decode(
+    metadata: dict[str, str] | None, stored: dict[str, tuple[tuple[int, ...], str]], path
+) -> tuple[dict[str, AliasRecord], dict[str, str]]:
     """Read alias records back; returns ``(aliases, other metadata)``.
 
     ``stored`` maps each stored name to ``(shape, dtype)``. Alias metadata is input like
@@ -76,7 +78,9 @@ def decode(metadata: dict[str, str] | None, stored: dict[str, tuple[tuple[int, .
                 or not isinstance(rec.get("transform", []), list)
                 or not all(isinstance(s, str) for s in rec.get("transform", []))
             ):
-                raise InputError(f"{path}: {ALIASES_KEY} entry {name!r} must be {{\"source\": str, \"transform\": [str, ...]}}")
+                raise InputError(
+                    f'{path}: {ALIASES_KEY} entry {name!r} must be {{"source": str, "transform": [str, ...]}}'
+                )
             raw[name] = AliasRecord(rec["source"], tuple(rec.get("transform", [])))
     # The save_model convention: "<alias>": "<stored name>".
     others: dict[str, str] = {}
@@ -142,7 +146,7 @@ def _span(t) -> tuple[int, int]:
     isz = t.element_size()
     if t.numel() == 0:
         return (t.storage_offset() * isz, t.storage_offset() * isz)
-    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=False))
     lo = t.storage_offset()
     return lo * isz, (lo + extent) * isz
 

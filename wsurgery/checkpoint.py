@@ -132,7 +132,7 @@ class ComputedStored(Stored):
         self.shape, self.dtype = transform.infer(base.shape, base.dtype)
 
     def tensor(self, device="cpu"):
-        out = self.transform.apply(self.base.tensor(self.device)).contiguous()
+        out = self.transform.apply(self.base.tensor(self.device), allow_copy=True).contiguous()
         return out if out.device == _device(device) else out.to(device)
 
 
@@ -295,7 +295,9 @@ def load_safetensors(path: str) -> Checkpoint:
     sf = SafetensorsFile.open(path)
     stored: dict[str, Stored] = {name: FileStored(sf, rec) for name, rec in sf.tensors.items()}
     aliases, others = _with_aliases(stored, sf.metadata, path)
-    return Checkpoint(stored, aliases, others, path=path, format=_sniff.SAFETENSORS, input_files=[os.path.abspath(path)])
+    return Checkpoint(
+        stored, aliases, others, path=path, format=_sniff.SAFETENSORS, input_files=[os.path.abspath(path)]
+    )
 
 
 def load_sharded(path: str) -> Checkpoint:

@@ -53,7 +53,9 @@ class Plan:
             "stored": len(r.stored),
             "aliases": [{"name": n, **r.aliases[n].record()} for n in sorted(r.aliases, key=natural_key)],
             "copied": [
-                {"src": op.src, "dst": op.dst, "transform": op.transform.specs()} for op in self.ops if op.kind == "copy"
+                {"src": op.src, "dst": op.dst, "transform": op.transform.specs()}
+                for op in self.ops
+                if op.kind == "copy"
             ],
             "plan": [op.describe() for op in self.ops],
         }

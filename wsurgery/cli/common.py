@@ -67,8 +67,12 @@ TransformOpt = Annotated[
 ]
 OutOpt = Annotated[
     Optional[Path],
-    typer.Option("--output", "-o", help="Output .safetensors path [default: the input's path with .safetensors].",
-                 show_default=False),
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output .safetensors path [default: the input's path with .safetensors].",
+        show_default=False,
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Allow the output to replace the input file.")]
@@ -140,8 +144,12 @@ def command(name: str):
                     "(hint: set WSURGERY_DEBUG=1 for a traceback and report it)\n"
                 )
                 if json_out:
-                    emit_json({"schema": f"wsurgery.{name}/1", "error": {"kind": "internal", "message": first,
-                                                                         "hint": None, "exit_code": EXIT_INTERNAL}})
+                    emit_json(
+                        {
+                            "schema": f"wsurgery.{name}/1",
+                            "error": {"kind": "internal", "message": first, "hint": None, "exit_code": EXIT_INTERNAL},
+                        }
+                    )
                 raise typer.Exit(EXIT_INTERNAL) from None
             raise typer.Exit(code or 0)
 
@@ -213,8 +221,13 @@ class ByteProgress:
             from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
             self._progress = Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=console(stderr=True), transient=True,
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=console(stderr=True),
+                transient=True,
             )
             self._progress.__enter__()
             self._task = self._progress.add_task(self.description, total=self.total)

@@ -26,7 +26,8 @@ def convert(
             "aliases": [{"name": n, **c.aliases[n].record()} for n in sorted(c.aliases, key=natural_key)],
             "copied": [],
         }
-        return finish("convert", ckpt, c, summary, out=output, force=force, in_place=in_place, dry_run=False,
-                      json_out=json_out)
+        return finish(
+            "convert", ckpt, c, summary, out=output, force=force, in_place=in_place, dry_run=False, json_out=json_out
+        )
     finally:
         c.close()

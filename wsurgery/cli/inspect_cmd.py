@@ -20,8 +20,16 @@ def _rows(c: Checkpoint, pattern: str | None) -> list[dict]:
         alias_of = e.record() if isinstance(e, Alias) else None
         numel = math.prod(e.shape)
         nbytes = numel * BY_NAME[e.dtype].itemsize
-        rows.append({"name": name, "dtype": e.dtype, "shape": list(e.shape), "numel": numel, "nbytes": nbytes,
-                     "alias_of": alias_of})
+        rows.append(
+            {
+                "name": name,
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "numel": numel,
+                "nbytes": nbytes,
+                "alias_of": alias_of,
+            }
+        )
     return rows
 
 
@@ -108,8 +116,14 @@ def inspect(
             alias = ""
             if r["alias_of"]:
                 alias = f"{' -> '.join(r['alias_of']['transform']) or 'same'}({r['alias_of']['source']})"
-            table.add_row(r["name"], r["dtype"], shape_text(r["shape"]), f"{r['numel']:,}",
-                          human_bytes(r["nbytes"]) if not r["alias_of"] else "-", alias)
+            table.add_row(
+                r["name"],
+                r["dtype"],
+                shape_text(r["shape"]),
+                f"{r['numel']:,}",
+                human_bytes(r["nbytes"]) if not r["alias_of"] else "-",
+                alias,
+            )
         con.print(table)
     per_dtype: dict[str, list[int]] = {}
     for s in c.stored.values():
@@ -127,6 +141,10 @@ def inspect(
     if c.metadata:
         con.print("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(c.metadata.items())), markup=False)
     if c.skipped:
-        con.print(f"skipped (not tensors): {len(c.skipped)}: " + "; ".join(c.skipped[:10])
-                  + (" ..." if len(c.skipped) > 10 else ""), markup=False)
+        con.print(
+            f"skipped (not tensors): {len(c.skipped)}: "
+            + "; ".join(c.skipped[:10])
+            + (" ..." if len(c.skipped) > 10 else ""),
+            markup=False,
+        )
     return 0

@@ -27,7 +27,16 @@ def tie(
     c = load(ckpt)
     try:
         p = plan_tie(c, src, dst, transform or [])
-        return finish("tie", ckpt, p.result, p.summary(), out=output, force=force, in_place=in_place,
-                      dry_run=dry_run, json_out=json_out)
+        return finish(
+            "tie",
+            ckpt,
+            p.result,
+            p.summary(),
+            out=output,
+            force=force,
+            in_place=in_place,
+            dry_run=dry_run,
+            json_out=json_out,
+        )
     finally:
         c.close()

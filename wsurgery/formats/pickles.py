@@ -25,7 +25,9 @@ class PickleResult:
     container: str | None = None  # the key the state dict was found under, if any
 
 
-_GLOBAL_RE = re.compile(r"(?:Unsupported global|unsupported GLOBAL|global):?\s*(?:GLOBAL\s+)?([\w.]+(?:\s[\w.]+)?)", re.I)
+_GLOBAL_RE = re.compile(
+    r"(?:Unsupported global|unsupported GLOBAL|global):?\s*(?:GLOBAL\s+)?([\w.]+(?:\s[\w.]+)?)", re.I
+)
 
 
 def _refused_global(message: str) -> str | None:

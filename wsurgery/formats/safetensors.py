@@ -72,7 +72,9 @@ class _DuplicateKey(Exception):
 
 
 def _fail(path, rule: str) -> HeaderError:
-    return HeaderError(f"{path}: invalid safetensors header: {rule}", hint="the file is corrupt or not a safetensors file")
+    return HeaderError(
+        f"{path}: invalid safetensors header: {rule}", hint="the file is corrupt or not a safetensors file"
+    )
 
 
 def _is_int(x) -> bool:
@@ -166,7 +168,9 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
         cursor = rec.end
     if cursor != data_size:
         if cursor > data_size:
-            raise _fail(path, f"tensor data needs {cursor} bytes but the file holds {data_size} after the header (truncated)")
+            raise _fail(
+                path, f"tensor data needs {cursor} bytes but the file holds {data_size} after the header (truncated)"
+            )
         raise _fail(path, f"{data_size - cursor} trailing bytes after the last tensor")
     return Header(tensors=tensors, metadata=metadata, header_size=n)
 

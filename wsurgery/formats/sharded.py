@@ -46,13 +46,13 @@ def open_index(path) -> ShardedIndex:
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _fail(path, "not UTF-8 JSON") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
-        raise _fail(path, "no \"weight_map\" object")
+        raise _fail(path, 'no "weight_map" object')
     weight_map = obj["weight_map"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise _fail(path, "weight_map must map tensor names to shard file names")
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise _fail(path, "\"metadata\" is not an object")
+        raise _fail(path, '"metadata" is not an object')
     folder = os.path.dirname(os.path.abspath(path))
 
     shards: dict[str, SafetensorsFile] = {}

@@ -21,7 +21,9 @@ def find_index(folder: str) -> str:
         names = sorted(os.listdir(folder))
     except OSError as exc:
         raise InputError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
-    found = [n for n in names if n.endswith(".safetensors.index.json")] or [n for n in names if n.endswith(INDEX_SUFFIX)]
+    found = [n for n in names if n.endswith(".safetensors.index.json")] or [
+        n for n in names if n.endswith(INDEX_SUFFIX)
+    ]
     if not found:
         single = [n for n in names if n.endswith(".safetensors")]
         if len(single) == 1:

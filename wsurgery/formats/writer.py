@@ -13,8 +13,8 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import OutputError
 from .safetensors import build_header
