@@ -19,11 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p build/demo
-	$(BIN)/wsurgery inspect fixtures/tiny_lm.pt --filter '*.weight' --tree
 	$(BIN)/wsurgery tie fixtures/tiny_lm.pt --src embedding.weight --dst projection.weight \
 		-o build/demo/tiny_lm.tied.safetensors --force
-	$(BIN)/wsurgery inspect build/demo/tiny_lm.tied.safetensors --filter '*embedding*'
-	$(BIN)/wsurgery inspect build/demo/tiny_lm.tied.safetensors --filter '*projection*'
+	$(BIN)/wsurgery inspect build/demo/tiny_lm.tied.safetensors
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,10 @@ from ..dtypes import BY_NAME
 from .common import CkptArg, FilterOpt, JsonOpt, command, console, emit_json, human_bytes, shape_text
 
 
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def _rows(c: Checkpoint, pattern: str | None) -> list[dict]:
     rows = []
     for name in c.names():
@@ -132,12 +136,12 @@ def inspect(
         acc[1] += s.numel
         acc[2] += s.nbytes
     con.print(
-        f"{c.format}: {len(c.stored)} stored tensors, {len(c.aliases)} aliases, "
+        f"{c.format}: {_plural(len(c.stored), 'stored tensor')}, {_plural(len(c.aliases), 'alias', 'aliases')}, "
         f"{c.total_params:,} params, {human_bytes(c.total_bytes)}",
         markup=False,
     )
     for dtype, (n, numel, nbytes) in sorted(per_dtype.items()):
-        con.print(f"  {dtype}: {n} tensors, {numel:,} params, {human_bytes(nbytes)}", markup=False)
+        con.print(f"  {dtype}: {_plural(n, 'tensor')}, {numel:,} params, {human_bytes(nbytes)}", markup=False)
     if c.metadata:
         con.print("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(c.metadata.items())), markup=False)
     if c.skipped:

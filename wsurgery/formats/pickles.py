@@ -9,8 +9,11 @@ Entries that are not tensors are reported as skipped.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import re
+import tempfile
 from dataclasses import dataclass, field
 
 from ..errors import InputError, UnsafePickleError
@@ -35,11 +38,33 @@ def _refused_global(message: str) -> str | None:
     return m.group(1).replace(" ", ".") if m else None
 
 
+@contextlib.contextmanager
+def _name_torch_will_not_dispatch(path: str):
+    """torch.load hands any path ending in ``.safetensors`` to safetensors, whatever the bytes.
+
+    The format was found from the bytes, so give torch a name without that suffix: the
+    open file's ``/proc/self/fd`` entry on Linux, a temporary symlink elsewhere.
+    """
+    if not os.fspath(path).endswith(".safetensors"):
+        yield path
+        return
+    with open(path, "rb") as f:
+        proc = f"/proc/self/fd/{f.fileno()}"
+        if os.path.exists(proc):
+            yield proc
+            return
+    with tempfile.TemporaryDirectory() as tmp:
+        link = os.path.join(tmp, "checkpoint.pt")
+        os.symlink(os.path.abspath(path), link)
+        yield link
+
+
 def torch_load(path: str, mmap: bool):
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with _name_torch_will_not_dispatch(path) as name:
+            return torch.load(name, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         glob = _refused_global(text)

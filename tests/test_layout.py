@@ -1,0 +1,70 @@
+"""The layout the design describes: the core never imports the CLI's libraries; every
+command has help and is documented in the README."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "wsurgery"
+CLI_ONLY = {"typer", "rich", "click"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def _core_files():
+    return [p for p in PKG.rglob("*.py") if "cli" not in p.relative_to(PKG).parts and p.name != "__main__.py"]
+
+
+@pytest.mark.parametrize("path", _core_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_never_imports_cli_libraries(path):
+    assert not (_imports(path) & CLI_ONLY), f"{path} imports {_imports(path) & CLI_ONLY}"
+
+
+def test_importing_the_library_imports_no_cli_and_no_torch():
+    code = "import sys, wsurgery; bad = {'typer', 'rich', 'click', 'torch'} & set(sys.modules); assert not bad, bad"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _commands():
+    from wsurgery.cli.app import app
+
+    return [c.name for c in app.registered_commands]
+
+
+def test_every_command_has_help_and_is_documented():
+    from typer.testing import CliRunner
+
+    from wsurgery.cli.app import app
+
+    readme = (ROOT / "README.md").read_text()
+    runner = CliRunner()
+    names = _commands()
+    assert {"inspect", "tie", "convert"} <= set(names)
+    for name in names:
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example:" in result.stdout, f"{name} --help has no example"
+        assert f"wsurgery {name} " in readme, f"README does not document `wsurgery {name}`"
+        assert f"wsurgery.{name}/1" in readme or name == "inspect" and "wsurgery.inspect/1" in readme
+
+
+def test_pretty_exceptions_show_no_locals():
+    from wsurgery.cli.app import app
+
+    assert app.pretty_exceptions_show_locals is False
