@@ -131,9 +131,28 @@ class ComputedStored(Stored):
         self.device = device
         self.shape, self.dtype = transform.infer(base.shape, base.dtype)
 
+    def raw_location(self):
+        """The identity of bytes that lie in a file is those bytes: copied, never decoded."""
+        return self.base.raw_location() if self.transform.is_identity else None
+
+    def _compute(self, own: bool = False):
+        base = self.base.tensor(self.device)
+        out = self.transform.apply(base, allow_copy=True).contiguous()
+        if own and out.numel() and out.untyped_storage().data_ptr() == base.untyped_storage().data_ptr():
+            out = out.clone()  # a view of an in-memory base: give it bytes of its own
+        return out
+
     def tensor(self, device="cpu"):
-        out = self.transform.apply(self.base.tensor(self.device), allow_copy=True).contiguous()
+        """The value as a tensor of its own: never a view of the base's memory."""
+        out = self._compute(own=True)
         return out if out.device == _device(device) else out.to(device)
+
+    def write(self, f) -> None:
+        loc = self.raw_location()
+        if loc is not None:
+            copy_range(loc[0], loc[1], loc[2], f)
+            return
+        write_all(f, tensor_bytes(self._compute()))
 
 
 def _device(device):
@@ -264,6 +283,29 @@ class Checkpoint:
         order = sorted(self.stored.values(), key=lambda s: (-BY_NAME[s.dtype].itemsize, s.name))
         items = [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
         write_safetensors(path, items, meta, progress=progress)
+
+    def save_sharded(self, folder, max_shard_size: int, *, replace: bool = False, progress=None) -> list[str]:
+        """Write Hugging Face-style shards and ``model.safetensors.index.json`` into ``folder``.
+
+        Tensors keep the order of :meth:`save`. Each shard records the aliases whose source
+        it stores; the index's ``metadata`` records them all; ``weight_map`` lists stored
+        tensors only. Returns the shard file names.
+        """
+        from .formats.sharded_writer import plan_shards, write_sharded
+
+        self.check_invariants()
+        order = sorted(self.stored.values(), key=lambda s: (-BY_NAME[s.dtype].itemsize, s.name))
+        items = [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
+        shards = plan_shards(items, max_shard_size)
+        records = self.alias_records()
+        shard_meta = []
+        for shard in shards:
+            here = {i.name for i in shard}
+            mine = {n: r for n, r in records.items() if r.source in here}
+            shard_meta.append(alias_codec.encode(mine, self.metadata))
+        # The index keeps the JSON record of every alias, not the per-name save_model entries.
+        index_meta = {k: v for k, v in alias_codec.encode(records, self.metadata).items() if k not in records}
+        return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress)
 
     def close(self) -> None:
         seen = set()

@@ -78,8 +78,40 @@ ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an exis
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Allow the output to replace the input file.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan and write nothing.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+MaxShardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-shard-size",
+        help="Write shards of at most this size (5GB, 500MiB, bytes) and an index into the folder OUT.",
+        show_default=False,
+    ),
+]
 FilterOpt = Annotated[
     Optional[str], typer.Option("--filter", help="Only tensors whose name matches this glob.", show_default=False)
+]
+FromOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--from",
+        help="Take the source from this second checkpoint (any readable format); the output still defaults to "
+        "CKPT's path with .safetensors.",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help="Where computed tensors (transforms, untied aliases) are computed: cpu, cuda, cuda:N."
+    ),
+]
+UntieDstOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--dst",
+        help="Alias to store as a tensor of its own, repeatable; a stored name unties every alias of it, a module "
+        "prefix every tie under it [default: every alias].",
+        show_default=False,
+    ),
 ]
 
 
@@ -188,6 +220,28 @@ def resolve_output(out: Path | None, ckpt_path: Path, inputs: list[str], force: 
     if not parent.is_dir():
         raise OutputError(f"{parent} is not a folder", hint="create it first or choose another path with -o")
     return target
+
+
+def resolve_folder_output(
+    out: Path | None, ckpt_path: Path, inputs: list[str], force: bool, in_place: bool
+) -> tuple[Path, bool]:
+    """Where sharded output goes (a folder), and whether an existing one may be replaced."""
+    p = Path(ckpt_path)
+    target = Path(out) if out is not None else p.with_name(p.name.split(".")[0] + "-sharded")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target} is a file; sharded output is a folder", hint="choose a folder path with -o")
+    real = os.path.realpath(target)
+    holds_input = any(os.path.realpath(i) == real or os.path.realpath(i).startswith(real + os.sep) for i in inputs)
+    if holds_input and not in_place:
+        raise OutputError(
+            f"{target} holds an input; refusing to write over it",
+            hint="choose another folder with -o, or pass --in-place",
+        )
+    if target.exists() and not holds_input and not force:
+        raise OutputError(f"{target} exists", hint="pass --force to replace it, or choose another folder with -o")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target.parent} is not a folder", hint="create it first or choose another path with -o")
+    return target, target.exists()
 
 
 def shape_text(shape) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..checkpoint import load, natural_key
-from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, OutOpt, command
+from ..formats.sharded_writer import parse_size
+from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, MaxShardOpt, OutOpt, command
 from .output import finish
 
 
@@ -13,9 +14,13 @@ def convert(
     output: OutOpt = None,
     force: ForceOpt = False,
     in_place: InPlaceOpt = False,
+    max_shard_size: MaxShardOpt = None,
     json_out: JsonOpt = False,
 ) -> int:
     """Convert a checkpoint to safetensors; shared storage is recorded as aliases.
+
+    With --max-shard-size, OUT is a folder of model-0000K-of-0000N.safetensors shards and a
+    model.safetensors.index.json, in the Hugging Face layout.
 
     Example: wsurgery convert model.pt -o model.safetensors
     """
@@ -27,7 +32,16 @@ def convert(
             "copied": [],
         }
         return finish(
-            "convert", ckpt, c, summary, out=output, force=force, in_place=in_place, dry_run=False, json_out=json_out
+            "convert",
+            ckpt,
+            c,
+            summary,
+            out=output,
+            force=force,
+            in_place=in_place,
+            dry_run=False,
+            json_out=json_out,
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
         )
     finally:
         c.close()

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, natural_key
-from .common import ByteProgress, console, emit_json, human_bytes, resolve_output, shape_text
+from .common import (
+    ByteProgress,
+    console,
+    emit_json,
+    human_bytes,
+    resolve_folder_output,
+    resolve_output,
+    shape_text,
+)
 
 
 def finish(
@@ -19,12 +27,25 @@ def finish(
     in_place: bool,
     dry_run: bool,
     json_out: bool,
+    max_shard_size: int | None = None,
 ) -> int:
-    """Write ``result`` (unless dry run) and report it; returns the exit code."""
-    target = resolve_output(out, ckpt_path, result.input_files, force, in_place)
+    """Write ``result`` (unless dry run) and report it; returns the exit code.
+
+    With ``max_shard_size`` the output is a folder of shards plus an index.
+    """
+    if max_shard_size is None:
+        target = resolve_output(out, ckpt_path, result.input_files, force, in_place)
+    else:
+        target, replace = resolve_folder_output(out, ckpt_path, result.input_files, force, in_place)
     if not dry_run:
         with ByteProgress(result.total_bytes, f"writing {target.name}", enabled=not json_out) as bar:
-            result.save(target, progress=bar.advance)
+            if max_shard_size is None:
+                result.save(target, progress=bar.advance)
+            else:
+                summary = {
+                    **summary,
+                    "shards": result.save_sharded(target, max_shard_size, replace=replace, progress=bar.advance),
+                }
     if json_out:
         emit_json(
             {
@@ -34,7 +55,9 @@ def finish(
                 "stored": summary["stored"],
                 "aliases": summary["aliases"],
                 "copied": summary["copied"],
+                "untied": summary.get("untied", []),
                 "plan": summary.get("plan", []),
+                **({"shards": summary["shards"]} if "shards" in summary else {}),
             }
         )
         return 0
@@ -43,17 +66,20 @@ def finish(
     if plan:
         from rich.table import Table
 
+        notes = any(step.get("note") for step in plan)
         table = Table(title="plan" if dry_run else None, title_justify="left", box=None, pad_edge=False)
-        for col in ("op", "destination", "from", "transform", "dtype", "shape"):
+        for col in ("op", "destination", "from", "transform", "dtype", "shape", *(("note",) if notes else ())):
             table.add_column(col, overflow="fold")
         for step in plan:
+            origin = f"{Path(step['checkpoint']).name}:" if step.get("checkpoint") else ""
             table.add_row(
                 step["op"],
                 step["dst"] + (" (replaced)" if step["replaces"] else " (new)"),
-                step["source"],
+                origin + step["source"],
                 " -> ".join(step["transform"]) or "same",
                 step["dtype"],
                 shape_text(step["shape"]),
+                *((step.get("note") or "",) if notes else ()),
             )
         con.print(table)
     verb = "would write" if dry_run else "wrote"
@@ -63,6 +89,9 @@ def finish(
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
+    for kind in ("copied", "untied"):
+        if summary.get(kind):
+            con.print(f"  {len(summary[kind])} {kind}", markup=False)
     for a in sorted(summary["aliases"], key=lambda a: natural_key(a["name"])):
         t = " -> ".join(a["transform"]) or "same"
         con.print(f"  {a['name']} = {t}({a['source']})", markup=False)

@@ -1,0 +1,137 @@
+"""Sharded safetensors output in the Hugging Face layout, written atomically as a folder.
+
+``OUT/model-00001-of-0000N.safetensors`` ... and ``OUT/model.safetensors.index.json``
+(``{"metadata": {"total_size": ...}, "weight_map": {name: shard}}``). The whole folder is
+built under a temporary name beside ``OUT`` and renamed into place at the end, so an
+error or a kill leaves nothing at ``OUT`` (and an existing ``OUT`` replaced with
+``--force`` stays whole until the new one is complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from ..errors import OutputError, UsageError
+from .writer import TMP_SUFFIX, WriteItem, atomic_file, write_all, write_safetensors
+
+INDEX_NAME = "model.safetensors.index.json"
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5 * 10**9, ``"500MiB"`` -> 500 * 2**20, ``"1024"`` -> 1024 bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"invalid size {text!r}", hint="write it like 5GB, 500MB, 2GiB or a byte count")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise UsageError(f"size must be positive, got {text!r}")
+    return value
+
+
+def plan_shards(items: list[WriteItem], max_size: int) -> list[list[WriteItem]]:
+    """Greedy, in order: a new shard starts when the next tensor would pass ``max_size``.
+
+    A tensor larger than ``max_size`` gets a shard of its own (tensors are never split).
+    """
+    shards: list[list[WriteItem]] = []
+    current: list[WriteItem] = []
+    size = 0
+    for item in items:
+        if current and size + item.nbytes > max_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_sharded(
+    folder,
+    shards: list[list[WriteItem]],
+    shard_metadata: list[dict[str, str]],
+    index_metadata: dict,
+    *,
+    replace: bool = False,
+    progress=None,
+) -> list[str]:
+    """Write the shards and the index into ``folder`` atomically; returns the shard names."""
+    folder = os.path.abspath(os.fspath(folder))
+    parent = os.path.dirname(folder)
+    if os.path.exists(folder) and not replace:
+        raise OutputError(f"{folder} exists", hint="pass --force to replace it, or choose another path with -o")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OutputError(f"{folder} is a file; sharded output is a folder", hint="choose a folder path with -o")
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=TMP_SUFFIX, dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {folder}: {exc.strerror or exc}") from None
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    done = False
+    try:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for name, items, meta in zip(names, shards, shard_metadata, strict=True):
+            write_safetensors(os.path.join(tmp, name), items, meta, progress=progress)
+            for item in items:
+                weight_map[item.name] = name
+                total += item.nbytes
+        index = {
+            "metadata": {"total_size": total, **index_metadata},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        with atomic_file(os.path.join(tmp, INDEX_NAME)) as f:
+            write_all(f, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        os.chmod(tmp, 0o755 & ~_umask())
+        _swap_in(tmp, folder)
+        done = True
+    except OSError as exc:
+        raise OutputError(f"cannot write {folder}: {exc.strerror or exc}") from None
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _swap_in(tmp: str, folder: str) -> None:
+    if not os.path.exists(folder):
+        os.rename(tmp, folder)
+        return
+    old = folder + f".old{TMP_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(old)
+    os.rename(folder, old)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        os.rename(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
