@@ -1,0 +1,277 @@
+"""wsurgery benchmark: whole-process wall time and peak RSS against the plain scripts a user
+would write with torch and safetensors, measured alternately in the same run.
+
+    make bench                       # 1 GiB, float32 and bfloat16
+    python benchmarks/bench.py --size 4GiB --dtype float32 --rounds 3
+
+Prints a table (median wall time, peak RSS, ratio to the plain script, GB/s against the
+page-cache read rate measured in the same run) and writes the same as JSON
+(``build/bench/results.json`` by default). Not collected by ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from wsurgery.formats.sharded_writer import parse_size  # noqa: E402
+
+PY = sys.executable
+
+PLAIN_DIFF = """
+import sys, torch
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+worst, same = 0.0, 0
+for k in a:
+    x, y = a[k], b[k]
+    if torch.equal(x, y):
+        same += 1
+    else:
+        worst = max(worst, (x.float() - y.float()).abs().max().item())
+print(same, worst)
+"""
+
+PLAIN_TIE = """
+import sys
+from safetensors.torch import load_file, save_file
+sd = load_file(sys.argv[1])
+del sd["projection.weight"]
+save_file(sd, sys.argv[2], metadata={"format": "pt", "projection.weight": "embedding.weight"})
+"""
+
+PLAIN_CONVERT = """
+import sys
+from safetensors.torch import load_file, save_file
+save_file(load_file(sys.argv[1]), sys.argv[2], metadata={"format": "pt"})
+"""
+
+PLAIN_INSPECT = """
+import sys
+from safetensors import safe_open
+with safe_open(sys.argv[1], "pt") as f:
+    for k in f.keys():
+        f.get_slice(k).get_shape()
+"""
+
+
+def gpt_like(total_bytes: int, dtype: str, seed: int, vocab: int = 32000, dim: int = 2048):
+    """A GPT-like state dict of about ``total_bytes``; yields (name, tensor)."""
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    itemsize = torch.empty((), dtype=tdtype).element_size()
+    g = torch.Generator().manual_seed(seed)
+    while vocab * dim * itemsize * 2 > total_bytes / 2 and dim > 64:
+        dim //= 2
+        vocab //= 2
+    per_layer = (4 * dim * dim + 2 * 4 * dim * dim + 2 * dim) * itemsize
+    fixed = 2 * vocab * dim * itemsize
+    layers = max(1, int((total_bytes - fixed) // per_layer))
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(tdtype)
+
+    yield "embedding.weight", rand(vocab, dim)
+    for i in range(layers):
+        p = f"layers.{i}"
+        yield f"{p}.attn.qkv.weight", rand(3 * dim, dim)
+        yield f"{p}.attn.out.weight", rand(dim, dim)
+        yield f"{p}.mlp.up.weight", rand(4 * dim, dim)
+        yield f"{p}.mlp.down.weight", rand(dim, 4 * dim)
+        yield f"{p}.norm1.weight", torch.ones(dim, dtype=tdtype)
+        yield f"{p}.norm2.weight", torch.ones(dim, dtype=tdtype)
+    yield "projection.weight", rand(vocab, dim)
+
+
+def make_pair(folder: Path, size: int, dtype: str) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+
+    a = folder / f"a-{dtype}-{size}.safetensors"
+    b = folder / f"b-{dtype}-{size}.safetensors"
+    if a.exists() and b.exists():
+        return a, b
+    sd = dict(gpt_like(size, dtype, seed=0))
+    save_file(sd, str(a), metadata={"format": "pt"})
+    # B differs from A in a few places of a few tensors, as after a short fine-tune
+    names = sorted(sd)
+    for name in names[:: max(1, len(names) // 5)]:
+        t = sd[name].clone()
+        flat = t.view(-1)
+        flat[:: max(1, flat.numel() // 7)] += 1
+        sd[name] = t
+    save_file(sd, str(b), metadata={"format": "pt"})
+    return a, b
+
+
+def run(cmd: list[str]) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS in bytes, exit code of one whole process."""
+    env = dict(os.environ, NO_COLOR="1")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err.strip()[:500]}")
+    return wall, usage.ru_maxrss * 1024, proc.returncode
+
+
+def page_cache_read_rate(path: Path) -> float:
+    """Bytes per second reading a cached file sequentially into one reused buffer."""
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+        best = max(best, total / (time.perf_counter() - t0))
+    return best
+
+
+def cases(a: Path, b: Path, out: Path):
+    ws = [PY, "-m", "wsurgery"]
+    yield (
+        "diff",
+        ws + ["diff", str(a), str(b), "--quiet"],
+        [PY, "-c", PLAIN_DIFF, str(a), str(b)],
+        2 * a.stat().st_size,
+        0.25,
+    )
+    yield (
+        "tie",
+        ws + ["tie", str(a), "--src", "embedding.weight", "--dst", "projection.weight", "-o", str(out), "--force"],
+        [PY, "-c", PLAIN_TIE, str(a), str(out)],
+        a.stat().st_size,
+        0.5,
+    )
+    yield (
+        "convert",
+        ws + ["convert", str(a), "-o", str(out), "--force"],
+        [PY, "-c", PLAIN_CONVERT, str(a), str(out)],
+        a.stat().st_size,
+        0.5,
+    )
+    yield ("inspect", ws + ["inspect", str(a), "--json"], [PY, "-c", PLAIN_INSPECT, str(a)], 0, None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1GiB", help="checkpoint size (default 1GiB)")
+    ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated subset: diff,tie,convert,inspect")
+    ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
+    ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = ap.parse_args(argv)
+
+    size = parse_size(args.size)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    only = {s for s in args.only.split(",") if s}
+    results = []
+    # A real install has byte-compiled modules; don't time compiling them.
+    subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "wsurgery")], check=True, stdout=subprocess.DEVNULL)
+    for dtype in args.dtype.split(","):
+        print(f"generating {args.size} {dtype} checkpoints in {work} ...", file=sys.stderr)
+        # in a child process, so this process stays small: a forked child's peak RSS starts at its parent's
+        code = (
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.bench import make_pair; "
+            f"from pathlib import Path; make_pair(Path({str(work)!r}), {size}, {dtype!r})"
+        )
+        subprocess.run([PY, "-c", code], check=True)
+        a, b = make_pair(work, size, dtype)
+        out = work / "out.safetensors"
+        read_rate = page_cache_read_rate(a)
+        for name, ours, plain, nbytes, target in cases(a, b, out):
+            if only and name not in only:
+                continue
+            run(ours)  # warm-up, page cache and imports
+            run(plain)
+            mine, theirs = [], []
+            for _ in range(args.rounds):
+                mine.append(run(ours))
+                theirs.append(run(plain))
+            t_ours = statistics.median(m[0] for m in mine)
+            t_plain = statistics.median(m[0] for m in theirs)
+            rss_ours = max(m[1] for m in mine)
+            rss_plain = max(m[1] for m in theirs)
+            row = {
+                "command": name,
+                "dtype": dtype,
+                "size_bytes": a.stat().st_size,
+                "wsurgery_s": round(t_ours, 3),
+                "plain_s": round(t_plain, 3),
+                "ratio": round(t_ours / t_plain, 3),
+                "target_ratio": target,
+                "wsurgery_rss_mib": round(rss_ours / 2**20, 1),
+                "plain_rss_mib": round(rss_plain / 2**20, 1),
+                "wsurgery_gb_s": round(nbytes / t_ours / 1e9, 2) if nbytes else None,
+                "page_cache_read_gb_s": round(read_rate / 1e9, 2),
+            }
+            if name == "inspect":
+                row["target_s"] = 0.2
+            results.append(row)
+            print(_format_row(row), file=sys.stderr)
+        if not args.keep:
+            for p in (a, b, out):
+                p.unlink(missing_ok=True)
+    report = {
+        "schema": "wsurgery.bench/1",
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "rounds": args.rounds,
+        "results": results,
+    }
+    dest = Path(args.json) if args.json else work / "results.json"
+    dest.write_text(json.dumps(report, indent=2) + "\n")
+    print(_table(results))
+    print(f"\nresults written to {dest}")
+    if not args.keep:
+        shutil.rmtree(work / "tmp", ignore_errors=True)
+    return 0
+
+
+def _format_row(r) -> str:
+    return (
+        f"  {r['command']:8} {r['dtype']:9} wsurgery {r['wsurgery_s']:7.3f}s  plain {r['plain_s']:7.3f}s  "
+        f"ratio {r['ratio']:.3f}  rss {r['wsurgery_rss_mib']:.0f} vs {r['plain_rss_mib']:.0f} MiB"
+    )
+
+
+def _table(rows) -> str:
+    head = (
+        "| command | dtype | size | wsurgery s | plain s | ratio (target) | wsurgery RSS MiB | plain RSS MiB "
+        "| wsurgery GB/s | page-cache read GB/s |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        target = r.get("target_ratio")
+        tgt = f"<= {target}" if target else f"<= {r.get('target_s')} s"
+        lines.append(
+            f"| {r['command']} | {r['dtype']} | {r['size_bytes'] / 2**30:.2f} GiB | {r['wsurgery_s']} | {r['plain_s']} "
+            f"| {r['ratio']} ({tgt}) | {r['wsurgery_rss_mib']} | {r['plain_rss_mib']} | {r['wsurgery_gb_s'] or '-'} "
+            f"| {r['page_cache_read_gb_s']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
