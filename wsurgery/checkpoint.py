@@ -8,7 +8,6 @@ torch.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -212,6 +211,8 @@ class Checkpoint:
         raise self.unknown(name)
 
     def unknown(self, name: str, what: str = "tensor or module") -> UnknownNameError:
+        import difflib
+
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "run `wsurgery inspect` to list the names"
         where = f" in {self.path}" if self.path else ""

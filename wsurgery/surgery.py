@@ -1,9 +1,41 @@
 """Surgery plans: validate the whole plan first, then apply it to a new ``Checkpoint``.
 
-A plan never touches tensor data: shapes and dtypes are inferred from the transforms,
-and every problem is collected and reported at once (``SurgeryError``, exit 4). Applying
-a plan returns a new checkpoint that shares the untouched entries of the input, so a
-tensor no step touches is later written as raw bytes.
+A plan is a list of requests ``(kind, src, dst, transform)``:
+
+- ``tie``: ``dst`` becomes an alias of ``transform(src)``, stored once. View steps only,
+  and the composed chain must be a true view of the stored source (checked on shapes and
+  strides, without data), so the alias stays live when loaded.
+- ``copy``: ``dst`` becomes an independent stored tensor ``transform(src)``; any step. The
+  source may come from a second checkpoint (``other``).
+- ``untie``: the alias ``dst`` becomes a stored tensor of its own with the same value
+  (``src`` is unused). A stored name unties every alias of it; a module prefix every tie
+  under it.
+
+``src`` and ``dst`` may be module prefixes (``encoder.layers.0`` maps every tensor under it).
+
+Rules (each one enforced, with an error that names the tensors):
+
+- A plan never touches tensor data: shapes and dtypes are inferred from the transforms,
+  and every problem is collected and reported at once (``SurgeryError``, exit 4). An
+  unknown source name is an ``UnknownNameError`` (exit 3).
+- Aliases are followed to their stored source and the chains composed, so a result's
+  aliases always name stored tensors.
+- All requests read the *input*: a copy whose source is also a destination of the plan
+  copies the value from before the plan. A tie whose source is replaced by the plan is
+  refused (a cycle or a chain).
+- An existing destination keeps its place only if the result fits it exactly (shape
+  and dtype); the transform must make it fit.
+- A copy only ever changes the values of its destinations. A copy onto an alias unties
+  that alias; a copy onto a stored tensor that other aliases point at first unties those
+  aliases (each keeps its value as a tensor of its own, listed as an ``untie`` step).
+- A tie onto a stored tensor that other aliases point at is refused (untie them first, or
+  tie them too), as is a tie of a name onto itself, and two steps with one destination.
+
+Applying a plan returns a new checkpoint that shares the untouched entries of the input,
+so a tensor no step touches is later written as raw bytes. Copies and untied aliases are
+``ComputedStored`` entries: computed one at a time on ``device`` when written, never
+held together in memory; an untransformed one over a safetensors file is still copied
+as raw bytes.
 """
 
 from __future__ import annotations
@@ -11,22 +43,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import Alias, Checkpoint, ComputedStored, Stored, make_alias, natural_key
-from .errors import SurgeryError, TransformError, UnknownNameError
-from .transforms import Transform, parse
+from .errors import SurgeryError, TransformError, UnknownNameError, UsageError
+from .transforms import Reshape, Transform, parse
+
+KINDS = ("tie", "copy", "untie")
 
 
 @dataclass(frozen=True)
 class Op:
-    """One planned step: ``dst`` becomes ``transform(src)`` as a tie or an independent copy."""
+    """One planned step: ``dst`` becomes ``transform(base)`` as a tie, a copy or an untied alias."""
 
     kind: str  # "tie" | "copy" | "untie"
-    src: str  # the name the user addressed
+    src: str  # the name the user addressed (for untie: the alias's stored source)
     dst: str
     base: str  # the stored tensor the value comes from (after following aliases)
     transform: Transform  # from base to dst (composed with the alias chain)
     shape: tuple[int, ...]
     dtype: str
     replaces: bool  # dst existed before
+    origin: str | None = None  # the other checkpoint's path when the source comes from it
+    note: str = ""
 
     def describe(self) -> dict:
         return {
@@ -34,10 +70,12 @@ class Op:
             "src": self.src,
             "dst": self.dst,
             "source": self.base,
+            "checkpoint": self.origin,
             "transform": self.transform.specs(),
             "shape": list(self.shape),
             "dtype": self.dtype,
             "replaces": self.replaces,
+            "note": self.note,
         }
 
 
@@ -53,16 +91,27 @@ class Plan:
             "stored": len(r.stored),
             "aliases": [{"name": n, **r.aliases[n].record()} for n in sorted(r.aliases, key=natural_key)],
             "copied": [
-                {"src": op.src, "dst": op.dst, "transform": op.transform.specs()}
+                {
+                    "src": op.src,
+                    "dst": op.dst,
+                    "source": op.base,
+                    "from": op.origin,
+                    "transform": op.transform.specs(),
+                }
                 for op in self.ops
                 if op.kind == "copy"
+            ],
+            "untied": [
+                {"name": op.dst, "source": op.base, "transform": op.transform.specs()}
+                for op in self.ops
+                if op.kind == "untie"
             ],
             "plan": [op.describe() for op in self.ops],
         }
 
 
 def _fmt_shape(shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    return repr(tuple(int(d) for d in shape))
 
 
 def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -> list[tuple[str, str]]:
@@ -91,13 +140,74 @@ def _source_of(ckpt: Checkpoint, name: str, transform: Transform) -> tuple[str, 
     return name, transform
 
 
-def _infer(stored: Stored, transform: Transform, label: str, problems: list[str]):
-    try:
-        shape, dtype = transform.infer(stored.shape, stored.dtype)
-        return tuple(shape), dtype
-    except TransformError as exc:
-        problems.append(f"{label}: {exc}")
+def dependents(ckpt: Checkpoint, name: str) -> list[str]:
+    """The aliases whose stored source is ``name``, in natural order."""
+    return sorted((n for n, a in ckpt.aliases.items() if a.source == name), key=natural_key)
+
+
+def _is_module_prefix(ckpt: Checkpoint, name: str) -> bool:
+    prefix = name + "."
+    return any(n.startswith(prefix) for n in ckpt.names())
+
+
+def _needs_stride_check(transform: Transform) -> bool:
+    """A reshape after a step that may break contiguity is a view only for some strides."""
+    moved = False
+    for step in transform.steps:
+        if isinstance(step, Reshape) and moved:
+            return True
+        if not isinstance(step, Reshape):
+            moved = True
+    return False
+
+
+def _view_problem(stored: Stored, transform: Transform) -> str | None:
+    """Why ``transform`` is no view of the (contiguous) stored tensor, or None.
+
+    Checked on a ``meta`` tensor: shapes and strides only, no data (and torch is imported
+    only for chains that reshape after a transpose, permute or slice).
+    """
+    if not _needs_stride_check(transform):
         return None
+    import torch
+
+    from .dtypes import torch_dtype
+
+    meta = torch.empty(stored.shape, dtype=torch_dtype(stored.dtype), device="meta")
+    try:
+        transform.apply(meta, allow_copy=False)
+    except TransformError as exc:
+        return str(exc)
+    return None
+
+
+def check_device(device) -> str:
+    """Validate a device string (``cpu``, ``cuda``, ``cuda:1``, ...) before any work (exit 2)."""
+    text = str(device)
+    if text == "cpu":
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {text!r}", hint="use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {text!r} asked for, but CUDA is not available here", hint="use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {text!r} asked for, but there are only {torch.cuda.device_count()} CUDA devices",
+                hint="use cuda:0 .. cuda:N-1",
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {text!r} asked for, but MPS is not available here", hint="use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {text!r} is not supported for surgery", hint="use cpu or cuda")
+    return text
+
+
+# --- planning ---------------------------------------------------------------------------
 
 
 def plan_tie(ckpt: Checkpoint, src: str, dst: str, transform=None) -> Plan:
@@ -105,20 +215,40 @@ def plan_tie(ckpt: Checkpoint, src: str, dst: str, transform=None) -> Plan:
     return plan(ckpt, [("tie", src, dst, transform)])
 
 
-def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None) -> Plan:
+def plan_copy(
+    ckpt: Checkpoint, src: str, dst: str, transform=None, *, other: Checkpoint | None = None, device="cpu"
+) -> Plan:
+    """Make ``dst`` an independent copy of ``transform(src)``, ``src`` taken from ``other`` if given."""
+    return plan(ckpt, [("copy", src, dst, transform)], other=other, device=device)
+
+
+def plan_untie(ckpt: Checkpoint, names=None, *, device="cpu") -> Plan:
+    """Store the named aliases (every alias when ``names`` is empty or None) as tensors of their own."""
+    if not names:
+        names = sorted(ckpt.aliases, key=natural_key)
+    return plan(ckpt, [("untie", None, n, None) for n in names], device=device)
+
+
+def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None, *, device="cpu") -> Plan:
     """Validate and apply a list of ``(kind, src, dst, transform specs)`` requests.
 
-    ``kind`` is ``"tie"`` or ``"copy"``; copies may take their source from ``other``.
+    ``kind`` is ``"tie"``, ``"copy"`` or ``"untie"``; copies take their source from
+    ``other`` when it is given. ``device`` is where copies and untied aliases are computed
+    when the result is written or read.
     """
     problems: list[str] = []
     ops: list[Op] = []
     for kind, src, dst, spec in requests:
+        if kind == "untie":
+            ops.extend(_untie_ops(ckpt, dst, problems))
+            continue
+        if kind not in KINDS:
+            raise SurgeryError(f"unknown surgery step {kind!r}", hint=f"use one of {', '.join(KINDS)}")
         try:
             user_t = spec if isinstance(spec, Transform) else parse(spec or [])
         except TransformError as exc:
-            problems.append(str(exc))
+            problems.append(f"{kind} {src} -> {dst}: {exc}")
             continue
-        source_ckpt = other if (kind == "copy" and other is not None) else ckpt
         if kind == "tie" and not user_t.is_view:
             bad = [s for s in user_t.steps if not s.is_view]
             problems.append(
@@ -126,69 +256,165 @@ def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None) -> Plan:
                 f"{', '.join(s.spec() for s in bad)} would need a copy (use `wsurgery copy`)"
             )
             continue
+        from_other = kind == "copy" and other is not None
+        source_ckpt = other if from_other else ckpt
         try:
             pairs = pair_names(source_ckpt, src, ckpt, dst)
         except UnknownNameError:
             raise
         except SurgeryError as exc:
-            problems.append(str(exc))
+            problems.append(f"{kind} {src} -> {dst}: {exc}")
             continue
         for s, d in pairs:
-            base, t = _source_of(source_ckpt, s, user_t)
-            stored = source_ckpt.stored[base]
-            label = f"{kind} {s} -> {d}"
-            inferred = _infer(stored, t, label, problems)
-            if inferred is None:
-                continue
-            shape, dtype = inferred
-            replaces = d in ckpt
-            if replaces:
-                dshape, ddtype = ckpt.shape_dtype(d)
-                if tuple(dshape) != shape or ddtype != dtype:
-                    problems.append(
-                        f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}"
-                        + (" (try --transform transpose)" if tuple(dshape) == shape[::-1] and len(shape) == 2 else "")
-                    )
-                    continue
-            ops.append(Op(kind, s, d, base, t, shape, dtype, replaces))
+            op = _pair_op(kind, s, d, user_t, source_ckpt, ckpt, from_other, problems)
+            if op is not None:
+                ops.append(op)
+    ops = _dedupe_unties(ops)
     if not problems:
-        problems.extend(_conflicts(ckpt, ops, other))
+        ops = ops + _implied_unties(ckpt, ops)
+        problems.extend(_conflicts(ckpt, ops))
     if problems:
-        head = f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in the plan: " if len(problems) > 1 else ""
+        head = f"{len(problems)} problems in the plan: " if len(problems) > 1 else ""
         raise SurgeryError(head + "; ".join(problems), hint="nothing was written")
-    return Plan(ops=ops, result=_apply(ckpt, ops, other))
+    check_device(device)
+    return Plan(ops=ops, result=_apply(ckpt, ops, other, device))
 
 
-def _conflicts(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None) -> list[str]:
+def _pair_op(
+    kind: str,
+    s: str,
+    d: str,
+    user_t: Transform,
+    source_ckpt: Checkpoint,
+    ckpt: Checkpoint,
+    from_other: bool,
+    problems: list[str],
+) -> Op | None:
+    """One (source name, destination name) pair checked into an ``Op``, or None with problems."""
+    base, t = _source_of(source_ckpt, s, user_t)
+    stored = source_ckpt.stored[base]
+    where = f" of {source_ckpt.path}" if from_other and source_ckpt.path else ""
+    label = f"{kind} {s}{where} -> {d}"
+    if not d or d.startswith(".") or d.endswith("."):
+        problems.append(f"{label}: {d!r} is not a tensor name (empty, or starting or ending with a dot)")
+        return None
+    try:
+        shape, dtype = t.infer(stored.shape, stored.dtype)
+    except TransformError as exc:
+        via = f" (an alias of {base}, {t})" if base != s else ""
+        problems.append(f"{kind} {s}{where} {stored.dtype} {_fmt_shape(stored.shape)}{via} -> {d}: {exc}")
+        return None
+    shape = tuple(shape)
+    if kind == "tie":
+        why = _view_problem(stored, t)
+        if why is not None:
+            problems.append(
+                f"{label}: the chain '{t}' from the stored {base} {_fmt_shape(stored.shape)} is not a view ({why}); "
+                "a tie must stay a view of its source, so copy instead or reshape before transposing or slicing"
+            )
+            return None
+    replaces = d in ckpt
+    note = ""
+    if replaces:
+        dshape, ddtype = ckpt.shape_dtype(d)
+        if tuple(dshape) != shape or ddtype != dtype:
+            hint = " (try --transform transpose)" if tuple(dshape) == shape[::-1] and len(shape) == 2 else ""
+            problems.append(
+                f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}{hint}"
+            )
+            return None
+        if d in ckpt.aliases:
+            a = ckpt.aliases[d]
+            note = f"was an alias of {a.source}" + (f" ({a.transform})" if not a.transform.is_identity else "")
+    elif _is_module_prefix(ckpt, d):
+        problems.append(f"{label}: {d} is a module prefix in {ckpt.path or 'the checkpoint'}, not a tensor name")
+        return None
+    origin = (source_ckpt.path or "<other>") if from_other else None
+    return Op(kind, s, d, base, t, shape, dtype, replaces, origin=origin, note=note)
+
+
+def _untie_op(ckpt: Checkpoint, name: str, note: str = "") -> Op:
+    a = ckpt.aliases[name]
+    return Op("untie", a.source, name, a.source, a.transform, tuple(a.shape), a.dtype, True, note=note)
+
+
+def _untie_ops(ckpt: Checkpoint, name: str, problems: list[str]) -> list[Op]:
+    """Untie ``name``: an alias; every alias of a stored tensor; every tie under a module prefix."""
+    found = ckpt.resolve(name)  # UnknownNameError (exit 3) for an unknown name
+    targets: list[tuple[str, str]] = []
+    for n, _ in found:
+        if n in ckpt.aliases:
+            targets.append((n, ""))
+        else:
+            targets.extend((a, f"tied to {n}") for a in dependents(ckpt, n))
+    if not targets:
+        if found == [(name, "")]:
+            problems.append(f"untie {name}: {name} is a stored tensor and no alias points at it; nothing to untie")
+        else:
+            problems.append(f"untie {name}: no tensor under the module prefix {name!r} is tied; nothing to untie")
+    return [_untie_op(ckpt, n, note) for n, note in targets]
+
+
+def _dedupe_unties(ops: list[Op]) -> list[Op]:
+    """Untying one alias twice (named twice, or by a prefix and a name) is one step."""
+    seen: set[str] = set()
+    out = []
+    for op in ops:
+        if op.kind == "untie":
+            if op.dst in seen:
+                continue
+            seen.add(op.dst)
+        out.append(op)
+    return out
+
+
+def _implied_unties(ckpt: Checkpoint, ops: list[Op]) -> list[Op]:
+    """Aliases of a stored tensor that a copy overwrites keep their value as tensors of their own."""
+    dsts = {op.dst for op in ops}
+    out = []
+    for op in ops:
+        if op.kind != "copy" or op.dst not in ckpt.stored:
+            continue
+        for a in dependents(ckpt, op.dst):
+            if a not in dsts:
+                dsts.add(a)
+                out.append(_untie_op(ckpt, a, note=f"keeps its value ({op.dst} is overwritten)"))
+    return out
+
+
+def _conflicts(ckpt: Checkpoint, ops: list[Op]) -> list[str]:
     problems = []
     seen: dict[str, Op] = {}
     for op in ops:
         if op.dst in seen:
-            problems.append(f"{op.dst} is the destination of two steps ({seen[op.dst].src} and {op.src})")
+            first = seen[op.dst]
+            problems.append(
+                f"{op.dst} is the destination of two steps ({first.kind} from {first.src} and {op.kind} from {op.src})"
+            )
         seen[op.dst] = op
     dsts = set(seen)
     for op in ops:
-        from_other = op.kind == "copy" and other is not None
-        if not from_other and op.base in dsts and op.kind == "tie":
-            if op.base == op.dst:
-                problems.append(f"tie {op.src} -> {op.dst} would make {op.dst} an alias of itself (a cycle)")
-            else:
-                problems.append(
-                    f"tie {op.src} -> {op.dst}: its source {op.base} is itself replaced by this plan (a cycle or chain)"
-                )
-        if op.kind == "tie" and op.dst in ckpt.stored:
-            dependents = sorted(
-                (n for n, a in ckpt.aliases.items() if a.source == op.dst and n not in dsts), key=natural_key
+        if op.kind != "tie":
+            continue
+        if op.base == op.dst:
+            problems.append(f"tie {op.src} -> {op.dst} would make {op.dst} an alias of itself (a cycle)")
+            continue
+        if op.base in dsts:
+            problems.append(
+                f"tie {op.src} -> {op.dst}: its source {op.base} is itself replaced by this plan (a cycle or chain)"
             )
-            if dependents:
+            continue
+        if op.dst in ckpt.stored:
+            tied = [n for n in dependents(ckpt, op.dst) if n not in dsts]
+            if tied:
                 problems.append(
-                    f"tie {op.src} -> {op.dst}: {op.dst} is the stored source of {', '.join(dependents)}; "
-                    "untie those first or tie them too"
+                    f"tie {op.src} -> {op.dst}: {op.dst} is the stored source of {', '.join(tied)}; "
+                    "untie those first (`wsurgery untie`) or tie them too"
                 )
     return problems
 
 
-def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None) -> Checkpoint:
+def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None, device) -> Checkpoint:
     stored = dict(ckpt.stored)
     aliases = dict(ckpt.aliases)
     for op in ops:
@@ -196,14 +422,13 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None) -> Checkpo
         aliases.pop(op.dst, None)
     for op in ops:
         if op.kind == "tie":
-            aliases[op.dst] = make_alias(op.dst, op.base, op.transform, stored[op.base])
+            aliases[op.dst] = make_alias(op.dst, op.base, op.transform, ckpt.stored[op.base])
         else:
-            source_ckpt = other if other is not None else ckpt
-            base = source_ckpt.stored[op.base]
-            if op.transform.is_identity:
-                stored[op.dst] = base.renamed(op.dst)
-            else:
-                stored[op.dst] = ComputedStored(op.dst, base, op.transform)
+            source_ckpt = other if (op.origin is not None and other is not None) else ckpt
+            stored[op.dst] = ComputedStored(op.dst, source_ckpt.stored[op.base], op.transform, device=device)
+    files = list(ckpt.input_files)
+    if other is not None:
+        files += [f for f in other.input_files if f not in files]
     result = Checkpoint(
         stored=stored,
         aliases=aliases,
@@ -212,7 +437,7 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None) -> Checkpo
         format=ckpt.format,
         skipped=list(ckpt.skipped),
         container=ckpt.container,
-        input_files=list(ckpt.input_files) + (list(other.input_files) if other is not None else []),
+        input_files=files,
     )
     result.check_invariants()
     return result

@@ -6,7 +6,7 @@ import signal
 
 import typer
 
-from . import convert, inspect_cmd, tie
+from . import convert, copy, inspect_cmd, tie, untie
 
 app = typer.Typer(
     name="wsurgery",
@@ -20,6 +20,8 @@ app = typer.Typer(
 
 app.command("inspect")(inspect_cmd.inspect)
 app.command("tie")(tie.tie)
+app.command("copy")(copy.copy)
+app.command("untie")(untie.untie)
 app.command("convert")(convert.convert)
 
 

@@ -109,7 +109,7 @@ UntieDstOpt = Annotated[
     typer.Option(
         "--dst",
         help="Alias to store as a tensor of its own, repeatable; a stored name unties every alias of it, a module "
-        "prefix every tie under it [default: every alias].",
+        "prefix every tie under it (default: every alias).",
         show_default=False,
     ),
 ]

@@ -74,7 +74,7 @@ def finish(
             origin = f"{Path(step['checkpoint']).name}:" if step.get("checkpoint") else ""
             table.add_row(
                 step["op"],
-                step["dst"] + (" (replaced)" if step["replaces"] else " (new)"),
+                step["dst"] + ("" if step["op"] == "untie" else " (replaced)" if step["replaces"] else " (new)"),
                 origin + step["source"],
                 " -> ".join(step["transform"]) or "same",
                 step["dtype"],

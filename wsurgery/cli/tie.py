@@ -20,7 +20,8 @@ def tie(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
 ) -> int:
-    """Tie DST to SRC: store SRC once and record DST as its alias (view transforms only).
+    """Tie DST to SRC: store SRC once and record DST as its alias (view steps only: same, transpose,
+    permute, reshape, slice). An alias as SRC resolves to its stored source, the chains composed.
 
     Example: wsurgery tie model.pt --src embedding.weight --dst projection.weight
     """

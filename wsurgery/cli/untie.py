@@ -1,0 +1,41 @@
+"""wsurgery untie: store aliases as tensors of their own, for loaders that know no alias metadata."""
+
+from __future__ import annotations
+
+from ..checkpoint import load
+from ..surgery import plan_untie
+from .common import CkptArg, DeviceOpt, DryRunOpt, ForceOpt, InPlaceOpt, JsonOpt, OutOpt, UntieDstOpt, command
+from .output import finish
+
+
+@command("untie")
+def untie(
+    ckpt: CkptArg,
+    dst: UntieDstOpt = None,
+    output: OutOpt = None,
+    force: ForceOpt = False,
+    in_place: InPlaceOpt = False,
+    dry_run: DryRunOpt = False,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+) -> int:
+    """Store the named aliases (every alias by default) as tensors of their own; no alias metadata remains for them.
+
+    Example: wsurgery untie model.safetensors -o model.untied.safetensors
+    """
+    c = load(ckpt)
+    try:
+        p = plan_untie(c, dst or None, device=device)
+        return finish(
+            "untie",
+            ckpt,
+            p.result,
+            p.summary(),
+            out=output,
+            force=force,
+            in_place=in_place,
+            dry_run=dry_run,
+            json_out=json_out,
+        )
+    finally:
+        c.close()
