@@ -231,3 +231,13 @@ def test_python_m_and_console_script_agree(fixtures):
     r = run_module("inspect", fixtures / "tiny_lm.safetensors", "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout)["total_params"] == 1608
+
+
+def test_usage_errors_from_the_console_script_are_one_line(fixtures):
+    r = run_module("tie", fixtures / "tiny_lm.pt", "--src", "embedding.weight")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: Missing option '--dst'") and len(r.stderr.strip().splitlines()) == 1
+    r = run_module("frobnicate")
+    assert r.returncode == 2 and r.stderr.startswith("error: No such command")
+    r = run_module()
+    assert r.returncode == 0 and "Usage: wsurgery" in r.stdout

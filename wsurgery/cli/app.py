@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 import typer
 
@@ -25,8 +26,29 @@ app.command("untie")(untie.untie)
 app.command("convert")(convert.convert)
 
 
-def main() -> None:
+def _usage_error_line(exc) -> str:
+    """click's usage errors (missing option, bad value) as the one line every error gets."""
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else "wsurgery"
+    return f"error: {exc.format_message()} (hint: run `{path} --help`)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: usage errors exit 2 with one line, like every other error."""
     # A file-size limit must surface as an error on write (EFBIG, exit 5), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    app()
+    cmd = typer.main.get_command(app)
+    try:
+        code = cmd.main(args=argv, prog_name="wsurgery", standalone_mode=False)
+    except typer.Abort:
+        sys.stderr.write("error: aborted\n")
+        sys.exit(130)
+    except Exception as exc:
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                sys.exit(0)  # the help was printed already
+            sys.stderr.write(_usage_error_line(exc) + "\n")
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)

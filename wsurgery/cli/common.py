@@ -39,6 +39,7 @@ CkptArg = Annotated[
     Path,
     typer.Argument(
         help="Checkpoint: .safetensors, a sharded *.index.json or its folder, or a torch .pt/.pth/.bin/.ckpt.",
+        metavar="CKPT",
         show_default=False,
     ),
 ]
@@ -70,7 +71,7 @@ OutOpt = Annotated[
     typer.Option(
         "--output",
         "-o",
-        help="Output .safetensors path [default: the input's path with .safetensors].",
+        help="Output .safetensors path (default: the input's path with .safetensors).",
         show_default=False,
     ),
 ]
