@@ -103,3 +103,30 @@ def test_bad_shard_size_is_usage_error(fixtures, cli):
     code, _, stderr = cli("convert", fixtures / "tiny_lm.pt", "--max-shard-size", "lots", "-o", fixtures / "o")
     assert code == 2 and "invalid size" in stderr
     assert not (fixtures / "o").exists()
+
+
+def test_surgery_commands_write_shards_too(fixtures, cli):
+    out = fixtures / "tied"
+    code, stdout, stderr = cli(
+        "tie",
+        fixtures / "tiny_lm.safetensors",
+        "--src",
+        "embedding.weight",
+        "--dst",
+        "projection.weight",
+        "--max-shard-size",
+        "2KB",
+        "-o",
+        out,
+        "--json",
+    )
+    assert code == 0, stderr
+    assert len(json.loads(stdout)["shards"]) >= 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "projection.weight" not in index["weight_map"]
+    sd = wsurgery.load_state_dict(out)
+    assert sd["projection.weight"].data_ptr() == sd["embedding.weight"].data_ptr()
+    code, stdout, stderr = cli("untie", out, "--max-shard-size", "2KB", "-o", fixtures / "plain", "--json")
+    assert code == 0, stderr
+    index = json.loads((fixtures / "plain" / "model.safetensors.index.json").read_text())
+    assert "projection.weight" in index["weight_map"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..checkpoint import load, natural_key
-from ..formats.sharded_writer import parse_size
 from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, MaxShardOpt, OutOpt, command
 from .output import finish
 
@@ -24,6 +22,8 @@ def convert(
 
     Example: wsurgery convert model.pt -o model.safetensors
     """
+    from ..checkpoint import load, natural_key
+
     c = load(ckpt)
     try:
         summary = {
@@ -41,7 +41,7 @@ def convert(
             in_place=in_place,
             dry_run=False,
             json_out=json_out,
-            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+            max_shard_size=max_shard_size,
         )
     finally:
         c.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..checkpoint import load
-from ..surgery import plan_copy
 from .common import (
     CkptArg,
     DeviceOpt,
@@ -13,6 +11,7 @@ from .common import (
     FromOpt,
     InPlaceOpt,
     JsonOpt,
+    MaxShardOpt,
     OutOpt,
     SrcOpt,
     TransformOpt,
@@ -33,6 +32,7 @@ def copy(
     in_place: InPlaceOpt = False,
     dry_run: DryRunOpt = False,
     device: DeviceOpt = "cpu",
+    max_shard_size: MaxShardOpt = None,
     json_out: JsonOpt = False,
 ) -> int:
     """Copy transform(SRC) into DST as a tensor of its own (any steps; no alias).
@@ -42,6 +42,9 @@ def copy(
 
     Example: wsurgery copy model.pt --src encoder.layers.0 --dst decoder.layers.0 --from other.safetensors
     """
+    from ..checkpoint import load
+    from ..surgery import plan_copy
+
     c = load(ckpt)
     other = None
     try:
@@ -58,6 +61,7 @@ def copy(
             in_place=in_place,
             dry_run=dry_run,
             json_out=json_out,
+            max_shard_size=max_shard_size,
         )
     finally:
         c.close()

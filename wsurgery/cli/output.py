@@ -27,12 +27,16 @@ def finish(
     in_place: bool,
     dry_run: bool,
     json_out: bool,
-    max_shard_size: int | None = None,
+    max_shard_size: int | str | None = None,
 ) -> int:
     """Write ``result`` (unless dry run) and report it; returns the exit code.
 
     With ``max_shard_size`` the output is a folder of shards plus an index.
     """
+    if isinstance(max_shard_size, str):
+        from ..formats.sharded_writer import parse_size
+
+        max_shard_size = parse_size(max_shard_size)
     if max_shard_size is None:
         target = resolve_output(out, ckpt_path, result.input_files, force, in_place)
     else:

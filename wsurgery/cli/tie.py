@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from ..checkpoint import load
-from ..surgery import plan_tie
-from .common import CkptArg, DryRunOpt, DstOpt, ForceOpt, InPlaceOpt, JsonOpt, OutOpt, SrcOpt, TransformOpt, command
+from .common import (
+    CkptArg,
+    DryRunOpt,
+    DstOpt,
+    ForceOpt,
+    InPlaceOpt,
+    JsonOpt,
+    MaxShardOpt,
+    OutOpt,
+    SrcOpt,
+    TransformOpt,
+    command,
+)
 from .output import finish
 
 
@@ -18,6 +28,7 @@ def tie(
     force: ForceOpt = False,
     in_place: InPlaceOpt = False,
     dry_run: DryRunOpt = False,
+    max_shard_size: MaxShardOpt = None,
     json_out: JsonOpt = False,
 ) -> int:
     """Tie DST to SRC: store SRC once and record DST as its alias (view steps only: same, transpose,
@@ -25,6 +36,9 @@ def tie(
 
     Example: wsurgery tie model.pt --src embedding.weight --dst projection.weight
     """
+    from ..checkpoint import load
+    from ..surgery import plan_tie
+
     c = load(ckpt)
     try:
         p = plan_tie(c, src, dst, transform or [])
@@ -38,6 +52,7 @@ def tie(
             in_place=in_place,
             dry_run=dry_run,
             json_out=json_out,
+            max_shard_size=max_shard_size,
         )
     finally:
         c.close()

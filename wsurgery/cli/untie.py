@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from ..checkpoint import load
-from ..surgery import plan_untie
-from .common import CkptArg, DeviceOpt, DryRunOpt, ForceOpt, InPlaceOpt, JsonOpt, OutOpt, UntieDstOpt, command
+from .common import (
+    CkptArg,
+    DeviceOpt,
+    DryRunOpt,
+    ForceOpt,
+    InPlaceOpt,
+    JsonOpt,
+    MaxShardOpt,
+    OutOpt,
+    UntieDstOpt,
+    command,
+)
 from .output import finish
 
 
@@ -17,12 +26,16 @@ def untie(
     in_place: InPlaceOpt = False,
     dry_run: DryRunOpt = False,
     device: DeviceOpt = "cpu",
+    max_shard_size: MaxShardOpt = None,
     json_out: JsonOpt = False,
 ) -> int:
     """Store the named aliases (every alias by default) as tensors of their own; no alias metadata remains for them.
 
     Example: wsurgery untie model.safetensors -o model.untied.safetensors
     """
+    from ..checkpoint import load
+    from ..surgery import plan_untie
+
     c = load(ckpt)
     try:
         p = plan_untie(c, dst or None, device=device)
@@ -36,6 +49,7 @@ def untie(
             in_place=in_place,
             dry_run=dry_run,
             json_out=json_out,
+            max_shard_size=max_shard_size,
         )
     finally:
         c.close()
