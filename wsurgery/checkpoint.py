@@ -24,7 +24,7 @@ from .transforms import Transform, parse
 
 def natural_key(name: str):
     """Sort ``layers.2`` before ``layers.10``."""
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+    return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
 # --- stored tensors -------------------------------------------------------------------
@@ -96,6 +96,21 @@ class FileStored(Stored):
 
     def raw(self) -> memoryview:
         return self.file.raw(self.record.name)
+
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Unmap the pages of bytes ``[start, stop)`` of this tensor (``MADV_DONTNEED`` on
+        the file's read-only shared map): the data stays in the page cache and is mapped
+        again on the next access. Keeps a streaming read's resident set bounded."""
+        import mmap
+
+        m = self.file._mmap
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        offset, nbytes = self.file.absolute_range(self.record.name)
+        stop = nbytes if stop is None else min(stop, nbytes)
+        lo = (offset + max(0, start)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if offset + stop > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, offset + stop - lo)
 
     def tensor(self, device="cpu"):
         import torch

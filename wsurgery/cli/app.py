@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from . import convert, copy, inspect_cmd, tie, untie
+from . import check, convert, copy, diff, inspect_cmd, tie, untie
 
 app = typer.Typer(
     name="wsurgery",
@@ -24,6 +24,8 @@ app.command("tie")(tie.tie)
 app.command("copy")(copy.copy)
 app.command("untie")(untie.untie)
 app.command("convert")(convert.convert)
+app.command("diff")(diff.diff)
+app.command("check")(check.check)
 
 
 def _usage_error_line(exc) -> str:

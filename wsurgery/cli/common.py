@@ -114,6 +114,23 @@ UntieDstOpt = Annotated[
         show_default=False,
     ),
 ]
+AtolOpt = Annotated[
+    float, typer.Option("--atol", min=0.0, help="Absolute tolerance: equal when |a - b| <= atol + rtol * |b|.")
+]
+RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance (see --atol); 0 and 0 = bitwise.")]
+CompareDeviceOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device",
+        help="Where to compare: cpu (default), cuda or cuda:N (tensors move there in chunks).",
+        show_default=False,
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it all.")]
+OtherOpt = Annotated[
+    Optional[Path],
+    typer.Option("--other", help="Take DST from this second checkpoint (any readable format).", show_default=False),
+]
 
 
 # --- printing ---------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""wsurgery check: assert transform(SRC) == DST within tolerance (exit 0 equal, 1 different)."""
+
+from __future__ import annotations
+
+from .common import (
+    AtolOpt,
+    CkptArg,
+    CompareDeviceOpt,
+    DstOpt,
+    JsonOpt,
+    OtherOpt,
+    QuietOpt,
+    RtolOpt,
+    SrcOpt,
+    TransformOpt,
+    command,
+    console,
+    emit_json,
+)
+from .diff import ProgressBar, fmt_float, single_threaded_blas, stats_table
+
+
+@command("check")
+def check(
+    ckpt: CkptArg,
+    src: SrcOpt,
+    dst: DstOpt,
+    transform: TransformOpt = None,
+    other: OtherOpt = None,
+    atol: AtolOpt = 0.0,
+    rtol: RtolOpt = 0.0,
+    device: CompareDeviceOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> int:
+    """Assert that transform(SRC) equals DST, in CKPT or with DST taken from --other.
+
+    Module prefixes check every pair under them. A pair differs when shapes or dtypes differ
+    or an element is outside tolerance (|a - b| <= atol + rtol * |b|). Exit 0 when every pair
+    is equal, 1 when one differs.
+
+    Example: wsurgery check model.safetensors --src embedding.weight --dst lm_head.weight -t transpose
+    """
+    single_threaded_blas()
+    from ..compare import check as run_check
+
+    with ProgressBar("check", enabled=not (json_out or quiet)) as bar:
+        report = run_check(
+            ckpt,
+            src,
+            dst,
+            transform=transform or [],
+            other=other,
+            atol=atol,
+            rtol=rtol,
+            device=device,
+            progress=bar,
+        )
+    code = 0 if report.equal else 1
+    if quiet:
+        return code
+    if json_out:
+        emit_json(report.to_dict())
+        return code
+    con = console()
+    what = f"{' -> '.join(report.transform) or 'same'}({src}) vs {dst}" + (f" in {other}" if other else "")
+    tol = f"atol {atol:g}, rtol {rtol:g}"
+    n = len(report.pairs)
+    pairs = f"{n} pair" + ("" if n == 1 else "s")
+    if report.equal:
+        con.print(f"equal: {what}: {pairs}, {report.numel or 0:,} elements ({tol})", markup=False)
+        return code
+    bad = [p for p in report.pairs if not p.equal]
+    con.print(
+        f"different: {what}: {len(bad)} of {pairs} differ; mismatched "
+        f"{report.mismatched if report.mismatched is not None else '-'}, max |a-b| "
+        f"{fmt_float(report.max_abs_diff)} ({tol})",
+        markup=False,
+    )
+    bad.sort(key=lambda p: p.severity())
+    rows = [(f"{p.src} -> {p.dst}", p.reason, p.src_info, p.dst_info, p.stats) for p in bad]
+    con.print(stats_table(rows, "src -> dst", "transform(src) | dst"))
+    return code
