@@ -96,12 +96,11 @@ def gpt_like(total_bytes: int, dtype: str, seed: int, vocab: int = 32000, dim: i
 
 
 def make_pair(folder: Path, size: int, dtype: str) -> tuple[Path, Path]:
-    from safetensors.torch import save_file
-
     a = folder / f"a-{dtype}-{size}.safetensors"
     b = folder / f"b-{dtype}-{size}.safetensors"
     if a.exists() and b.exists():
         return a, b
+    from safetensors.torch import save_file
     sd = dict(gpt_like(size, dtype, seed=0))
     save_file(sd, str(a), metadata={"format": "pt"})
     # B differs from A in a few places of a few tensors, as after a short fine-tune
