@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check wsurgery tests fixtures
+	$(BIN)/ruff check wsurgery tests fixtures fuzz benchmarks
 
 fixtures: $(STAMP)
 	$(BIN)/python fixtures/make_fixtures.py
@@ -37,3 +37,6 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+fuzz: $(STAMP)
+	$(BIN)/python fuzz/campaign.py --minutes $(or $(FUZZ_MINUTES),10)

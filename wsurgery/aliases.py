@@ -22,6 +22,7 @@ from .errors import InputError, SurgeryError, TransformError
 from .transforms import Transform, parse
 
 ALIASES_KEY = "wsurgery.aliases"
+MAX_CHAIN = 64  # aliases of aliases followed on read; wsurgery itself writes chains of length 1
 FORMAT_KEY = "format"
 
 
@@ -118,6 +119,8 @@ def _resolve(name: str, raw: dict[str, AliasRecord], stored, path) -> AliasRecor
             raise InputError(f"{path}: alias {name!r} names a missing source {cur.source!r}")
         if cur.source in seen:
             raise InputError(f"{path}: aliases form a cycle: {' -> '.join([*seen, cur.source])}")
+        if len(seen) >= MAX_CHAIN:  # bounds the work per alias: a long chain cannot make loading hang
+            raise InputError(f"{path}: alias {name!r} is the start of a chain of more than {MAX_CHAIN} aliases")
         seen.append(cur.source)
         cur = raw[cur.source]
         chain.append(cur)
@@ -129,6 +132,8 @@ def _resolve(name: str, raw: dict[str, AliasRecord], stored, path) -> AliasRecor
         transform.infer(tuple(shape), dtype)
     except (TransformError, SurgeryError) as exc:
         raise InputError(f"{path}: alias {name!r} has a bad transform: {exc}") from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a 5000-digit integer in a step
+        raise InputError(f"{path}: alias {name!r} has a bad transform: {str(exc)[:120]}") from None
     if not transform.is_view:
         raise InputError(f"{path}: alias {name!r} has a transform that is not a view: {transform}")
     return AliasRecord(cur.source, tuple(transform.specs()))

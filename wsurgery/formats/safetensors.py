@@ -6,26 +6,31 @@ each broken rule raises :class:`HeaderError` naming the file and the rule:
 
 - the file holds at least the 8-byte prefix, and N fits in the file and is at most
   ``MAX_HEADER_SIZE`` (nothing is allocated from N before that check);
-- the header is UTF-8, parses as a JSON object, and has no duplicate keys;
+- the header is UTF-8, parses as a JSON object, and has no duplicate keys; names and
+  metadata hold no lone surrogate escapes (``"\\ud800"``), which no UTF-8 output can hold;
 - every tensor entry has a known dtype, a shape of non-negative integers whose byte
-  size does not overflow, and ``data_offsets`` ``[start, end]`` with ``start <= end``;
+  size does not overflow 2**64 (multiplied step by step, as the reference loader does,
+  so a shape of huge numbers costs nothing to refuse), and ``data_offsets``
+  ``[start, end]`` with ``0 <= start <= end < 2**64``;
 - byte size (shape x itemsize) equals ``end - start``;
 - sorted by start, the entries tile the data section from 0 with no hole and no
   overlap, and the data section ends exactly at the end of the file;
 - ``__metadata__``, when present, maps strings to strings.
+
+Accepted as valid: an empty checkpoint (``{}``), zero-size tensors, scalars (shape
+``[]``), and files that hold only ``__metadata__``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 
 from ..dtypes import BY_CODE, BY_NAME
-from ..errors import HeaderError, InputError
+from ..errors import HeaderError, InputError, OutputError
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
@@ -81,6 +86,21 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _short(value, limit: int = 80) -> str:
+    """A bounded rendering of a header value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unicode(text: str) -> bool:
+    """JSON escapes can spell lone surrogates, which no UTF-8 file or terminal can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_entry(path, name: str, entry) -> TensorRecord:
     if not isinstance(entry, dict):
         raise _fail(path, f"entry {name!r} is not an object")
@@ -93,13 +113,16 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
     dtype = BY_CODE[code]
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-        raise _fail(path, f"entry {name!r} has a shape that is not a list of integers: {shape!r}")
+        raise _fail(path, f"entry {name!r} has a shape that is not a list of integers: {_short(shape)}")
     if any(d < 0 for d in shape):
-        raise _fail(path, f"entry {name!r} has a negative dimension in shape {shape}")
-    numel = math.prod(shape)
-    nbytes = numel * dtype.itemsize
-    if nbytes > _U64_MAX:
-        raise _fail(path, f"entry {name!r} shape {shape} overflows the byte size")
+        raise _fail(path, f"entry {name!r} has a negative dimension in shape {_short(shape)}")
+    # Multiply step by step and stop at the first overflow, as the reference loader does:
+    # a shape of huge dimensions must not cost a huge product to refuse.
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+        if d > _U64_MAX or nbytes > _U64_MAX:
+            raise _fail(path, f"entry {name!r} shape {_short(shape)} overflows the byte size")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -108,12 +131,14 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
         or offsets[0] < 0
         or offsets[1] < offsets[0]
     ):
-        raise _fail(path, f"entry {name!r} has invalid data_offsets {offsets!r}")
+        raise _fail(path, f"entry {name!r} has invalid data_offsets {_short(offsets)}")
     start, end = offsets
+    if end > _U64_MAX:
+        raise _fail(path, f"entry {name!r} has data_offsets past 2**64")
     if end - start != nbytes:
         raise _fail(
             path,
-            f"entry {name!r}: data_offsets span {end - start} bytes but shape {shape} x {code} needs {nbytes}",
+            f"entry {name!r}: data_offsets span {end - start} bytes but shape {_short(shape)} x {code} needs {nbytes}",
         )
     return TensorRecord(name, dtype.name, tuple(shape), start, end)
 
@@ -148,6 +173,8 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
     metadata = None
     tensors: dict[str, TensorRecord] = {}
     for key, value in obj.items():
+        if not _unicode(key):
+            raise _fail(path, f"name {_short(key)} is not valid Unicode (a lone surrogate escape)")
         if key == METADATA_KEY:
             if value is None:
                 continue
@@ -155,6 +182,9 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()
             ):
                 raise _fail(path, "__metadata__ must map strings to strings")
+            bad = next((k for k, v in value.items() if not (_unicode(k) and _unicode(v))), None)
+            if bad is not None:
+                raise _fail(path, f"__metadata__ entry {_short(bad)} is not valid Unicode (a lone surrogate escape)")
             metadata = dict(value)
             continue
         tensors[key] = _parse_entry(path, key, value)
@@ -163,8 +193,8 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
     cursor = 0
     for rec in sorted(tensors.values(), key=lambda r: (r.start, r.end)):
         if rec.start != cursor:
-            what = "hole" if rec.start > cursor else "overlap"
-            raise _fail(path, f"data_offsets leave a {what} at byte {min(cursor, rec.start)} (entry {rec.name!r})")
+            what = "a hole" if rec.start > cursor else "an overlap"
+            raise _fail(path, f"data_offsets leave {what} at byte {min(cursor, rec.start)} (entry {rec.name!r})")
         cursor = rec.end
     if cursor != data_size:
         if cursor > data_size:
@@ -279,6 +309,11 @@ def build_header(entries, metadata: dict[str, str] | None) -> tuple[bytes, list[
     layout = []
     cursor = 0
     for name, dtype, shape, nbytes in entries:
+        if name == METADATA_KEY:
+            raise OutputError(
+                f"a tensor named {METADATA_KEY!r} cannot be stored in safetensors, which reserves that key",
+                hint="rename that entry of the state dict with torch and save it again",
+            )
         obj[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
         layout.append((name, cursor, cursor + nbytes))
         cursor += nbytes

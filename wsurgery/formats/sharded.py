@@ -1,4 +1,12 @@
-"""Sharded safetensors: an index (``weight_map``) over several validated shard files."""
+"""Sharded safetensors: an index (``weight_map``) over several validated shard files.
+
+Rules, each an input error (exit 3) naming the index and the rule: the index is UTF-8
+JSON of at most 100 MB with no duplicate keys and a ``weight_map`` object of names to
+non-empty shard paths; every shard path stays inside the index's folder (no absolute
+path, no ``..``, no symlink out); every shard exists and is a valid safetensors file;
+no tensor is stored in two shards; ``weight_map`` and the shards' headers agree both
+ways. Two spellings of one file (``a.safetensors``, ``./a.safetensors``) are one shard.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +31,24 @@ def _fail(path, rule: str) -> HeaderError:
     return HeaderError(f"{path}: invalid sharded index: {rule}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _reject_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _inside(folder: str, rel: str) -> bool:
     if os.path.isabs(rel) or not rel or "\x00" in rel:
         return False
@@ -42,39 +68,50 @@ def open_index(path) -> ShardedIndex:
     if len(raw) > 100_000_000:
         raise _fail(path, "index is larger than 100,000,000 bytes")
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except _DuplicateKey as exc:
+        raise _fail(path, f"key {_short(exc.args[0])} appears twice") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _fail(path, "not UTF-8 JSON") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
         raise _fail(path, 'no "weight_map" object')
     weight_map = obj["weight_map"]
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
         raise _fail(path, "weight_map must map tensor names to shard file names")
-    metadata = obj.get("metadata") or {}
+    metadata = obj.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise _fail(path, '"metadata" is not an object')
     folder = os.path.dirname(os.path.abspath(path))
 
     shards: dict[str, SafetensorsFile] = {}
+    by_real: dict[str, tuple[str, SafetensorsFile]] = {}  # two spellings of one file: one shard
     for shard in sorted(set(weight_map.values())):
         if not _inside(folder, shard):
-            raise _fail(path, f"shard path {shard!r} leaves the checkpoint's folder")
+            raise _fail(path, f"shard path {_short(shard)} leaves the checkpoint's folder")
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
-            raise InputError(f"{path}: shard {shard!r} named in weight_map does not exist")
-        shards[shard] = SafetensorsFile.open(shard_path)
+            raise InputError(
+                f"{path}: shard {_short(shard)} named in weight_map does not exist",
+                hint="copy the missing shard beside the index, or pass a complete checkpoint folder",
+            )
+        real = os.path.realpath(shard_path)
+        if real not in by_real:
+            by_real[real] = (shard, SafetensorsFile.open(shard_path))
+        shards[shard] = by_real[real][1]
 
     owner: dict[str, str] = {}
-    for shard, sf in shards.items():
+    for shard, sf in by_real.values():
         for name in sf.tensors:
             if name in owner:
-                raise _fail(path, f"tensor {name!r} is stored in two shards: {owner[name]!r} and {shard!r}")
+                raise _fail(path, f"tensor {_short(name)} is stored in two shards: {owner[name]!r} and {shard!r}")
             owner[name] = shard
+    canonical = {shard: by_real[os.path.realpath(os.path.join(folder, shard))][0] for shard in shards}
     for name, shard in weight_map.items():
-        if owner.get(name) != shard:
+        if owner.get(name) != canonical[shard]:
             where = f"it is in {owner[name]!r}" if name in owner else "no shard holds it"
-            raise _fail(path, f"weight_map puts {name!r} in {shard!r} but {where}")
+            raise _fail(path, f"weight_map puts {_short(name)} in {shard!r} but {where}")
     for name, shard in owner.items():
         if name not in weight_map:
-            raise _fail(path, f"shard {shard!r} holds {name!r}, which weight_map does not list")
+            raise _fail(path, f"shard {shard!r} holds {_short(name)}, which weight_map does not list")
     return ShardedIndex(path=path, folder=folder, metadata=metadata, weight_map=dict(weight_map), shards=shards)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from ..errors import InputError
@@ -43,26 +44,29 @@ def sniff(path: str) -> tuple[str, str]:
         if not path.endswith(INDEX_SUFFIX):
             return SAFETENSORS, path
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputError(
+                f"{path}: not a regular file", hint="pass the checkpoint file itself, not a pipe or a device"
+            )
         with open(path, "rb") as f:
             head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return TORCH_ZIP, path
-    if head[:1] == b"\x80":  # pickle protocol 2+: the legacy torch.save format
+    # Safetensors before pickles: a header of 128 + 256k bytes starts with byte 0x80 too.
+    # A legacy torch file never has "{" at byte 8 (there lies its fixed magic number).
+    if head[8:9] == b"{":
+        return SAFETENSORS, path
+    if head[:1] == b"\x80":  # a pickle PROTO opcode: the legacy torch.save format
         return TORCH_LEGACY, path
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and n <= size:
-            return SAFETENSORS, path
     stripped = head.lstrip()
     if stripped.startswith(b"{"):
         return SHARDED, path
     if len(head) >= 8:
         # A safetensors prefix whose header is broken: let the strict parser say why.
         (n,) = struct.unpack("<Q", head[:8])
-        if n > 0 and (len(head) < 9 or head[8:9] in b"{ "):
+        if n > 0 and (len(head) < 9 or head[8:9] == b" "):
             return SAFETENSORS, path
     if path.endswith(".safetensors"):
         return SAFETENSORS, path

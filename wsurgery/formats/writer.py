@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import OutputError
+from ..errors import InputError, OutputError
 from .safetensors import build_header
 
 TMP_SUFFIX = ".wsurgery-tmp"
@@ -68,7 +68,14 @@ def atomic_file(path):
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where the system allows (no window in
+    which another thread would create files with umask 0)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -99,7 +106,11 @@ def copy_range(src_path: str, offset: int, nbytes: int, f) -> None:
     """
     if nbytes == 0:
         return
-    with open(src_path, "rb", buffering=0) as src:
+    try:
+        src = open(src_path, "rb", buffering=0)
+    except OSError as exc:
+        raise InputError(f"{src_path}: cannot read: {exc.strerror or exc}") from None
+    with src:
         done = 0
         if hasattr(os, "copy_file_range"):
             try:
@@ -116,9 +127,14 @@ def copy_range(src_path: str, offset: int, nbytes: int, f) -> None:
         view = memoryview(buf)
         while done < nbytes:
             want = min(len(buf), nbytes - done)
-            got = src.readinto(view[:want])
+            try:
+                got = src.readinto(view[:want])
+            except OSError as exc:
+                raise InputError(f"{src_path}: cannot read: {exc.strerror or exc}") from None
             if not got:
-                raise OSError(errno.EIO, f"{src_path} ended early while copying")
+                raise InputError(
+                    f"{src_path}: the file ended {nbytes - done} bytes early while copying (was it changed meanwhile?)"
+                )
             write_all(f, view[:got])
             done += got
 
@@ -136,6 +152,10 @@ class WriteItem:
 
 def write_safetensors(path, items: list[WriteItem], metadata: dict[str, str] | None, progress=None) -> None:
     """Write one safetensors file atomically, tensors in the order given."""
+    names = [i.name for i in items]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise OutputError(f"internal error: tensor {dup!r} would be written twice to {path}")
     prefix, _ = build_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
     with atomic_file(path) as f:
         write_all(f, prefix)

@@ -1,0 +1,312 @@
+"""Writes are atomic: a failed or killed write leaves nothing at the destination (and an
+existing destination as it was), and no command ever modifies an input."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import wsurgery
+from wsurgery.errors import InputError, OutputError
+from wsurgery.formats import writer
+from wsurgery.formats.writer import TMP_SUFFIX, WriteItem, atomic_file, write_safetensors
+
+from .conftest import FIXTURES, sha256
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(TMP_SUFFIX))
+
+
+def big_safetensors(path: Path, mib: int, tensors: int = 1) -> Path:
+    """``mib`` MiB of seeded float32 data in ``tensors`` tensors (numpy only: no torch needed)."""
+    rng = np.random.default_rng(7)
+    per = (mib << 20) // 4 // tensors
+    save_file({f"layer.{i}.weight": rng.standard_normal(per, dtype=np.float32) for i in range(tensors)}, str(path))
+    return path
+
+
+# --- atomic_file ----------------------------------------------------------------------------------
+
+
+def test_error_in_the_body_removes_the_temporary_and_keeps_the_destination(tmp_path):
+    dest = tmp_path / "out.safetensors"
+    dest.write_bytes(b"old contents")
+    with pytest.raises(RuntimeError, match="boom"), atomic_file(dest) as f:
+        f.write(b"partial new contents")
+        raise RuntimeError("boom")
+    assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
+
+
+def test_disk_full_at_fsync_is_an_output_error(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.os, "fsync", full)
+    dest = tmp_path / "out.safetensors"
+    with pytest.raises(OutputError, match="No space left on device") as info:
+        write_safetensors(dest, [WriteItem("a", "uint8", (3,), 3, lambda f: f.write(b"abc"))], None)
+    assert info.value.exit_code == 5 and "free some disk space" in info.value.one_line()
+    assert not dest.exists() and leftovers(tmp_path) == []
+
+
+def test_disk_full_in_copy_file_range(tmp_path, monkeypatch, cli):
+    src = big_safetensors(tmp_path / "in.safetensors", 1)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.os, "copy_file_range", full, raising=False)
+    code, _, stderr = cli("convert", src, "-o", tmp_path / "out.safetensors")
+    assert code == 5 and stderr.count("\n") == 1 and "No space left on device" in stderr
+    assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
+
+
+def test_source_that_shrinks_while_copying_is_an_input_error(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 10)
+    with pytest.raises(InputError, match="ended 90 bytes early"), atomic_file(tmp_path / "out") as f:
+        writer.copy_range(str(src), 0, 100, f)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_an_unwritable_destination_folder_is_an_output_error(tmp_path):
+    with pytest.raises(OutputError, match="cannot write"):
+        with atomic_file(tmp_path / "no-such-folder" / "out.safetensors") as f:
+            f.write(b"x")
+
+
+def test_internal_duplicate_names_never_write_a_corrupt_file(tmp_path):
+    items = [WriteItem("a", "uint8", (1,), 1, lambda f: f.write(b"a")) for _ in range(2)]
+    with pytest.raises(OutputError, match="written twice"):
+        write_safetensors(tmp_path / "dup.safetensors", items, None)
+    assert os.listdir(tmp_path) == []
+
+
+# --- file-size limit: a real process, a real EFBIG -------------------------------------------------
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def run_limited(args, limit: int, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("WSURGERY_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "wsurgery", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=180,
+        preexec_fn=_limit_file_size(limit),
+    )
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_file_size_limit_exits_5_and_leaves_nothing(tmp_path, kind):
+    if kind == "safetensors":
+        src = big_safetensors(tmp_path / "in.safetensors", 4, tensors=4)  # copied with copy_file_range
+    else:
+        src = tmp_path / "in.pt"
+        torch.save({f"w{i}": torch.randn(256, 1024, generator=torch.Generator().manual_seed(i)) for i in range(4)}, src)
+    digest = sha256(src)
+    dest = tmp_path / "out.safetensors"
+    r = run_limited(["convert", src, "-o", dest], 1 << 20, tmp_path)
+    assert r.returncode == 5, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {dest}: File too large"), r.stderr
+    assert "ulimit -f" in lines[0] and "Traceback" not in r.stderr
+    assert not dest.exists() and leftovers(tmp_path) == []
+    assert sha256(src) == digest
+
+
+def test_file_size_limit_keeps_an_existing_destination_whole(tmp_path):
+    src = big_safetensors(tmp_path / "in.safetensors", 4, tensors=2)
+    dest = tmp_path / "out.safetensors"
+    big_safetensors(dest, 1)
+    before = sha256(dest)
+    r = run_limited(["convert", src, "-o", dest, "--force"], 2 << 20, tmp_path)
+    assert r.returncode == 5, r.stderr
+    assert sha256(dest) == before and leftovers(tmp_path) == []
+
+
+def test_file_size_limit_on_sharded_output(tmp_path):
+    src = big_safetensors(tmp_path / "in.safetensors", 4, tensors=4)
+    dest = tmp_path / "shards"
+    r = run_limited(["convert", src, "-o", dest, "--max-shard-size", "1MiB"], 512 << 10, tmp_path)
+    assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
+    assert not dest.exists() and leftovers(tmp_path) == []
+
+
+# --- SIGKILL mid-write ---------------------------------------------------------------------------------
+
+# The real CLI, with each tensor's copy followed by a short pause, so that "mid-write" is a
+# moment the test can reach on a loaded machine (copy_file_range moves 200 MB in a blink).
+_THROTTLED = """
+import sys, time
+import wsurgery.checkpoint as c
+from wsurgery.cli.app import main
+_copy = c.copy_range
+def slow(*args):
+    _copy(*args)
+    time.sleep(0.02)
+c.copy_range = slow
+sys.argv = ["wsurgery", *sys.argv[1:]]
+main()
+"""
+
+
+def _kill_mid_write(args, folder: Path, dest_name: str, min_bytes: int):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _THROTTLED, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1"},
+        cwd=folder,
+    )
+    deadline = time.monotonic() + 120
+    killed_at = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            tmp = [folder / n for n in os.listdir(folder) if n.startswith(f".{dest_name}.") and n.endswith(TMP_SUFFIX)]
+            size = sum(_size(p) for p in tmp)
+            if size >= min_bytes:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = size
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert killed_at is not None, "the write finished before the test could kill it"
+    assert proc.returncode == -signal.SIGKILL
+    return killed_at
+
+
+def _size(p: Path) -> int:
+    try:
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def test_sigkill_mid_write_leaves_nothing_at_the_destination(tmp_path):
+    src = big_safetensors(tmp_path / "in.safetensors", 200, tensors=100)
+    digest = sha256(src)
+    dest = tmp_path / "out.safetensors"
+    killed_at = _kill_mid_write(["convert", src, "-o", dest], tmp_path, dest.name, 20 << 20)
+    assert 0 < killed_at < src.stat().st_size
+    assert not dest.exists()
+    assert sha256(src) == digest
+    # What a kill leaves is one hidden temporary beside the destination, never the destination.
+    assert all(n.startswith(".out.safetensors.") for n in leftovers(tmp_path))
+    # And the same command, not killed, then writes the whole file.
+    r = subprocess.run([sys.executable, "-m", "wsurgery", "convert", src, "-o", dest], capture_output=True, timeout=180)
+    assert r.returncode == 0 and wsurgery.load(dest).names() == wsurgery.load(src).names()
+
+
+def test_sigkill_mid_sharded_write_leaves_nothing_at_the_destination(tmp_path):
+    src = big_safetensors(tmp_path / "in.safetensors", 64, tensors=32)
+    digest = sha256(src)
+    dest = tmp_path / "shards"
+    _kill_mid_write(["convert", src, "-o", dest, "--max-shard-size", "8MiB"], tmp_path, dest.name, 8 << 20)
+    assert not dest.exists() and sha256(src) == digest
+
+
+# --- no command modifies an input ------------------------------------------------------------------
+
+# Every command, over every fixture format, including invocations that fail.
+INVOCATIONS = {
+    "inspect": [["inspect", "{ckpt}"], ["inspect", "{ckpt}", "--json", "--tree"], ["inspect", "{ckpt}", "--tree"]],
+    "convert": [["convert", "{ckpt}", "-o", "{out}"], ["convert", "{ckpt}", "-o", "{out}", "--max-shard-size", "1KB"]],
+    "tie": [
+        ["tie", "{ckpt}", "--src", "{a}", "--dst", "{b}", "-o", "{out}"],
+        ["tie", "{ckpt}", "--src", "{a}", "--dst", "nope", "-o", "{out}"],
+        ["tie", "{ckpt}", "--src", "missing", "--dst", "{b}", "-o", "{out}"],
+    ],
+    "copy": [
+        ["copy", "{ckpt}", "--src", "{a}", "--dst", "new.{a}", "-o", "{out}"],
+        ["copy", "{ckpt}", "--src", "{a}", "--dst", "{b}", "--transform", "scale(2)", "-o", "{out}"],
+        ["copy", "{ckpt}", "--src", "{a}", "--dst", "{b}", "--from", "{other}", "-o", "{out}"],
+        ["copy", "{ckpt}", "--src", "{a}", "--dst", "{b}", "--transform", "cast(float16)", "-o", "{out}", "--dry-run"],
+    ],
+    "untie": [["untie", "{ckpt}", "-o", "{out}"], ["untie", "{ckpt}", "--dst", "{b}", "-o", "{out}"]],
+    "diff": [["diff", "{ckpt}", "{other}"], ["diff", "{ckpt}", "{ckpt}", "--json"]],
+    "check": [
+        ["check", "{ckpt}", "--src", "{a}", "--dst", "{b}"],
+        ["check", "{ckpt}", "--src", "{a}", "--dst", "{a}", "--other", "{other}", "--json"],
+    ],
+}
+CHECKPOINTS = {  # name -> (a tensor, another tensor of the same shape)
+    "tiny_lm.pt": ("embedding.weight", "projection.weight"),
+    "tiny_lm.safetensors": ("embedding.weight", "projection.weight"),
+    "tiny_lm_sharded": ("embedding.weight", "projection.weight"),
+    "shared_storage.pt": ("embedding.weight", "projection.weight"),
+    "lightning.ckpt": ("model.embedding.weight", "model.projection.weight"),
+}
+
+
+def _registered() -> list[str]:
+    from wsurgery.cli.app import app
+
+    return [c.name for c in app.registered_commands]
+
+
+def test_every_command_is_covered_by_the_input_safety_test():
+    assert set(_registered()) <= set(INVOCATIONS), set(_registered()) - set(INVOCATIONS)
+
+
+@pytest.mark.parametrize("command", [c for c in INVOCATIONS if c in _registered()])
+def test_no_command_modifies_an_input(tmp_path, cli, command):
+    src = tmp_path / "in"
+    shutil.copytree(FIXTURES, src, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    other = src / "tiny_lm.safetensors"
+    before = {p: sha256(p) for p in src.iterdir()}
+    listing = sorted(os.listdir(src))
+    codes = []
+    for name, (a, b) in CHECKPOINTS.items():
+        for i, template in enumerate(INVOCATIONS[command]):
+            out = tmp_path / "out" / f"{name}.{i}.safetensors"
+            out.parent.mkdir(exist_ok=True)
+            second = other if name != "tiny_lm.safetensors" else src / "tiny_lm.pt"
+            args = [t.format(ckpt=src / name, out=out, a=a, b=b, other=second) for t in template]
+            code, _, stderr = cli(*args)
+            codes.append(code)
+            assert code in (0, 1, 3, 4), (args, code, stderr)
+    assert {p: sha256(p) for p in src.iterdir()} == before
+    assert sorted(os.listdir(src)) == listing, "a command wrote beside its input"
+    assert 0 in codes or 1 in codes, codes  # the table exercises real work, not only refusals
+
+
+def test_in_place_is_the_one_way_to_replace_an_input(tmp_path, cli):
+    src = tmp_path / "m.safetensors"
+    wsurgery.save_state_dict({"a": torch.ones(2, 2), "b": torch.zeros(2, 2)}, src)
+    before = sha256(src)
+    code, _, stderr = cli("tie", src, "--src", "a", "--dst", "b", "-o", src)
+    assert code == 5 and "is an input" in stderr and sha256(src) == before
+    code, _, stderr = cli("tie", src, "--src", "a", "--dst", "b", "--in-place")
+    assert code == 0, stderr
+    assert wsurgery.load(src).aliases["b"].source == "a" and leftovers(tmp_path) == []
