@@ -117,6 +117,9 @@ def make_pair(folder: Path, size: int, dtype: str) -> tuple[Path, Path]:
 def run(cmd: list[str]) -> tuple[float, int, int]:
     """Wall seconds, peak RSS in bytes, exit code of one whole process."""
     env = dict(os.environ, NO_COLOR="1")
+    # Start every run with no dirty pages left by the previous one: wsurgery fsyncs its
+    # output, and would otherwise also wait for the writeback of the plain script's file.
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -175,3 +175,22 @@ def test_help_says_a_tensor_wins_over_a_module_prefix(cli, command):
     code, stdout, _ = cli(command, "--help")
     assert code == 0
     assert "A name that is both a tensor and a prefix means the tensor" in " ".join(stdout.split())
+
+
+def test_hostile_names_cannot_reach_the_terminal(tmp_path):
+    """Control characters and rich markup in names or metadata are shown literally, escaped."""
+    from safetensors.torch import save_file
+
+    from tests.conftest import run_module
+
+    evil = "emb\x1b[31m.[bold]weight\x07"
+    path = tmp_path / "evil.safetensors"
+    save_file({evil: torch.zeros(2, 2), "plain": torch.ones(2, 2)}, path, metadata={"note": "x\x1b]0;pwned\x07"})
+    for args in (["inspect", path], ["inspect", path, "--tree"], ["diff", path, path]):
+        r = run_module(*args)
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    r = run_module("inspect", path)
+    assert "emb\\x1b[31m.[bold]weight\\x07" in r.stdout
+    r = run_module("tie", path, "--src", "plain", "--dst", "nope\x1b[2J", "-o", tmp_path / "o.safetensors")
+    assert "\x1b" not in r.stdout + r.stderr

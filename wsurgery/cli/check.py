@@ -16,6 +16,7 @@ from .common import (
     command,
     console,
     emit_json,
+    safe,
 )
 from .diff import ProgressBar, fmt_float, single_threaded_blas, stats_table
 
@@ -63,7 +64,7 @@ def check(
         emit_json(report.to_dict())
         return code
     con = console()
-    what = f"{' -> '.join(report.transform) or 'same'}({src}) vs {dst}" + (f" in {other}" if other else "")
+    what = safe(f"{' -> '.join(report.transform) or 'same'}({src}) vs {dst}" + (f" in {other}" if other else ""))
     tol = f"atol {atol:g}, rtol {rtol:g}"
     n = len(report.pairs)
     pairs = f"{n} pair" + ("" if n == 1 else "s")

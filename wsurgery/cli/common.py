@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -142,6 +143,29 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def safe(text) -> str:
+    """Names and metadata come from files: escape control characters (a hostile name must
+    not send escape sequences to the user's terminal)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def cell(text):
+    """A table cell that shows ``text`` literally: no rich markup, no control characters."""
+    from rich.text import Text
+
+    return Text(safe(text))
+
+
+def markup_safe(text) -> str:
+    """``text`` for use inside a rich markup string."""
+    from rich.markup import escape
+
+    return escape(safe(text))
+
+
 def emit_json(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
     sys.stdout.flush()
@@ -155,7 +179,7 @@ def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
     code = exit_code_for(exc)
     if debug():
         traceback.print_exc()
-    sys.stderr.write(f"error: {exc.one_line()}\n")
+    sys.stderr.write(f"error: {safe(exc.one_line())}\n")
     if json_out:
         emit_json(
             {

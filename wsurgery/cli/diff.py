@@ -18,9 +18,11 @@ from .common import (
     JsonOpt,
     QuietOpt,
     RtolOpt,
+    cell,
     command,
     console,
     emit_json,
+    safe,
     shape_text,
 )
 
@@ -115,9 +117,9 @@ def stats_table(rows, first: str, sides: str):
     table.add_column("cosine", justify="right", no_wrap=True)
     for name, reason, info_a, info_b, stats in rows:
         table.add_row(
-            name,
+            cell(name),
             reason,
-            fmt_sides(info_a, info_b),
+            cell(fmt_sides(info_a, info_b)),
             f"{stats.numel:,}" if stats else "-",
             fmt_mismatched(stats),
             fmt_float(stats.max_abs_diff if stats else None),
@@ -131,7 +133,7 @@ def _names_block(con, title: str, names: list[str]) -> None:
     if names:
         con.print(f"{title} ({len(names)}):", markup=False)
         for n in names:
-            con.print(f"  {n}", markup=False)
+            con.print(f"  {safe(n)}", markup=False)
 
 
 @command("diff")

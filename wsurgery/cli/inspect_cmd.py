@@ -8,7 +8,19 @@ from pathlib import Path
 
 from ..checkpoint import Alias, Checkpoint, load
 from ..dtypes import BY_NAME
-from .common import CkptArg, FilterOpt, JsonOpt, command, console, emit_json, human_bytes, shape_text
+from .common import (
+    CkptArg,
+    FilterOpt,
+    JsonOpt,
+    cell,
+    command,
+    console,
+    emit_json,
+    human_bytes,
+    markup_safe,
+    safe,
+    shape_text,
+)
 
 
 def _plural(n: int, word: str, many: str | None = None) -> str:
@@ -60,16 +72,16 @@ def _tree(c: Checkpoint, rows: list[dict], path: Path):
     def build(tree, node):
         for key, v in node.items():
             if isinstance(v, dict) and "name" not in v:
-                branch = tree.add(f"[bold]{key[:-1]}[/bold]  {count(v):,} params")
+                branch = tree.add(f"[bold]{markup_safe(key[:-1])}[/bold]  {count(v):,} params")
                 build(branch, v)
             else:
                 extra = ""
                 if v["alias_of"]:
                     t = " -> ".join(v["alias_of"]["transform"]) or "same"
-                    extra = f"  [cyan]= {t}({v['alias_of']['source']})[/cyan]"
-                tree.add(f"{key}  {v['dtype']} {shape_text(v['shape'])}{extra}")
+                    extra = f"  [cyan]= {t}({markup_safe(v['alias_of']['source'])})[/cyan]"
+                tree.add(f"{markup_safe(key)}  {v['dtype']} {shape_text(v['shape'])}{extra}")
 
-    tree = Tree(f"[bold]{path}[/bold]  {count(root):,} params")
+    tree = Tree(f"[bold]{markup_safe(path)}[/bold]  {count(root):,} params")
     build(tree, root)
     return tree
 
@@ -121,12 +133,12 @@ def inspect(
             if r["alias_of"]:
                 alias = f"{' -> '.join(r['alias_of']['transform']) or 'same'}({r['alias_of']['source']})"
             table.add_row(
-                r["name"],
+                cell(r["name"]),
                 r["dtype"],
                 shape_text(r["shape"]),
                 f"{r['numel']:,}",
                 human_bytes(r["nbytes"]) if not r["alias_of"] else "-",
-                alias,
+                cell(alias),
             )
         con.print(table)
     per_dtype: dict[str, list[int]] = {}
@@ -143,11 +155,11 @@ def inspect(
     for dtype, (n, numel, nbytes) in sorted(per_dtype.items()):
         con.print(f"  {dtype}: {_plural(n, 'tensor')}, {numel:,} params, {human_bytes(nbytes)}", markup=False)
     if c.metadata:
-        con.print("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(c.metadata.items())), markup=False)
+        con.print("metadata: " + safe(", ".join(f"{k}={v}" for k, v in sorted(c.metadata.items()))), markup=False)
     if c.skipped:
         con.print(
             f"skipped (not tensors): {len(c.skipped)}: "
-            + "; ".join(c.skipped[:10])
+            + safe("; ".join(c.skipped[:10]))
             + (" ..." if len(c.skipped) > 10 else ""),
             markup=False,
         )

@@ -7,11 +7,13 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, natural_key
 from .common import (
     ByteProgress,
+    cell,
     console,
     emit_json,
     human_bytes,
     resolve_folder_output,
     resolve_output,
+    safe,
     shape_text,
 )
 
@@ -78,18 +80,18 @@ def finish(
             origin = f"{Path(step['checkpoint']).name}:" if step.get("checkpoint") else ""
             table.add_row(
                 step["op"],
-                step["dst"] + ("" if step["op"] == "untie" else " (replaced)" if step["replaces"] else " (new)"),
-                origin + step["source"],
+                cell(step["dst"] + ("" if step["op"] == "untie" else " (replaced)" if step["replaces"] else " (new)")),
+                cell(origin + step["source"]),
                 " -> ".join(step["transform"]) or "same",
                 step["dtype"],
                 shape_text(step["shape"]),
-                *((step.get("note") or "",) if notes else ()),
+                *((cell(step.get("note") or ""),) if notes else ()),
             )
         con.print(table)
     verb = "would write" if dry_run else "wrote"
     n_alias = len(summary["aliases"])
     con.print(
-        f"{verb} {target}: {summary['stored']} stored tensor{'s' if summary['stored'] != 1 else ''} "
+        f"{verb} {safe(target)}: {summary['stored']} stored tensor{'s' if summary['stored'] != 1 else ''} "
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
@@ -98,5 +100,5 @@ def finish(
             con.print(f"  {len(summary[kind])} {kind}", markup=False)
     for a in sorted(summary["aliases"], key=lambda a: natural_key(a["name"])):
         t = " -> ".join(a["transform"]) or "same"
-        con.print(f"  {a['name']} = {t}({a['source']})", markup=False)
+        con.print(safe(f"  {a['name']} = {t}({a['source']})"), markup=False)
     return 0
