@@ -704,3 +704,10 @@ def test_inferred_shape_equals_applied_shape(case):
         assert bit_equal(view, expected)
         if x.numel() and view.numel():
             assert shares_storage(view, x)
+
+
+def test_absurdly_long_integers_are_a_transform_error_not_a_crash():
+    with pytest.raises(TransformError, match="more than 30 digits"):
+        T.parse(["reshape(" + "9" * 5000 + ")"])
+    with pytest.raises(TransformError):
+        T.parse(["slice(0,1," + "1" * 40 + ")"])

@@ -175,7 +175,7 @@ main()
 """
 
 
-def _kill_mid_write(args, folder: Path, dest_name: str, min_bytes: int):
+def _kill_mid_write(args, folder: Path, dest_name: str, min_bytes: int, sig=signal.SIGKILL):
     proc = subprocess.Popen(
         [sys.executable, "-c", _THROTTLED, *map(str, args)],
         stdout=subprocess.DEVNULL,
@@ -190,7 +190,7 @@ def _kill_mid_write(args, folder: Path, dest_name: str, min_bytes: int):
             tmp = [folder / n for n in os.listdir(folder) if n.startswith(f".{dest_name}.") and n.endswith(TMP_SUFFIX)]
             size = sum(_size(p) for p in tmp)
             if size >= min_bytes:
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 killed_at = size
                 break
             time.sleep(0.002)
@@ -200,7 +200,7 @@ def _kill_mid_write(args, folder: Path, dest_name: str, min_bytes: int):
         proc.wait(timeout=60)
         proc.stderr.close()
     assert killed_at is not None, "the write finished before the test could kill it"
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig)
     return killed_at
 
 
@@ -226,6 +226,15 @@ def test_sigkill_mid_write_leaves_nothing_at_the_destination(tmp_path):
     # And the same command, not killed, then writes the whole file.
     r = subprocess.run([sys.executable, "-m", "wsurgery", "convert", src, "-o", dest], capture_output=True, timeout=180)
     assert r.returncode == 0 and wsurgery.load(dest).names() == wsurgery.load(src).names()
+
+
+def test_sigterm_mid_write_removes_its_temporary_too(tmp_path):
+    src = big_safetensors(tmp_path / "in.safetensors", 64, tensors=32)
+    digest = sha256(src)
+    for dest, extra in ((tmp_path / "out.safetensors", []), (tmp_path / "shards", ["--max-shard-size", "8MiB"])):
+        _kill_mid_write(["convert", src, "-o", dest, *extra], tmp_path, dest.name, 8 << 20, sig=signal.SIGTERM)
+        assert not dest.exists() and sha256(src) == digest
+        assert leftovers(tmp_path) == []
 
 
 def test_sigkill_mid_sharded_write_leaves_nothing_at_the_destination(tmp_path):

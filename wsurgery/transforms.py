@@ -111,9 +111,16 @@ def _wrap_dim(dim: int, rank: int, shape: Shape, what: str = "dim") -> int:
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
+# No dimension or shape of a real tensor needs more digits; longer numbers are refused
+# before int() (whose own limit raises a ValueError past 4300 digits).
+_MAX_INT_DIGITS = 30
+
+
 def _parse_int(text: str, position: int, what: str) -> int:
     if not _INT_RE.match(text):
-        raise _StepError(f"argument {position} ({what}) must be an integer, got {text!r}")
+        raise _StepError(f"argument {position} ({what}) must be an integer, got {text[:40]!r}")
+    if len(text.lstrip("+-")) > _MAX_INT_DIGITS:
+        raise _StepError(f"argument {position} ({what}) has more than {_MAX_INT_DIGITS} digits")
     return int(text)
 
 

@@ -35,11 +35,18 @@ def _usage_error_line(exc) -> str:
     return f"error: {exc.format_message()} (hint: run `{path} --help`)"
 
 
+def _terminate(signum, frame):
+    sys.stderr.write("error: terminated\n")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors exit 2 with one line, like every other error."""
     # A file-size limit must surface as an error on write (EFBIG, exit 5), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so temporary files are removed.
+    signal.signal(signal.SIGTERM, _terminate)
     cmd = typer.main.get_command(app)
     try:
         code = cmd.main(args=argv, prog_name="wsurgery", standalone_mode=False)

@@ -55,7 +55,12 @@ SrcOpt = Annotated[
 ]
 DstOpt = Annotated[
     str,
-    typer.Option("--dst", help="Destination tensor (new or existing), or a module prefix.", show_default=False),
+    typer.Option(
+        "--dst",
+        help="Destination tensor (new or existing), or a module prefix. A name that is both a tensor and a prefix "
+        "means the tensor.",
+        show_default=False,
+    ),
 ]
 TransformOpt = Annotated[
     Optional[list[str]],
