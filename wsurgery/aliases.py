@@ -53,6 +53,17 @@ def encode(aliases: dict[str, AliasRecord], metadata: dict[str, str] | None) -> 
     return out
 
 
+def parse_table(text: str, path) -> dict:
+    """The JSON object of a ``wsurgery.aliases`` entry; anything else is an input error."""
+    try:
+        table = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InputError(f"{path}: {ALIASES_KEY} metadata is not valid JSON") from None
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: {ALIASES_KEY} metadata is not a JSON object")
+    return table
+
+
 def decode(
     metadata: dict[str, str] | None, stored: dict[str, tuple[tuple[int, ...], str]], path
 ) -> tuple[dict[str, AliasRecord], dict[str, str]]:
@@ -66,12 +77,7 @@ def decode(
     raw: dict[str, AliasRecord] = {}
     text = metadata.pop(ALIASES_KEY, None)
     if text is not None:
-        try:
-            table = json.loads(text)
-        except ValueError:
-            raise InputError(f"{path}: {ALIASES_KEY} metadata is not valid JSON") from None
-        if not isinstance(table, dict):
-            raise InputError(f"{path}: {ALIASES_KEY} metadata is not a JSON object")
+        table = parse_table(text, path)
         for name, rec in table.items():
             if (
                 not isinstance(rec, dict)

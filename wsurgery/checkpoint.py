@@ -374,10 +374,10 @@ def load_sharded(path: str) -> Checkpoint:
     for sf in index.shards.values():
         text = (sf.metadata or {}).get(records)
         if text:
-            merged.update(_json_object(text, sf.path))
+            merged.update(alias_codec.parse_table(text, sf.path))
     idx_text = index.metadata.get(records)
     if isinstance(idx_text, str):
-        merged.update(_json_object(idx_text, path))
+        merged.update(alias_codec.parse_table(idx_text, path))
     elif idx_text is not None:
         raise InputError(f"{path}: index metadata {records} must be a JSON string")
     if merged:
@@ -390,18 +390,6 @@ def load_sharded(path: str) -> Checkpoint:
     aliases, others = _with_aliases(stored, metadata, path)
     files = [os.path.abspath(path), *(os.path.abspath(sf.path) for sf in index.shards.values())]
     return Checkpoint(stored, aliases, others, path=path, format=_sniff.SHARDED, input_files=files)
-
-
-def _json_object(text: str, path) -> dict:
-    import json
-
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise InputError(f"{path}: {alias_codec.ALIASES_KEY} metadata is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: {alias_codec.ALIASES_KEY} metadata is not a JSON object")
-    return obj
 
 
 def from_tensors(tensors: dict, path="<state dict>", fmt="memory", explicit: dict | None = None) -> Checkpoint:

@@ -63,16 +63,16 @@ class Header:
         return 8 + self.header_size
 
 
-def _reject_duplicates(pairs):
+def reject_duplicates(pairs):
     out = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         out[key] = value
     return out
 
 
-class _DuplicateKey(Exception):
+class DuplicateKey(Exception):
     pass
 
 
@@ -162,8 +162,8 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
     if not text.startswith("{"):
         raise _fail(path, "header does not start with a JSON object")
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except _DuplicateKey as exc:
+        obj = json.loads(text, object_pairs_hook=reject_duplicates)
+    except DuplicateKey as exc:
         raise _fail(path, f"duplicate key {exc.args[0]!r}") from None
     except (ValueError, RecursionError) as exc:
         raise _fail(path, f"header is not valid JSON ({str(exc).splitlines()[0]})") from None

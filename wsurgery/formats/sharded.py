@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import HeaderError, InputError
-from .safetensors import SafetensorsFile
+from .safetensors import DuplicateKey, SafetensorsFile, reject_duplicates
 
 
 @dataclass
@@ -29,19 +29,6 @@ class ShardedIndex:
 
 def _fail(path, rule: str) -> HeaderError:
     return HeaderError(f"{path}: invalid sharded index: {rule}")
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _reject_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
 
 
 def _short(value, limit: int = 80) -> str:
@@ -68,8 +55,8 @@ def open_index(path) -> ShardedIndex:
     if len(raw) > 100_000_000:
         raise _fail(path, "index is larger than 100,000,000 bytes")
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except _DuplicateKey as exc:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
+    except DuplicateKey as exc:
         raise _fail(path, f"key {_short(exc.args[0])} appears twice") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _fail(path, "not UTF-8 JSON") from None
