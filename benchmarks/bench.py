@@ -114,6 +114,23 @@ def make_pair(folder: Path, size: int, dtype: str) -> tuple[Path, Path]:
     return a, b
 
 
+def make_all_different(folder: Path, size: int, dtype: str) -> Path:
+    """C: A plus 1e-3 noise in every element of every tensor, as after a full fine-tune."""
+    import torch
+    from safetensors.torch import save_file
+
+    c = folder / f"c-{dtype}-{size}.safetensors"
+    if c.exists():
+        return c
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for name, t in gpt_like(size, dtype, seed=0):
+        noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
+        sd[name] = (t.float() + 1e-3 * noise).to(t.dtype)
+    save_file(sd, str(c), metadata={"format": "pt"})
+    return c
+
+
 def run(cmd: list[str]) -> tuple[float, int, int]:
     """Wall seconds, peak RSS in bytes, exit code of one whole process."""
     env = dict(os.environ, NO_COLOR="1")
@@ -157,6 +174,14 @@ def cases(a: Path, b: Path, out: Path):
         2 * a.stat().st_size,
         0.25,
     )
+    c = a.with_name(a.name.replace("a-", "c-", 1))
+    yield (
+        "diff-all",
+        ws + ["diff", str(a), str(c), "--quiet"],
+        [PY, "-c", PLAIN_DIFF, str(a), str(c)],
+        2 * a.stat().st_size,
+        0.25,
+    )
     yield (
         "tie",
         ws + ["tie", str(a), "--src", "embedding.weight", "--dst", "projection.weight", "-o", str(out), "--force"],
@@ -179,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="1GiB", help="checkpoint size (default 1GiB)")
     ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated subset: diff,tie,convert,inspect")
+    ap.add_argument("--only", default="", help="comma-separated subset: diff,diff-all,tie,convert,inspect")
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
@@ -196,8 +221,10 @@ def main(argv=None) -> int:
         print(f"generating {args.size} {dtype} checkpoints in {work} ...", file=sys.stderr)
         # in a child process, so this process stays small: a forked child's peak RSS starts at its parent's
         code = (
-            f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.bench import make_pair; "
-            f"from pathlib import Path; make_pair(Path({str(work)!r}), {size}, {dtype!r})"
+            f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from benchmarks.bench import make_all_different, make_pair; "
+            f"from pathlib import Path; make_pair(Path({str(work)!r}), {size}, {dtype!r}); "
+            f"make_all_different(Path({str(work)!r}), {size}, {dtype!r})"
         )
         subprocess.run([PY, "-c", code], check=True)
         a, b = make_pair(work, size, dtype)
@@ -234,7 +261,7 @@ def main(argv=None) -> int:
             results.append(row)
             print(_format_row(row), file=sys.stderr)
         if not args.keep:
-            for p in (a, b, out):
+            for p in (a, b, a.with_name(a.name.replace("a-", "c-", 1)), out):
                 p.unlink(missing_ok=True)
     report = {
         "schema": "wsurgery.bench/1",

@@ -425,6 +425,16 @@ def _patterns(n: int, dtype) -> list[tuple[str, np.ndarray, np.ndarray]]:
     z = np.zeros(n, dtype)
     z[n // 2] = 1
     cases.append(("one-nonzero", z, z.copy()))
+    # a fine-tune: every element moved a little (in bfloat16 many round back to equal)
+    y = (x.astype(np.float64) + 1e-3 * rng.standard_normal(n)).astype(dtype)
+    cases.append(("everywhere", x, y))
+    y2 = x.copy()
+    y2[: n // 2] = y[: n // 2]
+    cases.append(("everywhere-then-same", x, y2))
+    y3 = y.copy()
+    y3[n // 3] = np.nan
+    y3[n // 3 + 1] = np.inf
+    cases.append(("everywhere-nan-inf", x, y3))
     return cases
 
 
@@ -440,6 +450,27 @@ def test_chunked_statistics_equal_the_whole_tensor_engine(small_chunks, dtype, t
             assert got.cosine is None, label
         else:
             assert got.cosine == pytest.approx(whole.cosine, rel=1e-12, abs=1e-15), label
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("tol", [(0.0, 0.0), (1e-3, 1e-2)])
+def test_fine_tune_pairs_with_default_sizes(monkeypatch, dtype, tol):
+    """Several screening blocks and engine blocks (on two threads), with the real sizes."""
+    from wsurgery import compare_engine as ce
+
+    monkeypatch.setattr(ce, "_FAST_ELEMS", 1 << 12)
+    monkeypatch.setattr(ce, "_worker_count", lambda: 2)
+    n = 300_000
+    for label, x, y in _patterns(n, dtype)[-3:]:
+        whole = compare_arrays(x, y, atol=tol[0], rtol=tol[1])
+        got = compare_tensors(x, y, atol=tol[0], rtol=tol[1])
+        assert (got.mismatched, got.max_abs_diff, got.max_rel_diff) == (
+            whole.mismatched,
+            whole.max_abs_diff,
+            whole.max_rel_diff,
+        ), label
+        assert got.cosine == pytest.approx(whole.cosine, rel=1e-12), label
+        assert whole.mismatched > (n // 10 if tol == (0.0, 0.0) else 0), label
 
 
 def test_chunked_mixed_dtypes_ints_and_complex(small_chunks):

@@ -499,6 +499,141 @@ def test_hypothesis_against_reference(pairs, dtype, tol, chunk):
     assert_stats(chunked, whole, cos_tol=1e-9)
     with mock.patch.object(ce, "_CPU_BLOCK_BYTES", 16), mock.patch.object(ce, "_CPU_STATS_ELEMS", 3):
         assert_stats(compare_arrays(a, b, atol=atol, rtol=rtol), whole, cos_tol=1e-9)
+    p1, p2, p3 = _kernel_patch(chunk, 2)  # float-kernel blocks of 1..9 elements on 2 threads
+    with p1, p2, p3:
+        assert_stats(compare_arrays(a, b, atol=atol, rtol=rtol), want, cos_tol=1e-9)
+
+
+# ------------------------------------------------------------ float kernel (CPU)
+
+
+def _kernel_patch(size: int, workers: int):
+    """Small float-kernel blocks, spread over ``workers`` threads even for few blocks."""
+    return (
+        mock.patch.object(ce, "_FAST_ELEMS", size),
+        mock.patch.object(ce, "_PARALLEL_MIN_BLOCKS", 1),
+        mock.patch.object(ce, "_worker_count", lambda: workers),
+    )
+
+
+def _fine_tune(n: int, dtype, specials: bool, seed: int = 5):
+    """b = a + small noise everywhere (some elements identical), with tolerance edges,
+    zero quotients and, optionally, NaN / inf / signed zeros at kernel-block boundaries."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n)
+    b = a + 1e-3 * rng.standard_normal(n)
+    b[::7] = a[::7]
+    a[10:13] = b[10:13] = 0.0  # 0 / 0 quotients, equal
+    a[13], b[13] = 0.5, 0.0  # |b| == 0 with a difference: max_rel inf
+    a[4], b[4] = 1.25, 1.0  # atol 0.25 edge: within (last element of block 0 at size 5)
+    a[5], b[5] = 1.2578125, 1.0  # just above (first element of block 1)
+    if specials:
+        a[20] = b[20] = np.nan  # NaN pair: equal
+        a[24], b[24] = np.inf, np.inf  # block boundary at size 5: inf pair, equal
+        a[25], b[25] = -0.0, 0.0  # signed zero, first of a block
+        a[40], b[40] = np.inf, 1.0  # unbounded difference
+        a[51], b[51] = 3.0, np.nan
+    return a.astype(dtype), b.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("tol", [(0.0, 0.0), (0.25, 0.0), (1e-3, 1e-2), (0.0, 0.125)])
+@pytest.mark.parametrize("specials", [False, True])
+@pytest.mark.parametrize("size", [5, 64, 1 << 16])
+def test_float_kernel_against_reference(dtype, tol, specials, size):
+    a, b = _fine_tune(203, dtype, specials)
+    atol, rtol = tol
+    want = reference(a, b, atol, rtol)
+    p1, p2, p3 = _kernel_patch(size, 3)
+    with p1, p2, p3:
+        assert_stats(compare_arrays(a, b, atol=atol, rtol=rtol), want, cos_tol=1e-9)
+        # mixed dtypes: no raw-bytes shortcut, the kernel on every block
+        assert_stats(compare_arrays(a, b.astype(np.float64), atol=atol, rtol=rtol), want, cos_tol=1e-9)
+        got = compare_arrays(a, b, atol=atol, rtol=rtol, chunk_elems=3)  # blocks of 3
+        assert_stats(got, want, cos_tol=1e-9)
+    if tol == (0.25, 0.0):
+        assert not want.equal and want.mismatched >= 1  # the edge pair 5 is out, 4 is in
+
+
+def test_float_kernel_huge_finite_values_take_the_general_path():
+    a = np.array([1e200, 2.0, 3.0, -1e300, 5.0, 6.0, 7.0, 8.0])
+    b = np.array([1e200, 2.5, 3.0, 1e300, 5.0, 6.0, 7.0, 9.0])
+    p1, p2, p3 = _kernel_patch(3, 2)
+    with p1, p2, p3:
+        got = compare_arrays(a, b)
+        scaled = compare_arrays(a / 1e300, b / 1e300)  # the same cosine, no overflow
+    assert (got.mismatched, got.max_abs_diff, got.max_rel_diff) == (3, 2e300, 2.0)
+    assert got.cosine == pytest.approx(scaled.cosine, rel=1e-12) and got.cosine < 0
+
+
+def test_float_kernel_all_zero_quotients_leave_max_rel_zero():
+    a = np.array([0.0, 0.0, -0.0, 0.0, 1.0, 1.0], np.float32)
+    b = np.array([0.0, 0.0, 0.0, -0.0, 1.0, 1.0], np.float32)
+    p1, p2, p3 = _kernel_patch(4, 2)
+    with p1, p2, p3:
+        r = compare_arrays(a, b)
+        assert r == stats(False, 6, 2, 0.0, 0.0, 1.0)  # signed zeros only
+        r = compare_arrays(a, b, atol=1e-9)
+        assert r == stats(True, 6, 0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("specials", [False, True])
+def test_float_kernel_results_do_not_depend_on_threads(specials):
+    a, b = _fine_tune(5000, np.float32, specials)
+    got = []
+    for workers in (1, 2, 4):
+        p1, p2, p3 = _kernel_patch(64, workers)
+        with p1, p2, p3:
+            got.append((compare_arrays(a, b), compare_arrays(a, b, atol=1e-4)))
+    assert got[0] == got[1] == got[2]  # bit for bit, cosine included
+
+
+def test_float_kernel_propagates_worker_errors():
+    a, b = _fine_tune(300, np.float32, False)
+    calls = []
+    real = ce._FloatKernel._block
+
+    def boom(self, x, y, acc):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("boom")
+        return real(self, x, y, acc)
+
+    p1, p2, p3 = _kernel_patch(8, 2)
+    with p1, p2, p3, mock.patch.object(ce._FloatKernel, "_block", boom), pytest.raises(MemoryError):
+        compare_arrays(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int32, np.complex64])
+@pytest.mark.parametrize("tol", [(0.0, 0.0), (1e-3, 1e-2)])
+def test_pair_stream_in_pieces_equals_one_call(dtype, tol):
+    rng = np.random.default_rng(9)
+    if np.dtype(dtype).kind == "c":
+        a = (rng.standard_normal(301) + 1j * rng.standard_normal(301)).astype(dtype)
+        b = a + (1e-3 * rng.standard_normal(301)).astype(dtype)
+    elif np.dtype(dtype).kind == "i":
+        a = rng.integers(-100, 100, 301).astype(dtype)
+        b = a + rng.integers(-1, 2, 301).astype(dtype)
+    else:
+        a, b = _fine_tune(301, dtype, True)
+    atol, rtol = tol
+    whole = compare_arrays(a, b, atol=atol, rtol=rtol)
+    p1, p2, p3 = _kernel_patch(16, 2)
+    with p1, p2, p3:
+        s = ce.PairStream(a.dtype, b.dtype, atol=atol, rtol=rtol)
+        for i, j in ((0, 1), (1, 100), (100, 100), (100, 301)):
+            s.add(a[i:j], b[i:j])
+    assert (s.mismatched, s.max_abs_diff, s.max_rel_diff) == (
+        whole.mismatched,
+        whole.max_abs_diff,
+        whole.max_rel_diff,
+    )
+    cos = ce._cosine(*s.sums)
+    assert (cos is None) == (whole.cosine is None)
+    if cos is not None:
+        assert cos == pytest.approx(whole.cosine, rel=1e-12)
+    with pytest.raises(SurgeryError, match="shape"):
+        s.add(a[:3], b[:2])
 
 
 ints = st.integers(I64.min, I64.max)

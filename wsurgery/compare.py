@@ -98,7 +98,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import Alias, Checkpoint, FileStored, Stored, TensorStored, from_tensors, load, natural_key
-from .compare_engine import TensorStats, compare_arrays, numpy_view, to_device
+from .compare_engine import PairStream, TensorStats, compare_arrays, numpy_view, to_device
 from .dtypes import BY_NAME
 from .errors import UnknownNameError, UsageError
 from .transforms import IDENTITY, Permute, Reshape, Slice, Transform, Transpose, parse
@@ -536,13 +536,15 @@ class _Acc:
     computed once some piece is not bit-identical (the identical pieces seen before are
     then read again, once)."""
 
-    def __init__(self, fa, fb, dev: str | None, release):
+    def __init__(self, fa, fb, dev: str | None, release, atol: float = 0.0, rtol: float = 0.0):
         self.fa, self.fb, self.dev, self.release = fa, fb, dev, release
+        self.atol, self.rtol = atol, rtol
         self.mismatched, self.max_abs, self.max_rel = 0, 0.0, 0.0
         self.nonzero = False  # some finite non-zero value in the identical pieces
         self.sums: list[float] | None = None  # (dot, na, nb)
         self.pending: list[list[int]] = []  # identical [start, stop) ranges not yet summed
         self.bufs = _Buffers()
+        self.stream: PairStream | None = None  # numpy pieces: statistics and sums in one pass
 
     def _add(self, x, y) -> None:
         got = _sums_numpy(x, y, self.bufs) if self.dev is None else _sums_torch(x, y)
@@ -567,7 +569,7 @@ class _Acc:
         if not self.nonzero:
             self.nonzero = _any_finite_nonzero(x) if nonzero is None else nonzero
 
-    def different(self, x, y) -> None:
+    def _start_sums(self) -> None:
         if self.sums is None:
             self.sums = [0.0, 0.0, 0.0]
             for i, j in self.pending:
@@ -576,9 +578,28 @@ class _Acc:
                     self._add(_put(self.fa[k:stop], self.dev), None)
                     self.release(k, stop)
             self.pending = []
+
+    def different(self, x, y) -> None:
+        """A piece already given to ``engine``: only its cosine sums are still to add."""
+        self._start_sums()
         self._add(x, y)
 
+    def compare(self, x, y) -> None:
+        """A numpy piece whose bytes (or dtypes) differ: the engine's ``PairStream`` gives
+        its statistics and its cosine sums in one pass."""
+        self._start_sums()
+        if self.stream is None:
+            self.stream = PairStream(x.dtype, y.dtype, atol=self.atol, rtol=self.rtol)
+        self.stream.add(x, y)
+
     def result(self, n: int) -> TensorStats:
+        if self.stream is not None:
+            st, self.stream = self.stream, None
+            self.mismatched += st.mismatched
+            self.max_abs = max(self.max_abs, st.max_abs_diff)
+            self.max_rel = max(self.max_rel, st.max_rel_diff)
+            for k, v in enumerate(st.sums):
+                self.sums[k] += v
         if self.sums is None:
             cosine = 1.0 if self.nonzero else None
         else:
@@ -651,7 +672,7 @@ def _compare_flat(
     if n == 0:
         return compare_arrays(_put(fa, dev), _put(fb, dev), atol=atol, rtol=rtol)
     chunk_bytes = chunk_bytes or CHUNK_BYTES
-    acc = _Acc(fa, fb, dev, release)
+    acc = _Acc(fa, fb, dev, release, atol, rtol)
     screened = dev is None and fa.dtype == fb.dtype
     block = max(1, SCREEN_BYTES // isz_a) if screened else 1
     step = max(block, chunk_bytes // max(isz_a, isz_b) // block * block)
@@ -661,7 +682,9 @@ def _compare_flat(
         piece = max(1, SCREEN_PIECE_BYTES // isz_a)
     for c0 in range(0, n, step):
         c1 = min(c0 + step, n)
-        if not screened:
+        if dev is None and not screened:  # numpy, dtypes differ: every element is compared
+            acc.compare(fa[c0:c1], fb[c0:c1])
+        elif not screened:
             x, y = _put(fa[c0:c1], dev), _put(fb[c0:c1], dev)
             stats = compare_arrays(x, y, atol=atol, rtol=rtol)
             acc.engine(stats)
@@ -679,14 +702,19 @@ def _compare_flat(
                 if out.all():
                     acc.identical(i, j, x)
                     continue
-                # Bytes differ: the engine gets only the runs of pieces whose bytes differ.
-                for k, stop, same in _runs(out, i, piece):
-                    x, y = fa[k:stop], fb[k:stop]
+                # Bytes differ. In most pieces (a fine-tune): the rest of the chunk goes
+                # to the engine in one call (it skips identical sub-blocks itself, and
+                # spreads its blocks over threads). Sparsely: only the runs of pieces
+                # whose bytes differ do.
+                runs = _runs(out, i, piece)
+                if 2 * sum(stop - k for k, stop, same in runs if not same) >= j - i:
+                    acc.compare(fa[i:c1], fb[i:c1])
+                    break
+                for k, stop, same in runs:
                     if same:
-                        acc.identical(k, stop, x)
+                        acc.identical(k, stop, fa[k:stop])
                     else:
-                        acc.engine(compare_arrays(x, y, atol=atol, rtol=rtol))
-                        acc.different(x, y)
+                        acc.compare(fa[k:stop], fb[k:stop])
         done(c0, c1)
     return acc.result(n)
 

@@ -62,9 +62,13 @@ non-contiguous input is copied once to flatten it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import sys
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +78,7 @@ import numpy as np
 from . import dtypes as _dtypes
 from .errors import InputError, SurgeryError, UsageError
 
-__all__ = ["TensorStats", "compare_arrays", "numpy_view", "to_device"]
+__all__ = ["PairStream", "TensorStats", "compare_arrays", "numpy_view", "to_device"]
 
 DEFAULT_CHUNK_ELEMS = 1 << 24
 _CPU_BLOCK_BYTES = 1 << 20  # raw-bytes block per side on CPU
@@ -84,6 +88,19 @@ _CPU_BLOCK_BYTES = 1 << 20  # raw-bytes block per side on CPU
 _CPU_STATS_ELEMS = 1 << 13
 _SUMSQ_PIECE = 1 << 15  # identical blocks (torch on CPU): sum of squares via one reused buffer
 _NUMPY_DOT_PIECE = 1 << 13  # identical blocks (numpy): below OpenBLAS's threading threshold
+# Real-float kernel block on CPU (numpy): two reused float64 buffers of this many elements
+# (1 MiB, in L2), about 12 numpy calls per block. Measured on a float32 pair that differs
+# everywhere: 8 Ki -> 0.9, 32 Ki -> 2.0, 64 Ki -> 2.2, 128 Ki -> 2.2 GB/s.
+_FAST_ELEMS = 1 << 16
+# OpenBLAS runs a dot product of fewer than 10000 elements on one thread; a longer one on
+# all of them, which stalls for milliseconds per call on a busy machine. The CLI pins
+# OPENBLAS_NUM_THREADS=1 before numpy starts: then one call per block is fastest.
+_DOT_PIECE = 1 << 16 if os.environ.get("OPENBLAS_NUM_THREADS") == "1" else 9984
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+# Threads for the float kernel (numpy releases the GIL in its loops; 2 threads: 1.7 -> 3.0
+# GB/s on a float32 pair that differs everywhere). Capped: memory bandwidth is the limit.
+_MAX_WORKERS = 4
+_PARALLEL_MIN_BLOCKS = 4  # fewer kernel blocks than this run on the calling thread
 _TORCH_CPU_VIA_NUMPY = True  # tests turn it off to run the torch namespace on CPU
 _INT64_MIN = -(1 << 63)
 _TWO64 = float(1 << 64)
@@ -413,6 +430,36 @@ class _Acc:
         self.na += sq
         self.nb += sq
 
+    def merge(self, o: _Acc) -> None:
+        self.mismatched += o.mismatched
+        self.max_abs = max(self.max_abs, o.max_abs)
+        self.max_abs_int = max(self.max_abs_int, o.max_abs_int)
+        if o.max_rel > self.max_rel:
+            self.max_rel = o.max_rel
+        self.dot += o.dot
+        self.na += o.na
+        self.nb += o.nb
+
+
+def _worker_count() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, _MAX_WORKERS))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001 - our own pool
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsurgery-compare")
+        return _POOL
+
 
 class _Cmp:
     """Per-call settings and the block computations (array API, plus ``be.dot``)."""
@@ -612,6 +659,181 @@ class _Cmp:
         return dot, na, nb
 
 
+def _ddot(x, y) -> float:
+    """sum(x * y) of two 1-D float64 numpy arrays, in pieces OpenBLAS runs on one thread."""
+    n = x.shape[0]
+    if n <= _DOT_PIECE:
+        return float(np.dot(x, y))
+    total = 0.0
+    for i in range(0, n, _DOT_PIECE):
+        total += float(np.dot(x[i : i + _DOT_PIECE], y[i : i + _DOT_PIECE]))
+    return total
+
+
+class _FloatKernel:
+    """Statistics of real-float numpy blocks in two reused float64 buffers.
+
+    Per block of at most ``size`` elements, each side is cast once into its float64
+    buffer. Finite float64 sums of squares mean that every value is finite and below
+    ~1e154 (no difference can overflow): such a block needs no masks and every pass runs
+    in place. Its results are exactly those of ``_Cmp._float_block``, which takes the
+    other blocks (NaN, inf, huge values) in ``_CPU_STATS_ELEMS`` sub-blocks:
+
+    * zero tolerance: a finite pair is equal iff its float64 values are bit-identical
+      (same value and same zero sign); for same-dtype inputs iff the input bytes are
+      (the cast to float64 is exact and one to one on non-NaN values);
+    * ``max_rel``: ``fmax`` over ``|a - b| / |b|`` skips the NaN of 0 / 0, where the
+      general path divides by ``|b| + 1`` to get 0; every other quotient is the same.
+
+    Same-dtype blocks whose bytes are identical only add their sum of squares.
+
+    Blocks run on up to ``_worker_count()`` threads (numpy releases the GIL), each with
+    its own buffers. Every block gets its own partial statistics, merged in block order:
+    the results do not depend on the number of threads or on their timing.
+    """
+
+    def __init__(self, cmp: _Cmp, dtype_a, dtype_b, size: int):
+        self.cmp = cmp
+        self.dtypes = (np.dtype(dtype_a), np.dtype(dtype_b))
+        self.size = max(1, int(size))
+        self.A = np.empty(self.size, dtype=np.float64)
+        self.B = np.empty(self.size, dtype=np.float64)
+        self.T = None if cmp.exact else np.empty(self.size, dtype=np.float64)
+        self.mask = np.empty(self.size, dtype=bool)
+        self.ucode = _UINT.get(self.dtypes[0].itemsize) if self.dtypes[0] == self.dtypes[1] else None
+        self.helpers: list[_FloatKernel] = []  # one per extra thread: own buffers, own backend
+
+    def run(self, a, b, acc: _Acc) -> None:
+        """Add the statistics of two 1-D numpy arrays of the same length to ``acc``."""
+        nblocks = -(-a.shape[0] // self.size)
+        parts: list[_Acc | None] = [None] * nblocks
+        counter = itertools.count()  # next() is atomic: threads take blocks in turn
+        workers = min(_worker_count(), nblocks // _PARALLEL_MIN_BLOCKS + 1)
+        futures = []
+        if workers > 1:
+            c = self.cmp
+            while len(self.helpers) < workers - 1:
+                cmp = _Cmp(np, _NumpyBackend(np, "cpu"), c.plan, c.name_a, c.name_b, c.atol, c.rtol)
+                self.helpers.append(_FloatKernel(cmp, *self.dtypes, self.size))
+            pool = _pool(workers - 1)
+            futures = [pool.submit(k._work, a, b, counter, parts) for k in self.helpers[: workers - 1]]
+        try:
+            self._work(a, b, counter, parts)
+        finally:
+            for f in futures:
+                f.result()
+        for p in parts:
+            acc.merge(p)
+
+    def _work(self, a, b, counter, parts: list) -> None:
+        size, nblocks = self.size, len(parts)
+        with np.errstate(all="ignore"):  # thread-local
+            while (k := next(counter)) < nblocks:
+                i = k * size
+                part = parts[k] = _Acc()
+                self._block(a[i : i + size], b[i : i + size], part)
+
+    def _block(self, a, b, acc: _Acc) -> None:
+        cmp = self.cmp
+        m = a.shape[0]
+        mask = self.mask[:m]
+        same = -1  # pairs that are equal at zero tolerance, once known
+        if self.ucode is not None:
+            same = int(np.count_nonzero(np.equal(a.view(self.ucode), b.view(self.ucode), out=mask)))
+        A = self.A[:m]
+        np.copyto(A, a, casting="unsafe")
+        if same == m:
+            s = _ddot(A, A)
+            acc.add_identical(s if math.isfinite(s) else cmp.self_dot(a, cmp.name_a))
+            return
+        B = self.B[:m]
+        np.copyto(B, b, casting="unsafe")
+        na, nb = _ddot(A, A), _ddot(B, B)
+        if not (math.isfinite(na) and math.isfinite(nb)):
+            step = _CPU_STATS_ELEMS
+            for i in range(0, m, step):
+                cmp.block(a[i : i + step], b[i : i + step], acc)
+            return
+        acc.dot += _ddot(A, B)
+        acc.na += na
+        acc.nb += nb
+        if cmp.exact and same < 0:
+            same = int(np.count_nonzero(np.equal(A.view(np.uint64), B.view(np.uint64), out=mask)))
+        diff = np.abs(np.subtract(A, B, out=A), out=A)
+        acc.max_abs = max(acc.max_abs, float(diff.max()))
+        absb = np.abs(B, out=B)
+        if not cmp.exact:  # |a - b| <= atol + rtol * |b|, the operations of _float_block
+            bound = self.T[:m]
+            np.multiply(absb, cmp.rtol, out=bound)
+            if cmp.atol:
+                np.add(bound, cmp.atol, out=bound)
+            same = int(np.count_nonzero(np.less_equal(diff, bound, out=mask)))
+        acc.mismatched += m - same
+        r = float(np.fmax.reduce(np.divide(diff, absb, out=diff)))
+        if r > acc.max_rel:  # NaN (every quotient 0 / 0) never is
+            acc.max_rel = r
+
+
+def _differing(cmp: _Cmp, be: _Backend, kernel: _FloatKernel | None, x, y, acc: _Acc, small: int) -> None:
+    """Statistics of a block whose bytes differ somewhere; identical sub-blocks only add
+    their sum of squares."""
+    if kernel is not None:
+        kernel.run(x, y, acc)
+        return
+    same_dtype = cmp.name_a == cmp.name_b and be.can_bits
+    for i in range(0, x.shape[0], small):
+        xs, ys = x[i : i + small], y[i : i + small]
+        if same_dtype and xs.shape[0] < x.shape[0] and be.bits_equal(xs, ys):
+            acc.add_identical(cmp.self_dot(xs, cmp.name_a))
+        else:
+            cmp.block(xs, ys, acc)
+
+
+class PairStream:
+    """Statistics of one pair of flat numpy arrays fed piece by piece, with cosine sums.
+
+    For ``wsurgery.compare``, which screens raw bytes itself and feeds the pieces whose
+    bytes differ (and every piece of a pair whose dtypes differ). Per element the rules
+    are exactly ``compare_arrays``'s; over pieces the statistics combine (counts add,
+    maxima take the maximum). ``sums`` are the float64 ``(dot, |a|^2, |b|^2)`` over the
+    finite pairs, not rescaled: non-finite sums mean the caller must rescale.
+    """
+
+    def __init__(self, dtype_a, dtype_b, *, atol=0.0, rtol=0.0):
+        atol, rtol, _ = _check_args(atol, rtol, 1)
+        name_a, name_b = _dtype_name(dtype_a), _dtype_name(dtype_b)
+        plan = _plan(name_a, name_b)
+        self._be = _NumpyBackend(np, "cpu")
+        self._cmp = _Cmp(np, self._be, plan, name_a, name_b, atol, rtol)
+        self._acc = _Acc()
+        itemsize = max(np.dtype(dtype_a).itemsize, np.dtype(dtype_b).itemsize)
+        self._small = _cpu_blocks(DEFAULT_CHUNK_ELEMS, itemsize)[1]
+        self._kernel = _FloatKernel(self._cmp, dtype_a, dtype_b, _FAST_ELEMS) if plan == "float" else None
+
+    def add(self, x, y) -> None:
+        """Compare one piece: 1-D numpy arrays of the stream's dtypes and the same length."""
+        if x.shape[0] != y.shape[0]:
+            raise SurgeryError(f"shape mismatch: {list(x.shape)} vs {list(y.shape)}")
+        with np.errstate(all="ignore"):
+            _differing(self._cmp, self._be, self._kernel, x, y, self._acc, self._small)
+
+    @property
+    def mismatched(self) -> int:
+        return self._acc.mismatched
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self._acc.max_abs, float(self._acc.max_abs_int))
+
+    @property
+    def max_rel_diff(self) -> float:
+        return self._acc.max_rel
+
+    @property
+    def sums(self) -> tuple[float, float, float]:
+        return self._acc.dot, self._acc.na, self._acc.nb
+
+
 def _cosine(dot: float, na: float, nb: float) -> float | None:
     if not (na > 0 and nb > 0):
         return None
@@ -671,6 +893,9 @@ def compare_arrays(a, b, *, atol=0.0, rtol=0.0, chunk_elems: int = DEFAULT_CHUNK
     cmp = _Cmp(xp, be, plan, name_a, name_b, atol, rtol)
     fa, fb = be.flat(a), be.flat(b)
     big, small = be.block_elems(chunk_elems, max(_itemsize(a), _itemsize(b)))
+    kernel = None
+    if plan == "float" and isinstance(be, _NumpyBackend):
+        kernel = _FloatKernel(cmp, fa.dtype, fb.dtype, min(chunk_elems, _FAST_ELEMS, numel))
 
     def blocks(start: int = 0, stop: int = numel, step: int = small):
         for i in range(start, stop, step):
@@ -693,16 +918,16 @@ def compare_arrays(a, b, *, atol=0.0, rtol=0.0, chunk_elems: int = DEFAULT_CHUNK
             # statistics for the sub-blocks whose bytes differ.
             for x, _ in blocks(0, start, big):
                 acc.add_identical(cmp.self_dot(x, name_a))
+            if kernel is not None:  # skips identical sub-blocks itself; threads
+                kernel.run(fa[start:], fb[start:], acc)
+                start = numel
             for x, y in blocks(start, numel, big):
                 if be.bits_equal(x, y):
                     acc.add_identical(cmp.self_dot(x, name_a))
-                    continue
-                for i in range(0, x.shape[0], small):
-                    xs, ys = x[i : i + small], y[i : i + small]
-                    if xs.shape[0] < x.shape[0] and be.bits_equal(xs, ys):
-                        acc.add_identical(cmp.self_dot(xs, name_a))
-                    else:
-                        cmp.block(xs, ys, acc)
+                else:
+                    _differing(cmp, be, kernel, x, y, acc, small)
+        elif kernel is not None:
+            kernel.run(fa, fb, acc)
         else:
             for x, y in blocks():
                 cmp.block(x, y, acc)
