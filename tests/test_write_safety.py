@@ -163,7 +163,7 @@ def test_file_size_limit_on_sharded_output(tmp_path):
 # moment the test can reach on a loaded machine (copy_file_range moves 200 MB in a blink).
 _THROTTLED = """
 import sys, time
-import wsurgery.checkpoint as c
+import wsurgery.formats.writer as c
 from wsurgery.cli.app import main
 _copy = c.copy_range
 def slow(*args):

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import InputError, SurgeryError, TransformError
-from .transforms import Transform, parse
+
+if TYPE_CHECKING:
+    from .transforms import Transform
 
 ALIASES_KEY = "wsurgery.aliases"
 MAX_CHAIN = 64  # aliases of aliases followed on read; wsurgery itself writes chains of length 1
@@ -133,6 +136,8 @@ def _resolve(name: str, raw: dict[str, AliasRecord], stored, path) -> AliasRecor
     for rec in reversed(chain):
         specs.extend(rec.specs)
     try:
+        from .transforms import parse
+
         transform = parse(specs)
         shape, dtype = stored[cur.source]
         transform.infer(tuple(shape), dtype)
@@ -146,6 +151,8 @@ def _resolve(name: str, raw: dict[str, AliasRecord], stored, path) -> AliasRecor
 
 
 def transform_of(rec: AliasRecord) -> Transform:
+    from .transforms import parse
+
     return parse(list(rec.specs))
 
 

@@ -12,14 +12,25 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import aliases as alias_codec
 from .dtypes import BY_NAME, name_of_torch_dtype
 from .errors import InputError, UnknownNameError
 from .formats import sniff as _sniff
 from .formats.safetensors import SafetensorsFile, TensorRecord
-from .formats.writer import WriteItem, copy_range, write_all, write_safetensors
-from .transforms import Transform, parse
+
+if TYPE_CHECKING:
+    from .transforms import Transform
+
+# The writer and the transforms are imported where they are used: `inspect` of a file
+# without aliases needs neither, and it must stay well under 0.2 s as a whole process.
+
+
+def parse(specs):
+    from .transforms import parse as _parse
+
+    return _parse(specs)
 
 
 def natural_key(name: str):
@@ -54,6 +65,8 @@ class Stored:
 
     def write(self, f) -> None:
         """Write the tensor's raw little-endian bytes at ``f``'s position."""
+        from .formats.writer import copy_range, write_all
+
         loc = self.raw_location()
         if loc is not None:
             copy_range(loc[0], loc[1], loc[2], f)
@@ -162,6 +175,8 @@ class ComputedStored(Stored):
         return out if out.device == _device(device) else out.to(device)
 
     def write(self, f) -> None:
+        from .formats.writer import copy_range, write_all
+
         loc = self.raw_location()
         if loc is not None:
             copy_range(loc[0], loc[1], loc[2], f)
@@ -297,6 +312,8 @@ class Checkpoint:
         self.check_invariants()
         meta = alias_codec.encode(self.alias_records(), self.metadata if metadata is None else metadata)
         order = sorted(self.stored.values(), key=lambda s: (-BY_NAME[s.dtype].itemsize, s.name))
+        from .formats.writer import WriteItem, write_safetensors
+
         items = [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
         write_safetensors(path, items, meta, progress=progress)
 
@@ -308,6 +325,7 @@ class Checkpoint:
         tensors only. Returns the shard file names.
         """
         from .formats.sharded_writer import plan_shards, write_sharded
+        from .formats.writer import WriteItem
 
         self.check_invariants()
         order = sorted(self.stored.values(), key=lambda s: (-BY_NAME[s.dtype].itemsize, s.name))
