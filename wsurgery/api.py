@@ -6,7 +6,6 @@ import os
 
 from .checkpoint import Checkpoint, from_tensors
 from .checkpoint import load as _load
-from .formats.writer import TMP_SUFFIX  # noqa: F401  (re-exported for tools that clean up)
 
 
 def load(path) -> Checkpoint:
