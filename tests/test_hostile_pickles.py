@@ -572,3 +572,27 @@ def test_sniffed_formats_of_the_crafts(tmp_path):
     main = dumps({})
     legacy = make_legacy(tmp_path / "b.pt", main, [])
     assert sniff(str(z))[0] == TORCH_ZIP and sniff(str(legacy))[0] == TORCH_LEGACY
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_training_scripts_own_classes_become_placeholders(tmp_path, legacy):
+    """Classes defined in the training script pickle as ``__main__.X``: inert, not refused."""
+    path = tmp_path / "run.ckpt"
+    script = (
+        "import sys, torch\n"
+        "class Config:\n"
+        "    def __init__(self):\n"
+        "        self.lr = 0.1\n"
+        f"torch.save({{'state_dict': {{'w': torch.arange(4.0)}}, 'hparams': Config()}}, sys.argv[1], "
+        f"_use_new_zipfile_serialization={not legacy})\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    c = wsurgery.load(path)
+    assert torch.equal(c.tensor("w"), torch.arange(4.0))
+    assert any("__main__.Config" in s for s in c.skipped)
+    r = run_module("inspect", path)
+    assert r.returncode == 0 and "__main__.Config" in r.stdout and "Config.was" not in r.stdout
+    # a dunder *name* is still refused, whatever the module
+    assert pickles.refused_global("__main__", "__builtins__")
+    assert pickles.refused_global("mypkg.__init__", "x") is True
+    assert not pickles.refused_global("__main__", "Config")

@@ -111,6 +111,9 @@ _REFUSED_NAMES = {
 }
 
 
+_SCRIPT_MODULES = frozenset({"__main__", "__mp_main__"})
+
+
 def _canonical(module: str, name: str) -> tuple[str, str]:
     """Python 2 spellings (``__builtin__``, ``copy_reg``) as Python 3 names them."""
     if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -135,7 +138,10 @@ def refused_global(module: str, name: str) -> bool:
         if ".".join(parts[:i]) in _REFUSED_MODULES:
             return True
     first = name.split(".")[0]
-    if any(p.startswith("__") and p.endswith("__") and len(p) > 4 for p in [*parts, *name.split(".")]):
+    # A training script's own classes pickle as ``__main__.Config``: never imported, they
+    # become placeholders like any unknown class. Other dunder names are refused.
+    modules = [p for p in parts if p not in _SCRIPT_MODULES]
+    if any(p.startswith("__") and p.endswith("__") and len(p) > 4 for p in [*modules, *name.split(".")]):
         return True
     return first in _REFUSED_NAMES.get(module, ())
 
@@ -1270,13 +1276,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 _GLOBAL_RE = re.compile(
-    r"(?:Unsupported global|unsupported GLOBAL|global):?\s*(?:GLOBAL\s+)?([\w.]+(?:\s[\w.]+)?)", re.I
+    r"(?:Unsupported global|unsupported GLOBAL|global):?\s*(?:GLOBAL\s+)?([\w.]+)", re.I
 )
 
 
 def _refused_global(message: str) -> str | None:
     m = _GLOBAL_RE.search(message)
-    return m.group(1).replace(" ", ".") if m else None
+    return m.group(1) if m else None
 
 
 @contextlib.contextmanager
