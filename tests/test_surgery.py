@@ -620,3 +620,12 @@ def test_copy_computed_on_cuda(tmp_path, ck):
     out = tmp_path / "o.safetensors"
     p.result.save(out)
     assert torch.equal(load_file(out)["x"], (model_sd()["emb.weight"].t() * 2).to(torch.bfloat16))
+
+
+def test_misfit_hints_name_the_fix():
+    from wsurgery.surgery import _misfit_hint
+
+    assert _misfit_hint("tie", (8, 8), "bfloat16", (8, 8), "float32") == " (try a copy with cast (a tie cannot cast))"
+    assert _misfit_hint("copy", (8, 8), "bfloat16", (8, 8), "float32") == " (try --transform 'cast(float32)')"
+    assert _misfit_hint("tie", (3, 8), "float32", (8, 3), "float32") == " (try --transform transpose)"
+    assert _misfit_hint("tie", (3, 8), "float32", (4, 6), "float32") == ""

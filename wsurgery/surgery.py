@@ -114,6 +114,16 @@ def _fmt_shape(shape) -> str:
     return repr(tuple(int(d) for d in shape))
 
 
+def _misfit_hint(kind: str, shape, dtype: str, dshape, ddtype: str) -> str:
+    """What would make a misfit fit: a transpose for mirrored 2-D shapes, a cast for a dtype."""
+    fixes = []
+    if dshape != tuple(shape) and len(shape) == 2 and dshape == tuple(shape)[::-1]:
+        fixes.append("--transform transpose")
+    if ddtype != dtype:
+        fixes.append(f"--transform 'cast({ddtype})'" if kind == "copy" else "a copy with cast (a tie cannot cast)")
+    return f" (try {' and '.join(fixes)})" if fixes else ""
+
+
 def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -> list[tuple[str, str]]:
     """Pair ``src`` with ``dst``: one tensor with one name, or a module prefix with a prefix.
 
@@ -318,7 +328,7 @@ def _pair_op(
     if replaces:
         dshape, ddtype = ckpt.shape_dtype(d)
         if tuple(dshape) != shape or ddtype != dtype:
-            hint = " (try --transform transpose)" if tuple(dshape) == shape[::-1] and len(shape) == 2 else ""
+            hint = _misfit_hint(kind, shape, dtype, tuple(dshape), ddtype)
             problems.append(
                 f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}{hint}"
             )

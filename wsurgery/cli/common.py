@@ -145,7 +145,16 @@ OtherOpt = Annotated[
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped into a log (CI): tables as wide as they need, not folded at 80 columns.
+    wide = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(
+        stderr=stderr,
+        highlight=False,
+        soft_wrap=False,
+        no_color=bool(os.environ.get("NO_COLOR")) or None,
+        width=200 if wide else None,
+    )
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
