@@ -17,7 +17,7 @@ from .common import (
     TransformOpt,
     command,
 )
-from .output import finish
+from .output import finish_plan
 
 
 @command("copy")
@@ -51,18 +51,7 @@ def copy(
         if from_ckpt is not None:
             other = load(from_ckpt)
         p = plan_copy(c, src, dst, transform or [], other=other, device=device)
-        return finish(
-            "copy",
-            ckpt,
-            p.result,
-            p.summary(),
-            out=output,
-            force=force,
-            in_place=in_place,
-            dry_run=dry_run,
-            json_out=json_out,
-            max_shard_size=max_shard_size,
-        )
+        return finish_plan("copy", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size)
     finally:
         c.close()
         if other is not None:

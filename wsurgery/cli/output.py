@@ -102,3 +102,19 @@ def finish(
         t = " -> ".join(a["transform"]) or "same"
         con.print(safe(f"  {a['name']} = {t}({a['source']})"), markup=False)
     return 0
+
+
+def finish_plan(command: str, ckpt_path: Path, plan, output, force, in_place, dry_run, json_out, max_shard_size) -> int:
+    """:func:`finish` for a surgery plan (tie, copy, untie)."""
+    return finish(
+        command,
+        ckpt_path,
+        plan.result,
+        plan.summary(),
+        out=output,
+        force=force,
+        in_place=in_place,
+        dry_run=dry_run,
+        json_out=json_out,
+        max_shard_size=max_shard_size,
+    )

@@ -15,7 +15,7 @@ from .common import (
     TransformOpt,
     command,
 )
-from .output import finish
+from .output import finish_plan
 
 
 @command("tie")
@@ -42,17 +42,6 @@ def tie(
     c = load(ckpt)
     try:
         p = plan_tie(c, src, dst, transform or [])
-        return finish(
-            "tie",
-            ckpt,
-            p.result,
-            p.summary(),
-            out=output,
-            force=force,
-            in_place=in_place,
-            dry_run=dry_run,
-            json_out=json_out,
-            max_shard_size=max_shard_size,
-        )
+        return finish_plan("tie", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size)
     finally:
         c.close()

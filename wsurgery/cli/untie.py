@@ -14,7 +14,7 @@ from .common import (
     UntieDstOpt,
     command,
 )
-from .output import finish
+from .output import finish_plan
 
 
 @command("untie")
@@ -39,17 +39,6 @@ def untie(
     c = load(ckpt)
     try:
         p = plan_untie(c, dst or None, device=device)
-        return finish(
-            "untie",
-            ckpt,
-            p.result,
-            p.summary(),
-            out=output,
-            force=force,
-            in_place=in_place,
-            dry_run=dry_run,
-            json_out=json_out,
-            max_shard_size=max_shard_size,
-        )
+        return finish_plan("untie", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size)
     finally:
         c.close()
