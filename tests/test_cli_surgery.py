@@ -406,54 +406,26 @@ def test_tie_onto_an_alias_resolves_and_composes(cli, fixtures):
     assert torch.equal(sd["head"], shared()["decoder.weight"][:, 0:4])
 
 
-def test_tie_refusals(cli, fixtures):
-    pt = fixtures / "shared_storage.pt"
+TIE_REFUSALS = [
+    # (exit code, --src, --dst, transform steps, substrings of the error line)
+    (4, "projection.weight", "embedding.weight", [], ["cycle"]),
+    (4, "embedding.weight", "x", ["cast(float16)"], ["cast(float16)", "view steps only"]),
+    (4, "encoder.weight", "x", ["transpose", "reshape(-1)"], ["not a view"]),
+    (4, "bias", "encoder.weight", ["reshape(1,8)"], ["(1, 8)", "(16, 8)"]),
+    (4, "embedding.weight", "encoder.weight", ["slice(0,0,16)"], ["stored source of decoder.weight"]),
+    (3, "nothing", "x", [], ["nothing"]),
+]
+
+
+@pytest.mark.parametrize("code,src,dst,steps,expected", TIE_REFUSALS)
+def test_tie_refusals(cli, fixtures, code, src, dst, steps, expected):
+    transforms = [arg for step in steps for arg in ("-t", step)]
     out = fixtures / "out.safetensors"
-    line = refused(cli, fixtures, 4, "tie", pt, "--src", "projection.weight", "--dst", "embedding.weight", "-o", out)
-    assert "cycle" in line
     line = refused(
-        cli, fixtures, 4, "tie", pt, "--src", "embedding.weight", "--dst", "x", "-t", "cast(float16)", "-o", out
+        cli, fixtures, code, "tie", fixtures / "shared_storage.pt", "--src", src, "--dst", dst, *transforms, "-o", out
     )
-    assert "cast(float16)" in line and "view steps only" in line
-    line = refused(
-        cli,
-        fixtures,
-        4,
-        "tie",
-        pt,
-        "--src",
-        "encoder.weight",
-        "--dst",
-        "x",
-        "-t",
-        "transpose",
-        "-t",
-        "reshape(-1)",
-        "-o",
-        out,
-    )
-    assert "not a view" in line
-    line = refused(
-        cli, fixtures, 4, "tie", pt, "--src", "bias", "--dst", "encoder.weight", "-t", "reshape(1,8)", "-o", out
-    )
-    assert "(1, 8)" in line and "(16, 8)" in line
-    line = refused(
-        cli,
-        fixtures,
-        4,
-        "tie",
-        pt,
-        "--src",
-        "embedding.weight",
-        "--dst",
-        "encoder.weight",
-        "-t",
-        "slice(0,0,16)",
-        "-o",
-        out,
-    )
-    assert "stored source of decoder.weight" in line
-    refused(cli, fixtures, 3, "tie", pt, "--src", "nothing", "--dst", "x", "-o", out)
+    for text in expected:
+        assert text in line
 
 
 def test_tie_dry_run_prints_the_plan(cli, fixtures):

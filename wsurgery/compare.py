@@ -249,25 +249,26 @@ class CheckReport:
     def _with_stats(self) -> list[TensorStats]:
         return [p.stats for p in self.pairs if p.stats is not None]
 
+    def _aggregate(self, field: str, combine):
+        """``combine`` (sum or max) of one statistic over the pairs that have statistics."""
+        s = self._with_stats()
+        return combine(getattr(x, field) for x in s) if s else None
+
     @property
     def mismatched(self) -> int | None:
-        s = self._with_stats()
-        return sum(x.mismatched for x in s) if s else None
+        return self._aggregate("mismatched", sum)
 
     @property
     def numel(self) -> int | None:
-        s = self._with_stats()
-        return sum(x.numel for x in s) if s else None
+        return self._aggregate("numel", sum)
 
     @property
     def max_abs_diff(self) -> float | None:
-        s = self._with_stats()
-        return max(x.max_abs_diff for x in s) if s else None
+        return self._aggregate("max_abs_diff", max)
 
     @property
     def max_rel_diff(self) -> float | None:
-        s = self._with_stats()
-        return max(x.max_rel_diff for x in s) if s else None
+        return self._aggregate("max_rel_diff", max)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``wsurgery.check/1`` JSON object."""
