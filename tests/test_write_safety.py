@@ -23,7 +23,7 @@ from wsurgery.errors import InputError, OutputError
 from wsurgery.formats import writer
 from wsurgery.formats.writer import TMP_SUFFIX, WriteItem, atomic_file, write_safetensors
 
-from .conftest import FIXTURES, sha256
+from .conftest import FIXTURES, run_module, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,16 +108,9 @@ def _limit_file_size(limit: int):
 
 
 def run_limited(args, limit: int, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_COLOR": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    env.pop("WSURGERY_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "wsurgery", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=180,
-        preexec_fn=_limit_file_size(limit),
+    """``python -m wsurgery ARGS`` under a file-size limit of ``limit`` bytes."""
+    return run_module(
+        *args, env={"PYTHONDONTWRITEBYTECODE": "1"}, cwd=cwd, timeout=180, preexec_fn=_limit_file_size(limit)
     )
 
 

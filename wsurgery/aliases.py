@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .errors import InputError, SurgeryError, TransformError
 
 if TYPE_CHECKING:
-    from .transforms import Transform
+    pass
 
 ALIASES_KEY = "wsurgery.aliases"
 MAX_CHAIN = 64  # aliases of aliases followed on read; wsurgery itself writes chains of length 1
@@ -148,12 +148,6 @@ def _resolve(name: str, raw: dict[str, AliasRecord], stored, path) -> AliasRecor
     if not transform.is_view:
         raise InputError(f"{path}: alias {name!r} has a transform that is not a view: {transform}")
     return AliasRecord(cur.source, tuple(transform.specs()))
-
-
-def transform_of(rec: AliasRecord) -> Transform:
-    from .transforms import parse
-
-    return parse(list(rec.specs))
 
 
 # --- shared storage in torch state dicts -------------------------------------------------

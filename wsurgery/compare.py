@@ -635,6 +635,21 @@ def _any_finite_nonzero(x: np.ndarray) -> bool:
     return False
 
 
+def _progress_counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """An ``advance(nbytes)`` that reports ``progress(done, total)`` in bytes of both sides."""
+    done = 0
+    if progress is not None:
+        progress(0, total)
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
+    return advance
+
+
 def _compare_flat(
     fa,
     fb,
@@ -973,15 +988,7 @@ def diff(
 
         entries, jobs = _plan_diff(A, B, common)
         total = sum(j.va.nbytes + j.vb.nbytes for j in jobs.values())
-        done = 0
-        if progress is not None:
-            progress(0, total)
-
-        def advance(nbytes: int) -> None:
-            nonlocal done
-            done += nbytes
-            if progress is not None:
-                progress(done, total)
+        advance = _progress_counter(progress, total)
 
         for job in jobs.values():
             job.stats = _compare_values(job.va, job.vb, atol=atol, rtol=rtol, dev=dev, advance=advance)
@@ -1054,16 +1061,9 @@ def check(
             )
         values = [(s, d, _value_of(C, s, t), _value_of(D, d)) for s, d in pairs]  # infer first: fails early
 
-        total = sum(vs.nbytes + vd.nbytes for _, _, vs, vd in values if vs.shape == vd.shape)
-        done = 0
-        if progress is not None:
-            progress(0, total)
-
-        def advance(nbytes: int) -> None:
-            nonlocal done
-            done += nbytes
-            if progress is not None:
-                progress(done, total)
+        advance = _progress_counter(
+            progress, sum(vs.nbytes + vd.nbytes for _, _, vs, vd in values if vs.shape == vd.shape)
+        )
 
         results: list[PairResult] = []
         for s, d, vs, vd in values:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .checkpoint import Alias, Checkpoint, ComputedStored, Stored, make_alias, natural_key
+from .checkpoint import Checkpoint, ComputedStored, Stored, make_alias, natural_key
 from .errors import SurgeryError, TransformError, UnknownNameError, UsageError
 from .transforms import Reshape, Transform, parse
 
@@ -451,7 +451,3 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None, device) ->
     )
     result.check_invariants()
     return result
-
-
-def alias_entry(result: Checkpoint, name: str) -> Alias:
-    return result.aliases[name]
