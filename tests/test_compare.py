@@ -645,3 +645,44 @@ def test_diff_and_check_on_cuda(tmp_path, small_chunks):
     assert gpu.same == 1
     assert check(a, "t", "t", other=b, device="cuda:0").mismatched == 1
     assert compare_tensors(x.cuda(), y).mismatched == 1
+
+
+# ------------------------------------------------------------ screening and threaded sums
+
+
+def test_memcmp_screening_finds_a_flipped_bit_in_any_block_position():
+    assert cmp._memcmp() is not None  # Linux: the screening really goes through libc
+    x = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
+    eq = np.empty(64, dtype=bool)
+    for pos in (0, 1, 63, 64, 500, 959, 960, 999):
+        for byte in (0, 3):
+            y = x.copy()
+            y.view(np.uint8)[pos * 4 + byte] ^= 0x01
+            want = [not (b * 64 <= pos < (b + 1) * 64) for b in range(16)]
+            assert cmp._blocks_equal(x, y, 64, np.uint32, eq) == want, (pos, byte)
+    assert cmp._blocks_equal(x, x.copy(), 64, np.uint32, eq) == [True] * 16
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_memcmp_and_numpy_screening_give_the_same_statistics(monkeypatch, small_chunks, dtype):
+    from wsurgery import compare_engine as ce
+
+    monkeypatch.setattr(ce, "_worker_count", lambda: 2)
+    for label, x, y in _patterns(211, dtype):
+        with_memcmp = compare_tensors(x, y)
+        with monkeypatch.context() as m:
+            m.setattr(cmp, "_memcmp", lambda: None)
+            with_numpy = compare_tensors(x, y)
+        assert with_memcmp == with_numpy, label  # to the bit, cosine included
+
+
+def test_threaded_identical_sums_equal_the_sequential_fold(monkeypatch):
+    from wsurgery import compare_engine as ce
+
+    x = np.random.default_rng(9).standard_normal(300_000).astype(np.float32) * 1e3
+    x[5] = np.inf  # a block whose sum needs the finite mask
+    ranges = [(0, 70_000), (70_000, 70_001), (100, 250_000), (250_000, 300_000)]
+    sequential = [cmp._sums_numpy(x[i:j], None, cmp._Buffers())[0] for i, j in ranges]
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(ce, "_worker_count", lambda w=workers: w)
+        assert cmp._identical_sums(x, ranges) == sequential, workers

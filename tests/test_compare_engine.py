@@ -888,3 +888,18 @@ assert "torch" not in sys.modules, "compare"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_parallel_map_keeps_order_and_raises_worker_errors(workers):
+    with mock.patch.object(ce, "_worker_count", lambda: workers):
+        assert ce.parallel_map(lambda k: k * k, 50) == [k * k for k in range(50)]
+        assert ce.parallel_map(lambda k: k, 0) == []
+
+        def fail_at_17(k):
+            if k == 17:
+                raise ValueError("item 17")
+            return k
+
+        with pytest.raises(ValueError, match="item 17"):
+            ce.parallel_map(fail_at_17, 50)

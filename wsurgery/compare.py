@@ -89,8 +89,10 @@ compared after upcasting; a shape mismatch is a difference without statistics.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +100,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import Alias, Checkpoint, FileStored, Stored, TensorStored, from_tensors, load, natural_key
-from .compare_engine import PairStream, TensorStats, compare_arrays, numpy_view, to_device
+from .compare_engine import PairStream, TensorStats, compare_arrays, numpy_view, parallel_map, to_device
 from .dtypes import BY_NAME
 from .errors import UnknownNameError, UsageError
 from .transforms import IDENTITY, Permute, Reshape, Slice, Transform, Transpose, parse
@@ -443,9 +445,63 @@ class _Buffers:
     def get(self, dtype, slot: int) -> np.ndarray:
         key = (np.dtype(dtype).str, slot)
         buf = self._bufs.get(key)
-        if buf is None:
+        if buf is None or buf.shape[0] < _SUMS_BLOCK:
             buf = self._bufs[key] = np.empty(_SUMS_BLOCK, dtype=dtype)
         return buf
+
+
+_LOCAL = threading.local()  # per-thread scratch of the identical sums
+
+
+_SUMS_TASK = 4  # blocks per thread task of _identical_sums
+
+
+def _vdot(u: np.ndarray, v: np.ndarray, cplx: bool) -> float:
+    """Re sum conj(u) v of float64 / complex128 arrays, in pieces OpenBLAS runs on one thread."""
+    total = 0.0
+    for k in range(0, u.shape[0], _DOT_PIECE):
+        pu, pv = u[k : k + _DOT_PIECE], v[k : k + _DOT_PIECE]
+        total += float(np.vdot(pu, pv).real) if cplx else float(np.dot(pu, pv))
+    return total
+
+
+def _square_sum(w: np.ndarray, cplx: bool) -> float:
+    """Sum of |w|^2 over the finite values of a float64 / complex128 block."""
+    s = _vdot(w, w, cplx)
+    if not math.isfinite(s):
+        w = np.where(np.isfinite(w), w, 0)
+        s = _vdot(w, w, cplx)
+    return s
+
+
+def _identical_sums(x: np.ndarray, ranges: list[tuple[int, int]]) -> list[float]:
+    """``_sums_numpy(x[i:j], None)[0]`` for each range, bit for bit: the same
+    ``_SUMS_BLOCK`` blocks, folded in the same order, but computed on up to
+    ``_worker_count()`` threads (tasks of ``_SUMS_TASK`` blocks, little Python per block,
+    so that the threads mostly run outside the GIL)."""
+    cplx = x.dtype.kind == "c"
+    wide = np.complex128 if cplx else np.float64
+    blocks = [(r, k, min(k + _SUMS_BLOCK, j)) for r, (i, j) in enumerate(ranges) for k in range(i, j, _SUMS_BLOCK)]
+    tasks = [blocks[t : t + _SUMS_TASK] for t in range(0, len(blocks), _SUMS_TASK)]
+
+    def one(t: int) -> list[float]:
+        bufs = getattr(_LOCAL, "bufs", None)
+        if bufs is None:
+            bufs = _LOCAL.bufs = _Buffers()
+        buf = bufs.get(wide, 0)
+        out = []
+        with np.errstate(all="ignore"):  # per thread; an overflowing sum is handled
+            for _, k, stop in tasks[t]:
+                w = buf[: stop - k]
+                np.copyto(w, x[k:stop], casting="unsafe")
+                out.append(_square_sum(w, cplx))
+        return out
+
+    totals = [0.0] * len(ranges)
+    for task, sums in zip(tasks, parallel_map(one, len(tasks), min_items=2), strict=True):
+        for (r, _, _), v in zip(task, sums, strict=True):
+            totals[r] += v  # block order within a range: the fold of _sums_numpy
+    return totals
 
 
 def _sums_numpy(x: np.ndarray, y: np.ndarray | None, bufs: _Buffers) -> tuple[float, float, float]:
@@ -460,18 +516,6 @@ def _sums_numpy(x: np.ndarray, y: np.ndarray | None, bufs: _Buffers) -> tuple[fl
     ucode = _UINT.get(x.dtype.itemsize) if y is not None and x.dtype == y.dtype else None
     wa, wb = bufs.get(wide, 0), bufs.get(wide, 1)
     dot = na = nb = 0.0
-
-    def vdot(u, v) -> float:
-        """Re sum conj(u) v, in pieces that OpenBLAS runs on one thread."""
-        total = 0.0
-        for k in range(0, u.shape[0], _DOT_PIECE):
-            pu, pv = u[k : k + _DOT_PIECE], v[k : k + _DOT_PIECE]
-            total += float(np.vdot(pu, pv).real) if cplx else float(np.dot(pu, pv))
-        return total
-
-    def sq(w) -> float:
-        return vdot(w, w)
-
     with np.errstate(all="ignore"):
         for i in range(0, x.shape[0], _SUMS_BLOCK):
             xs = x[i : i + _SUMS_BLOCK]
@@ -480,18 +524,16 @@ def _sums_numpy(x: np.ndarray, y: np.ndarray | None, bufs: _Buffers) -> tuple[fl
             np.copyto(A, xs, casting="unsafe")
             ys = None if y is None else y[i : i + m]
             if ys is None or (ucode is not None and np.array_equal(xs.view(ucode), ys.view(ucode))):
-                s = sq(A)
-                if not math.isfinite(s):
-                    s = sq(np.where(np.isfinite(A), A, 0))
+                s = _square_sum(A, cplx)
                 dot, na, nb = dot + s, na + s, nb + s
                 continue
             B = wb[:m]
             np.copyto(B, ys, casting="unsafe")
-            d, sa, sb = vdot(B, A), sq(A), sq(B)
+            d, sa, sb = _vdot(B, A, cplx), _vdot(A, A, cplx), _vdot(B, B, cplx)
             if not (math.isfinite(d) and math.isfinite(sa) and math.isfinite(sb)):
                 fin = np.isfinite(A) & np.isfinite(B)
                 A, B = np.where(fin, A, 0), np.where(fin, B, 0)
-                d, sa, sb = vdot(B, A), sq(A), sq(B)
+                d, sa, sb = _vdot(B, A, cplx), _vdot(A, A, cplx), _vdot(B, B, cplx)
             dot, na, nb = dot + d, na + sa, nb + sb
     return dot, na, nb
 
@@ -544,6 +586,7 @@ class _Acc:
         self.nonzero = False  # some finite non-zero value in the identical pieces
         self.sums: list[float] | None = None  # (dot, na, nb)
         self.pending: list[list[int]] = []  # identical [start, stop) ranges not yet summed
+        self.held: list[tuple[int, int]] = []  # identical ranges to add to the sums at flush()
         self.bufs = _Buffers()
         self.stream: PairStream | None = None  # numpy pieces: statistics and sums in one pass
 
@@ -561,7 +604,10 @@ class _Acc:
         """Elements ``[i, j)`` hold the same finite values on both sides (``x``: side A).
         ``nonzero``: whether they hold a finite non-zero value, when the caller knows."""
         if self.sums is not None:
-            self._add(x, None)
+            if self.dev is None:  # numpy: summed at flush(), on two threads
+                self.held.append((i, j))
+            else:
+                self._add(x, None)
             return
         if self.pending and self.pending[-1][1] == i:
             self.pending[-1][1] = j
@@ -570,13 +616,27 @@ class _Acc:
         if not self.nonzero:
             self.nonzero = _any_finite_nonzero(x) if nonzero is None else nonzero
 
+    def _add_identical(self, ranges: list[tuple[int, int]]) -> None:
+        for s in _identical_sums(self.fa, ranges):
+            for k in range(3):
+                self.sums[k] += s
+
+    def flush(self) -> None:
+        """Add the sums of the identical ranges held back (before their pages go)."""
+        if self.held:
+            held, self.held = self.held, []
+            self._add_identical(held)
+
     def _start_sums(self) -> None:
         if self.sums is None:
             self.sums = [0.0, 0.0, 0.0]
             for i, j in self.pending:
                 for k in range(i, j, _PENDING_STEP):
                     stop = min(k + _PENDING_STEP, j)
-                    self._add(_put(self.fa[k:stop], self.dev), None)
+                    if self.dev is None:
+                        self._add_identical([(k, stop)])
+                    else:
+                        self._add(_put(self.fa[k:stop], self.dev), None)
                     self.release(k, stop)
             self.pending = []
 
@@ -594,6 +654,7 @@ class _Acc:
         self.stream.add(x, y)
 
     def result(self, n: int) -> TensorStats:
+        self.flush()
         if self.stream is not None:
             st, self.stream = self.stream, None
             self.mismatched += st.mismatched
@@ -710,14 +771,15 @@ def _compare_flat(
                 acc.different(x, y)
             del x, y
         else:
-            for i in range(c0, c1, block):
+            bytes_equal = _blocks_equal(fa[c0:c1], fb[c0:c1], block, ucode, eq)
+            for b, i in enumerate(range(c0, c1, block)):
                 j = min(i + block, c1)
                 x, y = fa[i:j], fb[i:j]
-                out = eq[: j - i]
-                np.equal(x.view(ucode), y.view(ucode), out=out)
-                if out.all():
+                if bytes_equal[b]:
                     acc.identical(i, j, x)
                     continue
+                out = eq[: j - i]
+                np.equal(x.view(ucode), y.view(ucode), out=out)
                 # Bytes differ. In most pieces (a fine-tune): the rest of the chunk goes
                 # to the engine in one call (it skips identical sub-blocks itself, and
                 # spreads its blocks over threads). Sparsely: only the runs of pieces
@@ -731,8 +793,54 @@ def _compare_flat(
                         acc.identical(k, stop, fa[k:stop])
                     else:
                         acc.compare(fa[k:stop], fb[k:stop])
+            acc.flush()
         done(c0, c1)
     return acc.result(n)
+
+
+@functools.cache
+def _memcmp():
+    """libc's ``memcmp`` through ctypes (it runs without the GIL), or None where the
+    system has none: the screening then compares with numpy on one thread."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None) if os.name == "posix" else ctypes.cdll.msvcrt
+        fn = libc.memcmp
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - no libc to call
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def _blocks_equal(x: np.ndarray, y: np.ndarray, block: int, ucode, eq: np.ndarray) -> list[bool]:
+    """Whether the bytes of each ``block``-element block of ``x`` and ``y`` (same dtype,
+    same length, 1-D) are identical.
+
+    ``memcmp`` on up to ``_worker_count()`` threads where it can be called (it reads at
+    memory bandwidth and stops at the first difference: measured 18-21 GB/s of input on
+    two cores, against 12 for numpy's ``equal`` on one); numpy otherwise, with ``eq`` as
+    scratch.
+    """
+    n = x.shape[0]
+    count = -(-n // block)
+    memcmp = _memcmp()
+    if memcmp is not None and x.flags.c_contiguous and y.flags.c_contiguous:
+        isz = x.dtype.itemsize
+        pa, pb = x.__array_interface__["data"][0], y.__array_interface__["data"][0]
+
+        def one(b: int) -> bool:
+            start = b * block * isz
+            return memcmp(pa + start, pb + start, min(block, n - b * block) * isz) == 0
+
+        # x and y (the callers' views of the mapped files) stay alive until this returns
+        return parallel_map(one, count, min_items=8)
+    same = []
+    for i in range(0, n, block):
+        out = eq[: min(block, n - i)]
+        same.append(bool(np.equal(x[i : i + block].view(ucode), y[i : i + block].view(ucode), out=out).all()))
+    return same
 
 
 def _runs(eq: np.ndarray, start: int, piece: int) -> list[list]:

@@ -461,6 +461,33 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
+def parallel_map(fn, n: int, min_items: int = 2) -> list:
+    """``[fn(k) for k in range(n)]``, spread over up to ``_worker_count()`` threads.
+
+    Only worth it where ``fn`` spends its time outside the GIL (numpy loops, BLAS,
+    ctypes calls). Items are taken in turn from one counter and every result lands at
+    its own index, so the list is the same whatever the number of threads. Fewer than
+    ``min_items`` items run on the calling thread.
+    """
+    workers = min(_worker_count(), n // min_items) if n >= min_items > 0 else 1
+    if workers <= 1:
+        return [fn(k) for k in range(n)]
+    out: list = [None] * n
+    counter = itertools.count()
+
+    def work() -> None:
+        while (k := next(counter)) < n:
+            out[k] = fn(k)
+
+    futures = [_pool(workers - 1).submit(work) for _ in range(workers - 1)]
+    try:
+        work()
+    finally:
+        for f in futures:
+            f.result()
+    return out
+
+
 class _Cmp:
     """Per-call settings and the block computations (array API, plus ``be.dot``)."""
 
