@@ -1275,9 +1275,7 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
-_GLOBAL_RE = re.compile(
-    r"(?:Unsupported global|unsupported GLOBAL|global):?\s*(?:GLOBAL\s+)?([\w.]+)", re.I
-)
+_GLOBAL_RE = re.compile(r"(?:Unsupported global|unsupported GLOBAL|global):?\s*(?:GLOBAL\s+)?([\w.]+)", re.I)
 
 
 def _refused_global(message: str) -> str | None:
