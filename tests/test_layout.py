@@ -64,6 +64,27 @@ def test_every_command_has_help_and_is_documented():
         assert f"wsurgery.{name}/1" in readme or name == "inspect" and "wsurgery.inspect/1" in readme
 
 
+def test_every_option_of_every_command_is_in_its_readme_synopsis():
+    """Each option (by one of its names: ``--output`` or ``-o``) is in a ``wsurgery NAME ...``
+    line of the README, so a new flag (``--no-sync``, ...) cannot go undocumented."""
+    import re
+
+    import typer.main
+
+    from wsurgery.cli.app import app
+
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for name, cmd in typer.main.get_group(app).commands.items():
+        lines = "\n".join(line for line in readme.splitlines() if line.startswith(f"wsurgery {name} "))
+        tokens = set(re.findall(r"(?<![\w-])--?[\w-]+", lines))
+        for param in cmd.params:
+            names = set(param.opts) | set(param.secondary_opts)
+            if param.param_type_name == "option" and "--help" not in names and not names & tokens:
+                missing.append(f"{name} {'/'.join(sorted(names))}")
+    assert not missing, f"options missing from the README's synopses: {missing}"
+
+
 def test_pretty_exceptions_show_no_locals():
     from wsurgery.cli.app import app
 

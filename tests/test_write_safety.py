@@ -312,3 +312,176 @@ def test_in_place_is_the_one_way_to_replace_an_input(tmp_path, cli):
     code, _, stderr = cli("tie", src, "--src", "a", "--dst", "b", "--in-place")
     assert code == 0, stderr
     assert wsurgery.load(src).aliases["b"].source == "a" and leftovers(tmp_path) == []
+
+
+# --- sync=False / --no-sync: no fsync, still atomic ----------------------------------------------
+
+
+@pytest.fixture
+def fsyncs(monkeypatch) -> list[int]:
+    """Every ``os.fsync`` the writers make (in this process), still done for real."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", counting)
+    return calls
+
+
+def _contents(path: Path) -> bytes | dict[str, bytes]:
+    """A file's bytes, or every file of a folder by name."""
+    if path.is_dir():
+        return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+    return path.read_bytes()
+
+
+def test_atomic_file_fsyncs_file_and_folder_unless_sync_is_false(tmp_path, fsyncs):
+    with atomic_file(tmp_path / "synced") as f:
+        f.write(b"data")
+    assert len(fsyncs) == 2  # the file before the rename, its folder after it
+    fsyncs.clear()
+    (tmp_path / "unsynced").write_bytes(b"old")
+    with atomic_file(tmp_path / "unsynced", sync=False) as f:
+        f.write(b"data")
+    assert fsyncs == []
+    assert (tmp_path / "unsynced").read_bytes() == b"data" and leftovers(tmp_path) == []
+
+
+def _library_saves():
+    from wsurgery.modules import save_module
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"a": weight, "b": weight, "c": weight.t()}  # shared storage: b and c become aliases
+    module = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(module.weight, 0.5)
+    ckpt = wsurgery.load(FIXTURES / "tiny_lm.safetensors")
+    return {
+        "save_state_dict": lambda path, **kw: wsurgery.save_state_dict(state, path, **kw),
+        "save_module": lambda path, **kw: save_module(module, path, **kw),
+        "Checkpoint.save": lambda path, **kw: ckpt.save(path, **kw),
+        "Checkpoint.save_sharded": lambda path, **kw: ckpt.save_sharded(path, 2000, **kw),
+    }
+
+
+@pytest.mark.parametrize("name", list(_library_saves()))
+def test_library_saves_skip_fsync_with_sync_false_and_write_the_same_bytes(tmp_path, fsyncs, name):
+    save = _library_saves()[name]
+    save(tmp_path / "synced")
+    assert fsyncs, f"{name} did not fsync by default"
+    fsyncs.clear()
+    save(tmp_path / "unsynced", sync=False)
+    assert fsyncs == [], f"{name}(sync=False) called os.fsync"
+    assert _contents(tmp_path / "unsynced") == _contents(tmp_path / "synced")
+    assert leftovers(tmp_path) == []
+
+
+# Every command that writes: (arguments, input fixture).
+NO_SYNC_CASES = {
+    "tie": ["tie", "{fx}/tiny_lm.safetensors", "--src", "embedding.weight", "--dst", "projection.weight"],
+    "copy": ["copy", "{fx}/tiny_lm.safetensors", "--src", "layers.0", "--dst", "layers.1", "-t", "scale(2)"],
+    "untie": ["untie", "{fx}/shared_storage.pt"],
+    "convert": ["convert", "{fx}/shared_storage.pt"],
+}
+
+
+def test_every_writing_command_is_covered_by_the_no_sync_test():
+    from wsurgery.cli.app import app
+
+    writers = {c.name for c in app.registered_commands if c.name not in ("inspect", "diff", "check")}
+    assert writers == set(NO_SYNC_CASES)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+@pytest.mark.parametrize("command", list(NO_SYNC_CASES))
+def test_no_sync_skips_every_fsync_and_writes_the_same_bytes(tmp_path, cli, fsyncs, command, sharded):
+    args = [a.format(fx=FIXTURES) for a in NO_SYNC_CASES[command]]
+    extra = ["--max-shard-size", "1KB"] if sharded else []
+    suffix = "" if sharded else ".safetensors"
+    synced, unsynced = tmp_path / f"synced{suffix}", tmp_path / f"unsynced{suffix}"
+
+    code, _, stderr = cli(*args, *extra, "-o", synced)
+    assert code == 0, stderr
+    if sharded:
+        shards = [n for n in os.listdir(synced) if n.startswith("model-")]
+        assert len(shards) > 1
+        # each shard and the index: the file and the temporary folder; then the parent folder
+        assert len(fsyncs) == 2 * (len(shards) + 1) + 1
+    else:
+        assert len(fsyncs) == 2
+    fsyncs.clear()
+
+    code, _, stderr = cli(*args, *extra, "-o", unsynced, "--no-sync")
+    assert code == 0, stderr
+    assert fsyncs == []
+    assert _contents(unsynced) == _contents(synced)
+    assert leftovers(tmp_path) == []
+
+    if command != "convert":  # convert has no --dry-run
+        code, _, stderr = cli(*args, *extra, "-o", tmp_path / "dry", "--no-sync", "--dry-run")
+        assert code == 0 and not (tmp_path / "dry").exists() and fsyncs == [], stderr
+
+
+def _boom(f):
+    f.write(b"ab")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failing_unsynced_write_leaves_nothing(tmp_path, fsyncs):
+    # the destination folder is missing
+    with pytest.raises(OutputError, match="cannot write"):
+        with atomic_file(tmp_path / "no-such-folder" / "out.safetensors", sync=False) as f:
+            f.write(b"x")
+    assert os.listdir(tmp_path) == []
+
+    # a tensor's write fails: the old destination stays whole, no temporary is left
+    dest = tmp_path / "out.safetensors"
+    dest.write_bytes(b"old contents")
+    items = [WriteItem("a", "uint8", (3,), 3, lambda f: f.write(b"abc")), WriteItem("b", "uint8", (4,), 4, _boom)]
+    with pytest.raises(OutputError, match="No space left on device") as info:
+        write_safetensors(dest, items, None, sync=False)
+    assert info.value.exit_code == 5
+    assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
+
+    # a bug in a tensor's write (not an OSError) is cleaned up the same way
+    def bug(f):
+        raise RuntimeError("bug")
+
+    with pytest.raises(RuntimeError, match="bug"):
+        write_safetensors(dest, [WriteItem("a", "uint8", (1,), 1, bug)], None, sync=False)
+    assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
+
+    # sharded: the second shard fails, nothing appears at the destination
+    from wsurgery.formats.sharded_writer import write_sharded
+
+    with pytest.raises(OutputError, match="No space left on device"):
+        write_sharded(tmp_path / "shards", [items[:1], items[1:]], [{}, {}], {}, sync=False)
+    assert not (tmp_path / "shards").exists() and leftovers(tmp_path) == []
+    assert fsyncs == []
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+def test_no_sync_disk_full_exits_5_and_leaves_nothing(tmp_path, monkeypatch, cli, fsyncs, sharded):
+    src = big_safetensors(tmp_path / "in.safetensors", 1, tensors=4)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.os, "copy_file_range", full, raising=False)
+    dest = tmp_path / ("shards" if sharded else "out.safetensors")
+    extra = ["--max-shard-size", "300KiB"] if sharded else []
+    code, _, stderr = cli("convert", src, "-o", dest, "--no-sync", *extra)
+    assert code == 5 and stderr.count("\n") == 1 and "No space left on device" in stderr
+    assert not dest.exists() and leftovers(tmp_path) == [] and fsyncs == []
+
+
+def test_no_sync_file_size_limit_exits_5_and_leaves_nothing(tmp_path):
+    src = big_safetensors(tmp_path / "in.safetensors", 4, tensors=4)
+    dest = tmp_path / "out.safetensors"
+    dest.write_bytes(b"old contents")
+    r = run_limited(["convert", src, "-o", dest, "--force", "--no-sync"], 1 << 20, tmp_path)
+    assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
+    assert "File too large" in r.stderr and "Traceback" not in r.stderr
+    assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []

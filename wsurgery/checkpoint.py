@@ -303,11 +303,13 @@ class Checkpoint:
                 raise InputError(f"alias {name!r} points at {a.source!r}, which is not stored")
 
     # -- writing -------------------------------------------------------------------
-    def save(self, path, metadata: dict[str, str] | None = None, progress=None) -> None:
+    def save(self, path, metadata: dict[str, str] | None = None, progress=None, *, sync: bool = True) -> None:
         """Write one safetensors file atomically, recording aliases in the metadata.
 
         Tensors are ordered by descending itemsize, then name, so every tensor is
-        aligned and the same checkpoint always writes the same bytes.
+        aligned and the same checkpoint always writes the same bytes. ``sync=False``
+        skips the fsyncs: still atomic if the process dies, but an operating-system
+        crash or power loss soon after may leave the file empty or partial.
         """
         self.check_invariants()
         meta = alias_codec.encode(self.alias_records(), self.metadata if metadata is None else metadata)
@@ -315,14 +317,17 @@ class Checkpoint:
         from .formats.writer import WriteItem, write_safetensors
 
         items = [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
-        write_safetensors(path, items, meta, progress=progress)
+        write_safetensors(path, items, meta, progress=progress, sync=sync)
 
-    def save_sharded(self, folder, max_shard_size: int, *, replace: bool = False, progress=None) -> list[str]:
+    def save_sharded(
+        self, folder, max_shard_size: int, *, replace: bool = False, progress=None, sync: bool = True
+    ) -> list[str]:
         """Write Hugging Face-style shards and ``model.safetensors.index.json`` into ``folder``.
 
         Tensors keep the order of :meth:`save`. Each shard records the aliases whose source
         it stores; the index's ``metadata`` records them all; ``weight_map`` lists stored
-        tensors only. Returns the shard file names.
+        tensors only. Returns the shard file names. ``sync=False`` skips the fsyncs, as
+        for :meth:`save`.
         """
         from .formats.sharded_writer import plan_shards, write_sharded
         from .formats.writer import WriteItem
@@ -339,7 +344,7 @@ class Checkpoint:
             shard_meta.append(alias_codec.encode(mine, self.metadata))
         # The index keeps the JSON record of every alias, not the per-name save_model entries.
         index_meta = {k: v for k, v in alias_codec.encode(records, self.metadata).items() if k not in records}
-        return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress)
+        return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress, sync=sync)
 
     def close(self) -> None:
         seen = set()

@@ -603,8 +603,7 @@ def _plan_ties(
                 continue  # tied already
             if slot.kind == _PARAM:
                 misfit.append(
-                    f"{pair}: cyclic tie, {src_name!r} is computed from {name!r} itself "
-                    f"({full}); untie_weights() first"
+                    f"{pair}: cyclic tie, {src_name!r} is computed from {name!r} itself ({full}); untie_weights() first"
                 )
                 continue
         plans.append(_TiePlan(slot, src_name, root, full))
@@ -824,14 +823,17 @@ class LoadResult(NamedTuple):
     unexpected: list[str]  # names of the file absent from the module
 
 
-def save_module(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_module(
+    module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None, *, sync: bool = True
+) -> None:
     """Write ``module``'s weights and persistent buffers to a safetensors file.
 
     Each tied weight is stored once and its ties inside the module (:func:`tied_weights`)
     are recorded as alias metadata (``wsurgery.aliases``, plus the ``save_model``
     convention for SAME ties), so :func:`load_module` re-creates them. A tied view onto
     another module, or a weight under a foreign parametrization, is stored as its value.
-    Names holding one buffer are stored once too.
+    Names holding one buffer are stored once too. The write is atomic; ``sync=False``
+    skips the fsyncs (see :func:`wsurgery.save_state_dict`).
     """
     from .api import save_state_dict
 
@@ -854,7 +856,7 @@ def save_module(module: nn.Module, path: str | os.PathLike, metadata: dict[str, 
             aliases[slot.name] = (first, [])
         else:
             state[slot.name] = buf.detach()
-    save_state_dict(state, path, metadata, aliases=aliases)
+    save_state_dict(state, path, metadata, aliases=aliases, sync=sync)
 
 
 def load_module(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> LoadResult:
@@ -919,8 +921,7 @@ def _load_into(module: nn.Module, ckpt: Any, strict: bool) -> LoadResult:
         current = target.owner._buffers[target.attr] if target.kind == "buffer" else target.value()
         if tuple(shape) != _shape(current):
             misfit.append(
-                f"{name!r}: shape misfit, the module's has shape {_shape(current)}, "
-                f"{where} has shape {tuple(shape)}"
+                f"{name!r}: shape misfit, the module's has shape {_shape(current)}, {where} has shape {tuple(shape)}"
             )
         elif target.kind == _PARAMETRIZED:
             _check_value(name, target, current, misfit)

@@ -93,6 +93,14 @@ MaxShardOpt = Annotated[
         show_default=False,
     ),
 ]
+NoSyncOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-sync",
+        help="Do not wait for the output to reach the disk (skip fsync): faster, still atomic, but an OS crash or "
+        "power loss soon after may lose or truncate it.",
+    ),
+]
 FilterOpt = Annotated[
     Optional[str], typer.Option("--filter", help="Only tensors whose name matches this glob.", show_default=False)
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, MaxShardOpt, OutOpt, command
+from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, MaxShardOpt, NoSyncOpt, OutOpt, command
 from .output import finish
 
 
@@ -13,6 +13,7 @@ def convert(
     force: ForceOpt = False,
     in_place: InPlaceOpt = False,
     max_shard_size: MaxShardOpt = None,
+    no_sync: NoSyncOpt = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Convert a checkpoint to safetensors; shared storage is recorded as aliases.
@@ -42,6 +43,7 @@ def convert(
             dry_run=False,
             json_out=json_out,
             max_shard_size=max_shard_size,
+            sync=not no_sync,
         )
     finally:
         c.close()

@@ -12,6 +12,7 @@ from .common import (
     InPlaceOpt,
     JsonOpt,
     MaxShardOpt,
+    NoSyncOpt,
     OutOpt,
     SrcOpt,
     TransformOpt,
@@ -33,6 +34,7 @@ def copy(
     dry_run: DryRunOpt = False,
     device: DeviceOpt = "cpu",
     max_shard_size: MaxShardOpt = None,
+    no_sync: NoSyncOpt = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Copy transform(SRC) into DST as a tensor of its own (any steps; no alias).
@@ -51,7 +53,9 @@ def copy(
         if from_ckpt is not None:
             other = load(from_ckpt)
         p = plan_copy(c, src, dst, transform or [], other=other, device=device)
-        return finish_plan("copy", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size)
+        return finish_plan(
+            "copy", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size, sync=not no_sync
+        )
     finally:
         c.close()
         if other is not None:

@@ -30,10 +30,12 @@ def finish(
     dry_run: bool,
     json_out: bool,
     max_shard_size: int | str | None = None,
+    sync: bool = True,
 ) -> int:
     """Write ``result`` (unless dry run) and report it; returns the exit code.
 
-    With ``max_shard_size`` the output is a folder of shards plus an index.
+    With ``max_shard_size`` the output is a folder of shards plus an index; ``sync=False``
+    (``--no-sync``) skips the fsyncs of the write.
     """
     if isinstance(max_shard_size, str):
         from ..formats.sharded_writer import parse_size
@@ -46,11 +48,13 @@ def finish(
     if not dry_run:
         with ByteProgress(result.total_bytes, f"writing {target.name}", enabled=not json_out) as bar:
             if max_shard_size is None:
-                result.save(target, progress=bar.advance)
+                result.save(target, progress=bar.advance, sync=sync)
             else:
                 summary = {
                     **summary,
-                    "shards": result.save_sharded(target, max_shard_size, replace=replace, progress=bar.advance),
+                    "shards": result.save_sharded(
+                        target, max_shard_size, replace=replace, progress=bar.advance, sync=sync
+                    ),
                 }
     if json_out:
         emit_json(
@@ -104,7 +108,9 @@ def finish(
     return 0
 
 
-def finish_plan(command: str, ckpt_path: Path, plan, output, force, in_place, dry_run, json_out, max_shard_size) -> int:
+def finish_plan(
+    command: str, ckpt_path: Path, plan, output, force, in_place, dry_run, json_out, max_shard_size, *, sync=True
+) -> int:
     """:func:`finish` for a surgery plan (tie, copy, untie)."""
     return finish(
         command,
@@ -117,4 +123,5 @@ def finish_plan(command: str, ckpt_path: Path, plan, output, force, in_place, dr
         dry_run=dry_run,
         json_out=json_out,
         max_shard_size=max_shard_size,
+        sync=sync,
     )

@@ -10,6 +10,7 @@ from .common import (
     InPlaceOpt,
     JsonOpt,
     MaxShardOpt,
+    NoSyncOpt,
     OutOpt,
     SrcOpt,
     TransformOpt,
@@ -29,6 +30,7 @@ def tie(
     in_place: InPlaceOpt = False,
     dry_run: DryRunOpt = False,
     max_shard_size: MaxShardOpt = None,
+    no_sync: NoSyncOpt = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Tie DST to SRC: store SRC once and record DST as its alias (view steps only: same, transpose,
@@ -42,6 +44,6 @@ def tie(
     c = load(ckpt)
     try:
         p = plan_tie(c, src, dst, transform or [])
-        return finish_plan("tie", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size)
+        return finish_plan("tie", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size, sync=not no_sync)
     finally:
         c.close()

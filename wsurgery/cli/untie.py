@@ -10,6 +10,7 @@ from .common import (
     InPlaceOpt,
     JsonOpt,
     MaxShardOpt,
+    NoSyncOpt,
     OutOpt,
     UntieDstOpt,
     command,
@@ -27,6 +28,7 @@ def untie(
     dry_run: DryRunOpt = False,
     device: DeviceOpt = "cpu",
     max_shard_size: MaxShardOpt = None,
+    no_sync: NoSyncOpt = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Store the named aliases (every alias by default) as tensors of their own; no alias metadata remains for them.
@@ -39,6 +41,8 @@ def untie(
     c = load(ckpt)
     try:
         p = plan_untie(c, dst or None, device=device)
-        return finish_plan("untie", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size)
+        return finish_plan(
+            "untie", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size, sync=not no_sync
+        )
     finally:
         c.close()

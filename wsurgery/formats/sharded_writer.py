@@ -4,7 +4,8 @@
 (``{"metadata": {"total_size": ...}, "weight_map": {name: shard}}``). The whole folder is
 built under a temporary name beside ``OUT`` and renamed into place at the end, so an
 error or a kill leaves nothing at ``OUT`` (and an existing ``OUT`` replaced with
-``--force`` stays whole until the new one is complete).
+``--force`` stays whole until the new one is complete). Every shard and the index are
+fsynced, and so are the folders, unless ``sync=False`` (see :mod:`.writer`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 
 from ..errors import OutputError, UsageError
-from .writer import TMP_SUFFIX, WriteItem, atomic_file, write_all, write_safetensors
+from .writer import TMP_SUFFIX, WriteItem, atomic_file, fsync_dir, process_umask, write_all, write_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
 _UNITS = {
@@ -76,8 +77,14 @@ def write_sharded(
     *,
     replace: bool = False,
     progress=None,
+    sync: bool = True,
 ) -> list[str]:
-    """Write the shards and the index into ``folder`` atomically; returns the shard names."""
+    """Write the shards and the index into ``folder`` atomically; returns the shard names.
+
+    ``sync=False`` skips every fsync (each shard, the index and the folders): the folder
+    still appears whole or not at all if the process dies, but an operating-system crash
+    or power loss soon after may leave shards empty or partial.
+    """
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     if os.path.exists(folder) and not replace:
@@ -94,7 +101,7 @@ def write_sharded(
         weight_map: dict[str, str] = {}
         total = 0
         for name, items, meta in zip(names, shards, shard_metadata, strict=True):
-            write_safetensors(os.path.join(tmp, name), items, meta, progress=progress)
+            write_safetensors(os.path.join(tmp, name), items, meta, progress=progress, sync=sync)
             for item in items:
                 weight_map[item.name] = name
                 total += item.nbytes
@@ -102,23 +109,19 @@ def write_sharded(
             "metadata": {"total_size": total, **index_metadata},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        with atomic_file(os.path.join(tmp, INDEX_NAME)) as f:
+        with atomic_file(os.path.join(tmp, INDEX_NAME), sync=sync) as f:
             write_all(f, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        os.chmod(tmp, 0o755 & ~_umask())
+        os.chmod(tmp, 0o755 & ~process_umask())
         _swap_in(tmp, folder)
         done = True
+        if sync:
+            fsync_dir(parent)
     except OSError as exc:
         raise OutputError(f"cannot write {folder}: {exc.strerror or exc}") from None
     finally:
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
     return names
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _swap_in(tmp: str, folder: str) -> None:

@@ -5,6 +5,13 @@ fsynced, then moved into place with ``os.replace``. On any error the temporary i
 removed and the destination is left as it was. A process killed mid-write leaves at
 most a hidden ``.NAME.*.wsurgery-tmp`` file beside the destination, never a partial
 destination.
+
+``sync=False`` (the CLI's ``--no-sync``) skips both fsyncs, of the file and of its
+folder, for scratch outputs where speed matters more than durability. What is kept: the
+temporary file and ``os.replace`` (a crash or kill of the *process* still never leaves a
+partial destination), the same bytes, the same cleanup and errors on failure. What is
+given up: after an operating-system crash or power loss soon after the write, the new
+file may be empty or partial, and the old destination may be gone.
 """
 
 from __future__ import annotations
@@ -36,8 +43,15 @@ def _os_error(path, exc: OSError) -> OutputError:
 
 
 @contextlib.contextmanager
-def atomic_file(path):
-    """Yield an unbuffered binary file; on success it replaces ``path`` atomically."""
+def atomic_file(path, *, sync: bool = True):
+    """Yield an unbuffered binary file; on success it replaces ``path`` atomically.
+
+    With ``sync`` (the default) the file is fsynced before the rename and its folder
+    after it, so the new contents survive an operating-system crash or power loss.
+    ``sync=False`` skips both: still atomic against the process dying, but an OS crash
+    or power loss soon after may leave the file empty or partial (see the module
+    docstring).
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
@@ -51,23 +65,25 @@ def atomic_file(path):
             try:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             except OSError as exc:
                 raise _os_error(path, exc) from None
         try:
-            os.chmod(tmp, 0o644 & ~_umask())
+            os.chmod(tmp, 0o644 & ~process_umask())
             os.replace(tmp, path)
         except OSError as exc:
             raise _os_error(path, exc) from None
         ok = True
-        _fsync_dir(folder)
+        if sync:
+            fsync_dir(folder)
     finally:
         if not ok:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process umask, read without changing it where the system allows (no window in
     which another thread would create files with umask 0)."""
     with contextlib.suppress(OSError, ValueError):
@@ -80,7 +96,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -150,14 +166,20 @@ class WriteItem:
     write: Callable  # write(f) writes exactly nbytes at f's position
 
 
-def write_safetensors(path, items: list[WriteItem], metadata: dict[str, str] | None, progress=None) -> None:
-    """Write one safetensors file atomically, tensors in the order given."""
+def write_safetensors(
+    path, items: list[WriteItem], metadata: dict[str, str] | None, progress=None, *, sync: bool = True
+) -> None:
+    """Write one safetensors file atomically, tensors in the order given.
+
+    ``sync=False`` skips the fsyncs (see :func:`atomic_file`): still atomic, not durable
+    across an operating-system crash or power loss.
+    """
     names = [i.name for i in items]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise OutputError(f"internal error: tensor {dup!r} would be written twice to {path}")
     prefix, _ = build_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
-    with atomic_file(path) as f:
+    with atomic_file(path, sync=sync) as f:
         write_all(f, prefix)
         for item in items:
             start = f.tell()
