@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -60,4 +61,19 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(_usage_error_line(exc) + "\n")
             sys.exit(exc.exit_code)
         raise
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if argv is not None:
+        sys.exit(code)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the console script once its work is done: flush the output, then leave without
+    the interpreter's teardown (freeing every module, joining idle worker threads), which
+    costs 30-60 ms of a sub-second command. Every file wsurgery wrote is closed by now."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (``| head``): nothing more to say
+            pass
+    os._exit(code)
