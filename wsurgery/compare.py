@@ -11,7 +11,11 @@ Same-dtype pairs on CPU are first screened as raw bytes, ``SCREEN_BYTES`` at a t
 block whose bytes are identical is equal under every rule of the engine (no mismatch,
 zero differences: also NaN against the same NaN, and within any tolerance), so only the
 runs of ``SCREEN_PIECE_BYTES`` pieces whose bytes differ are handed to the engine. Other
-pairs (dtypes that differ, ``device="cuda"``) go to the engine chunk by chunk.
+pairs (dtypes that differ, ``device="cuda"``) go to the engine chunk by chunk. The
+screening calls libc's ``memcmp`` on one thread per core, up to four (it runs without
+the GIL, at memory bandwidth); the float64 sums of the identical blocks of a tensor that
+differs somewhere are spread the same way and folded in a fixed order, so every result
+is the same whatever the number of threads.
 
 Where the data comes from
 -------------------------
