@@ -608,7 +608,7 @@ class _Acc:
         """Elements ``[i, j)`` hold the same finite values on both sides (``x``: side A).
         ``nonzero``: whether they hold a finite non-zero value, when the caller knows."""
         if self.sums is not None:
-            if self.dev is None:  # numpy: summed at flush(), on two threads
+            if self.dev is None:  # numpy: summed at flush(), on the worker threads
                 self.held.append((i, j))
             else:
                 self._add(x, None)
