@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import wsurgery
 from wsurgery import surgery
@@ -629,3 +629,19 @@ def test_misfit_hints_name_the_fix():
     assert _misfit_hint("copy", (8, 8), "bfloat16", (8, 8), "float32") == " (try --transform 'cast(float32)')"
     assert _misfit_hint("tie", (3, 8), "float32", (8, 3), "float32") == " (try --transform transpose)"
     assert _misfit_hint("tie", (3, 8), "float32", (4, 6), "float32") == ""
+
+
+def test_misfit_hints_blame_the_users_own_transform_when_the_source_already_fits(tmp_path, cli):
+    from wsurgery.surgery import _misfit_hint
+
+    # a transpose too many, or a cast the destination does not want: drop it, don't add another
+    assert _misfit_hint("copy", (3, 8), "float32", (8, 3), "float32", source=((8, 3), "float32")) == (
+        " (the source itself is float32 (8, 3), which fits: try without --transform)"
+    )
+    assert _misfit_hint("copy", (8, 3), "float16", (3, 8), "float32", source=((8, 3), "float32")) == (
+        " (try --transform transpose and no cast (the source is float32))"
+    )
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(8, 3), "b": torch.zeros(8, 3)}, str(path))
+    code, _, err = cli("copy", path, "--src", "a", "--dst", "b", "-t", "transpose", "-o", tmp_path / "o.safetensors")
+    assert code == 4 and "which fits: try without --transform" in err and "try --transform transpose" not in err

@@ -114,13 +114,21 @@ def _fmt_shape(shape) -> str:
     return repr(tuple(int(d) for d in shape))
 
 
-def _misfit_hint(kind: str, shape, dtype: str, dshape, ddtype: str) -> str:
-    """What would make a misfit fit: a transpose for mirrored 2-D shapes, a cast for a dtype."""
+def _misfit_hint(kind: str, shape, dtype: str, dshape, ddtype: str, source=None) -> str:
+    """What would make a misfit fit. ``source``: the (shape, dtype) of the source before the
+    user's transform, when there is one: if that already fits, the transform is the
+    mistake. Otherwise a transpose for mirrored 2-D shapes and a cast for a dtype (unless
+    the user's own cast is what changed it)."""
+    if source is not None and tuple(source[0]) == dshape and source[1] == ddtype:
+        return f" (the source itself is {ddtype} {_fmt_shape(dshape)}, which fits: try without --transform)"
     fixes = []
     if dshape != tuple(shape) and len(shape) == 2 and dshape == tuple(shape)[::-1]:
         fixes.append("--transform transpose")
     if ddtype != dtype:
-        fixes.append(f"--transform 'cast({ddtype})'" if kind == "copy" else "a copy with cast (a tie cannot cast)")
+        if source is not None and source[1] == ddtype:
+            fixes.append(f"no cast (the source is {ddtype})")
+        else:
+            fixes.append(f"--transform 'cast({ddtype})'" if kind == "copy" else "a copy with cast (a tie cannot cast)")
     return f" (try {' and '.join(fixes)})" if fixes else ""
 
 
@@ -328,7 +336,8 @@ def _pair_op(
     if replaces:
         dshape, ddtype = ckpt.shape_dtype(d)
         if tuple(dshape) != shape or ddtype != dtype:
-            hint = _misfit_hint(kind, shape, dtype, tuple(dshape), ddtype)
+            own = None if user_t.is_identity else source_ckpt.shape_dtype(s)
+            hint = _misfit_hint(kind, shape, dtype, tuple(dshape), ddtype, source=own)
             problems.append(
                 f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}{hint}"
             )
