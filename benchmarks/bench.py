@@ -57,6 +57,14 @@ from safetensors.torch import load_file, save_file
 save_file(load_file(sys.argv[1]), sys.argv[2], metadata={"format": "pt"})
 """
 
+PLAIN_COPY_SCALE = """
+import sys
+from safetensors.torch import load_file, save_file
+sd = load_file(sys.argv[1])
+sd[sys.argv[4]] = sd[sys.argv[3]] * 0.5
+save_file(sd, sys.argv[2], metadata={"format": "pt"})
+"""
+
 PLAIN_INSPECT = """
 import sys
 from safetensors import safe_open
@@ -212,6 +220,16 @@ def cases(a: Path, b: Path, out: Path):
             a.stat().st_size,
             0.5,
         )
+    # A computed copy over a tensor of the same shape (every gpt_like checkpoint has two
+    # layers or more); with --no-sync, as the plain script does not sync either.
+    src, dst = "layers.0.mlp.up.weight", "layers.1.mlp.up.weight"
+    yield (
+        "copy-scale",
+        ws + ["copy", str(a), "--src", src, "--dst", dst, "-t", "scale(0.5)", "-o", str(out), "--force", "--no-sync"],
+        [PY, "-c", PLAIN_COPY_SCALE, str(a), str(out), src, dst],
+        a.stat().st_size,
+        0.5,
+    )
     yield ("inspect", ws + ["inspect", str(a), "--json"], [PY, "-c", PLAIN_INSPECT, str(a)], 0, None)
 
 
@@ -223,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated subset: diff,diff-all,tie,convert,tie-nosync,convert-nosync,inspect",
+        help="comma-separated subset: diff,diff-all,tie,convert,tie-nosync,convert-nosync,copy-scale,inspect",
     )
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")

@@ -545,13 +545,18 @@ def test_untouched_and_untransformed_tensors_are_copied_as_raw_bytes(tmp_path, m
 
 def test_a_transformed_copy_decodes_only_its_source(tmp_path, monkeypatch, ck):
     read = []
-    real = FileStored.tensor
+    real_tensor, real_raw = FileStored.tensor, FileStored.raw
 
-    def spy(self, device="cpu"):
+    def spy_tensor(self, device="cpu"):  # the torch path
         read.append(self.name)
-        return real(self, device)
+        return real_tensor(self, device)
 
-    monkeypatch.setattr(FileStored, "tensor", spy)
+    def spy_raw(self):  # the numpy path (this one: float32 transpose and scale)
+        read.append(self.name)
+        return real_raw(self)
+
+    monkeypatch.setattr(FileStored, "tensor", spy_tensor)
+    monkeypatch.setattr(FileStored, "raw", spy_raw)
     p = surgery.plan_copy(ck, "enc.weight", "dec.weight", ["transpose", "scale(0.5)"])
     assert read == []
     p.result.save(tmp_path / "o.safetensors")

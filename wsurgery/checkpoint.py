@@ -149,7 +149,10 @@ class TensorStored(Stored):
 
 
 class ComputedStored(Stored):
-    """``transform(base)``, computed when written or read: one tensor in flight at a time."""
+    """``transform(base)``, computed when written or read: one tensor in flight at a time.
+
+    Written on the CPU from a safetensors file, it is computed with numpy when every step
+    allows (``_use_numpy``), with the bytes torch would give; otherwise with torch."""
 
     def __init__(self, name: str, base: Stored, transform: Transform, device="cpu"):
         self.name = name
@@ -174,12 +177,43 @@ class ComputedStored(Stored):
         out = self._compute(own=True)
         return out if out.device == _device(device) else out.to(device)
 
+    def _use_numpy(self) -> bool:
+        """Whether :meth:`write` computes with numpy rather than torch: on the CPU, over the
+        bytes of a safetensors file, with steps that numpy computes bit for bit as torch
+        does (``wsurgery.numpy_apply.supports``). Then writing never imports torch."""
+        if str(self.device) != "cpu" or not isinstance(self.base, FileStored):
+            return False
+        from .numpy_apply import supports
+
+        return supports(self.transform, self.base.dtype)
+
+    def _write_numpy(self, f) -> bool:
+        """Compute and write with numpy; False (nothing written) when the result holds a NaN
+        whose bits torch may set otherwise: the caller then computes with torch."""
+        import numpy as np
+
+        from .formats.writer import write_all
+        from .numpy_apply import apply, has_nan, needs_nan_check, numpy_view
+
+        base = self.base
+        try:
+            out = apply(self.transform, numpy_view(base.raw(), base.dtype, base.shape), base.dtype)
+            out = np.ascontiguousarray(out)
+            if needs_nan_check(self.transform, base.dtype) and has_nan(out):
+                return False
+            write_all(f, out.reshape(-1).view(np.uint8))
+            return True
+        finally:
+            base.release()  # the pages read stay in the page cache, out of this process
+
     def write(self, f) -> None:
         from .formats.writer import copy_range, write_all
 
         loc = self.raw_location()
         if loc is not None:
             copy_range(loc[0], loc[1], loc[2], f)
+            return
+        if self._use_numpy() and self._write_numpy(f):
             return
         write_all(f, tensor_bytes(self._compute()))
 

@@ -103,11 +103,12 @@ from typing import Any
 
 import numpy as np
 
+from . import numpy_apply
 from .checkpoint import Alias, Checkpoint, FileStored, Stored, TensorStored, from_tensors, load, natural_key
 from .compare_engine import PairStream, TensorStats, compare_arrays, numpy_view, parallel_map, to_device
 from .dtypes import BY_NAME
 from .errors import UnknownNameError, UsageError
-from .transforms import IDENTITY, Permute, Reshape, Slice, Transform, Transpose, parse
+from .transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
 
 __all__ = [
     "CHUNK_BYTES",
@@ -386,28 +387,6 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _np_view_apply(transform: Transform, arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Apply view steps to a numpy array (so safetensors aliases need no torch)."""
-    for step in transform.steps:
-        shape, _ = step.infer(arr.shape, dtype)  # validates, with the step's own message
-        if isinstance(step, Transpose):
-            d0, d1 = (0, 1) if step.dims is None else step.dims
-            arr = np.swapaxes(arr, d0, d1)
-        elif isinstance(step, Permute):
-            arr = np.transpose(arr, step.dims)
-        elif isinstance(step, Reshape):
-            arr = arr.reshape(shape)
-        elif isinstance(step, Slice):
-            index = [slice(None)] * arr.ndim
-            index[step.dim] = slice(step.start, step.stop)
-            arr = arr[tuple(index)]
-        else:  # pragma: no cover - callers only pass view chains
-            raise AssertionError(f"not a view step: {step}")
-        if tuple(arr.shape) != tuple(shape):  # pragma: no cover - an invariant
-            raise AssertionError(f"step {step} gave shape {arr.shape}, inferred {shape}")
-    return arr
-
-
 def _is_cpu_tensor(s: Stored) -> bool:
     return not isinstance(s, TensorStored) or s.t.device.type == "cpu"
 
@@ -424,7 +403,7 @@ def _flat(v: _Value, dev: str | None):
     if v.transform.is_identity and isinstance(s, TensorStored):
         return (_torch_to_numpy(s.t) if dev is None else s.t.detach().reshape(-1)), None
     if dev is None and isinstance(s, FileStored) and v.transform.is_view:
-        arr = _np_view_apply(v.transform, numpy_view(s.raw(), s.dtype, s.shape), s.dtype)
+        arr = numpy_apply.apply(v.transform, numpy_view(s.raw(), s.dtype, s.shape), s.dtype, views_only=True)
         flat = np.ascontiguousarray(arr).reshape(-1)
         s.release()
         return flat, None

@@ -75,8 +75,8 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
-from . import dtypes as _dtypes
-from .errors import InputError, SurgeryError, UsageError
+from .errors import SurgeryError, UsageError
+from .numpy_apply import numpy_view
 
 __all__ = ["PairStream", "TensorStats", "compare_arrays", "numpy_view", "to_device"]
 
@@ -982,39 +982,6 @@ def _itemsize(x) -> int:
     if size is None:
         size = x.element_size() if hasattr(x, "element_size") else x.dtype.itemsize
     return int(size)
-
-
-def _numpy_dtype(name: str):
-    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
-    return np.dtype(name).newbyteorder("<")
-
-
-def numpy_view(buffer, dtype_name: str, shape) -> np.ndarray:
-    """Zero-copy numpy view of raw little-endian bytes (``bytes``, ``memoryview``, an
-    ``mmap`` slice) as the wsurgery dtype ``dtype_name`` (``bfloat16`` and ``float8_*``
-    through ``ml_dtypes``; those assume a little-endian host). The buffer must hold
-    exactly ``prod(shape)`` elements; raises ``InputError`` otherwise or for an unknown
-    dtype. Read-only buffers give read-only arrays.
-    """
-    dt = _dtypes.lookup(dtype_name)
-    if dt is None:
-        raise InputError(f"unknown dtype {dtype_name!r}")
-    np_dtype = _numpy_dtype(dt.name)
-    shape = tuple(int(s) for s in shape)
-    numel = math.prod(shape)
-    with memoryview(buffer) as mv:  # released at once: an mmap can still be closed later
-        nbytes = mv.nbytes
-    if nbytes != numel * np_dtype.itemsize:
-        raise InputError(
-            f"{nbytes} bytes cannot hold a {dt.name} tensor of shape {list(shape)} "
-            f"({numel * np_dtype.itemsize} bytes expected)"
-        )
-    if numel == 0:
-        return np.empty(shape, dtype=np_dtype)
-    return np.frombuffer(buffer, dtype=np_dtype, count=numel).reshape(shape)
 
 
 def to_device(x, device: str | None):
