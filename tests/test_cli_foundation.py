@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -241,3 +244,28 @@ def test_usage_errors_from_the_console_script_are_one_line(fixtures):
     assert r.returncode == 2 and r.stderr.startswith("error: No such command")
     r = run_module()
     assert r.returncode == 0 and "Usage: wsurgery" in r.stdout
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "tiny_lm.safetensors"],
+        ["inspect", "tiny_lm.safetensors", "--json"],
+        ["diff", "tiny_lm.pt", "tiny_lm.safetensors", "--json"],
+        ["diff", "tiny_lm.safetensors", "tiny_lm_sharded"],
+    ],
+)
+def test_a_standard_output_that_cannot_be_written_is_exit_5_with_one_line(fixtures, args):
+    # a full disk under `wsurgery ... > report.json` must not pass CI as success, nor crash
+    args = [fixtures / a if (fixtures / a).exists() else a for a in args]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "wsurgery", *map(str, args)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "cannot write to standard output" in proc.stderr

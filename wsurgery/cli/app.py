@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 
 import typer
 
+from ..errors import OutputError
 from . import check, convert, copy, diff, inspect_cmd, tie, untie
+from .common import EXIT_CODES
 
 app = typer.Typer(
     name="wsurgery",
@@ -70,10 +73,14 @@ def main(argv: list[str] | None = None) -> None:
 def _exit_now(code: int) -> None:
     """End the console script once its work is done: flush the output, then leave without
     the interpreter's teardown (freeing every module, joining idle worker threads), which
-    costs 30-60 ms of a sub-second command. Every file wsurgery wrote is closed by now."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (``| head``): nothing more to say
-            pass
+    costs 30-60 ms of a sub-second command. Every file wsurgery wrote is closed by now.
+    Output that cannot be flushed (a full disk, a closed pipe) is exit 5, like any write."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        sys.stderr.write(f"error: cannot write to standard output: {reason} (hint: the output is incomplete)\n")
+        code = EXIT_CODES[OutputError]
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     os._exit(code)

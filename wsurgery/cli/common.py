@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
@@ -188,9 +190,24 @@ def markup_safe(text) -> str:
     return escape(safe(text))
 
 
+# errnos that only a write gives: wsurgery's own file writes map them to OutputError, so one
+# that reaches a command is a failed write to standard output (a full disk, a closed pipe)
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE})
+
+
+def stdout_error(exc: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write to standard output: {exc.strerror or exc}",
+        hint="the output is incomplete; check the file or pipe it goes to",
+    )
+
+
 def emit_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        raise stdout_error(exc) from None
 
 
 def debug() -> bool:
@@ -203,12 +220,13 @@ def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
         traceback.print_exc()
     sys.stderr.write(f"error: {safe(exc.one_line())}\n")
     if json_out:
-        emit_json(
-            {
-                "schema": f"wsurgery.{command}/1",
-                "error": {"kind": exc.kind, "message": str(exc), "hint": exc.hint, "exit_code": code},
-            }
-        )
+        with contextlib.suppress(OutputError):  # standard output itself may be what failed
+            emit_json(
+                {
+                    "schema": f"wsurgery.{command}/1",
+                    "error": {"kind": exc.kind, "message": str(exc), "hint": exc.hint, "exit_code": code},
+                }
+            )
     return code
 
 
@@ -231,27 +249,37 @@ def command(name: str):
                 raise typer.Exit(report_error(name, exc, json_out)) from None
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
+            except OSError as exc:
+                if exc.errno not in _WRITE_ERRNOS:
+                    raise _internal_error(name, exc, json_out) from None
+                raise typer.Exit(report_error(name, stdout_error(exc), False)) from None
             except Exception as exc:  # a bug in wsurgery: still one line, never a traceback unless asked
-                if debug():
-                    traceback.print_exc()
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                sys.stderr.write(
-                    f"error: internal error: {type(exc).__name__}: {first} "
-                    "(hint: set WSURGERY_DEBUG=1 for a traceback and report it)\n"
-                )
-                if json_out:
-                    emit_json(
-                        {
-                            "schema": f"wsurgery.{name}/1",
-                            "error": {"kind": "internal", "message": first, "hint": None, "exit_code": EXIT_INTERNAL},
-                        }
-                    )
-                raise typer.Exit(EXIT_INTERNAL) from None
+                raise _internal_error(name, exc, json_out) from None
             raise typer.Exit(code or 0)
 
         return wrapper
 
     return deco
+
+
+def _internal_error(name: str, exc: Exception, json_out: bool) -> typer.Exit:
+    """A bug in wsurgery: one line (a traceback only with WSURGERY_DEBUG), exit 70."""
+    if debug():
+        traceback.print_exc()
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    sys.stderr.write(
+        f"error: internal error: {type(exc).__name__}: {first} "
+        "(hint: set WSURGERY_DEBUG=1 for a traceback and report it)\n"
+    )
+    if json_out:
+        with contextlib.suppress(OutputError):  # standard output itself may be what failed
+            emit_json(
+                {
+                    "schema": f"wsurgery.{name}/1",
+                    "error": {"kind": "internal", "message": first, "hint": None, "exit_code": EXIT_INTERNAL},
+                }
+            )
+    return typer.Exit(EXIT_INTERNAL)
 
 
 # --- outputs ----------------------------------------------------------------------------
