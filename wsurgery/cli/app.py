@@ -9,9 +9,8 @@ import sys
 
 import typer
 
-from ..errors import OutputError
 from . import check, convert, copy, diff, inspect_cmd, tie, untie
-from .common import EXIT_CODES
+from .common import exit_code_for, stdout_error
 
 app = typer.Typer(
     name="wsurgery",
@@ -78,9 +77,9 @@ def _exit_now(code: int) -> None:
     try:
         sys.stdout.flush()
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or exc
-        sys.stderr.write(f"error: cannot write to standard output: {reason} (hint: the output is incomplete)\n")
-        code = EXIT_CODES[OutputError]
+        err = stdout_error(exc if isinstance(exc, OSError) else OSError(str(exc)))
+        sys.stderr.write(f"error: {err.one_line()}\n")
+        code = exit_code_for(err)
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     os._exit(code)
