@@ -89,3 +89,33 @@ def test_pretty_exceptions_show_no_locals():
     from wsurgery.cli.app import app
 
     assert app.pretty_exceptions_show_locals is False
+
+
+def _cli_words() -> tuple[set[str], set[str]]:
+    """Every long flag of every command (``--force``) and every command name."""
+    import typer.main
+
+    from wsurgery.cli.app import app
+
+    flags: set[str] = set()
+    group = typer.main.get_group(app)
+    for cmd in group.commands.values():
+        for param in cmd.params:
+            if param.param_type_name == "option":
+                # long flags only: one-letter ones (-o, -f) read as prose too (``ulimit -f``)
+                flags.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--") and o != "--help")
+    return flags, set(group.commands)
+
+
+@pytest.mark.parametrize("path", _core_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_never_speaks_of_cli_flags_or_commands(path):
+    """The core's messages, hints and docs name library parameters; the CLI renders its
+    own flags (``wsurgery.cli._errors``). A flag or a ``wsurgery <command>`` in a core
+    module, code or prose, fails."""
+    import re
+
+    flags, commands = _cli_words()
+    text = path.read_text()
+    found = sorted(f for f in flags if re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text))
+    found += sorted(f"wsurgery {c}" for c in commands if re.search(rf"\bwsurgery {c}\b", text))
+    assert not found, f"{path.relative_to(ROOT)} speaks of {found}"

@@ -164,7 +164,7 @@ def test_set_weights_lists_every_problem_and_applies_nothing():
     with pytest.raises(SurgeryError) as info:
         set_weights(b, bad)
     err = info.value
-    assert err.exit_code == 4 and len(err.problems) == 4
+    assert len(err.problems) == 4
     text = str(err)
     assert "4 problems" in text and "\n" not in text
     assert "'0.wieght'" in text and "did you mean '0.weight'" in text
@@ -178,7 +178,7 @@ def test_set_weights_lists_every_problem_and_applies_nothing():
 def test_set_weights_unknown_names_only_is_an_unknown_name_error():
     with pytest.raises(UnknownNameError) as info:
         set_weights(mlp(0), {"0.weigth": torch.zeros(D, 5), "1.weight": torch.zeros(1)})
-    assert info.value.exit_code == 3
+    assert "0.weigth" in str(info.value)
     assert len(info.value.problems) == 2 and "did you mean '0.weight'" in str(info.value)
 
 

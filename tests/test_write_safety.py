@@ -60,7 +60,7 @@ def test_disk_full_at_fsync_is_an_output_error(tmp_path, monkeypatch):
     dest = tmp_path / "out.safetensors"
     with pytest.raises(OutputError, match="No space left on device") as info:
         write_safetensors(dest, [WriteItem("a", "uint8", (3,), 3, lambda f: f.write(b"abc"))], None)
-    assert info.value.exit_code == 5 and "free some disk space" in info.value.one_line()
+    assert info.value.reason == "no_space" and "free some disk space" in info.value.one_line()
     assert not dest.exists() and leftovers(tmp_path) == []
 
 
@@ -442,7 +442,7 @@ def test_a_failing_unsynced_write_leaves_nothing(tmp_path, fsyncs):
     items = [WriteItem("a", "uint8", (3,), 3, lambda f: f.write(b"abc")), WriteItem("b", "uint8", (4,), 4, _boom)]
     with pytest.raises(OutputError, match="No space left on device") as info:
         write_safetensors(dest, items, None, sync=False)
-    assert info.value.exit_code == 5
+    assert info.value.reason == "no_space"
     assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
 
     # a bug in a tensor's write (not an OSError) is cleaned up the same way

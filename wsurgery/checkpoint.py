@@ -278,9 +278,7 @@ class Checkpoint:
         import difflib
 
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}?" if close else "run `wsurgery inspect` to list the names"
-        where = f" in {self.path}" if self.path else ""
-        return UnknownNameError(f"no {what} named {name!r}{where}", hint=hint)
+        return UnknownNameError(name, path=self.path, candidates=close, what=what)
 
     def resolve(self, name: str) -> list[tuple[str, str]]:
         """``[(full name, suffix)]`` for a tensor name or a module prefix.

@@ -85,7 +85,7 @@ error: it never reports "equal" for work it could not do.
 
 ``check(ckpt, src, dst, transform)`` compares ``transform(src)`` with ``dst`` (in
 ``ckpt``, or in ``other``); module prefixes check every pair under them (the pairing of
-``wsurgery copy``). A pair is equal when shapes and dtypes agree and every element is
+copies). A pair is equal when shapes and dtypes agree and every element is
 within tolerance; a dtype mismatch is a difference (``reason`` ``dtype``), with values
 compared after upcasting; a shape mismatch is a difference without statistics.
 """
@@ -310,7 +310,8 @@ def _tolerances(atol, rtol) -> tuple[float, float]:
     if not (math.isfinite(atol) and math.isfinite(rtol) and atol >= 0 and rtol >= 0):
         raise UsageError(
             f"atol and rtol must be finite and >= 0, got atol={atol}, rtol={rtol}",
-            hint="pass a non-negative tolerance such as --atol 1e-6",
+            param="atol" if not (math.isfinite(atol) and atol >= 0) else "rtol",
+            hint="pass a finite, non-negative tolerance such as 1e-6",
         )
     return atol, rtol
 
@@ -1040,7 +1041,7 @@ def diff(
     atol=0.0,
     rtol=0.0,
     device=None,
-    filter=None,  # noqa: A002 - the CLI's --filter
+    filter=None,  # noqa: A002 - a glob on names
     progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor, streaming; see the module doc.
@@ -1069,8 +1070,9 @@ def diff(
         names_b = [n for n in B.names() if keep(n)]
         if filter is not None and not names_a and not names_b:
             raise UsageError(
-                f"--filter {filter!r} matches no tensor in {label_a} or {label_b}",
-                hint="check the glob (e.g. 'encoder.*'); run `wsurgery inspect` to list the names",
+                f"filter {filter!r} matches no tensor in {label_a} or {label_b}",
+                param="filter",
+                hint="check the glob (e.g. 'encoder.*')",
             )
         only_a = [n for n in names_a if n not in B]
         only_b = [n for n in names_b if n not in A]
@@ -1145,9 +1147,11 @@ def check(
                 raise D.unknown(missing[0])
             where = f" in {D.path}" if D.path else ""
             raise UnknownNameError(
-                f"{len(missing)} of {len(pairs)} destinations are missing{where}: {', '.join(missing[:5])}"
+                missing[0],
+                path=D.path,
+                message=f"{len(missing)} of {len(pairs)} destinations are missing{where}: {', '.join(missing[:5])}"
                 + (" ..." if len(missing) > 5 else ""),
-                hint="check --dst, or that both module prefixes hold the same tensors",
+                hint="check the destination, or that both module prefixes hold the same tensors",
             )
         values = [(s, d, _value_of(C, s, t), _value_of(D, d)) for s, d in pairs]  # infer first: fails early
 

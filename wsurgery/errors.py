@@ -1,27 +1,37 @@
-"""Domain errors. Each carries the process exit code the CLI maps it to.
+"""The errors wsurgery raises on purpose.
 
-The library raises these; only the CLI turns them into exit codes and one-line
-messages (see ``wsurgery.cli.app.EXIT_CODES``).
+Library errors carry data (the path, the names, the shapes, what would fix it) and speak
+the library's language: parameters, never command-line flags or exit codes. The command
+line (``wsurgery.cli._errors``) turns them into its one-line messages, flag-naming hints
+and exit codes, in one place.
+
+Every error's ``str()`` is one line. ``hint`` is a short suggestion for a library user;
+``one_line()`` is the message followed by the hint.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 
 class WsurgeryError(Exception):
     """Base of every error wsurgery raises on purpose.
 
-    ``hint`` is a short suggestion on how to fix the problem; the CLI prints it
-    after the message.
+    Args:
+        message: what went wrong, naming the file, tensor or step.
+        hint: how to fix it, for a library user (None when there is nothing to say).
+        path: the file the error is about, when there is one; it prefixes the message
+            unless the message already names it.
     """
 
-    exit_code = 1
     kind = "error"
 
     def __init__(self, message: str, *, hint: str | None = None, path: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
-        self.path = path
+        self.path = None if path is None else str(path)
 
     def __str__(self) -> str:  # one line, always
         text = self.message
@@ -37,16 +47,22 @@ class WsurgeryError(Exception):
 
 
 class UsageError(WsurgeryError):
-    """The command line itself is wrong (exit 2)."""
+    """An argument that is wrong in itself: a tolerance, a device, a size, a filter.
 
-    exit_code = 2
+    ``param`` names the library parameter at fault (``"atol"``, ``"device"``,
+    ``"max_shard_size"``, ``"filter"``), so a front end can point at its own spelling.
+    """
+
     kind = "usage"
+
+    def __init__(self, message: str, *, param: str | None = None, hint: str | None = None, path: str | None = None):
+        super().__init__(message, hint=hint, path=path)
+        self.param = param
 
 
 class InputError(WsurgeryError):
-    """A missing, unreadable, malformed or unsafe input, or an unknown name (exit 3)."""
+    """A missing, unreadable, malformed or unsafe input, or an unknown name."""
 
-    exit_code = 3
     kind = "input"
 
 
@@ -59,24 +75,131 @@ class UnsafePickleError(InputError):
 
 
 class UnknownNameError(InputError):
-    """A tensor or module name that the checkpoint does not hold."""
+    """A tensor or module name that the checkpoint does not hold.
+
+    Args:
+        name: the name asked for.
+        path: the checkpoint's path, when it has one.
+        candidates: close matches among the names it does hold (may be empty).
+        what: what was looked for (``"tensor or module"``, ``"tensor"``, ...).
+        message: a message of its own instead of ``no <what> named <name>``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        path: str | None = None,
+        candidates: Sequence[str] = (),
+        what: str = "tensor or module",
+        message: str | None = None,
+        hint: str | None = None,
+    ):
+        where = f" in {path}" if path else ""
+        if hint is None and candidates:
+            hint = f"did you mean {', '.join(candidates)}?"
+        super().__init__(message or f"no {what} named {name!r}{where}", hint=hint)
+        self.name = name
+        self.checkpoint = path
+        self.candidates = list(candidates)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a plan cannot be carried out, with what would fix it.
+
+    Attributes:
+        message: one line naming the step, the tensors and their shapes/dtypes.
+        suggest: transform steps that would make it fit (``("transpose",)``).
+        drop_transform: the source fits as it is; the given transform is the misfit.
+        use: another verb that does what was asked (``"copy"`` for a tie that needs
+            data, ``"untie"`` for a tensor other aliases point at).
+        names: the tensors the problem is about.
+    """
+
+    message: str
+    suggest: tuple[str, ...] = ()
+    drop_transform: bool = False
+    use: str | None = None
+    names: tuple[str, ...] = ()
+
+    def library_hint(self) -> str | None:
+        if self.drop_transform:
+            return "the source fits as it is: try without the transform"
+        if self.suggest:
+            return f"try the transform {' -> '.join(self.suggest)}"
+        if self.use:
+            return f"use {self.use}() instead"
+        return None
+
+    def __str__(self) -> str:
+        hint = self.library_hint()
+        return f"{self.message} ({hint})" if hint else self.message
+
+
+def _as_problems(problems: Iterable[Problem | str]) -> list[Problem]:
+    return [p if isinstance(p, Problem) else Problem(str(p)) for p in problems]
 
 
 class SurgeryError(WsurgeryError):
     """A plan that cannot be carried out: misfit shapes or dtypes, bad transforms,
-    conflicting or cyclic ties (exit 4)."""
+    conflicting or cyclic ties. ``problems`` lists every problem found (all of them are
+    collected before anything is raised).
 
-    exit_code = 4
+    Args:
+        message: the error's message; by default built from ``problems``.
+        problems: the problems, as :class:`Problem` or plain strings.
+    """
+
     kind = "surgery"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        problems: Iterable[Problem | str] = (),
+        hint: str | None = None,
+        path: str | None = None,
+    ):
+        self.problems = _as_problems(problems)
+        if message is None:
+            message = summarize([str(p) for p in self.problems])
+        if len(self.problems) == 1 and self.problems[0].library_hint():
+            hint = self.problems[0].library_hint()
+        super().__init__(message, hint=hint, path=path)
+
+
+def summarize(lines: Sequence[str], limit: int | None = None) -> str:
+    """``lines`` as one text: ``"N problems: a; b; ..."``, the first ``limit`` then a count."""
+    if len(lines) == 1:
+        return lines[0]
+    shown = list(lines if limit is None else lines[:limit])
+    text = f"{len(lines)} problems: " + "; ".join(shown)
+    if len(shown) < len(lines):
+        text += f"; ... and {len(lines) - len(shown)} more"
+    return text
 
 
 class TransformError(SurgeryError):
     """A transform spec that does not parse, or a step that does not fit its input."""
 
+    def __init__(self, message: str, *, hint: str | None = None, path: str | None = None):
+        super().__init__(message, hint=hint, path=path)
+
 
 class OutputError(WsurgeryError):
-    """The output cannot be written: exists without --force, would overwrite an
-    input, disk full, permission denied (exit 5)."""
+    """The output cannot be written.
 
-    exit_code = 5
+    ``reason`` says why, for front ends that phrase their own advice: ``"exists"`` (and
+    overwriting was not asked for), ``"is_input"`` (the output would replace an input),
+    ``"not_a_folder"`` (its folder is missing), ``"is_folder"`` / ``"is_file"`` (a file
+    where a folder was wanted or the other way round), ``"not_regular"`` (a device, pipe
+    or socket), ``"no_space"``, ``"too_large"`` (a file-size limit), ``"permission"``,
+    ``"stdout"`` (standard output could not be written), or None.
+    """
+
     kind = "output"
+
+    def __init__(self, message: str, *, reason: str | None = None, hint: str | None = None, path: str | None = None):
+        super().__init__(message, hint=hint, path=path)
+        self.reason = reason

@@ -325,11 +325,15 @@ def _raise_problems(action: str, unknown: list[str], misfit: list[str], hint: st
     problems = unknown + misfit
     if not problems:
         return
-    cls = SurgeryError if misfit else UnknownNameError
     count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-    if hint is None and unknown and not misfit:
-        hint = "names are those of named_parameters(); parametrized weights by their attribute"
-    err = cls(f"{action}: {count}: " + "; ".join(problems), hint=hint)
+    text = f"{action}: {count}: " + "; ".join(problems)
+    if misfit:
+        raise SurgeryError(text, problems=problems, hint=hint)
+    err = UnknownNameError(
+        unknown[0],
+        message=text,
+        hint=hint or "names are those of named_parameters(); parametrized weights by their attribute",
+    )
     err.problems = problems  # type: ignore[attr-defined]
     raise err
 

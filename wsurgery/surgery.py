@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint, ComputedStored, Stored, make_alias, natural_key
-from .errors import SurgeryError, TransformError, UnknownNameError, UsageError
+from .errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
 from .transforms import Reshape, Transform, parse
 
 KINDS = ("tie", "copy", "untie")
@@ -83,7 +83,7 @@ class Op:
 class Plan:
     ops: list[Op]
     result: Checkpoint
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem | str] = field(default_factory=list)
 
     def summary(self) -> dict:
         r = self.result
@@ -114,22 +114,30 @@ def _fmt_shape(shape) -> str:
     return repr(tuple(int(d) for d in shape))
 
 
-def _misfit_hint(kind: str, shape, dtype: str, dshape, ddtype: str, source=None) -> str:
-    """What would make a misfit fit. ``source``: the (shape, dtype) of the source before the
-    user's transform, when there is one: if that already fits, the transform is the
-    mistake. Otherwise a transpose for mirrored 2-D shapes and a cast for a dtype (unless
-    the user's own cast is what changed it)."""
+def _misfit(label: str, kind: str, shape, dtype: str, d: str, dshape, ddtype: str, source=None) -> Problem:
+    """A result that does not fit its destination, with what would make it fit. ``source``:
+    the (shape, dtype) of the source before the user's transform, when there is one: if
+    that already fits, the transform is the mistake. Otherwise a transpose for mirrored
+    2-D shapes and a cast for a dtype (unless the user's own cast is what changed it)."""
+    text = f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}"
     if source is not None and tuple(source[0]) == dshape and source[1] == ddtype:
-        return f" (the source itself is {ddtype} {_fmt_shape(dshape)}, which fits: try without --transform)"
-    fixes = []
+        return Problem(f"{text}; the source itself is {ddtype} {_fmt_shape(dshape)}", drop_transform=True, names=(d,))
+    suggest: list[str] = []
+    notes: list[str] = []
     if dshape != tuple(shape) and len(shape) == 2 and dshape == tuple(shape)[::-1]:
-        fixes.append("--transform transpose")
+        suggest.append("transpose")
+    use = None
     if ddtype != dtype:
         if source is not None and source[1] == ddtype:
-            fixes.append(f"no cast (the source is {ddtype})")
+            notes.append(f"the source is {ddtype}: drop the cast")
+        elif kind == "copy":
+            suggest.append(f"cast({ddtype})")
         else:
-            fixes.append(f"--transform 'cast({ddtype})'" if kind == "copy" else "a copy with cast (a tie cannot cast)")
-    return f" (try {' and '.join(fixes)})" if fixes else ""
+            notes.append("a tie cannot cast")
+            use = "copy"
+    if notes:
+        text += f" ({'; '.join(notes)})"
+    return Problem(text, suggest=tuple(suggest), use=use, names=(d,))
 
 
 def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -> list[tuple[str, str]]:
@@ -209,19 +217,22 @@ def check_device(device) -> str:
     try:
         dev = torch.device(text)
     except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"unknown device {text!r}", hint="use cpu, cuda or cuda:N") from None
+        raise UsageError(f"unknown device {text!r}", param="device", hint="use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device {text!r} asked for, but CUDA is not available here", hint="use --device cpu")
+            raise UsageError(
+                f"device {text!r} asked for, but CUDA is not available here", param="device", hint="use cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(
                 f"device {text!r} asked for, but there are only {torch.cuda.device_count()} CUDA devices",
+                param="device",
                 hint="use cuda:0 .. cuda:N-1",
             )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {text!r} asked for, but MPS is not available here", hint="use --device cpu")
+        raise UsageError(f"device {text!r} asked for, but MPS is not available here", param="device", hint="use cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"device {text!r} is not supported for surgery", hint="use cpu or cuda")
+        raise UsageError(f"device {text!r} is not supported for surgery", param="device", hint="use cpu or cuda")
     return text
 
 
@@ -254,7 +265,7 @@ def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None, *, device=
     ``other`` when it is given. ``device`` is where copies and untied aliases are computed
     when the result is written or read.
     """
-    problems: list[str] = []
+    problems: list[Problem | str] = []
     ops: list[Op] = []
     for kind, src, dst, spec in requests:
         if kind == "untie":
@@ -270,8 +281,12 @@ def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None, *, device=
         if kind == "tie" and not user_t.is_view:
             bad = [s for s in user_t.steps if not s.is_view]
             problems.append(
-                f"tie {src} -> {dst}: a tie takes view steps only (same, transpose, permute, reshape, slice); "
-                f"{', '.join(s.spec() for s in bad)} would need a copy (use `wsurgery copy`)"
+                Problem(
+                    f"tie {src} -> {dst}: a tie takes view steps only (same, transpose, permute, reshape, slice); "
+                    f"{', '.join(s.spec() for s in bad)} would need a copy",
+                    use="copy",
+                    names=(dst,),
+                )
             )
             continue
         from_other = kind == "copy" and other is not None
@@ -292,8 +307,7 @@ def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None, *, device=
         ops = ops + _implied_unties(ckpt, ops)
         problems.extend(_conflicts(ckpt, ops))
     if problems:
-        head = f"{len(problems)} problems in the plan: " if len(problems) > 1 else ""
-        raise SurgeryError(head + "; ".join(problems), hint="nothing was written")
+        raise SurgeryError(problems=problems, hint="nothing was written")
     check_device(device)
     return Plan(ops=ops, result=_apply(ckpt, ops, other, device))
 
@@ -306,7 +320,7 @@ def _pair_op(
     source_ckpt: Checkpoint,
     ckpt: Checkpoint,
     from_other: bool,
-    problems: list[str],
+    problems: list[Problem | str],
 ) -> Op | None:
     """One (source name, destination name) pair checked into an ``Op``, or None with problems."""
     base, t = _source_of(source_ckpt, s, user_t)
@@ -337,10 +351,7 @@ def _pair_op(
         dshape, ddtype = ckpt.shape_dtype(d)
         if tuple(dshape) != shape or ddtype != dtype:
             own = None if user_t.is_identity else source_ckpt.shape_dtype(s)
-            hint = _misfit_hint(kind, shape, dtype, tuple(dshape), ddtype, source=own)
-            problems.append(
-                f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}{hint}"
-            )
+            problems.append(_misfit(label, kind, shape, dtype, d, tuple(dshape), ddtype, source=own))
             return None
         if d in ckpt.aliases:
             a = ckpt.aliases[d]
@@ -357,7 +368,7 @@ def _untie_op(ckpt: Checkpoint, name: str, note: str = "") -> Op:
     return Op("untie", a.source, name, a.source, a.transform, tuple(a.shape), a.dtype, True, note=note)
 
 
-def _untie_ops(ckpt: Checkpoint, name: str, problems: list[str]) -> list[Op]:
+def _untie_ops(ckpt: Checkpoint, name: str, problems: list[Problem | str]) -> list[Op]:
     """Untie ``name``: an alias; every alias of a stored tensor; every tie under a module prefix."""
     found = ckpt.resolve(name)  # UnknownNameError (exit 3) for an unknown name
     targets: list[tuple[str, str]] = []
@@ -427,8 +438,12 @@ def _conflicts(ckpt: Checkpoint, ops: list[Op]) -> list[str]:
             tied = [n for n in dependents(ckpt, op.dst) if n not in dsts]
             if tied:
                 problems.append(
-                    f"tie {op.src} -> {op.dst}: {op.dst} is the stored source of {', '.join(tied)}; "
-                    "untie those first (`wsurgery untie`) or tie them too"
+                    Problem(
+                        f"tie {op.src} -> {op.dst}: {op.dst} is the stored source of {', '.join(tied)}; "
+                        "untie those first or tie them too",
+                        use="untie",
+                        names=(op.dst, *tied),
+                    )
                 )
     return problems
 

@@ -10,7 +10,7 @@ import sys
 import typer
 
 from . import check, convert, copy, diff, inspect_cmd, tie, untie
-from .common import exit_code_for, stdout_error
+from ._errors import exit_code_for, one_line, stdout_error
 
 app = typer.Typer(
     name="wsurgery",
@@ -78,7 +78,7 @@ def _exit_now(code: int) -> None:
         sys.stdout.flush()
     except (OSError, ValueError) as exc:
         err = stdout_error(exc if isinstance(exc, OSError) else OSError(str(exc)))
-        sys.stderr.write(f"error: {err.one_line()}\n")
+        sys.stderr.write(f"error: {one_line(err)}\n")
         code = exit_code_for(err)
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._errors import command, emit_json
 from .common import (
     AtolOpt,
     CkptArg,
@@ -13,9 +14,7 @@ from .common import (
     RtolOpt,
     SrcOpt,
     TransformOpt,
-    command,
     console,
-    emit_json,
     safe,
 )
 from .diff import ProgressBar, fmt_float, single_threaded_blas, stats_table

@@ -1,40 +1,14 @@
-"""Shared option types, output helpers and the one error-to-exit-code table."""
+"""Shared option types and printing helpers of the commands."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import functools
-import json
 import os
 import re
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
-from ..errors import InputError, OutputError, SurgeryError, UsageError, WsurgeryError
-
-# Exit codes, in one place (see the README's table).
-EXIT_OK = 0
-EXIT_DIFFERENT = 1
-EXIT_INTERNAL = 70
-EXIT_CODES: dict[type[WsurgeryError], int] = {
-    UsageError: 2,
-    InputError: 3,
-    SurgeryError: 4,
-    OutputError: 5,
-}
-
-
-def exit_code_for(exc: WsurgeryError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in EXIT_CODES:
-            return EXIT_CODES[cls]
-    return exc.exit_code
-
 
 # --- shared options ---------------------------------------------------------------------
 
@@ -190,98 +164,6 @@ def markup_safe(text) -> str:
     return escape(safe(text))
 
 
-# errnos that only a write gives: wsurgery's own file writes map them to OutputError, so one
-# that reaches a command is a failed write to standard output (a full disk, a closed pipe)
-_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE})
-
-
-def stdout_error(exc: OSError) -> OutputError:
-    return OutputError(
-        f"cannot write to standard output: {exc.strerror or exc}",
-        hint="the output is incomplete; check the file or pipe it goes to",
-    )
-
-
-def emit_json(obj: dict) -> None:
-    try:
-        sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
-        sys.stdout.flush()
-    except OSError as exc:
-        raise stdout_error(exc) from None
-
-
-def debug() -> bool:
-    return os.environ.get("WSURGERY_DEBUG", "") not in ("", "0")
-
-
-def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
-    code = exit_code_for(exc)
-    if debug():
-        traceback.print_exc()
-    sys.stderr.write(f"error: {safe(exc.one_line())}\n")
-    if json_out:
-        with contextlib.suppress(OutputError):  # standard output itself may be what failed
-            emit_json(
-                {
-                    "schema": f"wsurgery.{command}/1",
-                    "error": {"kind": exc.kind, "message": str(exc), "hint": exc.hint, "exit_code": code},
-                }
-            )
-    return code
-
-
-def command(name: str):
-    """Wrap a command: map library errors to one stderr line and the table's exit code."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            json_out = bool(kwargs.get("json_out", False))
-            try:
-                code = fn(*args, **kwargs)
-            except WsurgeryError as exc:
-                raise typer.Exit(report_error(name, exc, json_out)) from None
-            except KeyboardInterrupt:
-                sys.stderr.write("error: interrupted\n")
-                raise typer.Exit(130) from None
-            except MemoryError:
-                exc = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
-                raise typer.Exit(report_error(name, exc, json_out)) from None
-            except (typer.Exit, typer.Abort, SystemExit):
-                raise
-            except OSError as exc:
-                if exc.errno not in _WRITE_ERRNOS:
-                    raise _internal_error(name, exc, json_out) from None
-                raise typer.Exit(report_error(name, stdout_error(exc), False)) from None
-            except Exception as exc:  # a bug in wsurgery: still one line, never a traceback unless asked
-                raise _internal_error(name, exc, json_out) from None
-            raise typer.Exit(code or 0)
-
-        return wrapper
-
-    return deco
-
-
-def _internal_error(name: str, exc: Exception, json_out: bool) -> typer.Exit:
-    """A bug in wsurgery: one line (a traceback only with WSURGERY_DEBUG), exit 70."""
-    if debug():
-        traceback.print_exc()
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    sys.stderr.write(
-        f"error: internal error: {type(exc).__name__}: {first} "
-        "(hint: set WSURGERY_DEBUG=1 for a traceback and report it)\n"
-    )
-    if json_out:
-        with contextlib.suppress(OutputError):  # standard output itself may be what failed
-            emit_json(
-                {
-                    "schema": f"wsurgery.{name}/1",
-                    "error": {"kind": "internal", "message": first, "hint": None, "exit_code": EXIT_INTERNAL},
-                }
-            )
-    return typer.Exit(EXIT_INTERNAL)
-
-
 # --- outputs ----------------------------------------------------------------------------
 
 
@@ -296,21 +178,10 @@ def default_output(ckpt_path: Path) -> Path:
 
 def resolve_output(out: Path | None, ckpt_path: Path, inputs: list[str], force: bool, in_place: bool) -> Path:
     """Decide where to write, refusing to overwrite silently (exit 5)."""
+    from ..formats.destination import check_file_target
+
     target = Path(out) if out is not None else default_output(ckpt_path)
-    if target.is_dir():
-        raise OutputError(f"{target} is a folder", hint="give a file path with -o")
-    real = os.path.realpath(target)
-    is_input = any(os.path.realpath(i) == real for i in inputs)
-    if is_input and not in_place:
-        raise OutputError(
-            f"{target} is an input; refusing to write over it",
-            hint="choose another path with -o, or pass --in-place",
-        )
-    if target.exists() and not is_input and not force:
-        raise OutputError(f"{target} exists", hint="pass --force to overwrite it, or choose another path with -o")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{parent} is not a folder", hint="create it first or choose another path with -o")
+    check_file_target(target, inputs, overwrite=force, replace_input=in_place)
     return target
 
 
@@ -318,22 +189,11 @@ def resolve_folder_output(
     out: Path | None, ckpt_path: Path, inputs: list[str], force: bool, in_place: bool
 ) -> tuple[Path, bool]:
     """Where sharded output goes (a folder), and whether an existing one may be replaced."""
+    from ..formats.destination import check_folder_target
+
     p = Path(ckpt_path)
     target = Path(out) if out is not None else p.with_name(p.name.split(".")[0] + "-sharded")
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"{target} is a file; sharded output is a folder", hint="choose a folder path with -o")
-    real = os.path.realpath(target)
-    holds_input = any(os.path.realpath(i) == real or os.path.realpath(i).startswith(real + os.sep) for i in inputs)
-    if holds_input and not in_place:
-        raise OutputError(
-            f"{target} holds an input; refusing to write over it",
-            hint="choose another folder with -o, or pass --in-place",
-        )
-    if target.exists() and not holds_input and not force:
-        raise OutputError(f"{target} exists", hint="pass --force to replace it, or choose another folder with -o")
-    if not target.parent.is_dir():
-        raise OutputError(f"{target.parent} is not a folder", hint="create it first or choose another path with -o")
-    return target, target.exists()
+    return target, check_folder_target(target, inputs, overwrite=force, replace_input=in_place)
 
 
 def shape_text(shape) -> str:

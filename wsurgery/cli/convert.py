@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, MaxShardOpt, NoSyncOpt, OutOpt, command
+from ._errors import command
+from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, MaxShardOpt, NoSyncOpt, OutOpt
 from .output import finish
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._errors import command
 from .common import (
     CkptArg,
     DeviceOpt,
@@ -16,7 +17,6 @@ from .common import (
     OutOpt,
     SrcOpt,
     TransformOpt,
-    command,
 )
 from .output import finish_plan
 

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from ._errors import command, emit_json
 from .common import (
     AtolOpt,
     ByteProgress,
@@ -19,9 +20,7 @@ from .common import (
     QuietOpt,
     RtolOpt,
     cell,
-    command,
     console,
-    emit_json,
     safe,
     shape_text,
 )

@@ -8,19 +8,8 @@ from pathlib import Path
 
 from ..checkpoint import Alias, Checkpoint, load
 from ..dtypes import BY_NAME
-from .common import (
-    CkptArg,
-    FilterOpt,
-    JsonOpt,
-    cell,
-    command,
-    console,
-    emit_json,
-    human_bytes,
-    markup_safe,
-    safe,
-    shape_text,
-)
+from ._errors import command, emit_json
+from .common import CkptArg, FilterOpt, JsonOpt, cell, console, human_bytes, markup_safe, safe, shape_text
 
 
 def _plural(n: int, word: str, many: str | None = None) -> str:

@@ -5,17 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, natural_key
-from .common import (
-    ByteProgress,
-    cell,
-    console,
-    emit_json,
-    human_bytes,
-    resolve_folder_output,
-    resolve_output,
-    safe,
-    shape_text,
-)
+from ._errors import emit_json
+from .common import ByteProgress, cell, console, human_bytes, resolve_folder_output, resolve_output, safe, shape_text
 
 
 def finish(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._errors import command
 from .common import (
     CkptArg,
     DeviceOpt,
@@ -13,7 +14,6 @@ from .common import (
     NoSyncOpt,
     OutOpt,
     UntieDstOpt,
-    command,
 )
 from .output import finish_plan
 

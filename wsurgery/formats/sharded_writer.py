@@ -3,8 +3,8 @@
 ``OUT/model-00001-of-0000N.safetensors`` ... and ``OUT/model.safetensors.index.json``
 (``{"metadata": {"total_size": ...}, "weight_map": {name: shard}}``). The whole folder is
 built under a temporary name beside ``OUT`` and renamed into place at the end, so an
-error or a kill leaves nothing at ``OUT`` (and an existing ``OUT`` replaced with
-``--force`` stays whole until the new one is complete). Every shard and the index are
+error or a kill leaves nothing at ``OUT`` (and an existing ``OUT`` that is replaced
+stays whole until the new one is complete). Every shard and the index are
 fsynced, and so are the folders, unless ``sync=False`` (see :mod:`.writer`).
 """
 
@@ -18,7 +18,16 @@ import shutil
 import tempfile
 
 from ..errors import OutputError, UsageError
-from .writer import TMP_SUFFIX, WriteItem, atomic_file, fsync_dir, process_umask, write_all, write_safetensors
+from .writer import (
+    TMP_SUFFIX,
+    WriteItem,
+    atomic_file,
+    fsync_dir,
+    os_error,
+    process_umask,
+    write_all,
+    write_safetensors,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 _UNITS = {
@@ -39,10 +48,12 @@ def parse_size(text: str) -> int:
     """``"5GB"`` -> 5 * 10**9, ``"500MiB"`` -> 500 * 2**20, ``"1024"`` -> 1024 bytes."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"invalid size {text!r}", hint="write it like 5GB, 500MB, 2GiB or a byte count")
+        raise UsageError(
+            f"invalid size {text!r}", param="max_shard_size", hint="write it like 5GB, 500MB, 2GiB or a byte count"
+        )
     value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if value <= 0:
-        raise UsageError(f"size must be positive, got {text!r}")
+        raise UsageError(f"size must be positive, got {text!r}", param="max_shard_size")
     return value
 
 
@@ -88,13 +99,13 @@ def write_sharded(
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     if os.path.exists(folder) and not replace:
-        raise OutputError(f"{folder} exists", hint="pass --force to replace it, or choose another path with -o")
+        raise OutputError(f"{folder} exists", reason="exists", hint="pass overwrite=True to replace it")
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise OutputError(f"{folder} is a file; sharded output is a folder", hint="choose a folder path with -o")
+        raise OutputError(f"{folder} is a file; sharded output is a folder", reason="is_file")
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=TMP_SUFFIX, dir=parent)
     except OSError as exc:
-        raise OutputError(f"cannot write {folder}: {exc.strerror or exc}") from None
+        raise os_error(folder, exc) from None
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     done = False
     try:
@@ -117,7 +128,7 @@ def write_sharded(
         if sync:
             fsync_dir(parent)
     except OSError as exc:
-        raise OutputError(f"cannot write {folder}: {exc.strerror or exc}") from None
+        raise os_error(folder, exc) from None
     finally:
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,7 +6,7 @@ removed and the destination is left as it was. A process killed mid-write leaves
 most a hidden ``.NAME.*.wsurgery-tmp`` file beside the destination, never a partial
 destination.
 
-``sync=False`` (the CLI's ``--no-sync``) skips both fsyncs, of the file and of its
+``sync=False`` skips both fsyncs, of the file and of its
 folder, for scratch outputs where speed matters more than durability. What is kept: the
 temporary file and ``os.replace`` (a crash or kill of the *process* still never leaves a
 partial destination), the same bytes, the same cleanup and errors on failure. What is
@@ -30,16 +30,20 @@ TMP_SUFFIX = ".wsurgery-tmp"
 _COPY_CHUNK = 64 << 20
 
 
-def _os_error(path, exc: OSError) -> OutputError:
-    reason = exc.strerror or str(exc)
-    hint = None
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "free some disk space or write elsewhere with -o"
-    elif exc.errno == errno.EFBIG:
-        hint = "the file-size limit (ulimit -f) is too small for this output"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "choose a writable destination with -o"
-    return OutputError(f"cannot write {path}: {reason}", hint=hint)
+_REASONS = {
+    errno.ENOSPC: ("no_space", "free some disk space or write elsewhere"),
+    errno.EDQUOT: ("no_space", "free some disk space or write elsewhere"),
+    errno.EFBIG: ("too_large", "the file-size limit (ulimit -f) is too small for this output"),
+    errno.EACCES: ("permission", "choose a writable destination"),
+    errno.EPERM: ("permission", "choose a writable destination"),
+    errno.EROFS: ("permission", "choose a writable destination"),
+}
+
+
+def os_error(path, exc: OSError) -> OutputError:
+    """An ``OSError`` met while writing ``path``, as an ``OutputError`` with its reason."""
+    reason, hint = _REASONS.get(exc.errno, (None, None))
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}", reason=reason, hint=hint)
 
 
 @contextlib.contextmanager
@@ -58,7 +62,7 @@ def atomic_file(path, *, sync: bool = True):
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TMP_SUFFIX, dir=folder)
     except OSError as exc:
-        raise _os_error(path, exc) from None
+        raise os_error(path, exc) from None
     ok = False
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
@@ -68,12 +72,12 @@ def atomic_file(path, *, sync: bool = True):
                 if sync:
                     os.fsync(f.fileno())
             except OSError as exc:
-                raise _os_error(path, exc) from None
+                raise os_error(path, exc) from None
         try:
             os.chmod(tmp, 0o644 & ~process_umask())
             os.replace(tmp, path)
         except OSError as exc:
-            raise _os_error(path, exc) from None
+            raise os_error(path, exc) from None
         ok = True
         if sync:
             fsync_dir(folder)

@@ -1,0 +1,214 @@
+"""Library errors as the command line shows them: one line, a hint that names flags, and
+an exit code. The exit-code table lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import os
+import shlex
+import sys
+import traceback
+
+import typer
+
+from ..errors import (
+    InputError,
+    OutputError,
+    Problem,
+    SurgeryError,
+    UnknownNameError,
+    UsageError,
+    WsurgeryError,
+    summarize,
+)
+
+# The exit codes (the README's table).
+EXIT_OK = 0
+EXIT_DIFFERENT = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+EXIT_CODES: dict[type[WsurgeryError], int] = {
+    UsageError: EXIT_USAGE,
+    InputError: 3,
+    SurgeryError: 4,
+    OutputError: 5,
+}
+
+# Library parameters as the command line spells them.
+FLAGS = {
+    "atol": "--atol",
+    "rtol": "--rtol",
+    "device": "--device",
+    "filter": "--filter",
+    "max_shard_size": "--max-shard-size",
+    "transform": "--transform",
+}
+
+# What to do about an output that cannot be written, by OutputError.reason.
+_OUTPUT_HINTS = {
+    "exists": "pass --force to overwrite it, or choose another path with -o",
+    "is_input": "choose another path with -o, or pass --in-place",
+    "is_folder": "give a file path with -o",
+    "is_file": "give a folder path with -o",
+    "not_regular": "give the path of a regular file with -o",
+    "not_a_folder": "create it first or choose another path with -o",
+    "no_space": "free some disk space or write elsewhere with -o",
+    "permission": "choose a writable destination with -o",
+    "stdout": "the output is incomplete; check the file or pipe it goes to",
+}
+
+# A refusal over many tensors shows this many problems, then a count.
+PROBLEMS_SHOWN = 5
+
+
+def exit_code_for(exc: WsurgeryError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_INTERNAL
+
+
+def problem_hint(p: Problem) -> str | None:
+    """A problem's fix in command-line words."""
+    if p.drop_transform:
+        return "the source fits as it is: try without --transform"
+    if p.suggest:
+        return "try " + " ".join(f"--transform {shlex.quote(s)}" for s in p.suggest)
+    if p.use:
+        return f"use `wsurgery {p.use}`"
+    return None
+
+
+def _problem_line(p: Problem) -> str:
+    hint = problem_hint(p)
+    return f"{p.message} ({hint})" if hint else p.message
+
+
+def message(exc: WsurgeryError) -> str:
+    """The one-line message of ``exc`` for the command line."""
+    if isinstance(exc, SurgeryError) and len(exc.problems) > 1:
+        return summarize([_problem_line(p) for p in exc.problems], PROBLEMS_SHOWN)
+    if isinstance(exc, SurgeryError) and len(exc.problems) == 1:
+        return " ".join(exc.problems[0].message.split("\n"))
+    text = str(exc)
+    if isinstance(exc, UsageError) and exc.param in FLAGS:
+        flag = FLAGS[exc.param]
+        text = flag + text[len(exc.param) :] if text.startswith(exc.param) else f"{flag}: {text}"
+    return text
+
+
+def hint(exc: WsurgeryError) -> str | None:
+    """The hint of ``exc`` for the command line: flags where the library names parameters."""
+    if isinstance(exc, OutputError) and exc.reason in _OUTPUT_HINTS:
+        return _OUTPUT_HINTS[exc.reason]
+    if isinstance(exc, SurgeryError) and len(exc.problems) == 1:
+        return problem_hint(exc.problems[0]) or exc.hint
+    if isinstance(exc, SurgeryError) and exc.problems:
+        return "nothing was written"
+    if isinstance(exc, UnknownNameError) and exc.hint is None:
+        target = f" {shlex.quote(exc.checkpoint)}" if exc.checkpoint else ""
+        return f"run `wsurgery inspect{target}` to list the names"
+    return exc.hint
+
+
+def one_line(exc: WsurgeryError) -> str:
+    text = message(exc)
+    h = hint(exc)
+    return f"{text} (hint: {h})" if h else text
+
+
+# --- reporting --------------------------------------------------------------------------
+
+# errnos that only a write gives: wsurgery's own file writes map them to OutputError, so one
+# that reaches a command is a failed write to standard output (a full disk, a closed pipe)
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE})
+
+
+def stdout_error(exc: OSError) -> OutputError:
+    return OutputError(f"cannot write to standard output: {exc.strerror or exc}", reason="stdout")
+
+
+def debug() -> bool:
+    return os.environ.get("WSURGERY_DEBUG", "") not in ("", "0")
+
+
+def emit_json(obj: dict) -> None:
+    """Print one JSON object on stdout; a failed write is an ``OutputError``."""
+    try:
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        raise stdout_error(exc) from None
+
+
+def _emit_error_json(command: str, kind: str, text: str, hint_text: str | None, code: int) -> None:
+    with contextlib.suppress(OutputError):  # standard output itself may be what failed
+        emit_json(
+            {
+                "schema": f"wsurgery.{command}/1",
+                "error": {"kind": kind, "message": text, "hint": hint_text, "exit_code": code},
+            }
+        )
+
+
+def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
+    """Print ``exc`` as one line on stderr (and a JSON object with ``--json``); its exit code."""
+    from .common import safe
+
+    code = exit_code_for(exc)
+    if debug():
+        traceback.print_exc()
+    sys.stderr.write(f"error: {safe(one_line(exc))}\n")
+    if json_out:
+        _emit_error_json(command, exc.kind, message(exc), hint(exc), code)
+    return code
+
+
+def _internal_error(name: str, exc: Exception, json_out: bool) -> typer.Exit:
+    """A bug in wsurgery: one line (a traceback only with WSURGERY_DEBUG), exit 70."""
+    if debug():
+        traceback.print_exc()
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    sys.stderr.write(
+        f"error: internal error: {type(exc).__name__}: {first} "
+        "(hint: set WSURGERY_DEBUG=1 for a traceback and report it)\n"
+    )
+    if json_out:
+        _emit_error_json(name, "internal", first, None, EXIT_INTERNAL)
+    return typer.Exit(EXIT_INTERNAL)
+
+
+def command(name: str):
+    """Wrap a command: library errors become one stderr line and the table's exit code."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            json_out = bool(kwargs.get("json_out", False))
+            try:
+                code = fn(*args, **kwargs)
+            except WsurgeryError as exc:
+                raise typer.Exit(report_error(name, exc, json_out)) from None
+            except KeyboardInterrupt:
+                sys.stderr.write("error: interrupted\n")
+                raise typer.Exit(130) from None
+            except MemoryError:
+                exc = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
+                raise typer.Exit(report_error(name, exc, json_out)) from None
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except OSError as exc:
+                if exc.errno not in _WRITE_ERRNOS:
+                    raise _internal_error(name, exc, json_out) from None
+                raise typer.Exit(report_error(name, stdout_error(exc), False)) from None
+            except Exception as exc:  # a bug in wsurgery: still one line, never a traceback unless asked
+                raise _internal_error(name, exc, json_out) from None
+            raise typer.Exit(code or 0)
+
+        return wrapper
+
+    return deco
