@@ -59,7 +59,7 @@ import zipfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from ..errors import InputError, UnsafePickleError, WsurgeryError
+from ...errors import InputError, UnsafePickleError, WsurgeryError
 
 STATE_DICT_KEYS = ("state_dict", "model", "module")
 MAX_KEY_DEPTH = 64  # nesting allowed in a dict key / set member
