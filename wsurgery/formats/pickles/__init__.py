@@ -3,7 +3,7 @@
 Every torch file goes through three steps; nothing is allocated, imported or called
 before the first has passed.
 
-1. **Scan.** The pickle is read by wsurgery's own opcode interpreter (:class:`_Unpickler`)
+1. **Scan.** The pickle is read by wsurgery's own opcode interpreter (:class:`Unpickler`)
    with *no* callables: every global becomes an inert :class:`Placeholder`, calling one
    gives another placeholder, nothing is imported. The scan records the globals the
    pickle names and the storages it claims, and refuses:
@@ -51,6 +51,9 @@ The package has one module a job; each uses only the ones listed before it:
 - ``layout``: zip and legacy archives and the storages a pickle claims (:func:`scan`);
 - ``state_dict``: the tensors in what a checkpoint unpickled to (:func:`extract_state_dict`);
 - ``load``: the three steps end to end (:func:`torch_load`, :func:`load_pickle`).
+
+A leading underscore marks a name that one module keeps to itself; the names the modules
+share have none. Callers outside the package use the names of ``__all__`` below.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ Invariants:
 - a global on the refused list (:func:`refused_global`: code, the system, file loaders,
   dunder names) refuses the whole file with an UnsafePickleError, in the scan and in the
   restricted load alike, even when a placeholder would have done;
-- in the scan (``_Resolver(calls=False)``) a global is a storage type or an inert
+- in the scan (``Resolver(calls=False)``) a global is a storage type or an inert
   :class:`Placeholder`, never anything callable;
 - in the restricted load (``calls=True``) the only callables are the entries of
   ``_SAFE_FUNCTIONS``: torch's rebuild functions and a few constructors, re-implemented
   here so that every argument is checked (type, sign, size) before torch sees it; tensors
-  are built only over a :class:`_StorageRef`, a slice of the file's private mapping;
+  are built only over a :class:`StorageRef`, a slice of the file's private mapping;
 - torch is imported inside the functions that need it, never when this module is.
 """
 
@@ -20,7 +20,7 @@ import functools
 from collections import Counter, OrderedDict
 
 from ...errors import UnsafePickleError
-from .interpreter import Placeholder, _canonical, _Malformed, _printable, _Safe, _short, _StorageType, _TypeRef
+from .interpreter import Malformed, Placeholder, Safe, StorageType, TypeRef, canonical, printable, short
 
 # ----------------------------------------------------------------------------- refusals
 
@@ -69,7 +69,7 @@ def refused_global(module: str, name: str) -> bool:
     ``__class__``, ``__subclasses__``). Everything else that torch's allow-list does not
     know becomes an inert placeholder.
     """
-    module, name = _canonical(module, name)
+    module, name = canonical(module, name)
     parts = module.split(".")
     for i in range(1, len(parts) + 1):
         if ".".join(parts[:i]) in _REFUSED_MODULES:
@@ -94,19 +94,19 @@ def _unsafe(path, qualname: str) -> UnsafePickleError:
 # ----------------------------------------------------------------------------- the allow-list
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _ints(x, what: str) -> tuple[int, ...]:
-    if not isinstance(x, (tuple, list)) or not all(_is_int(d) for d in x):
-        raise _Malformed(f"a tensor's {what} is not a sequence of integers: {_short(x)}")
+    if not isinstance(x, (tuple, list)) or not all(is_int(d) for d in x):
+        raise Malformed(f"a tensor's {what} is not a sequence of integers: {short(x)}")
     if any(d < 0 or d.bit_length() > 62 for d in x):
-        raise _Malformed(f"a tensor's {what} holds a negative or oversized value")
+        raise Malformed(f"a tensor's {what} holds a negative or oversized value")
     return tuple(x)
 
 
-class _StorageRef:
+class StorageRef:
     """A storage rebuilt over the file: an untyped slice of the private mapping, and its dtype."""
 
     __slots__ = ("untyped", "dtype")
@@ -119,13 +119,13 @@ class _StorageRef:
 def _set(storage, offset, size, stride, dtype=None):
     import torch
 
-    if not isinstance(storage, _StorageRef):
-        raise _Malformed(f"a tensor is rebuilt over {_short(storage)}, not a storage")
-    if not _is_int(offset) or offset < 0 or offset.bit_length() > 62:
-        raise _Malformed(f"a tensor has storage offset {_short(offset)}")
+    if not isinstance(storage, StorageRef):
+        raise Malformed(f"a tensor is rebuilt over {short(storage)}, not a storage")
+    if not is_int(offset) or offset < 0 or offset.bit_length() > 62:
+        raise Malformed(f"a tensor has storage offset {short(offset)}")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
     if len(size) != len(stride):
-        raise _Malformed(f"a tensor has {len(size)} sizes but {len(stride)} strides")
+        raise Malformed(f"a tensor has {len(size)} sizes but {len(stride)} strides")
     t = torch.empty((0,), dtype=dtype if dtype is not None else storage.dtype)
     return t.set_(storage.untyped, offset, size, stride)
 
@@ -135,7 +135,7 @@ def _metadata(interp, t, metadata):
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, bool) for k, v in metadata.items()
         ):
-            raise _Malformed("a tensor's metadata is not a dict of flags")
+            raise Malformed("a tensor's metadata is not a dict of flags")
         import torch
 
         torch._utils.set_tensor_metadata(t, metadata)
@@ -154,9 +154,9 @@ def _rebuild_tensor_v3(interp, storage, offset, size, stride, requires_grad, hoo
     import torch
 
     if not isinstance(dtype, torch.dtype):
-        raise _Malformed(f"a tensor's dtype is {_short(dtype)}")
-    if isinstance(storage, _StorageRef) and storage.dtype != torch.uint8:
-        raise _Malformed("_rebuild_tensor_v3 over a typed storage")
+        raise Malformed(f"a tensor's dtype is {short(dtype)}")
+    if isinstance(storage, StorageRef) and storage.dtype != torch.uint8:
+        raise Malformed("_rebuild_tensor_v3 over a typed storage")
     return _metadata(interp, _set(storage, offset, size, stride, dtype), metadata)
 
 
@@ -164,7 +164,7 @@ def _tensor_arg(x, what: str):
     import torch
 
     if not isinstance(x, torch.Tensor):
-        raise _Malformed(f"{what} of a {_short(x)}, not a tensor")
+        raise Malformed(f"{what} of a {short(x)}, not a tensor")
     return x
 
 
@@ -174,7 +174,7 @@ def _parameter(interp, data=None, requires_grad=True, *rest):
     if data is None:
         data = torch.empty(0)
     if rest or not isinstance(requires_grad, bool):
-        raise _Malformed("unexpected arguments to Parameter")
+        raise Malformed("unexpected arguments to Parameter")
     return torch.nn.Parameter(_tensor_arg(data, "a Parameter"), requires_grad)
 
 
@@ -210,7 +210,7 @@ def _pairs(interp, kind, items):
     if isinstance(items, dict):
         items = list(items.items())
     if not isinstance(items, (list, tuple)) or not all(isinstance(p, tuple) and len(p) == 2 for p in items):
-        raise _Malformed(f"{kind.__name__} built from {_short(items)}")
+        raise Malformed(f"{kind.__name__} built from {short(items)}")
     for k, _ in items:
         interp.check_key(k)
     return kind(items)
@@ -219,7 +219,7 @@ def _pairs(interp, kind, items):
 def _set_of(kind):
     def build(interp, items=()):
         if not isinstance(items, (list, tuple, set, frozenset)):
-            raise _Malformed(f"{kind.__name__} built from {_short(items)}")
+            raise Malformed(f"{kind.__name__} built from {short(items)}")
         for item in items:
             interp.check_key(item)
         return interp.nested(kind(items), items) if kind is frozenset else kind(items)
@@ -233,11 +233,11 @@ def _latin1(encoding) -> bool:
 
 def _codecs_encode(interp, text, encoding="utf-8", *rest):
     if rest or not isinstance(text, str) or not _latin1(encoding):
-        raise _Malformed("_codecs.encode is allowed only to turn latin-1 text into bytes")
+        raise Malformed("_codecs.encode is allowed only to turn latin-1 text into bytes")
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError:
-        raise _Malformed("_codecs.encode of text that is not latin-1") from None
+        raise Malformed("_codecs.encode of text that is not latin-1") from None
 
 
 def _bytearray(interp, data=b"", encoding=None):
@@ -245,46 +245,46 @@ def _bytearray(interp, data=b"", encoding=None):
         return bytearray(data)
     if isinstance(data, str) and _latin1(encoding):
         return bytearray(_codecs_encode(interp, data, encoding))
-    raise _Malformed(f"bytearray built from {_short(data)}")
+    raise Malformed(f"bytearray built from {short(data)}")
 
 
 def _complex(interp, real=0.0, imag=0.0):
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (real, imag)):
-        raise _Malformed("complex built from non-numbers")
+        raise Malformed("complex built from non-numbers")
     if any(isinstance(x, int) and x.bit_length() > 1024 for x in (real, imag)):
-        raise _Malformed("complex built from an oversized integer")
+        raise Malformed("complex built from an oversized integer")
     return complex(real, imag)
 
 
 def _slice(interp, *args):
-    if len(args) > 3 or not all(a is None or _is_int(a) for a in args):
-        raise _Malformed("slice built from non-integers")
+    if len(args) > 3 or not all(a is None or is_int(a) for a in args):
+        raise Malformed("slice built from non-integers")
     return slice(*args)
 
 
 def _size(interp, dims=()):
     import torch
 
-    if not isinstance(dims, (tuple, list)) or not all(_is_int(d) and d.bit_length() <= 63 for d in dims):
-        raise _Malformed(f"torch.Size built from {_short(dims)}")
+    if not isinstance(dims, (tuple, list)) or not all(is_int(d) and d.bit_length() <= 63 for d in dims):
+        raise Malformed(f"torch.Size built from {short(dims)}")
     return torch.Size(dims)
 
 
 def _device(interp, kind, index=None):
     import torch
 
-    if not isinstance(kind, str) or len(kind) > 64 or not (index is None or _is_int(index) and 0 <= index < 1 << 16):
-        raise _Malformed("torch.device built from bad arguments")
+    if not isinstance(kind, str) or len(kind) > 64 or not (index is None or is_int(index) and 0 <= index < 1 << 16):
+        raise Malformed("torch.device built from bad arguments")
     try:
         return torch.device(kind) if index is None else torch.device(kind, index)
     except RuntimeError:
-        raise _Malformed(f"unknown device {_short(kind)}") from None
+        raise Malformed(f"unknown device {short(kind)}") from None
 
 
 def _from_cpu_tensor(interp, data, dtype, device, requires_grad):
     t = _tensor_arg(data, "a device tensor")
     if t.dtype != dtype:
-        raise _Malformed("a device tensor's dtype disagrees with its data")
+        raise Malformed("a device tensor's dtype disagrees with its data")
     return t
 
 
@@ -312,15 +312,15 @@ _SAFE_FUNCTIONS = {
 
 
 @functools.lru_cache(maxsize=1)
-def _storage_types() -> dict[str, _StorageType]:
+def _storage_types() -> dict[str, StorageType]:
     import torch
 
     out = {}
     for dtype, cls in torch.storage._dtype_to_storage_type_map().items():
         name = str(dtype).removeprefix("torch.")
-        out[f"torch.{cls}"] = _StorageType(f"torch.{cls}", name, torch._utils._element_size(dtype))
+        out[f"torch.{cls}"] = StorageType(f"torch.{cls}", name, torch._utils._element_size(dtype))
     for qualname in ("torch.storage.UntypedStorage", "torch.UntypedStorage"):
-        out[qualname] = _StorageType(qualname, "uint8", 1)
+        out[qualname] = StorageType(qualname, "uint8", 1)
     return out
 
 
@@ -333,12 +333,12 @@ def _values() -> dict[str, object]:
     for name, value in list(vars(torch).items()):  # vars, not getattr: no lazy submodule imports
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)):
             out[f"torch.{name}"] = value
-    out["torch.Tensor"] = _TypeRef("torch.Tensor")
+    out["torch.Tensor"] = TypeRef("torch.Tensor")
     out["torch._tensor.Tensor"] = out["torch.Tensor"]
     return out
 
 
-class _Resolver:
+class Resolver:
     """Globals to values. ``calls=False`` (the scan): nothing callable, storage types only."""
 
     def __init__(self, path: str, calls: bool):
@@ -349,14 +349,14 @@ class _Resolver:
         self.placeholders: dict[str, Placeholder] = {}
 
     def __call__(self, module: str, name: str):
-        qualname = _printable(f"{module}.{name}")
+        qualname = printable(f"{module}.{name}")
         if refused_global(module, name):
             raise _unsafe(self.path, qualname)
         if qualname in self.storage_types:
             return self.storage_types[qualname]
         if self.calls:
             if qualname in _SAFE_FUNCTIONS:
-                return _Safe(qualname, _SAFE_FUNCTIONS[qualname])
+                return Safe(qualname, _SAFE_FUNCTIONS[qualname])
             if qualname in self.values:
                 return self.values[qualname]
         if qualname not in self.placeholders:

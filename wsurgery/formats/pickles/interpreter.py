@@ -1,23 +1,23 @@
 """The pickle opcode interpreter: reads a pickle without importing or calling anything it names.
 
-:class:`_Unpickler` runs the opcodes of pickle protocols 2 to 5 (no text opcodes of
-protocols 0/1, no extension codes, no out-of-band buffers) over a :class:`_Source`. What a
+:class:`Unpickler` runs the opcodes of pickle protocols 2 to 5 (no text opcodes of
+protocols 0/1, no extension codes, no out-of-band buffers) over a :class:`Source`. What a
 global becomes is the caller's ``resolve(module, name)``; what a persistent id becomes is
 the caller's ``persistent(pid)``. Invariants:
 
-- nothing is imported, and nothing is called but a :class:`_Safe` wrapper the resolver
+- nothing is imported, and nothing is called but a :class:`Safe` wrapper the resolver
   handed out; REDUCE / NEWOBJ on a :class:`Placeholder` give a placeholder, on anything
   else they are an error; BUILD, APPEND and SETITEM fill placeholders and plain
   containers only;
-- a read never asks for more bytes than are left (:class:`_Source`), so no length field
+- a read never asks for more bytes than are left (:class:`Source`), so no length field
   makes anything allocate;
 - a dict key or set member is hashable and nested at most ``MAX_KEY_DEPTH`` deep;
-- every failure is a :class:`_Malformed` (or the resolver's WsurgeryError, or
-  MemoryError), and messages show attacker-chosen values only through :func:`_short` /
-  :func:`_printable`: bounded and printable.
+- every failure is a :class:`Malformed` (or the resolver's WsurgeryError, or
+  MemoryError), and messages show attacker-chosen values only through :func:`short` /
+  :func:`printable`: bounded and printable.
 
-The inert values the resolvers hand out (:class:`Placeholder`, :class:`_StorageType`,
-:class:`_TypeRef`, :class:`_Safe`) live here, since the interpreter's rules are about them.
+The inert values the resolvers hand out (:class:`Placeholder`, :class:`StorageType`,
+:class:`TypeRef`, :class:`Safe`) live here, since the interpreter's rules are about them.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Placeholder:
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class StorageType:
     """A storage class named by a pickle (``torch.FloatStorage``): its element type."""
 
     qualname: str
@@ -66,13 +66,13 @@ class _StorageType:
 
 
 @dataclass(frozen=True)
-class _TypeRef:
+class TypeRef:
     """A type that may be named but never called (``torch.Tensor``: its constructor allocates)."""
 
     qualname: str
 
 
-class _Safe:
+class Safe:
     """An allow-listed callable: a wrapper that validates its arguments, then builds the value."""
 
     __slots__ = ("qualname", "fn")
@@ -85,11 +85,11 @@ class _Safe:
         return f"<allowed {self.qualname}>"
 
 
-class _Malformed(Exception):
+class Malformed(Exception):
     """Internal: the pickle breaks a rule; turned into an InputError naming the file."""
 
 
-def _printable(text: str, limit: int = 200) -> str:
+def printable(text: str, limit: int = 200) -> str:
     """Attacker-chosen text made fit for one line of a terminal: escapes, bounded length."""
     if len(text) > limit:
         text = text[:limit] + "..."
@@ -98,7 +98,7 @@ def _printable(text: str, limit: int = 200) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
 
 
-def _short(x, limit: int = 60) -> str:
+def short(x, limit: int = 60) -> str:
     """A bounded, always-formattable description of an attacker-chosen value."""
     if isinstance(x, bool) or x is None:
         return repr(x)
@@ -106,12 +106,12 @@ def _short(x, limit: int = 60) -> str:
         return repr(x) if x.bit_length() <= 64 else f"<{x.bit_length()}-bit integer>"
     if isinstance(x, (str, bytes)):
         return repr(x[:limit]) + ("..." if len(x) > limit else "")
-    if isinstance(x, (Placeholder, _Safe, _StorageType, _TypeRef)):
+    if isinstance(x, (Placeholder, Safe, StorageType, TypeRef)):
         return repr(x)
     return type(x).__name__
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
@@ -119,7 +119,7 @@ def _first_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- byte sources
 
 
-class _Source:
+class Source:
     """Bounded reads over a buffer (bytes, or a read-only memory map of the file): a read
     never asks for more than is left, so a length field cannot make anything allocate."""
 
@@ -128,8 +128,8 @@ class _Source:
         self.pos = start
         self.end = len(data)
 
-    def truncated(self, n) -> _Malformed:
-        return _Malformed(f"truncated pickle: needs {_short(n)} bytes at byte {self.pos}, {self.end - self.pos} left")
+    def truncated(self, n) -> Malformed:
+        return Malformed(f"truncated pickle: needs {short(n)} bytes at byte {self.pos}, {self.end - self.pos} left")
 
     def read(self, n: int) -> bytes:
         pos = self.pos
@@ -155,7 +155,7 @@ class _Source:
     def readline(self) -> bytes:
         i = self.data.find(b"\n", self.pos, min(self.end, self.pos + _MAX_GLOBAL_LINE))
         if i < 0:
-            raise _Malformed(f"unterminated name line at byte {self.pos}")
+            raise Malformed(f"unterminated name line at byte {self.pos}")
         return self.read(i + 1 - self.pos)
 
 
@@ -165,7 +165,7 @@ _I4, _U4, _U8, _U2, _F8 = (struct.Struct(f) for f in ("<i", "<I", "<Q", "<H", ">
 # ----------------------------------------------------------------------------- the interpreter
 
 
-def _canonical(module: str, name: str) -> tuple[str, str]:
+def canonical(module: str, name: str) -> tuple[str, str]:
     """Python 2 spellings (``__builtin__``, ``copy_reg``) as Python 3 names them."""
     if (module, name) in _compat_pickle.NAME_MAPPING:
         return _compat_pickle.NAME_MAPPING[(module, name)]
@@ -183,19 +183,19 @@ def _op(code: bytes):
     return deco
 
 
-class _Unpickler:
+class Unpickler:
     """A pickle opcode interpreter that never imports a module nor calls a function
     it was not given.
 
     ``resolve(module, name)`` turns a global into a value (a placeholder, an inert marker,
-    or a :class:`_Safe` wrapper); ``persistent(pid)`` turns a persistent id into a
-    storage. REDUCE / NEWOBJ call only :class:`_Safe` wrappers; on a placeholder they give
+    or a :class:`Safe` wrapper); ``persistent(pid)`` turns a persistent id into a
+    storage. REDUCE / NEWOBJ call only :class:`Safe` wrappers; on a placeholder they give
     a placeholder; on anything else they are an error. BUILD, APPEND and SETITEM fill
     placeholders and plain containers only. Protocols 2 to 5 are read, without the
     text opcodes of protocols 0/1, extension codes and out-of-band buffers.
     """
 
-    def __init__(self, src: _Source, resolve, persistent):
+    def __init__(self, src: Source, resolve, persistent):
         self.src = src
         self.resolve = resolve
         self.persistent = persistent
@@ -208,16 +208,16 @@ class _Unpickler:
 
     # -- helpers --------------------------------------------------------------------
     def load(self):
-        """Interpret up to STOP. Any failure is a :class:`_Malformed` (or the resolver's
+        """Interpret up to STOP. Any failure is a :class:`Malformed` (or the resolver's
         :class:`UnsafePickleError`): a hostile pickle may make a rebuild raise anything."""
         try:
             return self._run()
-        except (_Malformed, WsurgeryError, MemoryError):
+        except (Malformed, WsurgeryError, MemoryError):
             raise
         except RecursionError:
-            raise _Malformed("the pickle nests too deeply") from None
+            raise Malformed("the pickle nests too deeply") from None
         except Exception as exc:  # noqa: BLE001
-            raise _Malformed(f"{type(exc).__name__}: {_first_line(exc)}") from None
+            raise Malformed(f"{type(exc).__name__}: {first_line(exc)}") from None
 
     def _run(self):
         src = self.src
@@ -228,27 +228,27 @@ class _Unpickler:
             code = src.byte()
             handler = table[code]
             if handler is None:
-                raise _Malformed(f"unsupported pickle opcode 0x{code:02x} at byte {src.pos - 1}")
+                raise Malformed(f"unsupported pickle opcode 0x{code:02x} at byte {src.pos - 1}")
             if handler() is _STOP:
                 if len(self.stack) != 1 or self.metastack:
-                    raise _Malformed("the pickle's stack is not balanced at STOP")
+                    raise Malformed("the pickle's stack is not balanced at STOP")
                 return self.stack.pop()
 
     def pop_mark(self) -> list:
         items = self.stack
         if not self.metastack:
-            raise _Malformed("a container opcode without its MARK")
+            raise Malformed("a container opcode without its MARK")
         self.stack = self.metastack.pop()
         return items
 
     def pop(self):
         if not self.stack:
-            raise _Malformed("stack underflow")
+            raise Malformed("stack underflow")
         return self.stack.pop()
 
     def top(self):
         if not self.stack:
-            raise _Malformed("stack underflow")
+            raise Malformed("stack underflow")
         return self.stack[-1]
 
     def depth(self, x) -> int:
@@ -266,33 +266,33 @@ class _Unpickler:
 
     def check_key(self, key) -> None:
         if isinstance(key, (list, dict, set, bytearray)):
-            raise _Malformed(f"a dict key or set member is an unhashable {type(key).__name__}")
+            raise Malformed(f"a dict key or set member is an unhashable {type(key).__name__}")
         if self.depth(key) > MAX_KEY_DEPTH:
-            raise _Malformed(f"a dict key or set member is nested more than {MAX_KEY_DEPTH} deep")
+            raise Malformed(f"a dict key or set member is nested more than {MAX_KEY_DEPTH} deep")
 
     def call(self, func, args, kwargs=None):
         if not isinstance(args, tuple):
-            raise _Malformed(f"call arguments are a {type(args).__name__}, not a tuple")
+            raise Malformed(f"call arguments are a {type(args).__name__}, not a tuple")
         if isinstance(func, Placeholder):
             return Placeholder(func.of, called=True, args=args)
-        if isinstance(func, _Safe):
+        if isinstance(func, Safe):
             if kwargs:
-                raise _Malformed(f"keyword arguments to {func.qualname}")
+                raise Malformed(f"keyword arguments to {func.qualname}")
             return func.fn(self, *args)
-        raise _Malformed(f"the pickle calls {_short(func)}, which is not an allowed function")
+        raise Malformed(f"the pickle calls {short(func)}, which is not an allowed function")
 
     def text(self, raw: bytes, *, strict: bool = False):
         try:
             return raw.decode("utf-8", "strict" if strict else "surrogatepass")
         except UnicodeDecodeError:
             if strict:
-                raise _Malformed("a name is not UTF-8") from None
+                raise Malformed("a name is not UTF-8") from None
             return raw
 
     def global_(self, module, name):
         if not isinstance(module, str) or not isinstance(name, str):
-            raise _Malformed("a global's module and name must be strings")
-        module, name = _canonical(module, name)
+            raise Malformed("a global's module and name must be strings")
+        module, name = canonical(module, name)
         self.stack.append(self.resolve(module, name))
 
     # -- protocol and framing -------------------------------------------------------
@@ -300,13 +300,13 @@ class _Unpickler:
     def op_proto(self):
         proto = self.src.byte()
         if not 2 <= proto <= 5:
-            raise _Malformed(f"pickle protocol {proto} (only 2 to 5 are read)")
+            raise Malformed(f"pickle protocol {proto} (only 2 to 5 are read)")
 
     @_op(pickle.FRAME)
     def op_frame(self):
         n = self.src.unpack(_U8)
         if n > self.src.end - self.src.pos:
-            raise _Malformed("a frame runs past the end of the pickle")
+            raise Malformed("a frame runs past the end of the pickle")
 
     @_op(pickle.STOP)
     def op_stop(self):
@@ -346,7 +346,7 @@ class _Unpickler:
     def op_long4(self):
         n = self.src.unpack(_I4)
         if n < 0:
-            raise _Malformed("LONG4 with a negative length")
+            raise Malformed("LONG4 with a negative length")
         self.stack.append(int.from_bytes(self.src.read(n), "little", signed=True))
 
     @_op(pickle.BINFLOAT)
@@ -362,7 +362,7 @@ class _Unpickler:
     def op_binstring(self):
         n = self.src.unpack(_I4)
         if n < 0:
-            raise _Malformed("BINSTRING with a negative length")
+            raise Malformed("BINSTRING with a negative length")
         self.stack.append(self.text(self.src.read(n)))
 
     @_op(pickle.SHORT_BINUNICODE)
@@ -445,7 +445,7 @@ class _Unpickler:
     def op_dict(self):
         items = self.pop_mark()
         if len(items) % 2:
-            raise _Malformed("DICT with an odd number of items")
+            raise Malformed("DICT with an odd number of items")
         out = {}
         for i in range(0, len(items), 2):
             self.check_key(items[i])
@@ -475,7 +475,7 @@ class _Unpickler:
         elif isinstance(target, Placeholder):
             target.items.extend(items)
         else:
-            raise _Malformed(f"APPEND to a {_short(target)}")
+            raise Malformed(f"APPEND to a {short(target)}")
 
     @_op(pickle.SETITEM)
     def op_setitem(self):
@@ -486,7 +486,7 @@ class _Unpickler:
     def op_setitems(self):
         items = self.pop_mark()
         if len(items) % 2:
-            raise _Malformed("SETITEMS with an odd number of items")
+            raise Malformed("SETITEMS with an odd number of items")
         self._setitems(self.top(), items)
 
     def _setitems(self, target, items) -> None:
@@ -499,7 +499,7 @@ class _Unpickler:
             for i in range(0, len(items), 2):
                 target.keys[items[i]] = items[i + 1]
         else:
-            raise _Malformed(f"SETITEM on a {_short(target)}")
+            raise Malformed(f"SETITEM on a {short(target)}")
 
     @_op(pickle.ADDITEMS)
     def op_additems(self):
@@ -512,7 +512,7 @@ class _Unpickler:
         elif isinstance(target, Placeholder):
             target.items.extend(items)
         else:
-            raise _Malformed(f"ADDITEMS on a {_short(target)}")
+            raise Malformed(f"ADDITEMS on a {short(target)}")
 
     # -- stack and memo -------------------------------------------------------------
     @_op(pickle.POP)
@@ -540,7 +540,7 @@ class _Unpickler:
 
     def _get(self, i: int) -> None:
         if i not in self.memo:
-            raise _Malformed(f"memo entry {i} read before it was written")
+            raise Malformed(f"memo entry {i} read before it was written")
         self.stack.append(self.memo[i])
 
     @_op(pickle.BINPUT)
@@ -583,7 +583,7 @@ class _Unpickler:
     def op_newobj_ex(self):
         kwargs, args, cls = self.pop(), self.pop(), self.pop()
         if not isinstance(kwargs, dict):
-            raise _Malformed("NEWOBJ_EX keyword arguments are not a dict")
+            raise Malformed("NEWOBJ_EX keyword arguments are not a dict")
         self.stack.append(self.call(cls, args, kwargs))
 
     @_op(pickle.BUILD)

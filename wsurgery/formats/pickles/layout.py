@@ -1,7 +1,7 @@
 """Where a torch file's pieces lie: the zip or legacy archive, validated before anything loads it.
 
 :func:`scan` runs the inert interpreter over the file's pickle(s), records every storage
-the pickle claims, and returns a :class:`_Layout`: the pickle and each storage's bytes.
+the pickle claims, and returns a :class:`Layout`: the pickle and each storage's bytes.
 Invariants:
 
 - nothing the pickle names is imported or called, and no claimed size is allocated;
@@ -24,8 +24,8 @@ import zipfile
 from dataclasses import dataclass
 
 from ...errors import InputError
-from .allowlist import _is_int, _Resolver
-from .interpreter import Placeholder, _first_line, _Malformed, _short, _Source, _StorageType, _Unpickler
+from .allowlist import Resolver, is_int
+from .interpreter import Malformed, Placeholder, Source, StorageType, Unpickler, first_line, short
 
 MAX_INFLATED_RECORD = 256 << 20  # a compressed (non-tensor) zip entry may inflate to at most this
 _DEFLATE_MAX_RATIO = 1032  # deflate cannot inflate more than this per compressed byte
@@ -47,33 +47,33 @@ class _Claim:
     view: tuple | None = None  # legacy (view_key, offset, numel)
 
 
-def _claim(pid, legacy: bool) -> _Claim | None:
+def storage_claim(pid, legacy: bool) -> _Claim | None:
     """Validate a persistent id; ``None`` for a legacy ``module`` id (source of a pickled class)."""
     if not isinstance(pid, tuple) or not pid:
-        raise _Malformed(f"a persistent id is a {_short(pid)}, not a tuple")
+        raise Malformed(f"a persistent id is a {short(pid)}, not a tuple")
     kind = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
     if legacy and kind == "module":
         return None
     if kind != "storage":
-        raise _Malformed(f"a persistent id of kind {_short(kind)} (only storages are read)")
+        raise Malformed(f"a persistent id of kind {short(kind)} (only storages are read)")
     if len(pid) != (6 if legacy else 5):
-        raise _Malformed(f"a storage persistent id has {len(pid)} fields")
+        raise Malformed(f"a storage persistent id has {len(pid)} fields")
     stype, key, location, numel = pid[1:5]
-    if not isinstance(stype, _StorageType):
-        raise _Malformed(f"a storage of unknown type {_short(stype)}")
+    if not isinstance(stype, StorageType):
+        raise Malformed(f"a storage of unknown type {short(stype)}")
     if not isinstance(key, str) or not key or len(key) > 256:
-        raise _Malformed(f"a storage key {_short(key)}")
+        raise Malformed(f"a storage key {short(key)}")
     if not isinstance(location, (str, bytes)):
-        raise _Malformed(f"a storage location {_short(location)}")
-    if not _is_int(numel) or numel < 0 or numel.bit_length() > 62:
-        raise _Malformed(f"storage {key!r} claims {_short(numel)} elements")
+        raise Malformed(f"a storage location {short(location)}")
+    if not is_int(numel) or numel < 0 or numel.bit_length() > 62:
+        raise Malformed(f"storage {key!r} claims {short(numel)} elements")
     view = None
     if legacy and pid[5] is not None:
         v = pid[5]
-        if not (isinstance(v, tuple) and len(v) == 3 and isinstance(v[0], str) and _is_int(v[1]) and _is_int(v[2])):
-            raise _Malformed(f"storage {key!r} has a malformed view record")
+        if not (isinstance(v, tuple) and len(v) == 3 and isinstance(v[0], str) and is_int(v[1]) and is_int(v[2])):
+            raise Malformed(f"storage {key!r} has a malformed view record")
         if v[1] < 0 or v[2] < 0 or v[1] + v[2] > numel:
-            raise _Malformed(f"storage view {_short(v[0])} lies outside storage {key!r}")
+            raise Malformed(f"storage view {short(v[0])} lies outside storage {key!r}")
         view = v
     return _Claim(key, stype.dtype_name, stype.itemsize, numel * stype.itemsize, view)
 
@@ -86,12 +86,12 @@ class _Claims:
         self.by_key: dict[str, _Claim] = {}
 
     def __call__(self, pid):
-        claim = _claim(pid, self.legacy)
+        claim = storage_claim(pid, self.legacy)
         if claim is None:
             return Placeholder("a pickled module's source")
         seen = self.by_key.get(claim.key)
         if seen is not None and (seen.nbytes, seen.dtype_name) != (claim.nbytes, claim.dtype_name):
-            raise _Malformed(f"storage {claim.key!r} is claimed twice with different sizes or types")
+            raise Malformed(f"storage {claim.key!r} is claimed twice with different sizes or types")
         self.by_key.setdefault(claim.key, claim)
         return Placeholder("a storage")
 
@@ -100,7 +100,7 @@ class _Claims:
 
 
 @dataclass
-class _Layout:
+class Layout:
     """Where a torch file's pieces lie, validated: the pickle and each storage's bytes."""
 
     path: str
@@ -114,72 +114,72 @@ class _Layout:
     placeholders: list[str]  # globals the scan saw that are not allow-listed by torch
 
 
-def _bad(path, rule: str) -> InputError:
+def bad(path, rule: str) -> InputError:
     return InputError(
         f"{path}: invalid torch checkpoint: {rule}", hint="the file is corrupt or was not written by torch.save"
     )
 
 
-def _scan(path: str, src: _Source, claims: _Claims):
+def _scan(path: str, src: Source, claims: _Claims):
     """Run the inert interpreter over one pickle; returns (value, resolver)."""
-    resolver = _Resolver(path, calls=False)
+    resolver = Resolver(path, calls=False)
     try:
-        value = _Unpickler(src, resolver, claims).load()
-    except _Malformed as exc:
-        raise _bad(path, str(exc)) from None
+        value = Unpickler(src, resolver, claims).load()
+    except Malformed as exc:
+        raise bad(path, str(exc)) from None
     except (RecursionError, MemoryError):
-        raise _bad(path, "the pickle is too deeply nested or too large") from None
+        raise bad(path, "the pickle is too deeply nested or too large") from None
     return value, resolver
 
 
 def _local_data_offset(f, info: zipfile.ZipInfo, size: int, path) -> int:
     if info.header_offset < 0 or info.header_offset + 30 > size:
-        raise _bad(path, f"zip entry {_short(info.filename)} starts outside the file")
+        raise bad(path, f"zip entry {short(info.filename)} starts outside the file")
     f.seek(info.header_offset)
     head = f.read(30)
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
-        raise _bad(path, f"zip entry {_short(info.filename)} has no local header")
+        raise bad(path, f"zip entry {short(info.filename)} has no local header")
     n, m = struct.unpack("<HH", head[26:30])
     return info.header_offset + 30 + n + m
 
 
-def _zip_layout(path: str, size: int) -> _Layout:
+def _zip_layout(path: str, size: int) -> Layout:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error,
             NotImplementedError, KeyError, IndexError, OverflowError) as exc:  # fmt: skip
-        raise _bad(path, f"not a readable zip archive ({_first_line(exc)})") from None
+        raise bad(path, f"not a readable zip archive ({first_line(exc)})") from None
     with zf, open(path, "rb") as f:
         infos = zf.infolist()
         names = [i.filename for i in infos]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
-            raise _bad(path, f"zip entry {_short(dup)} appears twice")
+            raise bad(path, f"zip entry {short(dup)} appears twice")
         spans = []
         entries: dict[str, tuple[int, int, zipfile.ZipInfo]] = {}
         for info in infos:
             if info.flag_bits & 0x1:
-                raise _bad(path, f"zip entry {_short(info.filename)} is encrypted")
+                raise bad(path, f"zip entry {short(info.filename)} is encrypted")
             start = _local_data_offset(f, info, size, path)
             if start + info.compress_size > size:
-                raise _bad(
+                raise bad(
                     path,
-                    f"zip entry {_short(info.filename)} claims {info.compress_size} bytes past the end of the file",
+                    f"zip entry {short(info.filename)} claims {info.compress_size} bytes past the end of the file",
                 )
             if info.compress_type == zipfile.ZIP_STORED:
                 if info.file_size != info.compress_size:
-                    raise _bad(path, f"stored zip entry {_short(info.filename)} has two sizes")
+                    raise bad(path, f"stored zip entry {short(info.filename)} has two sizes")
             elif info.compress_type == zipfile.ZIP_DEFLATED:
                 if info.file_size > min(MAX_INFLATED_RECORD, _DEFLATE_MAX_RATIO * info.compress_size + 64):
-                    raise _bad(path, f"zip entry {_short(info.filename)} claims to inflate to {info.file_size} bytes")
+                    raise bad(path, f"zip entry {short(info.filename)} claims to inflate to {info.file_size} bytes")
             else:
-                raise _bad(path, f"zip entry {_short(info.filename)} uses unsupported compression {info.compress_type}")
+                raise bad(path, f"zip entry {short(info.filename)} uses unsupported compression {info.compress_type}")
             spans.append((info.header_offset, start + info.compress_size, info.filename))
             entries[info.filename] = (start, info.file_size, info)
         spans.sort()
         for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
             if start < end:
-                raise _bad(path, f"zip entries {_short(a)} and {_short(b)} overlap")
+                raise bad(path, f"zip entries {short(a)} and {short(b)} overlap")
 
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if any(n.endswith("constants.pkl") for n in names):
@@ -188,48 +188,48 @@ def _zip_layout(path: str, size: int) -> _Layout:
                 hint="load it with torch.jit.load where you trust it and save model.state_dict()",
             )
         if len(pkls) != 1:
-            raise _bad(path, "no single <archive>/data.pkl entry" if not pkls else "several data.pkl entries")
+            raise bad(path, "no single <archive>/data.pkl entry" if not pkls else "several data.pkl entries")
         prefix = pkls[0][: -len("data.pkl")]
         stray = [n for n in names if not n.startswith(prefix)]
         if stray:
-            raise _bad(path, f"zip entry {_short(stray[0])} lies outside the archive folder {_short(prefix)}")
+            raise bad(path, f"zip entry {short(stray[0])} lies outside the archive folder {short(prefix)}")
         rel = {n[len(prefix) :]: v for n, v in entries.items()}
         big_endian = False
         if "byteorder" in rel:
             order = _read_small(zf, rel["byteorder"][2], path)
             if order not in (b"little", b"big"):
-                raise _bad(path, f"unknown byte order {_short(order)}")
+                raise bad(path, f"unknown byte order {short(order)}")
             big_endian = order == b"big"
 
     pickle_bytes = _torch_reader_agrees(path, rel)
     claims = _Claims(legacy=False)
-    _, resolver = _scan(path, _Source(pickle_bytes), claims)
+    _, resolver = _scan(path, Source(pickle_bytes), claims)
     records: dict[str, tuple[int, int]] = {}
     for key, claim in claims.by_key.items():
         entry = rel.get(f"data/{key}")
         if entry is None:
-            raise _bad(path, f"storage {key!r} has no zip entry data/{key}")
+            raise bad(path, f"storage {key!r} has no zip entry data/{key}")
         start, nbytes, info = entry
         if info.compress_type != zipfile.ZIP_STORED:
-            raise _bad(path, f"storage {key!r} is compressed; torch.save stores tensor data uncompressed")
+            raise bad(path, f"storage {key!r} is compressed; torch.save stores tensor data uncompressed")
         if nbytes != claim.nbytes:
-            raise _bad(
+            raise bad(
                 path,
                 f"storage {key!r} claims {claim.nbytes} bytes ({claim.nbytes // claim.itemsize} x {claim.dtype_name})"
                 f" but its zip entry holds {nbytes}",
             )
         records[key] = (start, nbytes)
-    return _Layout(path, size, True, pickle_bytes, (0, 0), records, claims.by_key, big_endian,
+    return Layout(path, size, True, pickle_bytes, (0, 0), records, claims.by_key, big_endian,
                    sorted(resolver.placeholders))  # fmt: skip
 
 
 def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> bytes:
     if info.file_size > 64:
-        raise _bad(path, f"zip entry {_short(info.filename)} is larger than expected")
+        raise bad(path, f"zip entry {short(info.filename)} is larger than expected")
     try:
         return zf.read(info)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise _bad(path, f"zip entry {_short(info.filename)} is unreadable ({_first_line(exc)})") from None
+        raise bad(path, f"zip entry {short(info.filename)} is unreadable ({first_line(exc)})") from None
 
 
 def _torch_reader_agrees(path: str, rel: dict) -> bytes:
@@ -242,30 +242,30 @@ def _torch_reader_agrees(path: str, rel: dict) -> bytes:
         records = set(reader.get_all_records())
         if records != set(rel):
             odd = sorted(records ^ set(rel))[0]
-            raise _bad(path, f"zip readers disagree about entry {_short(odd)}")
+            raise bad(path, f"zip readers disagree about entry {short(odd)}")
         for name, (start, nbytes, info) in rel.items():
             if info.compress_type == zipfile.ZIP_STORED and (
                 reader.get_record_offset(name) != start or reader.get_record_size(name) != nbytes
             ):
-                raise _bad(path, f"zip readers disagree about where entry {_short(name)} lies")
+                raise bad(path, f"zip readers disagree about where entry {short(name)} lies")
         if reader.get_record_size("data.pkl") != rel["data.pkl"][1]:
-            raise _bad(path, "zip readers disagree about the size of data.pkl")
+            raise bad(path, "zip readers disagree about the size of data.pkl")
         data = reader.get_record("data.pkl")
     except RuntimeError as exc:
-        raise _bad(path, f"not a readable torch archive ({_first_line(exc)})") from None
+        raise bad(path, f"not a readable torch archive ({first_line(exc)})") from None
     return bytes(data)
 
 
-def _legacy_layout(path: str, size: int) -> _Layout:
+def _legacy_layout(path: str, size: int) -> Layout:
     """The legacy (non-zip) layout: magic, protocol, sys_info, main pickle, storage keys, data."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        src = _Source(view)
+        src = Source(view)
         magic, _ = _scan(path, src, _Claims(legacy=True))
         if magic != _LEGACY_MAGIC:
-            raise _bad(path, "wrong magic number for the legacy torch format")
+            raise bad(path, "wrong magic number for the legacy torch format")
         proto, _ = _scan(path, src, _Claims(legacy=True))
         if proto != _LEGACY_PROTOCOL:
-            raise _bad(path, f"legacy protocol version {_short(proto)}")
+            raise bad(path, f"legacy protocol version {short(proto)}")
         sys_info, _ = _scan(path, src, _Claims(legacy=True))
         big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         start = src.pos
@@ -274,33 +274,33 @@ def _legacy_layout(path: str, size: int) -> _Layout:
         span = (start, src.pos)
         keys, _ = _scan(path, src, _Claims(legacy=True))
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise _bad(path, "the storage key list is not a list of strings")
+            raise bad(path, "the storage key list is not a list of strings")
         if len(set(keys)) != len(keys):
-            raise _bad(path, "a storage key is listed twice")
+            raise bad(path, "a storage key is listed twice")
         roots = {k: c for k, c in claims.by_key.items()}
         missing = [k for k in roots if k not in set(keys)]
         if missing:
-            raise _bad(path, f"storage {missing[0]!r} has no data in the file")
+            raise bad(path, f"storage {missing[0]!r} has no data in the file")
         records: dict[str, tuple[int, int]] = {}
         offset = src.pos
         for key in keys:
             claim = roots.get(key)
             if claim is None:
-                raise _bad(path, f"data for storage {_short(key)}, which the pickle never uses")
+                raise bad(path, f"data for storage {short(key)}, which the pickle never uses")
             if offset + 8 > size:
-                raise _bad(path, f"storage {key!r} starts past the end of the file")
+                raise bad(path, f"storage {key!r} starts past the end of the file")
             (numel,) = struct.unpack_from("<q", view, offset)
             if numel < 0 or numel * claim.itemsize != claim.nbytes:
-                raise _bad(path, f"storage {key!r}: the pickle claims {claim.nbytes} bytes, the data record {numel} x "
+                raise bad(path, f"storage {key!r}: the pickle claims {claim.nbytes} bytes, the data record {numel} x "
                                  f"{claim.itemsize}")  # fmt: skip
             if offset + 8 + claim.nbytes > size:
-                raise _bad(path, f"storage {key!r} runs {offset + 8 + claim.nbytes - size} bytes past the end")
+                raise bad(path, f"storage {key!r} runs {offset + 8 + claim.nbytes - size} bytes past the end")
             records[key] = (offset + 8, claim.nbytes)
             offset += 8 + claim.nbytes
-    return _Layout(path, size, False, None, span, records, claims.by_key, big_endian, sorted(resolver.placeholders))
+    return Layout(path, size, False, None, span, records, claims.by_key, big_endian, sorted(resolver.placeholders))
 
 
-def scan(path: str, zip_format: bool) -> _Layout:
+def scan(path: str, zip_format: bool) -> Layout:
     """Validate a torch file without allocating, importing or calling anything it names."""
     path = os.fspath(path)
     try:

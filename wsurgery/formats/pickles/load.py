@@ -23,9 +23,9 @@ import tempfile
 import warnings
 
 from ...errors import InputError, UnsafePickleError
-from .allowlist import _Resolver, _StorageRef
-from .interpreter import Placeholder, _first_line, _Malformed, _Source, _Unpickler
-from .layout import _bad, _claim, _Layout, scan
+from .allowlist import Resolver, StorageRef
+from .interpreter import Malformed, Placeholder, Source, Unpickler, first_line
+from .layout import Layout, bad, scan, storage_claim
 from .state_dict import PickleResult, extract_state_dict
 
 _GLOBAL_RE = re.compile(r"(?:Unsupported global|unsupported GLOBAL|global):?\s*(?:GLOBAL\s+)?([\w.]+)", re.I)
@@ -79,16 +79,16 @@ def torch_load(path: str, mmap: bool):
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a hostile file may make torch raise anything
-        raise InputError(f"{path}: cannot read torch checkpoint: {_first_line(exc)}") from None
+        raise InputError(f"{path}: cannot read torch checkpoint: {first_line(exc)}") from None
 
 
-def _restricted_load(layout: _Layout):
+def _restricted_load(layout: Layout):
     """Load with the allow-list interpreter: unknown globals stay inert placeholders."""
     import torch
 
     path = layout.path
     if layout.big_endian and not layout.zip:
-        raise _bad(path, "a big-endian legacy checkpoint needs torch's own loader, which refused it")
+        raise bad(path, "a big-endian legacy checkpoint needs torch's own loader, which refused it")
     if layout.pickle_bytes is not None:
         data = layout.pickle_bytes
     else:
@@ -96,35 +96,35 @@ def _restricted_load(layout: _Layout):
             f.seek(layout.pickle_span[0])
             data = f.read(layout.pickle_span[1] - layout.pickle_span[0])
     overall = torch.UntypedStorage.from_file(path, False, layout.size) if layout.size else None
-    storages: dict[str, _StorageRef] = {}
+    storages: dict[str, StorageRef] = {}
 
     def persistent(pid):
-        claim = _claim(pid, legacy=not layout.zip)
+        claim = storage_claim(pid, legacy=not layout.zip)
         if claim is None:
             return Placeholder("a pickled module's source")
         if claim.key not in storages:
             known = layout.claims.get(claim.key)
             if known is None or (known.nbytes, known.dtype_name) != (claim.nbytes, claim.dtype_name):
-                raise _Malformed(f"storage {claim.key!r} differs from the scanned one")
+                raise Malformed(f"storage {claim.key!r} differs from the scanned one")
             start, nbytes = layout.records[claim.key]
             untyped = overall[start : start + nbytes] if nbytes else torch.UntypedStorage(0)
             dtype = getattr(torch, claim.dtype_name)
             if layout.big_endian and claim.itemsize > 1:
                 untyped.byteswap(dtype)  # a private, copy-on-write mapping: the file is untouched
-            storages[claim.key] = _StorageRef(untyped, dtype)
+            storages[claim.key] = StorageRef(untyped, dtype)
         ref = storages[claim.key]
         if claim.view is not None:
             vkey, off, numel = claim.view
             sub = ref.untyped[off * claim.itemsize : (off + numel) * claim.itemsize]
-            return storages.setdefault(vkey, _StorageRef(sub, ref.dtype))
+            return storages.setdefault(vkey, StorageRef(sub, ref.dtype))
         return ref
 
-    resolver = _Resolver(path, calls=True)
-    interp = _Unpickler(_Source(data), resolver, persistent)
+    resolver = Resolver(path, calls=True)
+    interp = Unpickler(Source(data), resolver, persistent)
     try:
         obj = interp.load()
-    except _Malformed as exc:
-        raise _bad(path, str(exc)) from None
+    except Malformed as exc:
+        raise bad(path, str(exc)) from None
     return obj, interp.notes, sorted(resolver.placeholders)
 
 

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ...errors import InputError
-from .interpreter import Placeholder, _printable, _short
+from .interpreter import Placeholder, printable, short
 
 STATE_DICT_KEYS = ("state_dict", "model", "module")
 
@@ -157,7 +157,7 @@ def extract_state_dict(obj, path: str) -> PickleResult:
             break
     if not all(isinstance(k, str) for k in obj):
         bad = next(k for k in obj if not isinstance(k, str))
-        raise InputError(f"{path}: state dict keys must be strings, found {_short(bad)}")
+        raise InputError(f"{path}: state dict keys must be strings, found {short(bad)}")
     tensors: dict = {}
     # Depth-first over nested dicts of string keys, in file order; cycles are skipped.
     todo: list = [("", iter(obj.items()), id(obj))]
@@ -173,7 +173,7 @@ def extract_state_dict(obj, path: str) -> PickleResult:
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
             if not _valid_name(name):
-                raise InputError(f"{path}: tensor name {_short(name)} is not valid Unicode")
+                raise InputError(f"{path}: tensor name {short(name)} is not valid Unicode")
             why = _check_tensor(name, value, file_size, path)
             if why:
                 skipped.append(f"{_label(name)}: {why}")
@@ -191,5 +191,5 @@ def extract_state_dict(obj, path: str) -> PickleResult:
 
 
 def _label(key) -> str:
-    text = key if isinstance(key, str) else _short(key)
-    return _printable(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+    text = key if isinstance(key, str) else short(key)
+    return printable(text.encode("utf-8", "backslashreplace").decode("utf-8"))
