@@ -9,7 +9,7 @@ Invariants:
   :class:`Placeholder`, never anything callable;
 - in the restricted load (``calls=True``) the only callables are the entries of
   ``_SAFE_FUNCTIONS``: torch's rebuild functions and a few constructors, re-implemented
-  here so that every argument is checked (type, sign, size) before torch sees it; tensors
+  here so that their arguments are checked (type, sign, size) before torch sees them; tensors
   are built only over a :class:`StorageRef`, a slice of the file's private mapping;
 - torch is imported inside the functions that need it, never when this module is.
 """

@@ -13,8 +13,8 @@ the caller's ``persistent(pid)``. Invariants:
   makes anything allocate;
 - a dict key or set member is hashable and nested at most ``MAX_KEY_DEPTH`` deep;
 - every failure is a :class:`Malformed` (or the resolver's WsurgeryError, or
-  MemoryError), and messages show attacker-chosen values only through :func:`short` /
-  :func:`printable`: bounded and printable.
+  MemoryError); messages show attacker-chosen values through :func:`short` /
+  :func:`printable`, bounded and printable.
 
 The inert values the resolvers hand out (:class:`Placeholder`, :class:`StorageType`,
 :class:`TypeRef`, :class:`Safe`) live here, since the interpreter's rules are about them.

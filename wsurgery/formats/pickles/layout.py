@@ -7,9 +7,9 @@ Invariants:
 - nothing the pickle names is imported or called, and no claimed size is allocated;
 - every claimed storage is backed by exactly ``numel x itemsize`` bytes inside the file:
   an uncompressed zip entry ``data/<key>``, or a legacy record whose size field agrees;
-  a key is claimed once with one size and type;
+  a key claimed twice is claimed with the same size and type;
 - zip entries do not repeat a name, overlap, lie outside the file or the archive
-  folder, nor are encrypted; a deflated entry inflates to at most
+  folder, nor are encrypted; a deflated entry claims to inflate to at most
   ``MAX_INFLATED_RECORD``; Python's zip reader and torch's see the same entries at the
   same offsets, and data.pkl is read through torch's reader, as torch.load will read it;
 - every failure is an InputError (or the allow-list's UnsafePickleError) naming the file.

@@ -3,14 +3,16 @@ allow-list refused a global the scan found harmless, the restricted unpickler.
 
 Invariants:
 
-- nothing reaches ``torch.load`` or the restricted unpickler before :func:`scan` has
-  validated the file; a path ending in ``.safetensors`` is never handed to torch under
-  that name (torch would dispatch on the suffix, not the bytes);
+- :func:`load_pickle` hands nothing to ``torch.load`` or the restricted unpickler before
+  :func:`scan` has validated the file (:func:`torch_load` trusts its caller to have
+  scanned); a path ending in ``.safetensors`` is never handed to torch under that name
+  (torch would dispatch on the suffix, not the bytes);
 - the restricted load rebuilds tensors over a private, copy-on-write mapping of the
   file, so the input is never modified, and only over storages the scan validated (same
   key, size and type);
 - a big-endian legacy file is read by torch's loader or not at all;
-- failures are an UnsafePickleError (exit 3, naming the refused global) or an InputError.
+- failures are an UnsafePickleError (a refused global or construct) or another InputError
+  (exit 3 both).
 """
 
 from __future__ import annotations
