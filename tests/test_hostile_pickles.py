@@ -20,6 +20,7 @@ import torch
 import wsurgery
 from wsurgery.errors import InputError, UnsafePickleError
 from wsurgery.formats import pickles
+from wsurgery.formats.pickles.load import _restricted_load
 from wsurgery.formats.sniff import TORCH_LEGACY, TORCH_ZIP
 
 from .conftest import run_module, sha256
@@ -311,7 +312,7 @@ def test_both_routes_agree_on_a_plain_checkpoint(fixtures):
     path = str(fixtures / "shared_storage.pt")
     layout = pickles.scan(path, zip_format=True)
     via_torch = pickles.extract_state_dict(pickles.torch_load(path, mmap=True), path).tensors
-    obj, notes, placeholders = pickles._restricted_load(layout)
+    obj, notes, placeholders = _restricted_load(layout)
     via_ours = pickles.extract_state_dict(obj, path).tensors
     assert via_torch.keys() == via_ours.keys() and not notes and not placeholders
     for k in via_torch:
