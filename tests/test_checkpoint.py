@@ -166,9 +166,9 @@ def test_save_model_files_read_as_ties(tmp_path):
     save_model(m, str(tmp_path / "hf.safetensors"))
     c = wsurgery.load(tmp_path / "hf.safetensors")
     assert len(c.aliases) == 1
-    (alias,) = c.aliases.values()
+    ((name, alias),) = c.aliases.items()
     assert alias.specs == []
-    assert {alias.name, alias.source} == {"embedding.weight", "projection.weight"}
+    assert {name, alias.source} == {"embedding.weight", "projection.weight"}
 
 
 def test_save_is_deterministic(tmp_path):

@@ -84,7 +84,7 @@ def test_quiet_prints_nothing(files, cli):
     a, b = files
     assert cli("diff", a, b, "--quiet") == (1, "", "")
     assert cli("diff", a, a, "-q") == (0, "", "")
-    assert cli("check", a, "--src", "value", "--dst", "value", "--other", b, "--quiet") == (1, "", "")
+    assert cli("check", a, "--src", "value", "--dst", "value", "--from", b, "--quiet") == (1, "", "")
 
 
 def test_usage_errors_exit_2(files, cli):
@@ -130,7 +130,7 @@ def test_check_json_modules_and_other(fixtures, tmp_path, cli):
     path = tmp_path / "other.safetensors"
     save_file(other, str(path))
     code, out, err = cli(
-        "check", fixtures / "tiny_lm.safetensors", "--src", "layers.1", "--dst", "blk", "--other", path, "--json"
+        "check", fixtures / "tiny_lm.safetensors", "--src", "layers.1", "--dst", "blk", "--from", path, "--json"
     )
     assert code == 1, err
     d = json.loads(out)
@@ -141,7 +141,7 @@ def test_check_json_modules_and_other(fixtures, tmp_path, cli):
     bad = [p for p in d["pairs"] if not p["equal"]]
     assert [(p["src"], p["dst"], p["reason"]) for p in bad] == [("layers.1.norm.weight", "blk.norm.weight", "value")]
     code, _, _ = cli(
-        "check", fixtures / "tiny_lm.safetensors", "--src", "layers.1", "--dst", "blk", "--other", path, "--atol", "1"
+        "check", fixtures / "tiny_lm.safetensors", "--src", "layers.1", "--dst", "blk", "--from", path, "--atol", "1"
     )
     assert code == 0
 
@@ -227,5 +227,5 @@ def test_diff_and_check_on_cuda(files, cli):
     code, out, err = cli("diff", a, b, "--device", "cuda", "--json")
     assert code == 1, err
     assert [c["mismatched"] for c in json.loads(out)["changed"]] == [None, 1]
-    code, out, err = cli("check", a, "--src", "value", "--dst", "value", "--other", b, "--device", "cuda:0", "--json")
+    code, out, err = cli("check", a, "--src", "value", "--dst", "value", "--from", b, "--device", "cuda:0", "--json")
     assert code == 1 and json.loads(out)["mismatched"] == 1, err

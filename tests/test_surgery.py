@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import wsurgery
 from wsurgery import surgery
 from wsurgery.checkpoint import ComputedStored, FileStored, from_tensors
+from wsurgery.cli.output import summary
 from wsurgery.dtypes import BY_NAME
 from wsurgery.errors import SurgeryError, TransformError, UnknownNameError, UsageError
 from wsurgery.transforms import parse
@@ -83,6 +84,11 @@ def bit_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
+def run_plan(ckpt, reqs, **kwargs):
+    """One plan of several requests, applied: ``[(kind, src, dst, specs), ...]``."""
+    return surgery.plan(ckpt, [surgery.Request(*r) for r in reqs], **kwargs).apply()
+
+
 def problem_of(fn, *args, **kwargs) -> str:
     with pytest.raises(SurgeryError) as info:
         fn(*args, **kwargs)
@@ -127,13 +133,13 @@ VIEW_CASES = [
 
 @pytest.mark.parametrize(("src", "specs", "shape"), VIEW_CASES, ids=[" ".join(c[1]) for c in VIEW_CASES])
 def test_tie_each_view_step_infers_applies_and_round_trips(tmp_path, ck, src, specs, shape):
-    p = surgery.plan_tie(ck, src, "alias.weight", specs)
-    op = p.ops[0]
+    p = ck.tie(src, "alias.weight", specs)
+    op = p.changes[0]
     canonical = parse(specs).specs()
-    assert (op.kind, op.base, op.shape, op.transform.specs()) == ("tie", src, shape, canonical)
-    assert p.result.aliases["alias.weight"].shape == shape
+    assert (op.kind, op.base, op.value.shape, op.value.transform.specs()) == ("tie", src, shape, canonical)
+    assert p.aliases["alias.weight"].shape == shape
     out = tmp_path / "out.safetensors"
-    p.result.save(out)
+    p.save(out)
 
     record = json.loads(header_metadata(out)["wsurgery.aliases"])["alias.weight"]
     assert record == {"source": src, "transform": canonical}
@@ -170,102 +176,102 @@ def test_a_tie_is_planned_exactly_when_torch_can_view_it_and_loads_as_that_view(
         expected = None
     if expected is None:
         with pytest.raises(SurgeryError):
-            surgery.plan_tie(c, "a", "v", specs)
+            c.tie("a", "v", specs)
         return
-    p = surgery.plan_tie(c, "a", "v", specs)
-    assert p.result.aliases["v"].shape == tuple(expected.shape)
+    p = c.tie("a", "v", specs)
+    assert p.aliases["v"].shape == tuple(expected.shape)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "o.safetensors"
-        p.result.save(out)
+        p.save(out)
         sd = wsurgery.load_state_dict(out)
     assert torch.equal(sd["v"], expected) and shares_storage(sd["v"], sd["a"])
 
 
 @pytest.mark.parametrize("step", ["cast(bfloat16)", "scale(0.5)"])
 def test_tie_refuses_a_non_view_step_and_names_it(ck, step):
-    text = problem_of(surgery.plan_tie, ck, "emb.weight", "x", ["transpose", step])
+    text = problem_of(ck.tie, "emb.weight", "x", ["transpose", step])
     assert step in text and "view steps only" in text and "use copy()" in text
 
 
 def test_tie_refuses_a_chain_that_is_no_view_of_the_stored_source(ck):
-    text = problem_of(surgery.plan_tie, ck, "emb.weight", "x", ["transpose", "reshape(-1)"])
+    text = problem_of(ck.tie, "emb.weight", "x", ["transpose", "reshape(-1)"])
     assert "not a view" in text and "(4, 6)" in text and "(24,)" in text
 
 
 def test_tie_refuses_a_chain_through_an_alias_that_is_no_view(tied):
     # dec = transpose(enc); reshape(-1) of it would need a copy.
-    text = problem_of(surgery.plan_tie, tied, "dec.weight", "flat", ["reshape(-1)"])
+    text = problem_of(tied.tie, "dec.weight", "flat", ["reshape(-1)"])
     assert "transpose -> reshape(-1)" in text and "enc.weight" in text
 
 
 def test_tie_onto_an_alias_resolves_to_the_stored_source_and_composes(tmp_path, tied):
-    p = surgery.plan_tie(tied, "dec.weight", "top", ["slice(0,0,2)"])
-    a = p.result.aliases["top"]
+    p = tied.tie("dec.weight", "top", ["slice(0,0,2)"])
+    a = p.aliases["top"]
     assert (a.source, a.specs, a.shape) == ("enc.weight", ["transpose", "slice(0,0,2)"], (2, 3))
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     sd = wsurgery.load_state_dict(out)
     assert torch.equal(sd["top"], sd["enc.weight"].t()[0:2])
     assert shares_storage(sd["top"], sd["enc.weight"])
 
 
 def test_tie_replaces_an_existing_alias(tied):
-    p = surgery.plan_tie(tied, "blocks.0.w", "dec.weight", ["slice(1,0,3)"])
-    a = p.result.aliases["dec.weight"]
+    p = tied.tie("blocks.0.w", "dec.weight", ["slice(1,0,3)"])
+    a = p.aliases["dec.weight"]
     assert (a.source, a.specs) == ("blocks.0.w", ["slice(1,0,3)"])
-    assert p.ops[0].replaces and "was an alias of enc.weight" in p.ops[0].note
+    assert p.changes[0].replaces and "was an alias of enc.weight" in p.changes[0].note
 
 
 def test_tie_module_prefixes_map_every_tensor(ck):
-    p = surgery.plan_tie(ck, "blocks.0", "blocks.1")
-    assert {(o.src, o.dst) for o in p.ops} == {("blocks.0.w", "blocks.1.w"), ("blocks.0.b", "blocks.1.b")}
-    assert set(p.result.aliases) == {"blocks.1.w", "blocks.1.b"}
-    assert "blocks.1.w" not in p.result.stored
+    p = ck.tie("blocks.0", "blocks.1")
+    assert {(o.src, o.dst) for o in p.changes} == {("blocks.0.w", "blocks.1.w"), ("blocks.0.b", "blocks.1.b")}
+    assert set(p.aliases) == {"blocks.1.w", "blocks.1.b"}
+    assert "blocks.1.w" not in p.stored
 
 
 def test_tie_refuses_a_cycle(tied):
     # proj = emb; tying emb to proj would make emb an alias of itself.
-    text = problem_of(surgery.plan_tie, tied, "proj.weight", "emb.weight")
+    text = problem_of(tied.tie, "proj.weight", "emb.weight")
     assert "cycle" in text and "emb.weight" in text
-    assert "cycle" in problem_of(surgery.plan_tie, tied, "bias", "bias")
+    assert "cycle" in problem_of(tied.tie, "bias", "bias")
 
 
 def test_tie_refuses_two_ties_with_one_destination(ck):
-    text = problem_of(surgery.plan, ck, [("tie", "emb.weight", "x", []), ("tie", "proj.weight", "x", [])])
+    text = problem_of(run_plan, ck, [("tie", "emb.weight", "x", []), ("tie", "proj.weight", "x", [])])
     assert "x is the destination of two steps" in text
 
 
 def test_tie_refuses_a_source_replaced_in_the_same_plan(ck):
-    text = problem_of(surgery.plan, ck, [("copy", "proj.weight", "emb.weight", []), ("tie", "emb.weight", "y", [])])
+    text = problem_of(run_plan, ck, [("copy", "proj.weight", "emb.weight", []), ("tie", "emb.weight", "y", [])])
     assert "its source emb.weight is itself replaced" in text
 
 
 def test_tie_onto_a_stored_tensor_with_aliases_is_refused(tied):
-    text = problem_of(surgery.plan_tie, tied, "blocks.0.w", "enc.weight", ["slice(0,0,3)"])
+    text = problem_of(tied.tie, "blocks.0.w", "enc.weight", ["slice(0,0,3)"])
     assert "stored source of dec.weight" in text and "untie" in text
 
 
 def test_tie_shape_misfit_shows_both_shapes_and_suggests_transpose(ck):
-    text = problem_of(surgery.plan_tie, ck, "enc.weight", "dec.weight")
+    text = problem_of(ck.tie, "enc.weight", "dec.weight")
     assert "(3, 4)" in text and "(4, 3)" in text and "try the transform transpose" in text
 
 
 def test_tie_dtype_misfit_names_both_dtypes(tmp_path):
     sd = {"a": rand(2, 2), "b": rand(2, 2, dtype=torch.float16)}
     c = wsurgery.load(write(tmp_path, sd))
-    text = problem_of(surgery.plan_tie, c, "a", "b")
+    text = problem_of(c.tie, "a", "b")
     assert "float32 (2, 2)" in text and "float16 (2, 2)" in text
 
 
 def test_bad_spec_names_the_step(ck):
-    text = problem_of(surgery.plan_tie, ck, "emb.weight", "x", ["transpose", "reshape(5,-1)"])
+    text = problem_of(ck.tie, "emb.weight", "x", ["transpose", "reshape(5,-1)"])
     assert "step 2 'reshape(5,-1)'" in text and "(4, 6)" in text and "emb.weight float32 (6, 4)" in text
-    assert "unknown step 'flip'" in problem_of(surgery.plan_tie, ck, "emb.weight", "x", ["flip"])
+    assert "unknown step 'flip'" in problem_of(ck.tie, "emb.weight", "x", ["flip"])
 
 
 def test_every_problem_is_reported_at_once(ck):
     text = problem_of(
-        surgery.plan,
+        run_plan,
         ck,
         [
             ("tie", "emb.weight", "enc.weight", []),
@@ -278,38 +284,38 @@ def test_every_problem_is_reported_at_once(ck):
 
 
 def test_prefix_onto_a_single_tensor_and_tensor_onto_a_prefix_are_refused(ck):
-    assert "module prefix" in problem_of(surgery.plan_tie, ck, "blocks.0", "bias")
-    assert "blocks.1 is a module prefix" in problem_of(surgery.plan_copy, ck, "bias", "blocks.1")
+    assert "module prefix" in problem_of(ck.tie, "blocks.0", "bias")
+    assert "blocks.1 is a module prefix" in problem_of(ck.copy, "bias", "blocks.1")
 
 
 def test_empty_destination_names_are_refused_but_an_empty_prefix_maps_to_top_level(ck):
-    assert "'' is not a tensor name" in problem_of(surgery.plan_copy, ck, "bias", "")
-    assert "'x.' is not a tensor name" in problem_of(surgery.plan_copy, ck, "bias", "x.")
-    p = surgery.plan_copy(ck, "blocks.1", "")
-    assert {o.dst for o in p.ops} == {"w", "b"}
+    assert "'' is not a tensor name" in problem_of(ck.copy, "bias", "")
+    assert "'x.' is not a tensor name" in problem_of(ck.copy, "bias", "x.")
+    p = ck.copy("blocks.1", "")
+    assert {o.dst for o in p.changes} == {"w", "b"}
 
 
 def test_unknown_source_is_an_input_error_with_close_matches(ck):
     with pytest.raises(UnknownNameError) as info:
-        surgery.plan_copy(ck, "emb.wieght", "x")
+        ck.copy("emb.wieght", "x")
     assert "emb.weight" in info.value.hint and info.value.candidates[0] == "emb.weight"
 
 
 def test_unknown_kind_is_refused(ck):
-    assert "unknown surgery step 'move'" in problem_of(surgery.plan, ck, [("move", "a", "b", [])])
+    assert "unknown surgery step 'move'" in problem_of(run_plan, ck, [("move", "a", "b", [])])
 
 
 # ----------------------------------------------------------------------------- copies
 
 
 def test_copy_to_a_new_name_is_a_stored_independent_tensor(tmp_path, ck):
-    p = surgery.plan_copy(ck, "emb.weight", "new.weight")
-    assert "new.weight" in p.result.stored and not p.result.aliases
-    assert p.summary()["copied"] == [
+    p = ck.copy("emb.weight", "new.weight")
+    assert "new.weight" in p.stored and not p.aliases
+    assert summary(p)["copied"] == [
         {"src": "emb.weight", "dst": "new.weight", "source": "emb.weight", "from": None, "transform": []}
     ]
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     sd = load_file(out)
     assert torch.equal(sd["new.weight"], sd["emb.weight"])
     assert "wsurgery.aliases" not in header_metadata(out)
@@ -317,10 +323,10 @@ def test_copy_to_a_new_name_is_a_stored_independent_tensor(tmp_path, ck):
 
 @pytest.mark.parametrize("dtype", sorted(BY_NAME))
 def test_copy_casts_to_every_stored_dtype(tmp_path, ck, dtype):
-    p = surgery.plan_copy(ck, "emb.weight", "cast.weight", [f"cast({dtype})"])
-    assert (p.ops[0].dtype, p.result.stored["cast.weight"].dtype) == (dtype, dtype)
+    p = ck.copy("emb.weight", "cast.weight", [f"cast({dtype})"])
+    assert (p.changes[0].value.dtype, p.stored["cast.weight"].dtype) == (dtype, dtype)
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     back = wsurgery.load_state_dict(out)["cast.weight"]
     assert bit_equal(back, model_sd()["emb.weight"].to(getattr(torch, dtype)))
     back2 = wsurgery.load(out)
@@ -330,31 +336,31 @@ def test_copy_casts_to_every_stored_dtype(tmp_path, ck, dtype):
 
 def test_copy_chain_with_scale_cast_and_a_copying_reshape(tmp_path, ck):
     specs = ["transpose", "reshape(-1)", "scale(2)", "cast(bfloat16)"]
-    p = surgery.plan_copy(ck, "emb.weight", "flat", specs)
-    assert (p.ops[0].shape, p.ops[0].dtype) == ((24,), "bfloat16")
+    p = ck.copy("emb.weight", "flat", specs)
+    assert (p.changes[0].value.shape, p.changes[0].value.dtype) == ((24,), "bfloat16")
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     expected = (model_sd()["emb.weight"].t().reshape(-1) * 2).to(torch.bfloat16)
     assert torch.equal(load_file(out)["flat"], expected)
 
 
 def test_copy_onto_an_existing_tensor_must_fit(tmp_path, ck):
-    text = problem_of(surgery.plan_copy, ck, "enc.weight", "dec.weight", ["cast(float16)"])
+    text = problem_of(ck.copy, "enc.weight", "dec.weight", ["cast(float16)"])
     assert "float16 (3, 4)" in text and "float32 (4, 3)" in text
-    p = surgery.plan_copy(ck, "enc.weight", "dec.weight", ["transpose"])
-    assert p.ops[0].replaces
+    p = ck.copy("enc.weight", "dec.weight", ["transpose"])
+    assert p.changes[0].replaces
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     assert torch.equal(load_file(out)["dec.weight"], model_sd()["enc.weight"].t())
 
 
 def test_copy_onto_an_alias_unties_it_and_leaves_the_source(tmp_path, tied):
     sd = model_sd()
-    p = surgery.plan_copy(tied, "conv.weight", "proj.weight", ["reshape(6,4)"])
-    assert "proj.weight" not in p.result.aliases and "proj.weight" in p.result.stored
-    assert p.ops[0].note == "was an alias of emb.weight"
+    p = tied.copy("conv.weight", "proj.weight", ["reshape(6,4)"])
+    assert "proj.weight" not in p.aliases and "proj.weight" in p.stored
+    assert p.changes[0].note == "was an alias of emb.weight"
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     meta = header_metadata(out)
     assert "proj.weight" not in json.loads(meta["wsurgery.aliases"]) and "proj.weight" not in meta
     loaded = wsurgery.load_state_dict(out)
@@ -366,16 +372,16 @@ def test_copy_onto_an_alias_unties_it_and_leaves_the_source(tmp_path, tied):
 
 def test_copy_onto_the_source_of_aliases_unties_them_first(tmp_path, tied):
     sd = model_sd()
-    p = surgery.plan_copy(tied, "emb.weight", "emb.weight", ["scale(2)"])
-    untied = [(o.dst, o.note) for o in p.ops if o.kind == "untie"]
+    p = tied.copy("emb.weight", "emb.weight", ["scale(2)"])
+    untied = [(o.dst, o.note) for o in p.changes if o.kind == "untie"]
     assert untied == [
         ("head.weight", "keeps its value (emb.weight is overwritten)"),
         ("proj.weight", "keeps its value (emb.weight is overwritten)"),
     ]
-    assert set(p.result.aliases) == {"dec.weight"}
-    assert [u["name"] for u in p.summary()["untied"]] == ["head.weight", "proj.weight"]
+    assert set(p.aliases) == {"dec.weight"}
+    assert [u["name"] for u in summary(p)["untied"]] == ["head.weight", "proj.weight"]
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     loaded = load_file(out)
     assert torch.equal(loaded["emb.weight"], sd["emb.weight"] * 2)
     assert torch.equal(loaded["proj.weight"], sd["emb.weight"])
@@ -384,38 +390,38 @@ def test_copy_onto_the_source_of_aliases_unties_them_first(tmp_path, tied):
 
 def test_copies_read_the_input_not_each_other(tmp_path, ck):
     sd = model_sd()
-    p = surgery.plan(ck, [("copy", "blocks.0.w", "blocks.1.w", []), ("copy", "blocks.1.w", "blocks.0.w", [])])
+    p = run_plan(ck, [("copy", "blocks.0.w", "blocks.1.w", []), ("copy", "blocks.1.w", "blocks.0.w", [])])
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     loaded = load_file(out)
     assert torch.equal(loaded["blocks.0.w"], sd["blocks.1.w"]) and torch.equal(loaded["blocks.1.w"], sd["blocks.0.w"])
 
 
 def test_copy_module_prefix_creates_and_replaces(tmp_path, ck):
-    p = surgery.plan_copy(ck, "blocks.0", "blocks.1", ["scale(-1)"])
-    assert {o.dst for o in p.ops} == {"blocks.1.w", "blocks.1.b"} and all(o.replaces for o in p.ops)
-    p2 = surgery.plan_copy(ck, "blocks.0", "extra.0")
-    assert {o.dst for o in p2.ops} == {"extra.0.w", "extra.0.b"} and not any(o.replaces for o in p2.ops)
+    p = ck.copy("blocks.0", "blocks.1", ["scale(-1)"])
+    assert {o.dst for o in p.changes} == {"blocks.1.w", "blocks.1.b"} and all(o.replaces for o in p.changes)
+    p2 = ck.copy("blocks.0", "extra.0")
+    assert {o.dst for o in p2.changes} == {"extra.0.w", "extra.0.b"} and not any(o.replaces for o in p2.changes)
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     assert torch.equal(load_file(out)["blocks.1.b"], -model_sd()["blocks.0.b"])
 
 
 def test_copy_from_another_checkpoint_with_an_alias_source_and_prefixes(tmp_path, ck, fixtures):
     other = wsurgery.load(fixtures / "shared_storage.pt")  # decoder = transpose(encoder), projection = embedding
-    p = surgery.plan_copy(ck, "decoder.weight", "dec.new", ["slice(1,0,3)"], other=other)
-    op = p.ops[0]
-    assert (op.base, op.transform.specs(), op.origin) == ("encoder.weight", ["transpose", "slice(1,0,3)"], other.path)
-    assert set(p.result.input_files) == set(ck.input_files) | set(other.input_files)
+    p = ck.copy("decoder.weight", "dec.new", ["slice(1,0,3)"], other=other)
+    op = p.changes[0]
+    assert (op.base, op.value.specs, op.origin) == ("encoder.weight", ["transpose", "slice(1,0,3)"], other.path)
+    assert set(p.input_files) == set(ck.input_files) | set(other.input_files)
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     theirs = torch.load(fixtures / "shared_storage.pt", weights_only=True)
     assert torch.equal(load_file(out)["dec.new"], theirs["decoder.weight"][:, 0:3])
 
     sharded = wsurgery.load(fixtures / "tiny_lm_sharded")
-    p = surgery.plan_copy(ck, "layers.1.mlp", "blocks.9", ["cast(float16)"], other=sharded)
-    assert {o.dst for o in p.ops} == {"blocks.9.up.weight", "blocks.9.down.weight"}
-    p.result.save(out)
+    p = ck.copy("layers.1.mlp", "blocks.9", ["cast(float16)"], other=sharded)
+    assert {o.dst for o in p.changes} == {"blocks.9.up.weight", "blocks.9.down.weight"}
+    p.save(out, overwrite=True)
     lm = load_file(fixtures / "tiny_lm.safetensors")
     assert torch.equal(load_file(out)["blocks.9.down.weight"], lm["layers.1.mlp.down.weight"].half())
     other.close()
@@ -426,22 +432,22 @@ def test_a_copy_of_an_in_memory_tensor_owns_its_bytes():
     base = rand(4, 4)
     c = from_tensors({"a": base, "b": rand(4, 4, seed=1)})
     for specs in ([], ["slice(0,0,2)"], ["reshape(16)"]):
-        p = surgery.plan_copy(c, "a", "c" + str(len(specs)), specs)
-        t = p.result.tensor(p.ops[0].dst)
+        p = c.copy("a", "c" + str(len(specs)), specs)
+        t = p.tensor(p.changes[0].dst)
         assert torch.equal(t, parse(specs).apply(base)) and not shares_storage(t, base)
-    p = surgery.plan_untie(from_tensors({"a": base}, explicit={"v": ("a", ["slice(0,1,3)"])}))
-    assert not shares_storage(p.result.tensor("v"), base)
+    p = from_tensors({"a": base}, explicit={"v": ("a", ["slice(0,1,3)"])}).untie()
+    assert not shares_storage(p.tensor("v"), base)
 
 
 # ----------------------------------------------------------------------------- untie
 
 
 def test_untie_all_by_default(tmp_path, tied):
-    p = surgery.plan_untie(tied)
-    assert {o.dst for o in p.ops} == {"proj.weight", "dec.weight", "head.weight"}
-    assert not p.result.aliases
+    p = tied.untie()
+    assert {o.dst for o in p.changes} == {"proj.weight", "dec.weight", "head.weight"}
+    assert not p.aliases
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     meta = header_metadata(out)
     assert "wsurgery.aliases" not in meta and not (set(meta) & {"proj.weight", "dec.weight", "head.weight"})
     sd = load_file(out)
@@ -452,37 +458,35 @@ def test_untie_all_by_default(tmp_path, tied):
 
 
 def test_untie_named_stored_and_prefix_names(tied):
-    assert [o.dst for o in surgery.plan_untie(tied, ["dec.weight"]).ops] == ["dec.weight"]
+    assert [o.dst for o in tied.untie(["dec.weight"]).changes] == ["dec.weight"]
     # a stored name unties every alias of it
-    p = surgery.plan_untie(tied, ["emb.weight"])
-    assert [(o.dst, o.note) for o in p.ops] == [
+    p = tied.untie(["emb.weight"])
+    assert [(o.dst, o.note) for o in p.changes] == [
         ("head.weight", "tied to emb.weight"),
         ("proj.weight", "tied to emb.weight"),
     ]
-    assert set(p.result.aliases) == {"dec.weight"}
+    assert set(p.aliases) == {"dec.weight"}
     # a prefix and a name that overlap untie once
-    p = surgery.plan_untie(tied, ["dec", "dec.weight"])
-    assert [o.dst for o in p.ops] == ["dec.weight"]
+    p = tied.untie(["dec", "dec.weight"])
+    assert [o.dst for o in p.changes] == ["dec.weight"]
 
 
 def test_untie_of_an_untied_name_is_refused_and_unknown_is_an_input_error(tied):
-    assert "no alias points at it" in problem_of(surgery.plan_untie, tied, ["bias"])
-    assert "no tensor under the module prefix 'blocks'" in problem_of(surgery.plan_untie, tied, ["blocks"])
-    text = problem_of(surgery.plan_untie, tied, ["bias", "blocks.0.b"])
+    assert "no alias points at it" in problem_of(tied.untie, ["bias"])
+    assert "no tensor under the module prefix 'blocks'" in problem_of(tied.untie, ["blocks"])
+    text = problem_of(tied.untie, ["bias", "blocks.0.b"])
     assert text.startswith("2 problems")
     with pytest.raises(UnknownNameError):
-        surgery.plan_untie(tied, ["nope"])
+        tied.untie(["nope"])
 
 
 def test_untie_of_a_checkpoint_without_aliases_is_a_plain_rewrite(ck):
-    p = surgery.plan_untie(ck)
-    assert p.ops == [] and set(p.result.stored) == set(ck.stored)
+    p = ck.untie()
+    assert p.changes == [] and set(p.stored) == set(ck.stored)
 
 
 def test_untie_and_tie_in_one_plan_on_the_same_alias_conflict(tied):
-    text = problem_of(
-        surgery.plan, tied, [("untie", None, "proj.weight", None), ("tie", "emb.weight", "proj.weight", [])]
-    )
+    text = problem_of(run_plan, tied, [("untie", None, "proj.weight", None), ("tie", "emb.weight", "proj.weight", [])])
     assert "proj.weight is the destination of two steps" in text
 
 
@@ -496,30 +500,28 @@ def test_planning_reads_no_tensor_data(monkeypatch, tied, fixtures):
     monkeypatch.setattr(FileStored, "tensor", boom)
     monkeypatch.setattr(FileStored, "raw", boom)
     other = wsurgery.load(fixtures / "tiny_lm_sharded")
-    p = surgery.plan(
+    p = run_plan(
         tied,
         [
             ("copy", "layers.0.mlp", "blocks.0", ["transpose", "cast(bfloat16)"]),
         ],
         other=other,
     )
-    assert {o.dst for o in p.ops} == {"blocks.0.up.weight", "blocks.0.down.weight"}
-    shapes = {
-        n: (s.shape, s.dtype) for n, s in p.result.stored.items() if n.startswith(("blocks.0.up", "blocks.0.down"))
-    }
+    assert {o.dst for o in p.changes} == {"blocks.0.up.weight", "blocks.0.down.weight"}
+    shapes = {n: (s.shape, s.dtype) for n, s in p.stored.items() if n.startswith(("blocks.0.up", "blocks.0.down"))}
     assert shapes == {"blocks.0.up.weight": ((8, 16), "bfloat16"), "blocks.0.down.weight": ((16, 8), "bfloat16")}
-    surgery.plan_untie(tied)
-    surgery.plan_tie(tied, "conv.weight", "v", ["permute(2,1,0)", "slice(0,0,2)"])
+    tied.untie()
+    tied.tie("conv.weight", "v", ["permute(2,1,0)", "slice(0,0,2)"])
     other.close()
 
 
 @pytest.mark.parametrize(
     "make_plan",
     [
-        lambda c: surgery.plan_tie(c, "emb.weight", "proj.weight"),
-        lambda c: surgery.plan_copy(c, "emb.weight", "proj.weight"),
-        lambda c: surgery.plan_copy(c, "blocks.0", "blocks.1"),
-        lambda c: surgery.plan_untie(c),
+        lambda c: c.tie("emb.weight", "proj.weight"),
+        lambda c: c.copy("emb.weight", "proj.weight"),
+        lambda c: c.copy("blocks.0", "blocks.1"),
+        lambda c: c.untie(),
     ],
     ids=["tie", "copy", "copy-prefix", "untie-same"],
 )
@@ -534,7 +536,7 @@ def test_untouched_and_untransformed_tensors_are_copied_as_raw_bytes(tmp_path, m
 
     monkeypatch.setattr(FileStored, "tensor", boom)
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     monkeypatch.undo()
     loaded = wsurgery.load_state_dict(out)
     for name in ("enc.weight", "conv.weight", "blocks.0.w", "bias"):
@@ -556,18 +558,18 @@ def test_a_transformed_copy_decodes_only_its_source(tmp_path, monkeypatch, ck):
 
     monkeypatch.setattr(FileStored, "tensor", spy_tensor)
     monkeypatch.setattr(FileStored, "raw", spy_raw)
-    p = surgery.plan_copy(ck, "enc.weight", "dec.weight", ["transpose", "scale(0.5)"])
+    p = ck.copy("enc.weight", "dec.weight", ["transpose", "scale(0.5)"])
     assert read == []
-    p.result.save(tmp_path / "o.safetensors")
+    p.save(tmp_path / "o.safetensors")
     assert read == ["enc.weight"]
-    assert isinstance(p.result.stored["dec.weight"], ComputedStored)
+    assert isinstance(p.stored["dec.weight"], ComputedStored)
 
 
 def test_the_same_surgery_twice_writes_identical_bytes(tmp_path, fixtures):
     outs = []
     for i in range(2):
         c = wsurgery.load(fixtures / "tiny_lm.pt")
-        p = surgery.plan(
+        p = run_plan(
             c,
             [
                 ("copy", "layers.0", "layers.1", ["scale(0.5)"]),
@@ -577,7 +579,7 @@ def test_the_same_surgery_twice_writes_identical_bytes(tmp_path, fixtures):
             ],
         )
         out = tmp_path / f"o{i}.safetensors"
-        p.result.save(out)
+        p.save(out)
         outs.append(out.read_bytes())
         c.close()
     assert outs[0] == outs[1]
@@ -588,7 +590,7 @@ def test_the_same_surgery_twice_writes_identical_bytes(tmp_path, fixtures):
 
 def test_device_is_validated_before_any_work(ck):
     with pytest.raises(UsageError, match="unknown device 'gpu0'"):
-        surgery.plan_copy(ck, "emb.weight", "x", ["scale(2)"], device="gpu0")
+        ck.copy("emb.weight", "x", ["scale(2)"], device="gpu0")
     with pytest.raises(UsageError, match="not supported"):
         surgery.check_device("meta")
     assert surgery.check_device("cpu") == "cpu"
@@ -597,7 +599,7 @@ def test_device_is_validated_before_any_work(ck):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda_is_a_usage_error(ck):
     with pytest.raises(UsageError, match="CUDA is not available"):
-        surgery.plan_copy(ck, "emb.weight", "x", ["scale(2)"], device="cuda")
+        ck.copy("emb.weight", "x", ["scale(2)"], device="cuda")
 
 
 def test_computed_copies_run_on_the_device_asked_for(monkeypatch, ck):
@@ -609,20 +611,20 @@ def test_computed_copies_run_on_the_device_asked_for(monkeypatch, ck):
         return real(self, own)
 
     monkeypatch.setattr(ComputedStored, "_compute", spy)
-    p = surgery.plan_copy(ck, "emb.weight", "x", ["scale(2)"], device="cpu")
-    assert torch.equal(p.result.tensor("x"), model_sd()["emb.weight"] * 2)
+    p = ck.copy("emb.weight", "x", ["scale(2)"], device="cpu")
+    assert torch.equal(p.tensor("x"), model_sd()["emb.weight"] * 2)
     assert seen == ["cpu"]
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_copy_computed_on_cuda(tmp_path, ck):
-    p = surgery.plan_copy(ck, "emb.weight", "x", ["transpose", "scale(2)", "cast(bfloat16)"], device="cuda")
-    assert p.result.stored["x"].device == "cuda"
-    t = p.result.tensor("x", device="cuda")
+    p = ck.copy("emb.weight", "x", ["transpose", "scale(2)", "cast(bfloat16)"], device="cuda")
+    assert p.stored["x"].device == "cuda"
+    t = p.tensor("x", device="cuda")
     assert t.device.type == "cuda"
     out = tmp_path / "o.safetensors"
-    p.result.save(out)
+    p.save(out)
     assert torch.equal(load_file(out)["x"], (model_sd()["emb.weight"].t() * 2).to(torch.bfloat16))
 
 

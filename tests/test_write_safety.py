@@ -259,7 +259,7 @@ INVOCATIONS = {
     "diff": [["diff", "{ckpt}", "{other}"], ["diff", "{ckpt}", "{ckpt}", "--json"]],
     "check": [
         ["check", "{ckpt}", "--src", "{a}", "--dst", "{b}"],
-        ["check", "{ckpt}", "--src", "{a}", "--dst", "{a}", "--other", "{other}", "--json"],
+        ["check", "{ckpt}", "--src", "{a}", "--dst", "{a}", "--from", "{other}", "--json"],
     ],
 }
 CHECKPOINTS = {  # name -> (a tensor, another tensor of the same shape)
@@ -361,8 +361,8 @@ def _library_saves():
     return {
         "save_state_dict": lambda path, **kw: wsurgery.save_state_dict(state, path, **kw),
         "save_module": lambda path, **kw: save_module(module, path, **kw),
-        "Checkpoint.save": lambda path, **kw: ckpt.save(path, **kw),
-        "Checkpoint.save_sharded": lambda path, **kw: ckpt.save_sharded(path, 2000, **kw),
+        "Checkpoint.save": lambda path, **kw: ckpt.save(path, overwrite=True, **kw),
+        "Checkpoint.save sharded": lambda path, **kw: ckpt.save(path, overwrite=True, max_shard_size=2000, **kw),
     }
 
 

@@ -8,28 +8,36 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import check, diff, load, load_state_dict, save_state_dict  # noqa: E402
-from .checkpoint import Checkpoint  # noqa: E402
+from .api import check, convert, diff, load, load_state_dict, open, save_state_dict  # noqa: E402
+from .checkpoint import Checkpoint, Derived, SaveResult  # noqa: E402
 from .errors import (  # noqa: E402
     InputError,
     OutputError,
+    Problem,
     SurgeryError,
     TransformError,
+    UnknownNameError,
     UsageError,
     WsurgeryError,
 )
 
 __all__ = [
     "Checkpoint",
+    "Derived",
     "InputError",
     "OutputError",
+    "Problem",
+    "SaveResult",
     "SurgeryError",
     "TransformError",
+    "UnknownNameError",
     "UsageError",
     "WsurgeryError",
     "check",
+    "convert",
     "diff",
     "load",
     "load_state_dict",
+    "open",
     "save_state_dict",
 ]

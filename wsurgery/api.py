@@ -1,57 +1,199 @@
-"""The library's front door, in safetensors' idiom."""
+"""The library's front door, in safetensors' idiom: ``open`` / ``load`` a checkpoint lazily,
+``load_state_dict`` / ``save_state_dict`` for plain dicts of tensors, ``convert`` a file,
+``diff`` / ``check`` to compare."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, from_tensors
+from .checkpoint import Checkpoint, SaveResult, from_tensors
 from .checkpoint import load as _load
 
+if TYPE_CHECKING:
+    from .compare import CheckReport, DiffReport
 
-def load(path) -> Checkpoint:
+PathLike = str | os.PathLike
+
+
+def open(path: PathLike) -> Checkpoint:  # noqa: A001 - the safe_open idiom
     """Open a checkpoint lazily: names, dtypes, shapes, aliases and metadata, no tensor data.
 
     Reads safetensors (one file, or a sharded index or its folder) and torch.save files
-    (never executing pickled code). The format comes from the file's first bytes.
+    (never executing pickled code). The format comes from the file's first bytes. Use it
+    as a context manager, so its files are released at the end.
+
+    Args:
+        path: a ``.safetensors`` file, a ``*.safetensors.index.json`` or the folder
+            holding one, or a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``).
+
+    Returns:
+        A lazy :class:`~wsurgery.Checkpoint`.
+
+    Raises:
+        InputError: the file is missing, unreadable, malformed or unsafe.
+
+    Example:
+        >>> with wsurgery.open("model.safetensors") as ckpt:  # doctest: +SKIP
+        ...     ckpt.keys()
+        ...     w = ckpt.get_tensor("embedding.weight")
     """
     return _load(path)
 
 
-def load_state_dict(path, device="cpu") -> dict:
-    """Read every tensor into a plain dict; each alias is a view of its source."""
-    ckpt = _load(path)
-    try:
+def load(path: PathLike) -> Checkpoint:
+    """The same as :func:`open` (safetensors' name for it)."""
+    return _load(path)
+
+
+def load_state_dict(path: PathLike, device: str = "cpu") -> dict[str, Any]:
+    """Read every tensor of a checkpoint into a plain dict.
+
+    Args:
+        path: any checkpoint :func:`open` reads.
+        device: where the tensors go (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    Returns:
+        ``{name: torch.Tensor}`` in natural name order; each alias is a view of its
+        source, so ties share memory as they did when saved.
+
+    Example:
+        >>> sd = wsurgery.load_state_dict("tied.safetensors")  # doctest: +SKIP
+        >>> sd["lm_head.weight"].data_ptr() == sd["embed.weight"].data_ptr()
+        True
+    """
+    with _load(path) as ckpt:
         return ckpt.state_dict(device)
-    finally:
-        ckpt.close()
 
 
 def save_state_dict(
-    state_dict: dict, path, metadata: dict[str, str] | None = None, *, aliases=None, sync: bool = True
-) -> None:
+    state_dict: Mapping[str, Any],
+    path: PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    aliases: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+    sync: bool = True,
+) -> SaveResult:
     """Write a state dict to safetensors, storing each shared tensor once.
 
-    Tensors that share storage are recorded as ties (same view, or a 2-D transpose);
-    ``aliases`` adds explicit ones as ``{alias: (source, [transform steps])}``. The write
-    is atomic: on error nothing is left at ``path``. ``sync=False`` skips the fsyncs:
-    faster and still atomic if the process dies, but an operating-system crash or power
-    loss soon after may leave the file empty or partial.
+    Like ``safetensors.torch.save_file``, an existing file at ``path`` is replaced (the
+    write is atomic: on error nothing is left at ``path`` and the old file stays whole).
+
+    Args:
+        state_dict: ``{name: torch.Tensor}``; tensors that share storage are recorded as
+            ties (the same view, or a 2-D transpose).
+        path: the output file.
+        metadata: extra string metadata to store.
+        aliases: explicit ties, ``{alias: (source, [view steps])}``.
+        sync: fsync before the rename (durable after a power loss); ``False`` is faster.
+
+    Returns:
+        A :class:`~wsurgery.checkpoint.SaveResult`.
+
+    Example:
+        >>> wsurgery.save_state_dict(model.state_dict(), "model.safetensors")  # doctest: +SKIP
     """
-    ckpt = from_tensors(dict(state_dict), explicit=aliases)
+    ckpt = from_tensors(dict(state_dict), explicit=dict(aliases) if aliases else None)
     if metadata:
         ckpt.metadata = dict(metadata)
-    ckpt.save(os.fspath(path), sync=sync)
+    return ckpt.save(path, overwrite=True, sync=sync)
 
 
-def diff(a, b, **kwargs):
-    """Compare two checkpoints (paths or loaded) tensor by tensor; see ``wsurgery.compare``."""
+def convert(
+    src: PathLike,
+    out: PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+    sync: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> SaveResult:
+    """Convert any readable checkpoint to safetensors, keeping its ties.
+
+    Shared storage in a torch file becomes alias records; tensors are streamed one at a
+    time, untouched bytes copied as they are.
+
+    Args:
+        src: any checkpoint :func:`open` reads.
+        out: the output file, or with ``max_shard_size`` a folder of shards and an index.
+        overwrite: replace an existing output; without it an existing one is an error.
+        max_shard_size: bytes per shard (an int, or ``"5GB"``, ``"500MiB"``).
+        sync: fsync before the rename; ``False`` is faster and still atomic.
+        progress: called with the byte count of each piece written.
+
+    Returns:
+        A :class:`~wsurgery.checkpoint.SaveResult`.
+
+    Example:
+        >>> wsurgery.convert("pytorch_model.bin", "model.safetensors")  # doctest: +SKIP
+    """
+    with _load(src) as ckpt:
+        return ckpt.save(out, overwrite=overwrite, max_shard_size=max_shard_size, sync=sync, progress=progress)
+
+
+def diff(
+    a: Checkpoint | Mapping[str, Any] | PathLike,
+    b: Checkpoint | Mapping[str, Any] | PathLike,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    device: str | None = None,
+    filter: str | None = None,  # noqa: A002 - a glob on names
+    progress: Callable[[int, int], None] | None = None,
+) -> DiffReport:
+    """Compare two checkpoints tensor by tensor, streaming.
+
+    Args:
+        a, b: paths (any readable format), loaded checkpoints or state dicts.
+        atol, rtol: elements agree when ``|a - b| <= atol + rtol * |b|``; both 0 (the
+            default) is bitwise equality (NaN in the same place is equal).
+        device: ``None``/``"cpu"`` compares with numpy, ``"cuda"`` on the GPU.
+        filter: a glob on names; only matching names are compared.
+        progress: called as ``progress(done_bytes, total_bytes)``.
+
+    Returns:
+        A ``DiffReport`` (``equal``, ``changed``, ``only_in_a``, ``only_in_b``, ``to_dict()``).
+
+    Example:
+        >>> wsurgery.diff("model.pt", "model.safetensors").equal  # doctest: +SKIP
+        True
+    """
     from .compare import diff as _diff
 
-    return _diff(a, b, **kwargs)
+    return _diff(a, b, atol=atol, rtol=rtol, device=device, filter=filter, progress=progress)
 
 
-def check(*args, **kwargs):
-    """Assert ``transform(src) == dst``; see ``wsurgery.compare``."""
+def check(
+    ckpt: Checkpoint | Mapping[str, Any] | PathLike,
+    src: str,
+    dst: str,
+    transform: str | Sequence[str] | None = None,
+    *,
+    other: Checkpoint | Mapping[str, Any] | PathLike | None = None,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CheckReport:
+    """Check that ``transform(src)`` equals ``dst``, within one checkpoint or against ``other``.
+
+    Args:
+        ckpt: where ``src`` is (a path, a loaded checkpoint or a state dict).
+        src, dst: tensor names, or module prefixes (every pair under them is checked).
+        transform: steps applied to ``src`` first (``"transpose"``, ``["cast(bfloat16)"]``).
+        other: where ``dst`` is, when not in ``ckpt``.
+        atol, rtol, device, progress: as for :func:`diff`.
+
+    Returns:
+        A ``CheckReport`` (``equal``, ``pairs``, ``max_abs_diff``, ``to_dict()``).
+
+    Example:
+        >>> wsurgery.check("model.safetensors", "embed.weight", "lm_head.weight").equal  # doctest: +SKIP
+        True
+    """
     from .compare import check as _check
 
-    return _check(*args, **kwargs)
+    return _check(
+        ckpt, src, dst, transform=transform, other=other, atol=atol, rtol=rtol, device=device, progress=progress
+    )

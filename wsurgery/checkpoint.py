@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import aliases as alias_codec
 from .dtypes import BY_NAME, name_of_torch_dtype
@@ -41,12 +42,11 @@ def natural_key(name: str):
 # --- stored tensors -------------------------------------------------------------------
 
 
-class Stored:
-    """A tensor with bytes of its own. Subclasses say where the bytes come from."""
+class _Sized:
+    """``numel`` and ``nbytes`` from ``shape`` and ``dtype``."""
 
-    name: str
-    dtype: str
     shape: tuple[int, ...]
+    dtype: str
 
     @property
     def numel(self) -> int:
@@ -55,6 +55,14 @@ class Stored:
     @property
     def nbytes(self) -> int:
         return self.numel * BY_NAME[self.dtype].itemsize
+
+
+class Stored(_Sized):
+    """A tensor with bytes of its own. Subclasses say where the bytes come from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
 
     def raw_location(self) -> tuple[str, int, int] | None:
         """``(path, offset, nbytes)`` when the bytes lie verbatim in a file."""
@@ -149,17 +157,25 @@ class TensorStored(Stored):
 
 
 class ComputedStored(Stored):
-    """``transform(base)``, computed when written or read: one tensor in flight at a time.
+    """A tensor of its own whose value is ``transform(base)`` (a :class:`Derived`), computed
+    when written or read: one tensor in flight at a time.
 
     Written on the CPU from a safetensors file, it is computed with numpy when every step
     allows (``_use_numpy``), with the bytes torch would give; otherwise with torch."""
 
     def __init__(self, name: str, base: Stored, transform: Transform, device="cpu"):
         self.name = name
-        self.base = base
-        self.transform = transform
+        self.value = Derived.of(base, transform)
         self.device = device
-        self.shape, self.dtype = transform.infer(base.shape, base.dtype)
+        self.shape, self.dtype = self.value.shape, self.value.dtype
+
+    @property
+    def base(self) -> Stored:
+        return self.value.base
+
+    @property
+    def transform(self) -> Transform:
+        return self.value.transform
 
     def raw_location(self):
         """The identity of bytes that lie in a file is those bytes: copied, never decoded."""
@@ -224,57 +240,170 @@ def _device(device):
     return torch.device(device)
 
 
-# --- aliases --------------------------------------------------------------------------
+# --- derived values -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Alias:
-    name: str
-    source: str  # a stored name
+class Derived(_Sized):
+    """``transform(base)``: a stored tensor seen through a transform, with the shape and
+    dtype the transform gives (inferred without data when it is made, by :meth:`of`).
+
+    It is an alias's value (``Checkpoint.aliases``), the value of a computed copy
+    (``ComputedStored.value``), a planned step's value (``surgery.Op.value``) and one
+    side of a compare.
+    """
+
+    base: Stored
     transform: Transform
-    dtype: str
     shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, base: Stored, transform: Transform | None = None) -> Derived:
+        """``transform(base)``; raises ``TransformError`` when the transform does not fit."""
+        if transform is None:
+            from .transforms import IDENTITY
+
+            transform = IDENTITY
+        shape, dtype = transform.infer(base.shape, base.dtype)
+        return cls(base, transform, tuple(shape), dtype)
+
+    def then(self, extra: Transform) -> Derived:
+        """This value, then ``extra``."""
+        return self if extra.is_identity else Derived.of(self.base, self.transform.then(extra))
+
+    @property
+    def source(self) -> str:
+        """The stored tensor's name."""
+        return self.base.name
 
     @property
     def specs(self) -> list[str]:
         return self.transform.specs()
 
     def record(self) -> dict:
+        """The alias record: ``{"source": name, "transform": [step, ...]}``."""
         return {"source": self.source, "transform": self.specs}
+
+
+Alias = Derived  # the old name, until the compare layer takes Derived  # TODO(merge): remove
 
 
 # --- the checkpoint -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SaveResult:
+    """What :meth:`Checkpoint.save` wrote.
+
+    Attributes:
+        path: the file, or the folder of shards.
+        stored: how many tensors were stored.
+        nbytes: their bytes.
+        aliases: ``{alias: {"source": name, "transform": [step, ...]}}`` recorded.
+        shards: the shard file names, for sharded output; else None.
+    """
+
+    path: str
+    stored: int
+    nbytes: int
+    aliases: dict[str, dict]
+    shards: list[str] | None = None
+
+
 @dataclass
 class Checkpoint:
+    """A checkpoint: ordered names -> lazy tensors, aliases, metadata, the source format.
+
+    Nothing is read until asked: opening reads headers (or, for torch files, maps the
+    file), and :meth:`save` streams one tensor at a time, copying untouched tensors as
+    raw bytes. Use it as a context manager (or call :meth:`close`) to release the files.
+
+    Invariants (checked by :meth:`check_invariants` before every write): a name is
+    stored or an alias, never both; every alias's base is the stored tensor of its
+    source name.
+
+    Attributes:
+        stored: name -> tensor with bytes of its own.
+        aliases: name -> :class:`Derived` over a stored tensor (view steps only).
+        metadata: the file's own metadata, alias records removed.
+        path: where it was read from (None for one built in memory).
+        format: the source format (``"safetensors"``, ``"torch-zip"``, ...).
+        skipped: entries of a torch file that are not tensors, as ``"name: what"``.
+        container: the key a torch state dict was found under (``state_dict``), if any.
+        input_files: every file the tensors come from.
+        changes: the surgery steps (``surgery.Op``) that made this checkpoint from what
+            was read, in order.
+
+    Example:
+        >>> with wsurgery.open("model.safetensors") as ckpt:          # doctest: +SKIP
+        ...     tied = ckpt.tie("embedding.weight", "projection.weight")
+        ...     tied.save("tied.safetensors")
+    """
+
     stored: dict[str, Stored]
-    aliases: dict[str, Alias] = field(default_factory=dict)
-    metadata: dict[str, str] = field(default_factory=dict)  # user metadata, alias records removed
+    aliases: dict[str, Derived] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
     path: str | None = None
     format: str = "memory"
     skipped: list[str] = field(default_factory=list)
     container: str | None = None
     input_files: list[str] = field(default_factory=list)
+    changes: list = field(default_factory=list)
+
+    # -- context -------------------------------------------------------------------
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the files this checkpoint reads from (also those of derived checkpoints
+        that share them). Safe to call twice."""
+        seen = set()
+        for s in self.stored.values():
+            while isinstance(s, ComputedStored):
+                s = s.base
+            f = getattr(s, "file", None)
+            if f is not None and id(f) not in seen:
+                seen.add(id(f))
+                f.close()
 
     # -- names ---------------------------------------------------------------------
     def names(self) -> list[str]:
+        """Every name, stored and alias, in natural order (``layers.2`` before ``layers.10``)."""
         return sorted([*self.stored, *self.aliases], key=natural_key)
 
-    def __contains__(self, name: str) -> bool:
+    def keys(self) -> list[str]:
+        """Every name, as :meth:`names` (the ``safe_open`` spelling)."""
+        return self.names()
+
+    def __contains__(self, name: object) -> bool:
         return name in self.stored or name in self.aliases
 
     def __len__(self) -> int:
         return len(self.stored) + len(self.aliases)
 
-    def entry(self, name: str) -> Stored | Alias:
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def entry(self, name: str) -> Stored | Derived:
+        """The stored tensor or the alias under ``name``; ``UnknownNameError`` if none."""
         if name in self.stored:
             return self.stored[name]
         if name in self.aliases:
             return self.aliases[name]
         raise self.unknown(name)
 
+    def value(self, name: str, extra: Transform | None = None) -> Derived:
+        """``extra(name)`` as a :class:`Derived` over a stored tensor (aliases followed)."""
+        e = self.entry(name)
+        d = e if isinstance(e, Derived) else Derived.of(e)
+        return d if extra is None else d.then(extra)
+
     def unknown(self, name: str, what: str = "tensor or module") -> UnknownNameError:
+        """The error for a name this checkpoint does not hold, with close matches."""
         import difflib
 
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
@@ -300,12 +429,33 @@ class Checkpoint:
         return e.shape, e.dtype
 
     # -- data ----------------------------------------------------------------------
-    def tensor(self, name: str, device="cpu"):
-        """One tensor, read now. An alias comes back as a view of its source tensor."""
+    def get_tensor(self, name: str, device="cpu"):
+        """One tensor, read now, as a ``torch.Tensor`` on ``device``.
+
+        An alias comes back as a view of its source tensor.
+
+        Example:
+            >>> with wsurgery.open("model.safetensors") as ckpt:   # doctest: +SKIP
+            ...     w = ckpt.get_tensor("embedding.weight", device="cuda")
+        """
         e = self.entry(name)
-        if isinstance(e, Alias):
-            return e.transform.apply(self.stored[e.source].tensor(device))
+        if isinstance(e, Derived):
+            return e.transform.apply(e.base.tensor(device))
         return e.tensor(device)
+
+    tensor = get_tensor
+
+    def tensors(self, device="cpu") -> Iterator[tuple[str, Any]]:
+        """``(name, tensor)`` for every name, in order, read one at a time: memory holds one
+        tensor (and its source, for an alias), never the checkpoint. Each alias is a view
+        of a source read for it alone; use :meth:`state_dict` for ties that share memory.
+
+        Example:
+            >>> for name, t in ckpt.tensors():  # doctest: +SKIP
+            ...     print(name, t.norm())
+        """
+        for name in self.names():
+            yield name, self.get_tensor(name, device)
 
     def state_dict(self, device="cpu") -> dict:
         """Every tensor read into memory; aliases are views of their sources."""
@@ -331,43 +481,157 @@ class Checkpoint:
         for name, a in self.aliases.items():
             if name in self.stored:
                 raise InputError(f"{name!r} is both stored and an alias")
-            if a.source not in self.stored:
+            if self.stored.get(a.source) is not a.base:
                 raise InputError(f"alias {name!r} points at {a.source!r}, which is not stored")
 
+    # -- surgery -------------------------------------------------------------------
+    def tie(self, src: str | Sequence[str], dst: str | Sequence[str], transform=None) -> Checkpoint:
+        """A new checkpoint where ``dst`` is an alias of ``transform(src)``, stored once.
+
+        Args:
+            src: a stored or alias name, or a module prefix (every tensor under it); a
+                list ties several pairs at once.
+            dst: the alias name (new, or an existing tensor of the same shape and dtype
+                after the transform); a prefix for a prefix; a list for a list.
+            transform: view steps only (``"transpose"``, ``["slice(0,0,8)"]``...).
+
+        Returns:
+            A new lazy :class:`Checkpoint`; this one is unchanged.
+
+        Raises:
+            SurgeryError: every problem of the whole request (misfits, cycles, two ties
+                onto one name, a step that is not a view), nothing applied.
+            UnknownNameError: a source that is not in the checkpoint.
+
+        Example:
+            >>> tied = ckpt.tie("embedding.weight", "lm_head.weight")  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return surgery.plan(self, surgery.requests("tie", src, dst, transform)).apply()
+
+    def copy(
+        self,
+        src: str | Sequence[str],
+        dst: str | Sequence[str],
+        transform=None,
+        *,
+        other: Checkpoint | None = None,
+        device="cpu",
+    ) -> Checkpoint:
+        """A new checkpoint where ``dst`` holds an independent ``transform(src)``.
+
+        Args:
+            src: a tensor or module prefix (a list for several pairs, all read from this
+                checkpoint as it is, so two copies can swap two tensors).
+            dst: the destination (new, or existing with the same shape and dtype after
+                the transform); aliases of an overwritten tensor keep their values.
+            transform: any steps, ``cast`` and ``scale`` included.
+            other: take ``src`` from this checkpoint instead.
+            device: where the copies are computed when written or read (``"cuda"``).
+
+        Returns:
+            A new lazy :class:`Checkpoint`; nothing is computed until it is saved or read.
+
+        Example:
+            >>> grown = ckpt.copy("layers.0", "layers.12")  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return surgery.plan(self, surgery.requests("copy", src, dst, transform), other=other, device=device).apply()
+
+    def untie(self, names: str | Sequence[str] | None = None, *, device="cpu") -> Checkpoint:
+        """A new checkpoint where the named aliases (every alias by default) are stored
+        tensors of their own, for loaders that know no alias metadata.
+
+        Args:
+            names: aliases, stored tensors (every alias of them) or module prefixes.
+            device: where the untied values are computed when written.
+
+        Example:
+            >>> plain = ckpt.untie()  # doctest: +SKIP
+        """
+        from . import surgery
+
+        if isinstance(names, str):
+            names = [names]
+        return surgery.plan(self, surgery.untie_requests(self, names), device=device).apply()
+
     # -- writing -------------------------------------------------------------------
-    def save(self, path, metadata: dict[str, str] | None = None, progress=None, *, sync: bool = True) -> None:
-        """Write one safetensors file atomically, recording aliases in the metadata.
-
-        Tensors are ordered by descending itemsize, then name, so every tensor is
-        aligned and the same checkpoint always writes the same bytes. ``sync=False``
-        skips the fsyncs: still atomic if the process dies, but an operating-system
-        crash or power loss soon after may leave the file empty or partial.
-        """
-        self.check_invariants()
-        meta = alias_codec.encode(self.alias_records(), self.metadata if metadata is None else metadata)
-        order = sorted(self.stored.values(), key=lambda s: (-BY_NAME[s.dtype].itemsize, s.name))
-        from .formats.writer import WriteItem, write_safetensors
-
-        items = [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
-        write_safetensors(path, items, meta, progress=progress, sync=sync)
-
-    def save_sharded(
-        self, folder, max_shard_size: int, *, replace: bool = False, progress=None, sync: bool = True
-    ) -> list[str]:
-        """Write Hugging Face-style shards and ``model.safetensors.index.json`` into ``folder``.
-
-        Tensors keep the order of :meth:`save`. Each shard records the aliases whose source
-        it stores; the index's ``metadata`` records them all; ``weight_map`` lists stored
-        tensors only. Returns the shard file names. ``sync=False`` skips the fsyncs, as
-        for :meth:`save`.
-        """
-        from .formats.sharded_writer import plan_shards, write_sharded
+    def _write_items(self):
         from .formats.writer import WriteItem
 
         self.check_invariants()
+        # Largest itemsize first, then by name: every tensor aligned, the same bytes every time.
         order = sorted(self.stored.values(), key=lambda s: (-BY_NAME[s.dtype].itemsize, s.name))
-        items = [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
-        shards = plan_shards(items, max_shard_size)
+        return [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
+
+    def save(
+        self,
+        path,
+        *,
+        overwrite: bool = False,
+        max_shard_size: int | str | None = None,
+        sync: bool = True,
+        progress: Callable[[int], None] | None = None,
+        replace_input: bool | None = None,
+    ) -> SaveResult:
+        """Write safetensors atomically, recording aliases in the metadata.
+
+        Args:
+            path: the output file; with ``max_shard_size``, a folder of Hugging Face-style
+                shards and ``model.safetensors.index.json``.
+            overwrite: replace an existing file or folder; without it, an existing
+                output is an ``OutputError``, and so is one of this checkpoint's own inputs.
+            max_shard_size: bytes per shard (an int, or ``"5GB"``, ``"500MiB"``).
+            sync: fsync the output before renaming it into place (durable after a power
+                loss); ``False`` is faster and still atomic against the process dying.
+            progress: called with the byte count of each piece written.
+            replace_input: whether an input may be replaced; by default as ``overwrite``.
+
+        Returns:
+            A :class:`SaveResult`.
+
+        Raises:
+            OutputError: the output exists, is an input, or cannot be written (nothing
+                is left behind at ``path``).
+
+        Example:
+            >>> ckpt.save("out.safetensors", overwrite=True)  # doctest: +SKIP
+        """
+        from .formats.destination import check_file_target, check_folder_target
+
+        if replace_input is None:
+            replace_input = overwrite
+        inputs = self.input_files
+        aliases = {n: self.aliases[n].record() for n in sorted(self.aliases, key=natural_key)}
+        if max_shard_size is None:
+            check_file_target(path, inputs, overwrite=overwrite, replace_input=replace_input)
+            self._save_file(path, progress=progress, sync=sync)
+            shards = None
+        else:
+            exists = check_folder_target(path, inputs, overwrite=overwrite, replace_input=replace_input)
+            shards = self._save_sharded(path, max_shard_size, replace=exists, progress=progress, sync=sync)
+        return SaveResult(os.fspath(path), len(self.stored), self.total_bytes, aliases, shards)
+
+    def _save_file(self, path, progress=None, *, sync: bool = True) -> None:
+        from .formats.writer import write_safetensors
+
+        items = self._write_items()
+        meta = alias_codec.encode(self.alias_records(), self.metadata)
+        write_safetensors(path, items, meta, progress=progress, sync=sync)
+
+    def _save_sharded(
+        self, folder, max_shard_size: int | str, *, replace: bool = False, progress=None, sync: bool = True
+    ) -> list[str]:
+        """Shards in the order of one file; each records the aliases whose source it
+        stores, the index's ``metadata`` records them all, ``weight_map`` lists stored
+        tensors only. Returns the shard file names."""
+        from .formats.sharded_writer import parse_size, plan_shards, write_sharded
+
+        if isinstance(max_shard_size, str):
+            max_shard_size = parse_size(max_shard_size)
+        shards = plan_shards(self._write_items(), max_shard_size)
         records = self.alias_records()
         shard_meta = []
         for shard in shards:
@@ -378,29 +642,16 @@ class Checkpoint:
         index_meta = {k: v for k, v in alias_codec.encode(records, self.metadata).items() if k not in records}
         return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress, sync=sync)
 
-    def close(self) -> None:
-        seen = set()
-        for s in self.stored.values():
-            f = getattr(s, "file", None)
-            if f is not None and id(f) not in seen:
-                seen.add(id(f))
-                f.close()
-
-
-def make_alias(name: str, source: str, transform: Transform, stored: Stored) -> Alias:
-    shape, dtype = transform.infer(stored.shape, stored.dtype)
-    return Alias(name, source, transform, dtype, tuple(shape))
-
 
 # --- loading --------------------------------------------------------------------------
 
 
-def _with_aliases(stored: dict[str, Stored], metadata, path) -> tuple[dict[str, Alias], dict[str, str]]:
+def _with_aliases(stored: dict[str, Stored], metadata, path) -> tuple[dict[str, Derived], dict[str, str]]:
     facts = {n: (s.shape, s.dtype) for n, s in stored.items()}
     records, others = alias_codec.decode(metadata, facts, path)
     out = {}
     for name, rec in records.items():
-        out[name] = make_alias(name, rec.source, parse(list(rec.specs)), stored[rec.source])
+        out[name] = Derived.of(stored[rec.source], parse(list(rec.specs)))
     return out, others
 
 
@@ -459,7 +710,7 @@ def from_tensors(tensors: dict, path="<state dict>", fmt="memory", explicit: dic
         raise InputError(f"{path}: dtype not storable in safetensors for {', '.join(bad[:5])}")
     records = alias_codec.find_shared(tensors, path)
     stored: dict[str, Stored] = {n: TensorStored(n, t) for n, t in tensors.items() if n not in records}
-    aliases = {n: make_alias(n, r.source, parse(list(r.specs)), stored[r.source]) for n, r in records.items()}
+    aliases = {n: Derived.of(stored[r.source], parse(list(r.specs))) for n, r in records.items()}
     for name, (source, specs) in (explicit or {}).items():
         if name in stored or name in aliases:
             raise SurgeryError(f"alias {name!r} is also a tensor of the state dict")
@@ -468,7 +719,7 @@ def from_tensors(tensors: dict, path="<state dict>", fmt="memory", explicit: dic
         transform = parse(list(specs))
         if not transform.is_view:
             raise SurgeryError(f"alias {name!r}: a tie takes view steps only, got {transform}")
-        aliases[name] = make_alias(name, source, transform, stored[source])
+        aliases[name] = Derived.of(stored[source], transform)
     return Checkpoint(stored, aliases, {}, path=path, format=fmt)
 
 

@@ -876,14 +876,11 @@ def load_module(module: nn.Module, path: str | os.PathLike, strict: bool = True)
     record is kept if the file's values agree with it, and is an error otherwise.
     Returns the names that did not match, as ``LoadResult(missing, unexpected)``.
     """
-    from .api import load
+    from .api import open as open_checkpoint
 
     _require_module(module)
-    ckpt = load(path)
-    try:
+    with open_checkpoint(path) as ckpt:
         return _load_into(module, ckpt, strict)
-    finally:
-        ckpt.close()
 
 
 def _load_into(module: nn.Module, ckpt: Any, strict: bool) -> LoadResult:

@@ -1,6 +1,7 @@
-"""Surgery plans: validate the whole plan first, then apply it to a new ``Checkpoint``.
+"""Surgery plans: validate the whole request first (:func:`plan`), then apply it to a new
+``Checkpoint`` (:meth:`Plan.apply`). ``Checkpoint.tie/copy/untie`` are the front door.
 
-A plan is a list of requests ``(kind, src, dst, transform)``:
+A request is ``Request(kind, src, dst, transform)``:
 
 - ``tie``: ``dst`` becomes an alias of ``transform(src)``, stored once. View steps only,
   and the composed chain must be a true view of the stored source (checked on shapes and
@@ -40,9 +41,10 @@ as raw bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from .checkpoint import Checkpoint, ComputedStored, Stored, make_alias, natural_key
+from .checkpoint import Checkpoint, ComputedStored, Derived, Stored, natural_key
 from .errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
 from .transforms import Reshape, Transform, parse
 
@@ -50,19 +52,50 @@ KINDS = ("tie", "copy", "untie")
 
 
 @dataclass(frozen=True)
+class Request:
+    """One asked-for step: ``dst`` becomes ``transform(src)`` as a ``kind`` (for untie,
+    ``dst`` names what to untie and ``src`` is None)."""
+
+    kind: str
+    src: str | None
+    dst: str
+    transform: Transform | Sequence[str] | str | None = None
+
+
+def requests(kind: str, src: str | Sequence[str], dst: str | Sequence[str], transform=None) -> list[Request]:
+    """Pair ``src`` with ``dst`` (one name each, or two lists of the same length), in order."""
+    srcs = [src] if isinstance(src, str) else list(src)
+    dsts = [dst] if isinstance(dst, str) else list(dst)
+    if len(srcs) != len(dsts):
+        raise UsageError(
+            f"{len(srcs)} sources but {len(dsts)} destinations: each source needs one destination", param="dst"
+        )
+    return [Request(kind, s, d, transform) for s, d in zip(srcs, dsts, strict=True)]
+
+
+def untie_requests(ckpt: Checkpoint, names: Sequence[str] | None) -> list[Request]:
+    """Untie ``names`` (every alias when empty or None)."""
+    if not names:
+        names = sorted(ckpt.aliases, key=natural_key)
+    return [Request("untie", None, n) for n in names]
+
+
+@dataclass(frozen=True)
 class Op:
-    """One planned step: ``dst`` becomes ``transform(base)`` as a tie, a copy or an untied alias."""
+    """One planned step: ``dst`` becomes ``value`` as a tie, a copy or an untied alias."""
 
     kind: str  # "tie" | "copy" | "untie"
     src: str  # the name the user addressed (for untie: the alias's stored source)
     dst: str
-    base: str  # the stored tensor the value comes from (after following aliases)
-    transform: Transform  # from base to dst (composed with the alias chain)
-    shape: tuple[int, ...]
-    dtype: str
+    value: Derived  # over the stored tensor the value comes from (alias chains composed)
     replaces: bool  # dst existed before
     origin: str | None = None  # the other checkpoint's path when the source comes from it
     note: str = ""
+
+    @property
+    def base(self) -> str:
+        """The stored tensor's name."""
+        return self.value.source
 
     def describe(self) -> dict:
         return {
@@ -71,9 +104,9 @@ class Op:
             "dst": self.dst,
             "source": self.base,
             "checkpoint": self.origin,
-            "transform": self.transform.specs(),
-            "shape": list(self.shape),
-            "dtype": self.dtype,
+            "transform": self.value.specs,
+            "shape": list(self.value.shape),
+            "dtype": self.value.dtype,
             "replaces": self.replaces,
             "note": self.note,
         }
@@ -81,33 +114,17 @@ class Op:
 
 @dataclass
 class Plan:
-    ops: list[Op]
-    result: Checkpoint
-    problems: list[Problem | str] = field(default_factory=list)
+    """A validated list of steps over ``ckpt``; :meth:`apply` makes the new checkpoint."""
 
-    def summary(self) -> dict:
-        r = self.result
-        return {
-            "stored": len(r.stored),
-            "aliases": [{"name": n, **r.aliases[n].record()} for n in sorted(r.aliases, key=natural_key)],
-            "copied": [
-                {
-                    "src": op.src,
-                    "dst": op.dst,
-                    "source": op.base,
-                    "from": op.origin,
-                    "transform": op.transform.specs(),
-                }
-                for op in self.ops
-                if op.kind == "copy"
-            ],
-            "untied": [
-                {"name": op.dst, "source": op.base, "transform": op.transform.specs()}
-                for op in self.ops
-                if op.kind == "untie"
-            ],
-            "plan": [op.describe() for op in self.ops],
-        }
+    ckpt: Checkpoint
+    ops: list[Op]
+    other: Checkpoint | None = None
+    device: str = "cpu"
+
+    def apply(self) -> Checkpoint:
+        """A new checkpoint sharing the untouched entries of the input (so they are later
+        written as raw bytes); copies and untied aliases are computed when written."""
+        return _apply(self.ckpt, self.ops, self.other, self.device)
 
 
 def _fmt_shape(shape) -> str:
@@ -156,14 +173,6 @@ def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -
         )
     base = dst.rstrip(".")
     return [(name, f"{base}.{suffix}" if base else suffix) for name, suffix in found]
-
-
-def _source_of(ckpt: Checkpoint, name: str, transform: Transform) -> tuple[str, Transform]:
-    """Follow an alias to its stored source, composing the transforms."""
-    if name in ckpt.aliases:
-        a = ckpt.aliases[name]
-        return a.source, a.transform.then(transform)
-    return name, transform
 
 
 def dependents(ckpt: Checkpoint, name: str) -> list[str]:
@@ -239,35 +248,17 @@ def check_device(device) -> str:
 # --- planning ---------------------------------------------------------------------------
 
 
-def plan_tie(ckpt: Checkpoint, src: str, dst: str, transform=None) -> Plan:
-    """Make ``dst`` an alias of ``transform(src)``; ``src``/``dst`` may be module prefixes."""
-    return plan(ckpt, [("tie", src, dst, transform)])
+def plan(ckpt: Checkpoint, reqs: Sequence[Request], other: Checkpoint | None = None, *, device="cpu") -> Plan:
+    """Validate ``reqs`` as one plan over ``ckpt``: every problem is collected and raised
+    together (``SurgeryError``); nothing is read.
 
-
-def plan_copy(
-    ckpt: Checkpoint, src: str, dst: str, transform=None, *, other: Checkpoint | None = None, device="cpu"
-) -> Plan:
-    """Make ``dst`` an independent copy of ``transform(src)``, ``src`` taken from ``other`` if given."""
-    return plan(ckpt, [("copy", src, dst, transform)], other=other, device=device)
-
-
-def plan_untie(ckpt: Checkpoint, names=None, *, device="cpu") -> Plan:
-    """Store the named aliases (every alias when ``names`` is empty or None) as tensors of their own."""
-    if not names:
-        names = sorted(ckpt.aliases, key=natural_key)
-    return plan(ckpt, [("untie", None, n, None) for n in names], device=device)
-
-
-def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None, *, device="cpu") -> Plan:
-    """Validate and apply a list of ``(kind, src, dst, transform specs)`` requests.
-
-    ``kind`` is ``"tie"``, ``"copy"`` or ``"untie"``; copies take their source from
-    ``other`` when it is given. ``device`` is where copies and untied aliases are computed
-    when the result is written or read.
+    Copies take their source from ``other`` when it is given. ``device`` is where copies
+    and untied aliases are computed when the result is written or read.
     """
     problems: list[Problem | str] = []
     ops: list[Op] = []
-    for kind, src, dst, spec in requests:
+    for req in reqs:
+        kind, src, dst, spec = req.kind, req.src, req.dst, req.transform
         if kind == "untie":
             ops.extend(_untie_ops(ckpt, dst, problems))
             continue
@@ -309,7 +300,7 @@ def plan(ckpt: Checkpoint, requests, other: Checkpoint | None = None, *, device=
     if problems:
         raise SurgeryError(problems=problems, hint="nothing was written")
     check_device(device)
-    return Plan(ops=ops, result=_apply(ckpt, ops, other, device))
+    return Plan(ckpt, ops, other, device)
 
 
 def _pair_op(
@@ -323,8 +314,8 @@ def _pair_op(
     problems: list[Problem | str],
 ) -> Op | None:
     """One (source name, destination name) pair checked into an ``Op``, or None with problems."""
-    base, t = _source_of(source_ckpt, s, user_t)
-    stored = source_ckpt.stored[base]
+    first = source_ckpt.value(s)
+    base, t, stored = first.source, first.transform.then(user_t), first.base
     where = f" of {source_ckpt.path}" if from_other and source_ckpt.path else ""
     label = f"{kind} {s}{where} -> {d}"
     if not d or d.startswith(".") or d.endswith("."):
@@ -336,7 +327,7 @@ def _pair_op(
         via = f" (an alias of {base}, {t})" if base != s else ""
         problems.append(f"{kind} {s}{where} {stored.dtype} {_fmt_shape(stored.shape)}{via} -> {d}: {exc}")
         return None
-    shape = tuple(shape)
+    value = Derived(stored, t, tuple(shape), dtype)
     if kind == "tie":
         why = _view_problem(stored, t)
         if why is not None:
@@ -349,9 +340,9 @@ def _pair_op(
     note = ""
     if replaces:
         dshape, ddtype = ckpt.shape_dtype(d)
-        if tuple(dshape) != shape or ddtype != dtype:
+        if tuple(dshape) != value.shape or ddtype != dtype:
             own = None if user_t.is_identity else source_ckpt.shape_dtype(s)
-            problems.append(_misfit(label, kind, shape, dtype, d, tuple(dshape), ddtype, source=own))
+            problems.append(_misfit(label, kind, value.shape, dtype, d, tuple(dshape), ddtype, source=own))
             return None
         if d in ckpt.aliases:
             a = ckpt.aliases[d]
@@ -360,12 +351,12 @@ def _pair_op(
         problems.append(f"{label}: {d} is a module prefix in {ckpt.path or 'the checkpoint'}, not a tensor name")
         return None
     origin = (source_ckpt.path or "<other>") if from_other else None
-    return Op(kind, s, d, base, t, shape, dtype, replaces, origin=origin, note=note)
+    return Op(kind, s, d, value, replaces, origin=origin, note=note)
 
 
 def _untie_op(ckpt: Checkpoint, name: str, note: str = "") -> Op:
     a = ckpt.aliases[name]
-    return Op("untie", a.source, name, a.source, a.transform, tuple(a.shape), a.dtype, True, note=note)
+    return Op("untie", a.source, name, a, True, note=note)
 
 
 def _untie_ops(ckpt: Checkpoint, name: str, problems: list[Problem | str]) -> list[Op]:
@@ -456,10 +447,9 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None, device) ->
         aliases.pop(op.dst, None)
     for op in ops:
         if op.kind == "tie":
-            aliases[op.dst] = make_alias(op.dst, op.base, op.transform, ckpt.stored[op.base])
+            aliases[op.dst] = op.value
         else:
-            source_ckpt = other if (op.origin is not None and other is not None) else ckpt
-            stored[op.dst] = ComputedStored(op.dst, source_ckpt.stored[op.base], op.transform, device=device)
+            stored[op.dst] = ComputedStored(op.dst, op.value.base, op.value.transform, device=device)
     files = list(ckpt.input_files)
     if other is not None:
         files += [f for f in other.input_files if f not in files]
@@ -472,6 +462,7 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None, device) ->
         skipped=list(ckpt.skipped),
         container=ckpt.container,
         input_files=files,
+        changes=[*ckpt.changes, *ops],
     )
     result.check_invariants()
     return result

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import sys
+from typing import Annotated
 
 import typer
 
@@ -22,13 +24,42 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("inspect")(inspect_cmd.inspect)
-app.command("tie")(tie.tie)
-app.command("copy")(copy.copy)
-app.command("untie")(untie.untie)
-app.command("convert")(convert.convert)
-app.command("diff")(diff.diff)
-app.command("check")(check.check)
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        sys.stdout.write(f"wsurgery {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Weight surgery on PyTorch checkpoints: inspect, tie, copy, diff and convert, safely."""
+
+
+def _help(fn) -> str:
+    """A command's docstring as help: each paragraph one line, for the help screen to wrap
+    to the terminal (a docstring's own line breaks would leave orphan words)."""
+    text = inspect.cleandoc(fn.__doc__ or "")
+    return "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+
+
+for _name, _fn in [
+    ("inspect", inspect_cmd.inspect),
+    ("tie", tie.tie),
+    ("copy", copy.copy),
+    ("untie", untie.untie),
+    ("convert", convert.convert),
+    ("diff", diff.diff),
+    ("check", check.check),
+]:
+    app.command(_name, help=_help(_fn))(_fn)
 
 
 def _usage_error_line(exc) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from ._errors import command, emit_json
 from .common import (
     AtolOpt,
+    CheckFromOpt,
     CkptArg,
     CompareDeviceOpt,
     DstOpt,
     JsonOpt,
-    OtherOpt,
     QuietOpt,
     RtolOpt,
     SrcOpt,
@@ -26,14 +26,14 @@ def check(
     src: SrcOpt,
     dst: DstOpt,
     transform: TransformOpt = None,
-    other: OtherOpt = None,
+    other: CheckFromOpt = None,
     atol: AtolOpt = 0.0,
     rtol: RtolOpt = 0.0,
     device: CompareDeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> int:
-    """Assert that transform(SRC) equals DST, in CKPT or with DST taken from --other.
+    """Assert that transform(SRC) equals DST, in CKPT or with DST taken from --from.
 
     Module prefixes check every pair under them. A pair differs when shapes or dtypes differ
     or an element is outside tolerance (|a - b| <= atol + rtol * |b|). Exit 0 when every pair

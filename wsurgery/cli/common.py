@@ -38,6 +38,16 @@ DstOpt = Annotated[
         show_default=False,
     ),
 ]
+TieTransformOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--transform",
+        "-t",
+        help="View step, repeatable, applied in order: same, transpose, transpose(d0,d1), permute(...), "
+        "reshape(...), slice(dim,start,stop).",
+        show_default=False,
+    ),
+]
 TransformOpt = Annotated[
     Optional[list[str]],
     typer.Option(
@@ -48,35 +58,7 @@ TransformOpt = Annotated[
         show_default=False,
     ),
 ]
-OutOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--output",
-        "-o",
-        help="Output .safetensors path (default: the input's path with .safetensors).",
-        show_default=False,
-    ),
-]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output file.")]
-InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Allow the output to replace the input file.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan and write nothing.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-MaxShardOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--max-shard-size",
-        help="Write shards of at most this size (5GB, 500MiB, bytes) and an index into the folder OUT.",
-        show_default=False,
-    ),
-]
-NoSyncOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-sync",
-        help="Do not wait for the output to reach the disk (skip fsync): faster, still atomic, but an OS crash or "
-        "power loss soon after may lose or truncate it.",
-    ),
-]
 FilterOpt = Annotated[
     Optional[str], typer.Option("--filter", help="Only tensors whose name matches this glob.", show_default=False)
 ]
@@ -88,6 +70,10 @@ FromOpt = Annotated[
         "CKPT's path with .safetensors.",
         show_default=False,
     ),
+]
+CheckFromOpt = Annotated[
+    Optional[Path],
+    typer.Option("--from", help="Take DST from this second checkpoint (any readable format).", show_default=False),
 ]
 DeviceOpt = Annotated[
     str,
@@ -117,10 +103,6 @@ CompareDeviceOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it all.")]
-OtherOpt = Annotated[
-    Optional[Path],
-    typer.Option("--other", help="Take DST from this second checkpoint (any readable format).", show_default=False),
-]
 
 
 # --- printing ---------------------------------------------------------------------------
@@ -155,6 +137,45 @@ def cell(text):
     from rich.text import Text
 
     return Text(safe(text))
+
+
+def print_table(
+    con, headers: list[str], rows: list[list[str]], *, right: tuple[str, ...] = (), title: str | None = None
+) -> None:
+    """A table whose cells are never cut or wrapped (tensor names are what users copy out).
+
+    ``rows`` hold plain text; control characters are escaped and markup shown literally.
+    Where the table is wider than the terminal (or ``COLUMNS``), each row is stacked
+    instead: its first cell on a line of its own, the other cells below it as
+    ``header: value``. Piped output is never stacked or folded: it is as wide as the table.
+    """
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    cells = [[safe(c) for c in row] for row in rows]
+    widths = [cell_len(h) for h in headers]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], cell_len(c))
+    needed = sum(widths) + 2 * (len(headers) - 1)
+    if needed > con.width and not (con.is_terminal or os.environ.get("COLUMNS")):
+        con.width = needed  # a pipe or a file: as wide as the table
+    if needed > con.width:
+        from rich.text import Text
+
+        if title:
+            con.print(title, markup=False)
+        for row in cells:
+            con.print(Text(row[0]), no_wrap=True, overflow="ignore", crop=False)
+            rest = "  ".join(f"{h}: {c}" for h, c in zip(headers[1:], row[1:], strict=True) if c)
+            con.print(Text("    " + rest), no_wrap=True, overflow="ignore", crop=False)
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold", title=title, title_justify="left")
+    for h in headers:
+        table.add_column(h, no_wrap=True, overflow="fold", justify="right" if h in right else "left")
+    for row in cells:
+        table.add_row(*(cell(c) for c in row))
+    con.print(table)
 
 
 def markup_safe(text) -> str:
@@ -210,6 +231,19 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _speed_column():
+    """Transfer speed in binary units (MiB/s), like the sizes in the summaries."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class BinarySpeed(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_bytes(int(speed))}/s", style="progress.data.speed")
+
+    return BinarySpeed()
+
+
 class ByteProgress:
     """A rich progress bar on stderr, in bytes, for work that is large enough to take a while."""
 
@@ -224,13 +258,13 @@ class ByteProgress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
             self._progress = Progress(
                 "[progress.description]{task.description}",
                 BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
+                DownloadColumn(binary_units=True),  # MiB, as every size wsurgery prints
+                _speed_column(),
                 TimeRemainingColumn(),
                 console=console(stderr=True),
                 transient=True,

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from ._errors import command
-from .common import CkptArg, ForceOpt, InPlaceOpt, JsonOpt, MaxShardOpt, NoSyncOpt, OutOpt
-from .output import finish
+from .common import CkptArg
+from .options import OutputOptions, output_options
+from .output import write_result
 
 
 @command("convert")
-def convert(
-    ckpt: CkptArg,
-    output: OutOpt = None,
-    force: ForceOpt = False,
-    in_place: InPlaceOpt = False,
-    max_shard_size: MaxShardOpt = None,
-    no_sync: NoSyncOpt = False,
-    json_out: JsonOpt = False,
-) -> int:
+@output_options(dry_run=False)
+def convert(ckpt: CkptArg, *, out: OutputOptions) -> int:
     """Convert a checkpoint to safetensors; shared storage is recorded as aliases.
 
     With --max-shard-size, OUT is a folder of model-0000K-of-0000N.safetensors shards and a
@@ -24,27 +18,7 @@ def convert(
 
     Example: wsurgery convert model.pt -o model.safetensors
     """
-    from ..checkpoint import load, natural_key
+    from ..api import open as open_checkpoint
 
-    c = load(ckpt)
-    try:
-        summary = {
-            "stored": len(c.stored),
-            "aliases": [{"name": n, **c.aliases[n].record()} for n in sorted(c.aliases, key=natural_key)],
-            "copied": [],
-        }
-        return finish(
-            "convert",
-            ckpt,
-            c,
-            summary,
-            out=output,
-            force=force,
-            in_place=in_place,
-            dry_run=False,
-            json_out=json_out,
-            max_shard_size=max_shard_size,
-            sync=not no_sync,
-        )
-    finally:
-        c.close()
+    with open_checkpoint(ckpt) as c:
+        return write_result("convert", ckpt, c, out)

@@ -6,10 +6,10 @@ import fnmatch
 import math
 from pathlib import Path
 
-from ..checkpoint import Alias, Checkpoint, load
+from ..checkpoint import Checkpoint, Derived
 from ..dtypes import BY_NAME
 from ._errors import command, emit_json
-from .common import CkptArg, FilterOpt, JsonOpt, cell, console, human_bytes, markup_safe, safe, shape_text
+from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, markup_safe, print_table, safe, shape_text
 
 
 def _plural(n: int, word: str, many: str | None = None) -> str:
@@ -22,7 +22,7 @@ def _rows(c: Checkpoint, pattern: str | None) -> list[dict]:
         if pattern and not fnmatch.fnmatchcase(name, pattern):
             continue
         e = c.entry(name)
-        alias_of = e.record() if isinstance(e, Alias) else None
+        alias_of = e.record() if isinstance(e, Derived) else None
         numel = math.prod(e.shape)
         nbytes = numel * BY_NAME[e.dtype].itemsize
         rows.append(
@@ -66,8 +66,7 @@ def _tree(c: Checkpoint, rows: list[dict], path: Path):
             else:
                 extra = ""
                 if v["alias_of"]:
-                    t = " -> ".join(v["alias_of"]["transform"]) or "same"
-                    extra = f"  [cyan]= {t}({markup_safe(v['alias_of']['source'])})[/cyan]"
+                    extra = f"  [cyan]= {markup_safe(_alias_text(c, v['name']))}[/cyan]"
                 tree.add(f"{markup_safe(key)}  {v['dtype']} {shape_text(v['shape'])}{extra}")
 
     tree = Tree(f"[bold]{markup_safe(path)}[/bold]  {count(root):,} params")
@@ -88,8 +87,20 @@ def inspect(
 
     Example: wsurgery inspect model.safetensors --tree
     """
-    c = load(ckpt)
-    rows = _rows(c, filter)
+    from ..api import open as open_checkpoint
+
+    with open_checkpoint(ckpt) as c:
+        _report(c, ckpt, tree, filter, json_out)
+    return 0
+
+
+def _alias_text(c: Checkpoint, name: str) -> str:
+    a = c.aliases.get(name)
+    return "" if a is None else f"{a.transform}({a.source})"
+
+
+def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out: bool) -> None:
+    rows = _rows(c, pattern)
     if json_out:
         emit_json(
             {
@@ -103,33 +114,23 @@ def inspect(
                 "skipped": list(c.skipped),
             }
         )
-        return 0
+        return
     con = console()
     if tree:
         con.print(_tree(c, rows, ckpt))
     else:
-        from rich.table import Table
-
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        table.add_column("name", overflow="fold")
-        table.add_column("dtype")
-        table.add_column("shape")
-        table.add_column("params", justify="right")
-        table.add_column("bytes", justify="right")
-        table.add_column("alias of")
-        for r in rows:
-            alias = ""
-            if r["alias_of"]:
-                alias = f"{' -> '.join(r['alias_of']['transform']) or 'same'}({r['alias_of']['source']})"
-            table.add_row(
-                cell(r["name"]),
+        table = [
+            [
+                r["name"],
                 r["dtype"],
                 shape_text(r["shape"]),
                 f"{r['numel']:,}",
                 human_bytes(r["nbytes"]) if not r["alias_of"] else "-",
-                cell(alias),
-            )
-        con.print(table)
+                _alias_text(c, r["name"]),
+            ]
+            for r in rows
+        ]
+        print_table(con, ["name", "dtype", "shape", "params", "bytes", "alias of"], table, right=("params", "bytes"))
     per_dtype: dict[str, list[int]] = {}
     for s in c.stored.values():
         acc = per_dtype.setdefault(s.dtype, [0, 0, 0])
@@ -152,4 +153,3 @@ def inspect(
             + (" ..." if len(c.skipped) > 10 else ""),
             markup=False,
         )
-    return 0

@@ -1,4 +1,5 @@
-"""Writing a surgery result and printing what was done: shared by tie, copy, untie, convert."""
+"""Writing a command's result and telling what was done: the one path of tie, copy, untie
+and convert."""
 
 from __future__ import annotations
 
@@ -6,113 +7,102 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, natural_key
 from ._errors import emit_json
-from .common import ByteProgress, cell, console, human_bytes, resolve_folder_output, resolve_output, safe, shape_text
+from .common import ByteProgress, console, default_output, human_bytes, print_table, safe, shape_text
+from .options import OutputOptions
 
 
-def finish(
-    command: str,
-    ckpt_path: Path,
-    result: Checkpoint,
-    summary: dict,
-    *,
-    out: Path | None,
-    force: bool,
-    in_place: bool,
-    dry_run: bool,
-    json_out: bool,
-    max_shard_size: int | str | None = None,
-    sync: bool = True,
-) -> int:
-    """Write ``result`` (unless dry run) and report it; returns the exit code.
+def summary(result: Checkpoint) -> dict:
+    """What the result holds and how it came to be (its ``changes``), as JSON-ready lists."""
+    ops = result.changes
+    return {
+        "stored": len(result.stored),
+        "aliases": [{"name": n, **result.aliases[n].record()} for n in sorted(result.aliases, key=natural_key)],
+        "copied": [
+            {"src": op.src, "dst": op.dst, "source": op.base, "from": op.origin, "transform": op.value.specs}
+            for op in ops
+            if op.kind == "copy"
+        ],
+        "untied": [
+            {"name": op.dst, "source": op.base, "transform": op.value.specs} for op in ops if op.kind == "untie"
+        ],
+        "plan": [op.describe() for op in ops],
+    }
 
-    With ``max_shard_size`` the output is a folder of shards plus an index; ``sync=False``
-    (``--no-sync``) skips the fsyncs of the write.
-    """
-    if isinstance(max_shard_size, str):
-        from ..formats.sharded_writer import parse_size
 
-        max_shard_size = parse_size(max_shard_size)
-    if max_shard_size is None:
-        target = resolve_output(out, ckpt_path, result.input_files, force, in_place)
-    else:
-        target, replace = resolve_folder_output(out, ckpt_path, result.input_files, force, in_place)
-    if not dry_run:
-        with ByteProgress(result.total_bytes, f"writing {target.name}", enabled=not json_out) as bar:
-            if max_shard_size is None:
-                result.save(target, progress=bar.advance, sync=sync)
-            else:
-                summary = {
-                    **summary,
-                    "shards": result.save_sharded(
-                        target, max_shard_size, replace=replace, progress=bar.advance, sync=sync
-                    ),
-                }
-    if json_out:
+def _target(ckpt_path: Path, out: OutputOptions) -> Path:
+    if out.output is not None:
+        return Path(out.output)
+    if out.max_shard_size is not None:
+        p = Path(ckpt_path)
+        return p.with_name(p.name.split(".")[0] + "-sharded")
+    return default_output(ckpt_path)
+
+
+def _plan_table(con, ops, dry_run: bool) -> None:
+    notes = any(op.note for op in ops)
+    headers = ["op", "destination", "from", "transform", "dtype", "shape", *(["note"] if notes else [])]
+    rows = []
+    for op in ops:
+        origin = f"{Path(op.origin).name}:" if op.origin else ""
+        state = "" if op.kind == "untie" else " (replaced)" if op.replaces else " (new)"
+        rows.append(
+            [
+                op.kind,
+                op.dst + state,
+                origin + op.base,
+                str(op.value.transform),
+                op.value.dtype,
+                shape_text(op.value.shape),
+                *([op.note] if notes else []),
+            ]
+        )
+    print_table(con, headers, rows, title="plan" if dry_run else None)
+
+
+def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions) -> int:
+    """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code."""
+    from ..formats.sharded_writer import parse_size
+
+    target = _target(ckpt_path, out)
+    shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
+    info = summary(result)
+    shards = None
+    if not out.dry_run:
+        with ByteProgress(result.total_bytes, f"writing {target.name}", enabled=not out.json) as bar:
+            saved = result.save(
+                target,
+                overwrite=out.force,
+                replace_input=out.in_place,
+                max_shard_size=shard_size,
+                progress=bar.advance,
+                sync=out.sync,
+            )
+        shards = saved.shards
+    if out.json:
         emit_json(
             {
                 "schema": f"wsurgery.{command}/1",
                 "output": str(target),
-                "dry_run": dry_run,
-                "stored": summary["stored"],
-                "aliases": summary["aliases"],
-                "copied": summary["copied"],
-                "untied": summary.get("untied", []),
-                "plan": summary.get("plan", []),
-                **({"shards": summary["shards"]} if "shards" in summary else {}),
+                "dry_run": out.dry_run,
+                **info,
+                **({"shards": shards} if shards is not None else {}),
             }
         )
         return 0
     con = console()
-    plan = summary.get("plan", [])
-    if plan:
-        from rich.table import Table
-
-        notes = any(step.get("note") for step in plan)
-        table = Table(title="plan" if dry_run else None, title_justify="left", box=None, pad_edge=False)
-        for col in ("op", "destination", "from", "transform", "dtype", "shape", *(("note",) if notes else ())):
-            table.add_column(col, overflow="fold")
-        for step in plan:
-            origin = f"{Path(step['checkpoint']).name}:" if step.get("checkpoint") else ""
-            table.add_row(
-                step["op"],
-                cell(step["dst"] + ("" if step["op"] == "untie" else " (replaced)" if step["replaces"] else " (new)")),
-                cell(origin + step["source"]),
-                " -> ".join(step["transform"]) or "same",
-                step["dtype"],
-                shape_text(step["shape"]),
-                *((cell(step.get("note") or ""),) if notes else ()),
-            )
-        con.print(table)
-    verb = "would write" if dry_run else "wrote"
-    n_alias = len(summary["aliases"])
+    if result.changes:
+        _plan_table(con, result.changes, out.dry_run)
+    verb = "would write" if out.dry_run else "wrote"
+    n_alias = len(info["aliases"])
     con.print(
-        f"{verb} {safe(target)}: {summary['stored']} stored tensor{'s' if summary['stored'] != 1 else ''} "
+        f"{verb} {safe(target)}: {info['stored']} stored tensor{'s' if info['stored'] != 1 else ''} "
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
     for kind in ("copied", "untied"):
-        if summary.get(kind):
-            con.print(f"  {len(summary[kind])} {kind}", markup=False)
-    for a in sorted(summary["aliases"], key=lambda a: natural_key(a["name"])):
-        t = " -> ".join(a["transform"]) or "same"
-        con.print(safe(f"  {a['name']} = {t}({a['source']})"), markup=False)
+        if info[kind]:
+            con.print(f"  {len(info[kind])} {kind}", markup=False)
+    for name in sorted(result.aliases, key=natural_key):
+        a = result.aliases[name]
+        con.print(safe(f"  {name} = {a.transform}({a.source})"), markup=False)
     return 0
-
-
-def finish_plan(
-    command: str, ckpt_path: Path, plan, output, force, in_place, dry_run, json_out, max_shard_size, *, sync=True
-) -> int:
-    """:func:`finish` for a surgery plan (tie, copy, untie)."""
-    return finish(
-        command,
-        ckpt_path,
-        plan.result,
-        plan.summary(),
-        out=output,
-        force=force,
-        in_place=in_place,
-        dry_run=dry_run,
-        json_out=json_out,
-        max_shard_size=max_shard_size,
-        sync=sync,
-    )

@@ -3,46 +3,19 @@
 from __future__ import annotations
 
 from ._errors import command
-from .common import (
-    CkptArg,
-    DeviceOpt,
-    DryRunOpt,
-    ForceOpt,
-    InPlaceOpt,
-    JsonOpt,
-    MaxShardOpt,
-    NoSyncOpt,
-    OutOpt,
-    UntieDstOpt,
-)
-from .output import finish_plan
+from .common import CkptArg, DeviceOpt, UntieDstOpt
+from .options import OutputOptions, output_options
+from .output import write_result
 
 
 @command("untie")
-def untie(
-    ckpt: CkptArg,
-    dst: UntieDstOpt = None,
-    output: OutOpt = None,
-    force: ForceOpt = False,
-    in_place: InPlaceOpt = False,
-    dry_run: DryRunOpt = False,
-    device: DeviceOpt = "cpu",
-    max_shard_size: MaxShardOpt = None,
-    no_sync: NoSyncOpt = False,
-    json_out: JsonOpt = False,
-) -> int:
-    """Store the named aliases (every alias by default) as tensors of their own; no alias metadata remains for them.
+@output_options()
+def untie(ckpt: CkptArg, dst: UntieDstOpt = None, device: DeviceOpt = "cpu", *, out: OutputOptions) -> int:
+    """Store the named aliases (every alias by default) as tensors of their own.
 
     Example: wsurgery untie model.safetensors -o model.untied.safetensors
     """
-    from ..checkpoint import load
-    from ..surgery import plan_untie
+    from ..api import open as open_checkpoint
 
-    c = load(ckpt)
-    try:
-        p = plan_untie(c, dst or None, device=device)
-        return finish_plan(
-            "untie", ckpt, p, output, force, in_place, dry_run, json_out, max_shard_size, sync=not no_sync
-        )
-    finally:
-        c.close()
+    with open_checkpoint(ckpt) as c:
+        return write_result("untie", ckpt, c.untie(dst or None, device=device), out)

@@ -13,6 +13,8 @@ import os
 import stat
 from collections.abc import Iterable
 
+_ELSEWHERE = "choose another path, or pass overwrite=True to replace it"
+
 
 def _real(path) -> str:
     return os.path.realpath(os.fspath(path))
@@ -49,9 +51,9 @@ def check_file_target(path, inputs: Iterable[str], *, overwrite: bool, replace_i
     real = _real(path)
     is_input = any(_real(i) == real for i in inputs)
     if is_input and not replace_input:
-        raise OutputError(f"{path} is an input; refusing to write over it", reason="is_input")
+        raise OutputError(f"{path} is an input; refusing to write over it", reason="is_input", hint=_ELSEWHERE)
     if os.path.lexists(path) and not is_input and not overwrite:
-        raise OutputError(f"{path} exists", reason="exists")
+        raise OutputError(f"{path} exists", reason="exists", hint=_ELSEWHERE)
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         raise OutputError(f"{parent} is not a folder", reason="not_a_folder", hint="create it first")
@@ -74,10 +76,10 @@ def check_folder_target(path, inputs: Iterable[str], *, overwrite: bool, replace
     real = _real(path)
     holds_input = any(_real(i) == real or _real(i).startswith(real + os.sep) for i in inputs)
     if holds_input and not replace_input:
-        raise OutputError(f"{path} holds an input; refusing to write over it", reason="is_input")
+        raise OutputError(f"{path} holds an input; refusing to write over it", reason="is_input", hint=_ELSEWHERE)
     exists = os.path.exists(path)
     if exists and not holds_input and not overwrite:
-        raise OutputError(f"{path} exists", reason="exists")
+        raise OutputError(f"{path} exists", reason="exists", hint=_ELSEWHERE)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(f"{parent} is not a folder", reason="not_a_folder", hint="create it first")
