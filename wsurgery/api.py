@@ -8,8 +8,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, SaveResult, from_tensors
-from .checkpoint import load as _load
+from .checkpoint import Checkpoint, SaveResult
+from .readers import from_tensors
+from .readers import load as _load
 
 if TYPE_CHECKING:
     from .compare import CheckReport, DiffReport

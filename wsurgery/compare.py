@@ -104,10 +104,11 @@ from typing import Any
 import numpy as np
 
 from . import numpy_apply
-from .checkpoint import Alias, Checkpoint, FileStored, Stored, TensorStored, from_tensors, load, natural_key
+from .checkpoint import Alias, Checkpoint, FileStored, Stored, TensorStored, natural_key
 from .compare_engine import PairStream, TensorStats, compare_arrays, numpy_view, parallel_map, to_device
 from .dtypes import BY_NAME
 from .errors import UnknownNameError, UsageError
+from .readers import from_tensors, load
 from .transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
 
 __all__ = [
