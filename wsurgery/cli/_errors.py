@@ -46,6 +46,10 @@ FLAGS = {
     "filter": "--filter",
     "max_shard_size": "--max-shard-size",
     "transform": "--transform",
+    "src": "--src",
+    "dst": "--dst",
+    "sizes": "--sizes",
+    "template": "--src/--dst",
 }
 
 # What to do about an output that cannot be written, by OutputError.reason.
@@ -74,10 +78,12 @@ def exit_code_for(exc: WsurgeryError) -> int:
 
 def problem_hint(p: Problem) -> str | None:
     """A problem's fix in command-line words."""
-    if p.drop_transform:
-        return "the source fits as it is: try without --transform"
+    if p.new_name:
+        return "pass --new if the name is meant to be new"
     if p.suggest:
         return "try " + " ".join(f"--transform {shlex.quote(s)}" for s in p.suggest)
+    if p.use == "untie":
+        return "untie them first with `wsurgery untie`"
     if p.use:
         return f"use `wsurgery {p.use}`"
     return None

@@ -11,12 +11,12 @@ from typing import Annotated
 
 import typer
 
-from . import check, convert, copy, diff, inspect_cmd, tie, untie
+from . import cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
 from ._errors import exit_code_for, one_line, stdout_error
 
 app = typer.Typer(
     name="wsurgery",
-    help="Weight surgery on PyTorch checkpoints: inspect, tie, copy, diff and convert, safely.",
+    help="Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -40,7 +40,7 @@ def _root(
         typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    """Weight surgery on PyTorch checkpoints: inspect, tie, copy, diff and convert, safely."""
+    """Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely."""
 
 
 def _help(fn) -> str:
@@ -55,6 +55,14 @@ for _name, _fn in [
     ("tie", tie.tie),
     ("copy", copy.copy),
     ("untie", untie.untie),
+    ("rename", rename.rename),
+    ("drop", drop.drop),
+    ("keep", keep.keep),
+    ("cast", cast.cast),
+    ("concat", concat.concat),
+    ("split", split.split),
+    ("stack", stack.stack),
+    ("unstack", stack.unstack),
     ("convert", convert.convert),
     ("diff", diff.diff),
     ("check", check.check),

@@ -21,6 +21,24 @@ CkptArg = Annotated[
     ),
 ]
 SrcOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--src",
+        help="Source tensor, or a module prefix for every tensor under it. A name that is both a tensor and a "
+        "prefix means the tensor. Repeat --src/--dst in pairs for several at once.",
+        show_default=False,
+    ),
+]
+DstOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--dst",
+        help="Destination tensor (new or existing), or a module prefix; one per --src, in order. A name that is "
+        "both a tensor and a prefix means the tensor.",
+        show_default=False,
+    ),
+]
+CheckSrcOpt = Annotated[
     str,
     typer.Option(
         "--src",
@@ -29,13 +47,19 @@ SrcOpt = Annotated[
         show_default=False,
     ),
 ]
-DstOpt = Annotated[
+CheckDstOpt = Annotated[
     str,
-    typer.Option(
-        "--dst",
-        help="Destination tensor (new or existing), or a module prefix. A name that is both a tensor and a prefix "
-        "means the tensor.",
-        show_default=False,
+    typer.Option("--dst", help="Tensor (or module prefix) to compare with transform(SRC).", show_default=False),
+]
+NewOpt = Annotated[
+    bool,
+    typer.Option("--new", help="The destinations are new names, even one edit away from existing ones (not typos)."),
+]
+DimOpt = Annotated[int, typer.Option("--dim", help="The axis.")]
+NamesArg = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="NAME...", help="Tensor names, module prefixes or globs ('optimizer.*').", show_default=False
     ),
 ]
 TieTransformOpt = Annotated[
