@@ -187,9 +187,11 @@ def find_shared(tensors: dict, path="<state dict>") -> dict[str, AliasRecord]:
     """Ties implied by shared storage in a torch state dict.
 
     Tensors whose bytes overlap in one storage are read as ties: the same view is a tie
-    without a transform, a transposed 2-D view a ``transpose`` tie. The source is the
-    contiguous member (the first by name if none or several are). Any other overlap is
-    an :class:`InputError` that names the tensors. Tensors that share a storage without
+    without a transform, a transposed 2-D view a ``transpose`` tie, any other view of the
+    source (slice, reshape, permute, ...) a tie with the steps that make it
+    (``wsurgery.views.view_steps``, in its canonical order). The source is the widest
+    contiguous member (see :func:`_base_of`), or the first by name if none is
+    contiguous. Any other overlap is an :class:`InputError` that names the tensors. Tensors that share a storage without
     overlapping (slices of one buffer) stay independent.
     """
     groups: dict[tuple, list[str]] = {}
@@ -201,6 +203,7 @@ def find_shared(tensors: dict, path="<state dict>") -> dict[str, AliasRecord]:
         groups.setdefault(key, []).append(name)
 
     aliases: dict[str, AliasRecord] = {}
+    order = {name: i for i, name in enumerate(tensors)}
     for names in groups.values():
         if len(names) < 2:
             continue
@@ -218,8 +221,7 @@ def find_shared(tensors: dict, path="<state dict>") -> dict[str, AliasRecord]:
             if len(cluster) < 2:
                 continue
             members = sorted(cluster)
-            contiguous = [n for n in members if tensors[n].is_contiguous()]
-            base = contiguous[0] if contiguous else members[0]
+            base = _base_of(tensors, members, order)
             for n in members:
                 if n == base:
                     continue
@@ -227,11 +229,34 @@ def find_shared(tensors: dict, path="<state dict>") -> dict[str, AliasRecord]:
                     aliases[n] = AliasRecord(base, ())
                 elif _transposed_view(tensors[base], tensors[n]):
                     aliases[n] = AliasRecord(base, ("transpose",))
+                elif (specs := _view_of(tensors[base], tensors[n])) is not None:
+                    aliases[n] = AliasRecord(base, tuple(specs))
                 else:
                     a, b = tensors[base], tensors[n]
                     raise InputError(
                         f"{path}: tensors {base!r} {tuple(a.shape)} and {n!r} {tuple(b.shape)} overlap in storage "
-                        "but are neither the same view nor a transpose of each other",
+                        "but neither is a view of the other",
                         hint="save them as separate tensors (clone one) and retry",
                     )
     return aliases
+
+
+def _base_of(tensors: dict, members: list[str], order: dict[str, int]) -> str:
+    """The member the others are views of: the widest contiguous one. Among equals of one
+    shape, the first by name (the same whatever the dict's order); of several shapes (a
+    reshape), the first in the dict, as it was written."""
+    contiguous = [n for n in members if tensors[n].is_contiguous()]
+    if not contiguous:
+        return members[0]
+    widest = max(tensors[n].numel() for n in contiguous)
+    equals = [n for n in contiguous if tensors[n].numel() == widest]
+    if len({tuple(tensors[n].shape) for n in equals}) > 1:
+        return min(equals, key=order.__getitem__)
+    return equals[0]
+
+
+def _view_of(base, t) -> list[str] | None:
+    """View steps (slice, reshape, permute, ...) that make ``t`` from ``base``, or None."""
+    from .views import Strided, view_steps
+
+    return view_steps(Strided.of(base), Strided.of(t))
