@@ -109,28 +109,36 @@ def convert(
     max_shard_size: int | str | None = None,
     sync: bool = True,
     progress: Callable[[int], None] | None = None,
+    format: str | None = None,  # noqa: A002 - safetensors' and torch's word
 ) -> SaveResult:
-    """Convert any readable checkpoint to safetensors, keeping its ties.
+    """Convert any readable checkpoint to safetensors or a torch file, keeping its ties.
 
-    Shared storage in a torch file becomes alias records; tensors are streamed one at a
-    time, untouched bytes copied as they are.
+    Shared storage in a torch file becomes alias records in safetensors, and alias
+    records become shared storage in a torch file; tensors are streamed one at a time,
+    untouched bytes copied as they are.
 
     Args:
         src: any checkpoint :func:`open` reads.
-        out: the output file, or with ``max_shard_size`` a folder of shards and an index.
+        out: the output file, or a folder (with ``max_shard_size``, or when ``src`` is a
+            model folder and ``out`` has no weights suffix): see :meth:`Checkpoint.save`.
         overwrite: replace an existing output; without it an existing one is an error.
         max_shard_size: bytes per shard (an int, or ``"5GB"``, ``"500MiB"``).
         sync: fsync before the rename; ``False`` is faster and still atomic.
         progress: called with the byte count of each piece written.
+        format: ``"safetensors"`` or ``"torch"``; by default from ``out``'s suffix
+            (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
 
     Returns:
         A :class:`~wsurgery.checkpoint.SaveResult`.
 
     Example:
         >>> wsurgery.convert("pytorch_model.bin", "model.safetensors")  # doctest: +SKIP
+        >>> wsurgery.convert("model.safetensors", "model.pt")  # doctest: +SKIP
     """
     with _load(src) as ckpt:
-        return ckpt.save(out, overwrite=overwrite, max_shard_size=max_shard_size, sync=sync, progress=progress)
+        return ckpt.save(
+            out, overwrite=overwrite, max_shard_size=max_shard_size, sync=sync, progress=progress, format=format
+        )
 
 
 def diff(

@@ -10,7 +10,6 @@ torch.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -352,6 +351,12 @@ class SaveResult:
         nbytes: their bytes.
         aliases: ``{alias: {"source": name, "transform": [step, ...]}}`` recorded.
         shards: the shard file names, for sharded output; else None.
+        format: the format written (``"safetensors"``, ``"torch"``).
+        files: for a folder output from a folder input, the other files carried over.
+        config: for a Hugging Face folder output, what changed in ``config.json``
+            (``{"tie_word_embeddings": {"from": x, "to": y}}``; empty when nothing did).
+        dropped_metadata: metadata keys the format could not keep (a torch file holds
+            tensors only).
     """
 
     path: str
@@ -359,6 +364,10 @@ class SaveResult:
     nbytes: int
     aliases: dict[str, dict]
     shards: list[str] | None = None
+    format: str = "safetensors"
+    files: list[str] | None = None
+    config: dict | None = None
+    dropped_metadata: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -384,6 +393,9 @@ class Checkpoint:
         input_files: every file the tensors come from.
         changes: the surgery steps (``surgery.Op``) that made this checkpoint from what
             was read, in order.
+        model_folder: the folder it was read from as a whole (a Hugging Face model
+            folder, or a folder of shards), whose other files a folder output carries
+            over (``wsurgery.formats.hf.ModelFolder``); None for a file.
 
     Example:
         >>> with wsurgery.open("model.safetensors") as ckpt:          # doctest: +SKIP
@@ -400,6 +412,7 @@ class Checkpoint:
     container: str | None = None
     input_files: list[str] = field(default_factory=list)
     changes: list = field(default_factory=list)
+    model_folder: Any = None
 
     # -- context -------------------------------------------------------------------
     def __enter__(self) -> Checkpoint:
@@ -727,12 +740,19 @@ class Checkpoint:
         sync: bool = True,
         progress: Callable[[int], None] | None = None,
         replace_input: bool | None = None,
+        format: str | None = None,  # noqa: A002 - safetensors' and torch's word
     ) -> SaveResult:
-        """Write safetensors atomically, recording aliases in the metadata.
+        """Write the checkpoint atomically: safetensors (aliases recorded in the metadata),
+        a torch file (aliases as views of shared storage), or a folder.
 
         Args:
-            path: the output file; with ``max_shard_size``, a folder of Hugging Face-style
-                shards and ``model.safetensors.index.json``.
+            path: the output file; a folder with ``max_shard_size`` (Hugging Face-style
+                shards and ``model.safetensors.index.json``), when it is an existing
+                folder or ends with a separator, or when this checkpoint was read from a
+                folder and ``path`` has no weights file's suffix. A folder output holds
+                ``model.safetensors`` (or ``pytorch_model.bin``) or the shards, and the
+                input folder's other files (``config.json`` with ``tie_word_embeddings``
+                true to the ties written, tokenizer files, ...).
             overwrite: replace an existing file or folder; without it, an existing
                 output is an ``OutputError``, and so is one of this checkpoint's own inputs.
             max_shard_size: bytes per shard (an int, or ``"5GB"``, ``"500MiB"``).
@@ -740,6 +760,9 @@ class Checkpoint:
                 loss); ``False`` is faster and still atomic against the process dying.
             progress: called with the byte count of each piece written.
             replace_input: whether an input may be replaced; by default as ``overwrite``.
+            format: ``"safetensors"`` or ``"torch"`` (a ``torch.save`` zip file that
+                ``torch.load(weights_only=True)`` reads); by default from ``path``'s
+                suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
 
         Returns:
             A :class:`SaveResult`.
@@ -747,24 +770,22 @@ class Checkpoint:
         Raises:
             OutputError: the output exists, is an input, or cannot be written (nothing
                 is left behind at ``path``).
+            UsageError: ``format`` is unknown, contradicts ``path``'s suffix, or is
+                torch with ``max_shard_size``.
 
         Example:
             >>> ckpt.save("out.safetensors", overwrite=True)  # doctest: +SKIP
+            >>> ckpt.save("out.pt", overwrite=True)  # doctest: +SKIP
         """
-        from .formats.destination import check_file_target, check_folder_target
+        from .outputs import plan_output
+        from .outputs import save as _save
 
         if replace_input is None:
             replace_input = overwrite
-        inputs = self.input_files
-        aliases = {n: self.aliases[n].record() for n in sorted(self.aliases, key=natural_key)}
-        if max_shard_size is None:
-            check_file_target(path, inputs, overwrite=overwrite, replace_input=replace_input)
-            self._save_file(path, progress=progress, sync=sync)
-            shards = None
-        else:
-            exists = check_folder_target(path, inputs, overwrite=overwrite, replace_input=replace_input)
-            shards = self._save_sharded(path, max_shard_size, replace=exists, progress=progress, sync=sync)
-        return SaveResult(os.fspath(path), len(self.stored), self.total_bytes, aliases, shards)
+        plan = plan_output(
+            path, format=format, max_shard_size=max_shard_size, folder_input=self.model_folder is not None
+        )
+        return _save(self, plan, overwrite=overwrite, replace_input=replace_input, progress=progress, sync=sync)
 
     def _save_file(self, path, progress=None, *, sync: bool = True) -> None:
         from .formats.writer import write_safetensors
@@ -776,10 +797,18 @@ class Checkpoint:
     def _save_sharded(
         self, folder, max_shard_size: int | str, *, replace: bool = False, progress=None, sync: bool = True
     ) -> list[str]:
+        """Shards (see :meth:`_shard_plan`) and their index, as a folder; returns the
+        shard file names."""
+        from .formats.sharded_writer import write_sharded
+
+        shards, shard_meta, index_meta = self._shard_plan(max_shard_size)
+        return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress, sync=sync)
+
+    def _shard_plan(self, max_shard_size: int | str):
         """Shards in the order of one file; each records the aliases whose source it
         stores, the index's ``metadata`` records them all, ``weight_map`` lists stored
-        tensors only. Returns the shard file names."""
-        from .formats.sharded_writer import parse_size, plan_shards, write_sharded
+        tensors only. Returns ``(shards, shard metadata, index metadata)``."""
+        from .formats.sharded_writer import parse_size, plan_shards
 
         if isinstance(max_shard_size, str):
             max_shard_size = parse_size(max_shard_size)
@@ -792,4 +821,4 @@ class Checkpoint:
             shard_meta.append(alias_codec.encode(mine, self.metadata))
         # The index keeps the JSON record of every alias, not the per-name save_model entries.
         index_meta = {k: v for k, v in alias_codec.encode(records, self.metadata).items() if k not in records}
-        return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress, sync=sync)
+        return shards, shard_meta, index_meta

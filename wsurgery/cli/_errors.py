@@ -45,6 +45,7 @@ FLAGS = {
     "device": "--device",
     "filter": "--filter",
     "max_shard_size": "--max-shard-size",
+    "format": "--format",
     "transform": "--transform",
     "src": "--src",
     "dst": "--dst",

@@ -212,13 +212,13 @@ def markup_safe(text) -> str:
 # --- outputs ----------------------------------------------------------------------------
 
 
-def default_output(ckpt_path: Path) -> Path:
+def default_output(ckpt_path: Path, suffix: str = ".safetensors") -> Path:
     p = Path(ckpt_path)
     if p.is_dir():
-        return p.with_name(p.name.rstrip("/") + ".safetensors")
+        return p.with_name(p.name.rstrip("/") + suffix)
     if p.name.endswith(".index.json"):
-        return p.with_name(p.name[: -len(".index.json")].removesuffix(".safetensors") + ".safetensors")
-    return p.with_suffix(".safetensors")
+        return p.with_name(p.name[: -len(".index.json")].removesuffix(".safetensors") + suffix)
+    return p.with_suffix(suffix)
 
 
 def resolve_output(out: Path | None, ckpt_path: Path, inputs: list[str], force: bool, in_place: bool) -> Path:

@@ -1,8 +1,8 @@
 """The output flags every writing command shares, bundled into one ``OutputOptions``.
 
 A command declares ``out: OutputOptions`` and decorates itself with :func:`output_options`;
-typer then sees the shared flags (``-o``, ``--force``, ``--in-place``, ``--dry-run``,
-``--max-shard-size``, ``--no-sync``, ``--json``) as parameters of the command, and the
+typer then sees the shared flags (``-o``, ``--format``, ``--force``, ``--in-place``,
+``--dry-run``, ``--max-shard-size``, ``--no-sync``, ``--json``) as parameters of the command, and the
 command receives them as one value. Adding a flag to every writing command is one edit
 here.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,11 +21,22 @@ import typer
 from .common import JsonOpt
 
 OutOpt = Annotated[
-    Optional[Path],
+    Optional[str],  # a str, not a Path: a final "/" (a folder output) must survive
     typer.Option(
         "--output",
         "-o",
-        help="Output .safetensors path (default: the input's path with .safetensors); with --max-shard-size, a folder.",
+        help="Output path: .safetensors, or .pt/.pth/.bin/.ckpt for a torch.save file (default: the input's path "
+        "with .safetensors, or .pt with --format torch); a folder with --max-shard-size, for an existing folder or a "
+        "path ending in /, and for a folder input when OUT has no weights suffix.",
+        show_default=False,
+    ),
+]
+FormatOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--format",
+        help="safetensors or torch (a torch.save zip file that torch.load reads, ties as shared storage); "
+        "default: from -o's suffix.",
         show_default=False,
     ),
 ]
@@ -54,6 +66,8 @@ class OutputOptions:
     """Where and how a writing command writes its result."""
 
     output: Path | None = None
+    output_folder: bool = False  # -o ended with a path separator: the output is a folder
+    format: str | None = None
     force: bool = False
     in_place: bool = False
     dry_run: bool = False
@@ -65,6 +79,7 @@ class OutputOptions:
 # (parameter name, annotation, default); dry_run only for commands that plan
 _SHARED = [
     ("output", OutOpt, None),
+    ("format", FormatOpt, None),
     ("force", ForceOpt, False),
     ("in_place", InPlaceOpt, False),
     ("dry_run", DryRunOpt, False),
@@ -88,8 +103,11 @@ def output_options(*, dry_run: bool = True):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            raw = kwargs.pop("output", None)
             out = OutputOptions(
-                output=kwargs.pop("output", None),
+                output=None if raw is None else Path(raw),
+                output_folder=raw is not None and raw.endswith(("/", os.sep)),
+                format=kwargs.pop("format", None),
                 force=kwargs.pop("force", False),
                 in_place=kwargs.pop("in_place", False),
                 dry_run=kwargs.pop("dry_run", False),

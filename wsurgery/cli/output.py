@@ -3,6 +3,7 @@ and convert."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, natural_key
@@ -29,13 +30,25 @@ def summary(result: Checkpoint) -> dict:
     }
 
 
-def _target(ckpt_path: Path, out: OutputOptions) -> Path:
+def _target(ckpt_path: Path, out: OutputOptions) -> str:
+    """``-o`` (a final separator kept: a folder); else with ``--in-place`` the input itself
+    (a file, or a folder read as a whole); else a name beside the input
+    (``<input>.safetensors``, ``.pt`` for torch)."""
+    p = Path(ckpt_path)
     if out.output is not None:
-        return Path(out.output)
+        return f"{out.output}{os.sep}" if out.output_folder else str(out.output)
+    return str(_default_target(p, out))
+
+
+def _default_target(p: Path, out: OutputOptions) -> Path:
+    from ..outputs import FORMATS
+
+    if out.in_place and (p.is_dir() or (out.max_shard_size is None and not p.name.endswith(".index.json"))):
+        return p
     if out.max_shard_size is not None:
-        p = Path(ckpt_path)
         return p.with_name(p.name.split(".")[0] + "-sharded")
-    return default_output(ckpt_path)
+    fmt = FORMATS.get(str(out.format).lower()) if out.format else None
+    return default_output(p, fmt.suffix if fmt else ".safetensors")
 
 
 _MAKES = frozenset({"tie", "copy", "concat", "split", "stack", "unstack"})  # steps that may make a new name
@@ -66,13 +79,18 @@ def _plan_table(con, ops, dry_run: bool) -> None:
 def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions) -> int:
     """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code."""
     from ..formats.sharded_writer import parse_size
+    from ..outputs import plan_output
 
     target = _target(ckpt_path, out)
     shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
+    plan = plan_output(
+        target, format=out.format, max_shard_size=shard_size, folder_input=result.model_folder is not None
+    )
     info = summary(result)
-    shards = None
+    saved = None
     if not out.dry_run:
-        with ByteProgress(result.total_bytes, f"writing {target.name}", enabled=not out.json) as bar:
+        name = os.path.basename(target.rstrip(os.sep))
+        with ByteProgress(result.total_bytes, f"writing {name}", enabled=not out.json) as bar:
             saved = result.save(
                 target,
                 overwrite=out.force,
@@ -80,16 +98,19 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
                 max_shard_size=shard_size,
                 progress=bar.advance,
                 sync=out.sync,
+                format=plan.format,
             )
-        shards = saved.shards
+    extra = _written(saved)
     if out.json:
         emit_json(
             {
                 "schema": f"wsurgery.{command}/1",
-                "output": str(target),
+                "output": target,
+                "format": plan.format,
+                "folder": plan.folder,
                 "dry_run": out.dry_run,
                 **info,
-                **({"shards": shards} if shards is not None else {}),
+                **extra,
             }
         )
         return 0
@@ -98,11 +119,13 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
         _plan_table(con, result.changes, out.dry_run)
     verb = "would write" if out.dry_run else "wrote"
     n_alias = len(info["aliases"])
+    kind = "" if plan.format == "safetensors" and not plan.folder else f" ({_kind(plan)})"
     con.print(
-        f"{verb} {safe(target)}: {info['stored']} stored tensor{'s' if info['stored'] != 1 else ''} "
+        f"{verb} {safe(target)}{kind}: {info['stored']} stored tensor{'s' if info['stored'] != 1 else ''} "
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
+    _print_written(con, extra, result)
     for kind in ("copied", "untied"):
         if info[kind]:
             con.print(f"  {len(info[kind])} {kind}", markup=False)
@@ -110,3 +133,43 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
         a = result.aliases[name]
         con.print(safe(f"  {name} = {a.transform}({a.source})"), markup=False)
     return 0
+
+
+def _kind(plan) -> str:
+    if not plan.folder:
+        return plan.format
+    if plan.max_shard_size is not None:
+        return "a folder of safetensors shards"
+    return f"a folder with {plan.weights_file}"
+
+
+def _written(saved) -> dict:
+    """What a write did besides the tensors, as JSON-ready keys (none on a dry run)."""
+    if saved is None:
+        return {}
+    extra: dict = {}
+    if saved.shards is not None:
+        extra["shards"] = saved.shards
+    if saved.files is not None:
+        extra["files"] = saved.files
+        extra["config"] = saved.config or {}
+    if saved.dropped_metadata:
+        extra["dropped_metadata"] = saved.dropped_metadata
+    return extra
+
+
+def _print_written(con, extra: dict, result: Checkpoint) -> None:
+    if extra.get("files") is not None:
+        files = extra["files"]
+        con.print(safe(f"  carried over: {', '.join(files) if files else 'no other files'}"), markup=False)
+        left = result.model_folder.left if result.model_folder is not None else []
+        if left:
+            con.print(safe(f"  not carried (not files of the model folder): {', '.join(left)}"), markup=False)
+    for key, change in (extra.get("config") or {}).items():
+        was = "not set" if change["from"] is None else str(change["from"]).lower()
+        con.print(f"  config.json: {key} {was} -> {str(change['to']).lower()} (true to the ties written)", markup=False)
+    if extra.get("dropped_metadata"):
+        con.print(
+            safe("  metadata not kept (a torch file holds tensors only): " + ", ".join(extra["dropped_metadata"])),
+            markup=False,
+        )

@@ -96,32 +96,57 @@ def write_sharded(
     still appears whole or not at all if the process dies, but an operating-system crash
     or power loss soon after may leave shards empty or partial.
     """
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    with atomic_folder(folder, replace=replace, sync=sync) as tmp:
+        write_shards_into(tmp, names, shards, shard_metadata, index_metadata, progress=progress, sync=sync)
+    return names
+
+
+def write_shards_into(
+    folder: str,
+    names: list[str],
+    shards: list[list[WriteItem]],
+    shard_metadata: list[dict[str, str]],
+    index_metadata: dict,
+    *,
+    progress=None,
+    sync: bool = True,
+) -> None:
+    """The shards and the index, written into an existing (temporary) folder."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, items, meta in zip(names, shards, shard_metadata, strict=True):
+        write_safetensors(os.path.join(folder, name), items, meta, progress=progress, sync=sync)
+        for item in items:
+            weight_map[item.name] = name
+            total += item.nbytes
+    index = {
+        "metadata": {"total_size": total, **index_metadata},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    with atomic_file(os.path.join(folder, INDEX_NAME), sync=sync) as f:
+        write_all(f, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_folder(folder, *, replace: bool = False, sync: bool = True):
+    """Yield a temporary folder beside ``folder``; on success it is renamed into place (an
+    existing ``folder``, allowed by ``replace``, is swapped out whole). On any error the
+    temporary is removed and ``folder`` is left as it was. With ``sync`` the parent folder
+    is fsynced after the rename."""
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     if os.path.exists(folder) and not replace:
         raise OutputError(f"{folder} exists", reason="exists", hint="pass overwrite=True to replace it")
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise OutputError(f"{folder} is a file; sharded output is a folder", reason="is_file")
+        raise OutputError(f"{folder} is a file; the output is a folder", reason="is_file")
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=TMP_SUFFIX, dir=parent)
     except OSError as exc:
         raise os_error(folder, exc) from None
-    names = [shard_name(i, len(shards)) for i in range(len(shards))]
     done = False
     try:
-        weight_map: dict[str, str] = {}
-        total = 0
-        for name, items, meta in zip(names, shards, shard_metadata, strict=True):
-            write_safetensors(os.path.join(tmp, name), items, meta, progress=progress, sync=sync)
-            for item in items:
-                weight_map[item.name] = name
-                total += item.nbytes
-        index = {
-            "metadata": {"total_size": total, **index_metadata},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        with atomic_file(os.path.join(tmp, INDEX_NAME), sync=sync) as f:
-            write_all(f, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        yield tmp
         os.chmod(tmp, 0o755 & ~process_umask())
         _swap_in(tmp, folder)
         done = True
@@ -132,7 +157,6 @@ def write_sharded(
     finally:
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
-    return names
 
 
 def _swap_in(tmp: str, folder: str) -> None:

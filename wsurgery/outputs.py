@@ -1,0 +1,268 @@
+"""Where and how a checkpoint is written.
+
+The output formats are a table (:data:`FORMATS`), one entry each: the names that mean
+it, the weights file it writes inside a model folder, whether it shards, and its writer.
+Adding a format is adding an entry. The format is the one asked for, else the one the
+output's name says (``.pt``/``.pth``/``.bin``/``.ckpt``: torch; anything else:
+safetensors); a name of one format with another format asked for is a usage error.
+
+The output is a folder (weights, and the other files of a model-folder input carried
+over, see :mod:`wsurgery.formats.hf`) when it is sharded, when it is an existing folder
+or a path ending in a separator, or when the input is a folder and the output's name is
+no weights file's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import OutputError, UsageError
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint, SaveResult
+
+
+def _write_safetensors(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
+    ckpt._save_file(path, progress=progress, sync=sync)
+    return []
+
+
+def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
+    from .formats.torch_writer import write_torch
+
+    storages, tensors = torch_layout(ckpt)
+    write_torch(path, storages, tensors, progress, sync=sync)
+    return dropped_metadata(ckpt)
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output format.
+
+    Attributes:
+        name: its name (the ``format`` argument).
+        suffixes: output names that mean it.
+        suffix: the suffix of an output named after its input.
+        model_file: its weights file inside a model folder.
+        shards: whether it can be split into shards of a maximum size.
+        write: ``write(ckpt, path, progress=, sync=)`` writes one file atomically and
+            returns the metadata keys it could not keep.
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+    suffix: str
+    model_file: str
+    shards: bool
+    write: Callable[..., list[str]]
+
+
+FORMATS: dict[str, OutputFormat] = {
+    f.name: f
+    for f in (
+        OutputFormat("safetensors", (".safetensors",), ".safetensors", "model.safetensors", True, _write_safetensors),
+        OutputFormat("torch", (".pt", ".pth", ".bin", ".ckpt"), ".pt", "pytorch_model.bin", False, _write_torch),
+    )
+}
+DEFAULT = "safetensors"
+
+
+def format_of_name(path) -> str | None:
+    """The format an output's name says (by its suffix), or None."""
+    name = os.path.basename(os.fspath(path).rstrip("/" + os.sep)).lower()
+    for fmt in FORMATS.values():
+        if name.endswith(fmt.suffixes):
+            return fmt.name
+    return None
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where an output goes and in what form.
+
+    Attributes:
+        path: the file or folder.
+        format: a key of :data:`FORMATS`.
+        folder: the output is a folder (weights file or shards, and carried files).
+        max_shard_size: bytes per shard (a sharded folder), else None.
+    """
+
+    path: str
+    format: str
+    folder: bool
+    max_shard_size: int | None = None
+
+    @property
+    def weights_file(self) -> str | None:
+        """The one weights file of a folder output that is not sharded."""
+        return FORMATS[self.format].model_file if self.folder and self.max_shard_size is None else None
+
+
+def plan_output(
+    path, *, format: str | None = None, max_shard_size: int | str | None = None, folder_input: bool = False
+) -> OutputPlan:
+    """Decide the output's format and shape; a ``UsageError`` when they conflict.
+
+    Args:
+        path: the output file or folder.
+        format: ``"safetensors"``, ``"torch"``, or None (from ``path``'s name).
+        max_shard_size: shard the output into a folder (safetensors only).
+        folder_input: the input is a folder: an output without a weights file's name is
+            a folder too.
+
+    Example:
+        >>> plan_output("model.pt").format
+        'torch'
+    """
+    path = os.fspath(path)
+    named = format_of_name(path)
+    if format is not None:
+        key = str(format).strip().lower()
+        if key not in FORMATS:
+            raise UsageError(
+                f"format {format!r} is not one of {', '.join(FORMATS)}", param="format", hint="choose one of them"
+            )
+        if named is not None and named != key and max_shard_size is None:
+            raise UsageError(
+                f"format {key} does not match the output {path}, whose name says {named}",
+                param="format",
+                hint=f"name the output *{FORMATS[key].suffix}, or leave the format to its name",
+            )
+    else:
+        key = named or DEFAULT
+    if isinstance(max_shard_size, str):
+        from .formats.sharded_writer import parse_size
+
+        max_shard_size = parse_size(max_shard_size)
+    if max_shard_size is not None and not FORMATS[key].shards:
+        if format is not None:
+            raise UsageError(
+                f"format {key} writes one file and is never sharded", param="format", hint="shards are safetensors"
+            )
+        key = DEFAULT  # a folder of shards is safetensors, whatever its name
+    folder = (
+        max_shard_size is not None
+        or os.path.isdir(path)
+        or path.endswith(("/", os.sep))
+        or (folder_input and named is None)
+    )
+    return OutputPlan(path, key, folder, max_shard_size)
+
+
+def dropped_metadata(ckpt: Checkpoint) -> list[str]:
+    """Metadata keys a torch file cannot keep (a state dict holds tensors only); the
+    safetensors ``format`` marker is not counted."""
+    return sorted(k for k in ckpt.metadata if k != "format")
+
+
+def torch_layout(ckpt: Checkpoint):
+    """The storages and the state dict of ``ckpt`` as a torch file: every stored tensor a
+    storage of its own, every alias a view of its source's storage (``torch.load`` gives
+    them shared memory). Returns ``(storages, tensors)`` for ``write_torch``.
+
+    Raises:
+        OutputError: an alias whose view would not read back as the same tie.
+    """
+    from .formats.torch_writer import TorchTensor
+    from .formats.writer import WriteItem
+    from .views import Strided, contiguous_strides, layout_of, view_steps
+
+    ckpt.check_invariants()
+    index: dict[str, int] = {}
+    storages: list[WriteItem] = []
+
+    def storage(name: str) -> int:
+        if name not in index:
+            s = ckpt.stored[name]
+            index[name] = len(storages)
+            storages.append(WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write))
+        return index[name]
+
+    tensors = []
+    for name in _dict_order(ckpt):
+        if name in ckpt.stored:
+            s = ckpt.stored[name]
+            tensors.append(TorchTensor(name, storage(name), s.dtype, s.shape, contiguous_strides(s.shape)))
+            continue
+        a = ckpt.aliases[name]
+        view = layout_of(a.transform, a.base.shape, a.base.dtype)
+        if view.numel and view_steps(Strided.contiguous(a.base.shape, a.base.dtype), view) is None:
+            raise OutputError(
+                f"alias {name!r} = {a.transform}({a.source}) cannot be written as a view that reads back as that tie",
+                hint="untie it first, or write safetensors",
+            )
+        tensors.append(TorchTensor(name, storage(a.source), a.dtype, view.shape, view.strides, view.offset))
+    return storages, tensors
+
+
+def _dict_order(ckpt: Checkpoint) -> list[str]:
+    """Names in natural order, except that an alias comes right after its source when it
+    would come before it: a reader takes the first of equal views as the source."""
+    out: list[str] = []
+    waiting: dict[str, list[str]] = {}
+    for name in ckpt.names():
+        a = ckpt.aliases.get(name)
+        if a is not None and a.source not in out:
+            waiting.setdefault(a.source, []).append(name)
+            continue
+        out.append(name)
+        out.extend(waiting.pop(name, []))
+    return out
+
+
+def save(
+    ckpt: Checkpoint,
+    plan: OutputPlan,
+    *,
+    overwrite: bool = False,
+    replace_input: bool = False,
+    progress=None,
+    sync: bool = True,
+) -> SaveResult:
+    """Write ``ckpt`` as ``plan`` says, atomically; see :meth:`Checkpoint.save`."""
+    from .checkpoint import SaveResult, natural_key
+    from .formats.destination import check_file_target, check_folder_target
+
+    inputs = ckpt.input_files
+    aliases = {n: ckpt.aliases[n].record() for n in sorted(ckpt.aliases, key=natural_key)}
+    fmt = FORMATS[plan.format]
+    extra: dict = {}
+    if plan.folder:
+        exists = check_folder_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
+        extra = _write_folder(ckpt, plan, replace=exists, progress=progress, sync=sync)
+    else:
+        check_file_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
+        extra["dropped_metadata"] = fmt.write(ckpt, plan.path, progress=progress, sync=sync)
+    return SaveResult(os.fspath(plan.path), len(ckpt.stored), ckpt.total_bytes, aliases, format=plan.format, **extra)
+
+
+def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress, sync: bool) -> dict:
+    """Weights (one file or shards) and the input folder's other files, as one folder."""
+    from . import hf
+    from .formats.hf import carry
+    from .formats.sharded_writer import atomic_folder, shard_name, write_shards_into
+
+    source = ckpt.model_folder
+    config_bytes = None
+    change: dict = {}
+    if source is not None and source.config is not None:
+        new_config, change = hf.config_for_output(ckpt, source.config)
+        config_bytes = None if new_config is None else hf.dump_config(new_config)
+    out: dict = {}
+    with atomic_folder(plan.path, replace=replace, sync=sync) as tmp:
+        if plan.max_shard_size is not None:
+            shards, shard_meta, index_meta = ckpt._shard_plan(plan.max_shard_size)
+            names = [shard_name(i, len(shards)) for i in range(len(shards))]
+            write_shards_into(tmp, names, shards, shard_meta, index_meta, progress=progress, sync=sync)
+            out["shards"] = names
+            out["dropped_metadata"] = []
+        else:
+            fmt = FORMATS[plan.format]
+            out["dropped_metadata"] = fmt.write(ckpt, os.path.join(tmp, fmt.model_file), progress=progress, sync=sync)
+        if source is not None:
+            out["files"] = carry(source, tmp, config=config_bytes, sync=sync)
+            out["config"] = change
+    return out
