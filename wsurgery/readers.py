@@ -113,11 +113,29 @@ def load_torch(path: str, fmt: str) -> Checkpoint:
 
 
 def load(path) -> Checkpoint:
-    """Open any checkpoint lazily; the format comes from the file's first bytes."""
+    """Open any checkpoint lazily; the format comes from the file's first bytes. A folder
+    is read as a whole (``formats.hf``): its weights, its ``config.json`` if any, and the
+    other files a folder output carries over."""
     path = os.fspath(path)
-    fmt, real = _sniff.sniff(path)
+    if os.path.isdir(path):
+        return load_folder(path)
+    return _load_file(*_sniff.sniff(path))
+
+
+def _load_file(fmt: str, real: str) -> Checkpoint:
     if fmt == _sniff.SAFETENSORS:
         return load_safetensors(real)
     if fmt == _sniff.SHARDED:
         return load_sharded(real)
     return load_torch(real, fmt)
+
+
+def load_folder(folder: str) -> Checkpoint:
+    """A model folder: the weights transformers would load (else the folder's one index or
+    safetensors file), with the folder kept as ``model_folder``."""
+    from .formats.hf import open_folder
+
+    found = open_folder(folder)
+    ckpt = load(found.weights) if found.weights is not None else _load_file(*_sniff.sniff(folder))
+    ckpt.model_folder = found
+    return ckpt

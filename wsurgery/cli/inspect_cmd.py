@@ -100,7 +100,10 @@ def _alias_text(c: Checkpoint, name: str) -> str:
 
 
 def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out: bool) -> None:
+    from . import model_folder
+
     rows = _rows(c, pattern)
+    folder = model_folder.tie_report(c)
     if json_out:
         emit_json(
             {
@@ -112,6 +115,7 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
                 "total_bytes": c.total_bytes,
                 "metadata": dict(sorted(c.metadata.items())),
                 "skipped": list(c.skipped),
+                **model_folder.json_keys(c, folder),
             }
         )
         return
@@ -153,3 +157,4 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
             + (" ..." if len(c.skipped) > 10 else ""),
             markup=False,
         )
+    model_folder.print_report(con, c, folder)

@@ -97,6 +97,7 @@ def derive(
         container=ckpt.container,
         input_files=files,
         changes=[*ckpt.changes, *ops],
+        model_folder=ckpt.model_folder,
     )
     result.check_invariants()
     return result
