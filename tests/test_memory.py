@@ -72,3 +72,12 @@ def test_diff_of_two_256_mib_checkpoints_stays_under_200_mib(tmp_path):
     code, peak = _peak_rss(["diff", a, a, "--quiet"])
     assert code == 0
     assert peak < BOUND, f"peak RSS {peak / MiB:.0f} MiB"
+
+
+def test_writing_a_256_mib_torch_file_streams(tmp_path):
+    """A .pt output is written one storage at a time, never as a whole state dict in memory
+    (``torch.save`` of the loaded dict peaks at the checkpoint's size plus torch)."""
+    a, _ = _write_pair(tmp_path)
+    code, peak = _peak_rss(["convert", a, "-o", tmp_path / "a.pt", "--no-sync"])
+    assert code == 0 and (tmp_path / "a.pt").stat().st_size > 256 * MiB
+    assert peak < 100 * MiB, f"peak RSS {peak / MiB:.0f} MiB"

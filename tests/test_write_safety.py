@@ -114,15 +114,16 @@ def run_limited(args, limit: int, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize("out_suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("kind", ["safetensors", "torch"])
-def test_file_size_limit_exits_5_and_leaves_nothing(tmp_path, kind):
+def test_file_size_limit_exits_5_and_leaves_nothing(tmp_path, kind, out_suffix):
     if kind == "safetensors":
         src = big_safetensors(tmp_path / "in.safetensors", 4, tensors=4)  # copied with copy_file_range
     else:
         src = tmp_path / "in.pt"
         torch.save({f"w{i}": torch.randn(256, 1024, generator=torch.Generator().manual_seed(i)) for i in range(4)}, src)
     digest = sha256(src)
-    dest = tmp_path / "out.safetensors"
+    dest = tmp_path / f"out{out_suffix}"
     r = run_limited(["convert", src, "-o", dest], 1 << 20, tmp_path)
     assert r.returncode == 5, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -224,8 +225,15 @@ def test_sigkill_mid_write_leaves_nothing_at_the_destination(tmp_path):
 def test_sigterm_mid_write_removes_its_temporary_too(tmp_path):
     src = big_safetensors(tmp_path / "in.safetensors", 64, tensors=32)
     digest = sha256(src)
-    for dest, extra in ((tmp_path / "out.safetensors", []), (tmp_path / "shards", ["--max-shard-size", "8MiB"])):
-        _kill_mid_write(["convert", src, "-o", dest, *extra], tmp_path, dest.name, 8 << 20, sig=signal.SIGTERM)
+    cases = (
+        (tmp_path / "out.safetensors", []),
+        (tmp_path / "shards", ["--max-shard-size", "8MiB"]),
+        (tmp_path / "out.pt", []),
+        (tmp_path / "folder", ["--format", "torch"]),
+    )
+    for dest, extra in cases:
+        target = f"{dest}/" if dest.name == "folder" else dest
+        _kill_mid_write(["convert", src, "-o", target, *extra], tmp_path, dest.name, 8 << 20, sig=signal.SIGTERM)
         assert not dest.exists() and sha256(src) == digest
         assert leftovers(tmp_path) == []
 
@@ -243,11 +251,18 @@ def test_sigkill_mid_sharded_write_leaves_nothing_at_the_destination(tmp_path):
 # Every command, over every fixture format, including invocations that fail.
 INVOCATIONS = {
     "inspect": [["inspect", "{ckpt}"], ["inspect", "{ckpt}", "--json", "--tree"], ["inspect", "{ckpt}", "--tree"]],
-    "convert": [["convert", "{ckpt}", "-o", "{out}"], ["convert", "{ckpt}", "-o", "{out}", "--max-shard-size", "1KB"]],
+    "convert": [
+        ["convert", "{ckpt}", "-o", "{out}"],
+        ["convert", "{ckpt}", "-o", "{out}", "--max-shard-size", "1KB"],
+        ["convert", "{ckpt}", "-o", "{out}.pt"],
+        ["convert", "{ckpt}", "-o", "{out}.folder/", "--format", "torch"],
+    ],
     "tie": [
         ["tie", "{ckpt}", "--src", "{a}", "--dst", "{b}", "-o", "{out}"],
         ["tie", "{ckpt}", "--src", "{a}", "--dst", "nope", "-o", "{out}"],
         ["tie", "{ckpt}", "--src", "missing", "--dst", "{b}", "-o", "{out}"],
+        ["tie", "{ckpt}", "--src", "{a}", "--dst", "{b}", "-o", "{out}.pt"],
+        ["tie", "{ckpt}", "--src", "{a}", "--dst", "{b}", "-o", "{out}.folder/"],
     ],
     "copy": [
         ["copy", "{ckpt}", "--src", "{a}", "--dst", "new.{a}", "-o", "{out}"],
@@ -279,7 +294,21 @@ CHECKPOINTS = {  # name -> (a tensor, another tensor of the same shape)
     "tiny_lm_sharded": ("embedding.weight", "projection.weight"),
     "shared_storage.pt": ("embedding.weight", "projection.weight"),
     "lightning.ckpt": ("model.embedding.weight", "model.projection.weight"),
+    "tiny_hf": ("model.embed_tokens.weight", "lm_head.weight"),  # a Hugging Face folder, made by the test
 }
+
+
+def _hf_folder(path: Path) -> None:
+    """A tiny Hugging Face model folder: config, tokenizer files, model.safetensors."""
+    import json
+
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    sd = {"model.embed_tokens.weight": torch.randn(32, 8, generator=g), "lm_head.weight": torch.randn(32, 8)}
+    sd["model.layers.0.mlp.weight"] = torch.randn(8, 8, generator=g)
+    wsurgery.save_state_dict(sd, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+    (path / "tokenizer.json").write_text("{}")
 
 
 def _registered() -> list[str]:
@@ -296,6 +325,7 @@ def test_every_command_is_covered_by_the_input_safety_test():
 def test_no_command_modifies_an_input(tmp_path, cli, command):
     src = tmp_path / "in"
     shutil.copytree(FIXTURES, src, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    _hf_folder(src / "tiny_hf")
     other = src / "tiny_lm.safetensors"
     before = {p: sha256(p) for p in src.iterdir()}
     listing = sorted(os.listdir(src))
@@ -374,6 +404,8 @@ def _library_saves():
         "save_module": lambda path, **kw: save_module(module, path, **kw),
         "Checkpoint.save": lambda path, **kw: ckpt.save(path, overwrite=True, **kw),
         "Checkpoint.save sharded": lambda path, **kw: ckpt.save(path, overwrite=True, max_shard_size=2000, **kw),
+        "Checkpoint.save torch": lambda path, **kw: ckpt.save(path, overwrite=True, format="torch", **kw),
+        "Checkpoint.save folder": lambda path, **kw: ckpt.save(f"{path}/", overwrite=True, **kw),
     }
 
 
@@ -433,26 +465,30 @@ def test_every_writing_command_is_covered_by_the_no_sync_test():
     assert writers == set(NO_SYNC_CASES)
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+@pytest.mark.parametrize("layout", ["file", "sharded", "torch", "folder"])
 @pytest.mark.parametrize("command", list(NO_SYNC_CASES))
-def test_no_sync_skips_every_fsync_and_writes_the_same_bytes(tmp_path, cli, fsyncs, command, sharded):
+def test_no_sync_skips_every_fsync_and_writes_the_same_bytes(tmp_path, cli, fsyncs, command, layout):
     args = [a.format(fx=FIXTURES) for a in NO_SYNC_CASES[command]]
+    sharded = layout == "sharded"
     extra = ["--max-shard-size", "1KB"] if sharded else []
-    suffix = "" if sharded else ".safetensors"
+    suffix = {"file": ".safetensors", "sharded": "", "torch": ".pt", "folder": ""}[layout]
     synced, unsynced = tmp_path / f"synced{suffix}", tmp_path / f"unsynced{suffix}"
+    slash = "/" if layout == "folder" else ""  # an output path ending in / is a folder
 
-    code, _, stderr = cli(*args, *extra, "-o", synced)
+    code, _, stderr = cli(*args, *extra, "-o", f"{synced}{slash}")
     assert code == 0, stderr
     if sharded:
         shards = [n for n in os.listdir(synced) if n.startswith("model-")]
         assert len(shards) > 1
         # each shard and the index: the file and the temporary folder; then the parent folder
         assert len(fsyncs) == 2 * (len(shards) + 1) + 1
+    elif layout == "folder":
+        assert os.listdir(synced) == ["model.safetensors"] and len(fsyncs) == 3
     else:
         assert len(fsyncs) == 2
     fsyncs.clear()
 
-    code, _, stderr = cli(*args, *extra, "-o", unsynced, "--no-sync")
+    code, _, stderr = cli(*args, *extra, "-o", f"{unsynced}{slash}", "--no-sync")
     assert code == 0, stderr
     assert fsyncs == []
     assert _contents(unsynced) == _contents(synced)
