@@ -15,7 +15,8 @@ import typer
 CkptArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint: .safetensors, a sharded *.index.json or its folder, or a torch .pt/.pth/.bin/.ckpt.",
+        help="Checkpoint: .safetensors, a sharded *.index.json or its folder, a torch .pt/.pth/.bin/.ckpt, or a "
+        "Hugging Face model folder (config.json beside the weights).",
         metavar="CKPT",
         show_default=False,
     ),

@@ -1,4 +1,4 @@
-"""wsurgery convert: any readable checkpoint to safetensors, keeping its ties."""
+"""wsurgery convert: any readable checkpoint to safetensors or a torch file, keeping its ties."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from .output import write_result
 @command("convert")
 @output_options(dry_run=False)
 def convert(ckpt: CkptArg, *, out: OutputOptions) -> int:
-    """Convert a checkpoint to safetensors; shared storage is recorded as aliases.
+    """Convert a checkpoint to safetensors (shared storage recorded as aliases) or, with -o x.pt or
+    --format torch, to a torch.save file (aliases as shared storage).
 
     With --max-shard-size, OUT is a folder of model-0000K-of-0000N.safetensors shards and a
-    model.safetensors.index.json, in the Hugging Face layout.
+    model.safetensors.index.json, in the Hugging Face layout. From a model folder, an OUT without a
+    weights suffix is a folder too, with the input's config and tokenizer files.
 
     Example: wsurgery convert model.pt -o model.safetensors
     """

@@ -25,6 +25,7 @@ OutOpt = Annotated[
     typer.Option(
         "--output",
         "-o",
+        metavar="PATH",
         help="Output path: .safetensors, or .pt/.pth/.bin/.ckpt for a torch.save file (default: the input's path "
         "with .safetensors, or .pt with --format torch); a folder with --max-shard-size, for an existing folder or a "
         "path ending in /, and for a folder input when OUT has no weights suffix.",

@@ -72,7 +72,7 @@ def check_folder_target(path, inputs: Iterable[str], *, overwrite: bool, replace
 
     path = os.fspath(path)
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise OutputError(f"{path} is a file; sharded output is a folder", reason="is_file", hint="give a folder path")
+        raise OutputError(f"{path} is a file; the output is a folder", reason="is_file", hint="give a folder path")
     real = _real(path)
     holds_input = any(_real(i) == real or _real(i).startswith(real + os.sep) for i in inputs)
     if holds_input and not replace_input:
