@@ -24,6 +24,7 @@ OTHER_FILES = {
     "special_tokens_map.json": "{}",
     "generation_config.json": '{\n  "bos_token_id": 1\n}\n',
     "README.md": "# tiny\n",
+    "training_args.bin": "not weights",
 }
 
 
@@ -194,6 +195,7 @@ def test_folder_output_carries_the_other_files_and_keeps_the_config_true(tmp_pat
     (src / "original").mkdir()
     torch.save({"x": torch.zeros(1)}, src / "original" / "consolidated.00.pth")
     torch.save({"x": torch.zeros(1)}, src / "pytorch_model.bin")  # old weights: never carried
+    torch.save({"x": torch.zeros(1)}, src / "adapter_model.bin")
     out = tmp_path / "tied"
     code, stdout, stderr = cli(
         "tie", src, "--src", "model.embed_tokens.weight", "--dst", "lm_head.weight", "--verify", "-o", out

@@ -9,8 +9,10 @@ a folder without those falls back to the one ``*.safetensors.index.json`` or sin
 Writing a folder: the weights (one file, or shards and their index) and every other
 file of the input folder carried over byte for byte: ``config.json`` (rewritten only where
 ``tie_word_embeddings`` must change), tokenizer files, ``generation_config.json``, ... Never
-carried: weight files of any framework (:func:`is_weight_file`), the index of old shards,
-subfolders (``original/``, ``onnx/``: weights of another layout), wsurgery's temporaries.
+carried: weight files of any framework (:data:`WEIGHT_PATTERNS`: ``*.safetensors``,
+``*.bin`` but ``training_args.bin``, ``*.pt``, ``*.h5``, ``*.onnx``, ... and their
+indexes), subfolders (``original/``, ``onnx/``: weights of another layout), wsurgery's
+temporaries.
 """
 
 from __future__ import annotations
@@ -33,25 +35,29 @@ WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.b
 WEIGHT_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model*.bin.index.json",
+    "*.bin",
+    "*.bin.index.json",
     "*.pt",
     "*.pth",
     "*.ckpt",
-    "tf_model*.h5",
-    "tf_model*.h5.index.json",
-    "flax_model*.msgpack",
-    "flax_model*.msgpack.index.json",
+    "*.h5",
+    "*.h5.index.json",
+    "*.msgpack",
+    "*.msgpack.index.json",
     "model.ckpt*",
+    "*.onnx",
+    "*.onnx_data",
+    "*.tflite",
     "*.gguf",
     "*.distcp",
     ".metadata",
     "*" + TMP_SUFFIX,
 )
+NOT_WEIGHTS = ("training_args.bin",)  # a pickle of the Trainer's arguments, carried like any file
 
 
 def is_weight_file(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in WEIGHT_PATTERNS)
+    return name not in NOT_WEIGHTS and any(fnmatch.fnmatchcase(name, p) for p in WEIGHT_PATTERNS)
 
 
 @dataclass
