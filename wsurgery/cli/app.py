@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from . import cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
+from . import apply, cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
 from ._errors import exit_code_for, one_line, stdout_error
 
 app = typer.Typer(
@@ -63,6 +63,7 @@ for _name, _fn in [
     ("split", split.split),
     ("stack", stack.stack),
     ("unstack", stack.unstack),
+    ("apply", apply.apply),
     ("convert", convert.convert),
     ("diff", diff.diff),
     ("check", check.check),
