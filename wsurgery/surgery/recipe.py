@@ -39,6 +39,7 @@ SCHEMA = "wsurgery.recipe/1"
 MAX_BYTES = 16 << 20  # a recipe is text a person writes; past this it is not one
 _MAX_NODES = 200_000  # YAML aliases can expand a small file into a huge tree
 _MAX_DEPTH = 64
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 PathLike = str | os.PathLike
 
@@ -84,13 +85,13 @@ def _show(value: Any) -> str:
 
 
 def _close(word: Any, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.7)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _unknown(what: str, word: Any, choices: Sequence[str]) -> str:
     """``unknown key 'exept' (did you mean 'except'?)``, or the choices when none is close."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.7)
     known = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(choices)}"
     return f"unknown {what} {_show(word)} ({known})"
 
@@ -123,6 +124,8 @@ def _compose(text: str, label: str) -> tuple[Any, dict[tuple, int], list[tuple[t
             count[0] += 1
             if count[0] > _MAX_NODES or depth > _MAX_DEPTH:
                 raise InputError("the recipe is nested too deeply or expands to too many values", path=label)
+            if not isinstance(n, yaml.ScalarNode) and n.tag not in _PLAIN_TAGS:  # scalars: the constructor checks
+                raise InputError(f"the tag {n.tag!r} is not allowed in a recipe", path=label)
             if isinstance(n, yaml.MappingNode):
                 loader.flatten_mapping(n)  # merge keys (<<)
                 out: dict = {}
@@ -148,7 +151,9 @@ def _compose(text: str, label: str) -> tuple[Any, dict[tuple, int], list[tuple[t
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = " ".join(str(exc.problem or exc.context or "malformed").split())
+        what = " ".join(str(exc.problem or "malformed").split())
+        if exc.context:
+            what += f" ({' '.join(str(exc.context).split())})"
         raise InputError(f"not valid YAML: {what}{at}", path=label) from None
     except yaml.YAMLError as exc:
         raise InputError(f"not valid YAML: {' '.join(str(exc).split())}", path=label) from None
@@ -607,7 +612,7 @@ class Expectation:
             if key in c:
                 bad = [text for n in found if (text := test(ckpt, n, c)) is not None]
                 if bad:
-                    out.append(f"{_few(bad, 3)}" if len(bad) <= 3 else f"{_few(bad, 3)} ({len(bad)} in all)")
+                    out.append(_few(bad, 3))
         return out
 
 
@@ -729,10 +734,7 @@ def _top(chk: _Checker, data: Any, base: str | None) -> tuple[dict[str, str | No
             inputs[name] = _resolve(base, p)
     output = max_shard = None
     if data.get("output") is not None:
-        fields = {
-            "path": _Field(lambda c, v: _name(c, v) if v is not None else None),
-            "max_shard_size": _Field(_output_size),
-        }
+        fields = {"path": _Field(_output_path), "max_shard_size": _Field(_output_size)}
         got = _mapping(_Ctx(chk, "output", None, ("output",), ""), data["output"], fields)
         if got is not _BAD:
             output, max_shard = _resolve(base, got["path"]), got["max_shard_size"]
