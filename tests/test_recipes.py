@@ -540,7 +540,6 @@ def test_a_refused_step_stops_the_plan_with_its_step_number_and_line(tmp_path, c
 
 
 def test_tie_verify_reads_and_refuses_values_that_differ_nothing_else_reads(tmp_path, monkeypatch):
-    src = model(tmp_path)
     steps = """\
         version: 1
         steps:
@@ -553,6 +552,7 @@ def test_tie_verify_reads_and_refuses_values_that_differ_nothing_else_reads(tmp_
         expect:
           - {name: module.layers.5, count: 4}
         """
+    src = model(tmp_path)
 
     def no_data(*args, **kwargs):
         raise AssertionError("tensor data was read")

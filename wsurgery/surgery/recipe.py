@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, SaveResult
@@ -468,7 +468,21 @@ _RUN: dict[str, Callable[[Checkpoint, dict, Mapping[str, Checkpoint]], Checkpoin
 
 
 @dataclass(frozen=True)
-class Step:
+class _Located:
+    """Something of the recipe with its place: its number (from 1) and its line."""
+
+    number: int
+    line: int | None
+
+    head: ClassVar[str] = ""
+
+    @property
+    def where(self) -> str:
+        return _where(f"{self.head} {self.number}", self.line, getattr(self, "kind", None))
+
+
+@dataclass(frozen=True)
+class Step(_Located):
     """One validated step: its ``kind`` (the ``Checkpoint`` method it calls) and the
     method's arguments, checked.
 
@@ -481,14 +495,10 @@ class Step:
         line: the recipe's line, when it came from text.
     """
 
-    number: int
     kind: str
     args: dict[str, Any]
-    line: int | None = None
 
-    @property
-    def where(self) -> str:
-        return _where(f"step {self.number}", self.line, self.kind)
+    head: ClassVar[str] = "step"
 
     @property
     def verify(self) -> dict | None:
@@ -553,7 +563,7 @@ def _step(chk: _Checker, index: int, item: Any, inputs: Sequence[str]) -> Step |
         if names is _BAD:
             return None
         args = {"names": names}
-    return Step(number, kind, args, chk.line(path))
+    return Step(number, chk.line(path), kind, args)
 
 
 # --- expectations -----------------------------------------------------------------------
@@ -570,7 +580,7 @@ _EXPECT = {
 
 
 @dataclass(frozen=True)
-class Expectation:
+class Expectation(_Located):
     """One ``expect`` entry: what the names ``name`` selects (a name, module prefix or glob)
     must be, checked on the planned result before anything is written.
 
@@ -583,14 +593,10 @@ class Expectation:
         line: the recipe's line, when it came from text.
     """
 
-    number: int
     name: str
     checks: dict[str, Any]
-    line: int | None = None
 
-    @property
-    def where(self) -> str:
-        return _where(f"expect {self.number}", self.line)
+    head: ClassVar[str] = "expect"
 
     def failures(self, ckpt: Checkpoint) -> list[str]:
         """What does not hold in ``ckpt`` (empty when every check holds). Reads no data."""
@@ -656,7 +662,7 @@ def _expectation(chk: _Checker, index: int, item: Any) -> Expectation | None:
     if given.get("absent") is True and given.get("count", 0) != 0:
         c.problem(f"absent: true contradicts count: {given['count']}")
         return None
-    return Expectation(index + 1, checks["name"], given, chk.line(path))
+    return Expectation(index + 1, chk.line(path), checks["name"], given)
 
 
 # --- the recipe -------------------------------------------------------------------------
