@@ -467,11 +467,13 @@ def test_json_is_yaml_even_indented_with_tabs(tmp_path):
     assert "optimizer.m.embed" not in wsurgery.apply(rec, [src], dry_run=True).checkpoint
 
 
-def test_yaml_alias_bombs_are_refused(tmp_path):
+def test_yaml_alias_bombs_and_deep_nesting_are_refused():
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
     with pytest.raises(InputError, match="expands to too many values"):
         recipes.load("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match="nested too deeply"):
+        recipes.load("version: 1\nsteps: " + "[" * 5000 + "]" * 5000 + "\n")
 
 
 def test_yaml_quirks_a_user_meets(tmp_path):
