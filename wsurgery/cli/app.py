@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from . import cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
+from . import apply, cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
 from ._errors import exit_code_for, one_line, stdout_error, stdout_failed
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ for _name, _fn in [
     ("split", split.split),
     ("stack", stack.stack),
     ("unstack", stack.unstack),
+    ("apply", apply.apply),
     ("convert", convert.convert),
     ("diff", diff.diff),
     ("check", check.check),

@@ -63,8 +63,11 @@ def _plan_table(con, ops, dry_run: bool) -> None:
     print_table(con, headers, rows, title="plan" if dry_run else None)
 
 
-def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions) -> int:
-    """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code."""
+def write_result(
+    command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions, extra: dict | None = None
+) -> int:
+    """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
+    ``extra``: the command's own keys for its JSON object."""
     from ..formats.sharded_writer import parse_size
 
     target = _target(ckpt_path, out)
@@ -90,6 +93,7 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
                 "dry_run": out.dry_run,
                 **info,
                 **({"shards": shards} if shards is not None else {}),
+                **(extra or {}),
             }
         )
         return 0
