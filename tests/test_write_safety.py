@@ -26,6 +26,7 @@ from wsurgery.formats.writer import TMP_SUFFIX, WriteItem, atomic_file, write_sa
 from .conftest import FIXTURES, run_module, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "tests" / "recipes"
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -282,6 +283,12 @@ INVOCATIONS = {
     ],
     "stack": [["stack", "{ckpt}", "--src", "layers.{{i}}", "--dst", "layers", "-o", "{out}"]],
     "unstack": [["unstack", "{ckpt}", "--src", "{a}", "--dst", "row.{{i}}", "--new", "-o", "{out}"]],
+    "apply": [
+        ["apply", str(RECIPES / "cast_untie.yaml"), "{ckpt}", "-o", "{out}"],
+        ["apply", str(RECIPES / "copy_from.yaml"), "{ckpt}", "{other}", "-o", "{out}"],
+        ["apply", str(RECIPES / "expect_fails.yaml"), "{ckpt}", "-o", "{out}"],
+        ["apply", str(RECIPES / "cast_untie.yaml"), "{ckpt}", "-o", "{out}", "--dry-run", "--json"],
+    ],
     "diff": [["diff", "{ckpt}", "{other}"], ["diff", "{ckpt}", "{ckpt}", "--json"]],
     "check": [
         ["check", "{ckpt}", "--src", "{a}", "--dst", "{b}"],
@@ -455,6 +462,7 @@ NO_SYNC_CASES = {
     ],
     "stack": ["stack", "{fx}/tiny_lm.safetensors", "--src", "layers.{{i}}", "--dst", "layers"],
     "unstack": ["unstack", "{fx}/tiny_lm.safetensors", "--src", "embedding.weight", "--dst", "rows.{{i}}"],
+    "apply": ["apply", "{fx}/../tests/recipes/cast_untie.yaml", "{fx}/tiny_lm.safetensors"],
 }
 
 

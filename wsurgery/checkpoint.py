@@ -33,9 +33,21 @@ def parse(specs):
     return _parse(specs)
 
 
-def natural_key(name: str):
-    """Sort ``layers.2`` before ``layers.10``."""
-    return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _number(m) -> str:
+    digits = m.group().lstrip("0")
+    return f"\x00{min(len(digits), 999):03d}{digits}"  # shorter numbers first, then by value
+
+
+def natural_key(name: str) -> tuple[str, str]:
+    """Sort ``layers.2`` before ``layers.10`` (and a number before text at the same place).
+
+    One string per name, compared in C: each run of digits becomes its length and value
+    (never an ``int``, so a hostile 5,000-digit run costs nothing). The name itself breaks
+    ties (``layers.02`` and ``layers.2``)."""
+    return _DIGITS.sub(_number, name), name
 
 
 # --- stored tensors -------------------------------------------------------------------

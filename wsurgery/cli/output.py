@@ -76,8 +76,11 @@ def _plan_table(con, ops, dry_run: bool) -> None:
     print_table(con, headers, rows, title="plan" if dry_run else None)
 
 
-def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions) -> int:
-    """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code."""
+def write_result(
+    command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions, extra: dict | None = None
+) -> int:
+    """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
+    ``extra``: the command's own keys for its JSON object."""
     from ..formats.sharded_writer import parse_size
     from ..outputs import plan_output
 
@@ -100,7 +103,7 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
                 sync=out.sync,
                 format=plan.format,
             )
-    extra = _written(saved)
+    written = _written(saved)
     if out.json:
         emit_json(
             {
@@ -110,7 +113,8 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
                 "folder": plan.folder,
                 "dry_run": out.dry_run,
                 **info,
-                **extra,
+                **written,
+                **(extra or {}),
             }
         )
         return 0
@@ -125,7 +129,7 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
-    _print_written(con, extra, result)
+    _print_written(con, written, result)
     for kind in ("copied", "untied"):
         if info[kind]:
             con.print(f"  {len(info[kind])} {kind}", markup=False)
