@@ -113,11 +113,16 @@ def load_torch(path: str, fmt: str) -> Checkpoint:
 
 
 def load(path) -> Checkpoint:
-    """Open any checkpoint lazily; the format comes from the file's first bytes."""
+    """Open any checkpoint lazily; the format comes from the file's first bytes (a folder's
+    from its structure: DCP, Megatron / NeMo 2, DCP's safetensors shards, a sharded index)."""
     path = os.fspath(path)
     fmt, real = _sniff.sniff(path)
     if fmt == _sniff.SAFETENSORS:
         return load_safetensors(real)
     if fmt == _sniff.SHARDED:
         return load_sharded(real)
+    if fmt in _sniff.DISTRIBUTED:  # DCP, Megatron / NeMo 2 folders, .nemo archives
+        from .readers_distributed import load_distributed
+
+        return load_distributed(real, fmt)
     return load_torch(real, fmt)
