@@ -63,7 +63,7 @@ class ModelParallelArchiveError(InputError):
         shown = ", ".join(members[:8]) + (f" and {len(members) - 8} more" if len(members) > 8 else "")
         super().__init__(
             f"{archive}: a model-parallel archive of {len(ranks)} ranks ({shown}); wsurgery reads one rank at a time",
-            hint=f"open {os.path.join(archive, ranks[0])} to read rank {ranks[0]}",
+            hint=f"name one rank in the path, as {os.path.join(archive, ranks[0])}",
         )
         self.archive, self.ranks, self.members, self.config = archive, ranks, members, config
 
