@@ -214,7 +214,8 @@ def load_nemo(path: str) -> Checkpoint:
     Example:
         >>> ckpt = load_nemo("megatron_gpt.nemo/mp_rank_00")  # doctest: +SKIP
     """
-    from .formats.nemo import DIST_WEIGHTS, WEIGHTS, ModelParallelArchiveError, open_archive
+    from .formats.layouts import ModelParallelArchiveError
+    from .formats.nemo import DIST_WEIGHTS, WEIGHTS, open_archive
 
     archive_path, rank = path, None
     if not os.path.exists(path):

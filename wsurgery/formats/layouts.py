@@ -2,7 +2,8 @@
 
 Cheap on purpose (``formats.sniff`` calls it for every folder it is given): it lists one
 folder, reads at most a small ``metadata.json`` and one safetensors header prefix, and
-imports nothing beyond the standard library. The readers validate everything again.
+imports nothing beyond the standard library (and ``errors``). The readers validate
+everything again.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+
+from ..errors import InputError
 
 DCP = "dcp"  # torch.distributed.checkpoint: .metadata + __R_S.distcp
 DCP_SAFETENSORS = "dcp-safetensors"  # torch's Hugging Face storage writer: DCP_SHARDING_INFO shards
@@ -19,6 +22,25 @@ NEMO = "nemo"  # NeMo 1 .nemo archive (tar or tar.gz)
 DISTRIBUTED = frozenset({DCP, DCP_SAFETENSORS, MEGATRON, NEMO2, NEMO})
 
 _PROBE = 1 << 16
+
+
+class ModelParallelArchiveError(InputError):
+    """A model-parallel ``.nemo`` opened whole: wsurgery reads one rank at a time.
+
+    Attributes:
+        archive: the archive's path.
+        ranks: the rank folders it holds (``mp_rank_00``, ...).
+        members: the weight files, one per rank.
+        config: ``model_config.yaml``'s text, or None.
+    """
+
+    def __init__(self, archive: str, ranks: list[str], members: list[str], config: str | None):
+        shown = ", ".join(members[:8]) + (f" and {len(members) - 8} more" if len(members) > 8 else "")
+        super().__init__(
+            f"{archive}: a model-parallel archive of {len(ranks)} ranks ({shown}); wsurgery reads one rank at a time",
+            hint=f"name one rank in the path, as {os.path.join(archive, ranks[0])}",
+        )
+        self.archive, self.ranks, self.members, self.config = archive, ranks, members, config
 
 
 def _is_megatron(path: str) -> bool:

@@ -49,25 +49,6 @@ MAX_CONFIG = 1 << 20
 _CHUNK = 1 << 20
 
 
-class ModelParallelArchiveError(InputError):
-    """A model-parallel ``.nemo`` opened whole: wsurgery reads one rank at a time.
-
-    Attributes:
-        archive: the archive's path.
-        ranks: the rank folders it holds (``mp_rank_00``, ...).
-        members: the weight files, one per rank.
-        config: ``model_config.yaml``'s text, or None.
-    """
-
-    def __init__(self, archive: str, ranks: list[str], members: list[str], config: str | None):
-        shown = ", ".join(members[:8]) + (f" and {len(members) - 8} more" if len(members) > 8 else "")
-        super().__init__(
-            f"{archive}: a model-parallel archive of {len(ranks)} ranks ({shown}); wsurgery reads one rank at a time",
-            hint=f"name one rank in the path, as {os.path.join(archive, ranks[0])}",
-        )
-        self.archive, self.ranks, self.members, self.config = archive, ranks, members, config
-
-
 class _Bounded(io.RawIOBase):
     """A seekable reader that refuses reads of tar metadata past :data:`MAX_HEADER_READ`
     and any position past ``budget`` (the decompressed bytes a gz archive may inflate to)."""
