@@ -188,7 +188,7 @@ class _Reader:
         if x is None and none:
             return None
         if not isinstance(x, int) or isinstance(x, bool) or x < 0 or x.bit_length() > 62:
-            raise self.bad(f"{what} is {short(x)}, not a non-negative integer")
+            raise self.bad(f"{what} is {short(x)}, not a non-negative integer below 2**62")
         return x
 
     def text(self, x, what: str, *, none: bool = False) -> str | None:
