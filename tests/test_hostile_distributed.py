@@ -204,11 +204,11 @@ def _point_at_blob(dcp: Path, name: str, blob: bytes) -> None:
 
 def test_a_chunk_with_a_dangerous_global_never_runs(cli, dcp, tmp_path):
     blob = make_zip(io.BytesIO(), dumps(Call(os.system, f"touch {MARKER}"))).getvalue()
-    _point_at_blob(dcp, "embedding.weight", blob)
+    _point_at_blob(dcp, "final_norm.weight", blob)
     code, _, _ = cli("inspect", dcp)
     assert code == 0  # inspect reads no chunk
     err = refused(cli, dcp, "refused to unpickle global", command="convert", tmp=tmp_path)
-    assert "__0_0.distcp[" in err and "'embedding.weight'" in err and "/proc/self" not in err
+    assert "__0_0.distcp[" in err and "'final_norm.weight'" in err and "/proc/self" not in err
     with pytest.raises(UnsafePickleError):
         wsurgery.load_state_dict(dcp)
 
@@ -216,7 +216,7 @@ def test_a_chunk_with_a_dangerous_global_never_runs(cli, dcp, tmp_path):
 def test_a_chunk_torch_refuses_is_refused(cli, dcp, tmp_path):
     """A global the scan finds inert but torch's weights-only loader refuses: no fallback for chunks."""
     blob = make_zip(io.BytesIO(), dumps(Call(collections_namedtuple(), "T", "a"))).getvalue()
-    _point_at_blob(dcp, "embedding.weight", blob)
+    _point_at_blob(dcp, "final_norm.weight", blob)
     refused(cli, dcp, "weights-only loader refused", command="convert", tmp=tmp_path)
 
 
@@ -241,8 +241,27 @@ def test_a_chunk_must_hold_the_tensor_the_metadata_describes(cli, dcp, tmp_path,
     refused(cli, dcp, fragment, command="convert", tmp=tmp_path)
 
 
+def test_a_chunk_cannot_claim_more_bytes_than_its_record(cli, dcp):
+    """The metadata of a tiny folder cannot make wsurgery allocate a huge tensor."""
+
+    def huge(md):
+        md.state_dict_metadata["embedding.weight"].size = torch.Size([2**40, 8])
+        chunks(md, "embedding.weight", [((0, 0), (2**40, 8))])
+
+    rewrite_metadata(dcp, huge)
+    refused(cli, dcp, "needs 35184372088832 bytes but its storage record holds")
+
+
+def test_an_expanded_chunk_is_refused(cli, dcp, tmp_path):
+    buf = io.BytesIO()
+    torch.save(torch.zeros(1).expand(32, 8), buf)
+    blob = buf.getvalue() + bytes(1024)  # a record long enough for the bytes it claims
+    _point_at_blob(dcp, "embedding.weight", blob)
+    refused(cli, dcp, "a view larger than its storage", command="convert", tmp=tmp_path)
+
+
 def test_a_chunk_that_is_not_a_zip(cli, dcp, tmp_path):
-    _point_at_blob(dcp, "embedding.weight", b"PK" + bytes(200))
+    _point_at_blob(dcp, "final_norm.weight", b"PK" + bytes(200))
     refused(cli, dcp, "not a readable zip archive", command="convert", tmp=tmp_path)
 
 
@@ -383,6 +402,32 @@ def test_nemo_decompression_bomb_that_inflates(cli, tmp_path, monkeypatch):
     assert path.stat().st_size < 64 << 10
     refused(cli, path, "decompression bomb")
     assert os.listdir(scratch) == []
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME], ids=["pax", "gnu-longname"])
+@pytest.mark.parametrize("gz", [False, True], ids=["tar", "tar.gz"])
+def test_nemo_metadata_record_bomb(cli, tmp_path, kind, gz):
+    """A PAX or long-name record claiming a GiB would be read into memory by tarfile: refused."""
+    info = tarfile.TarInfo("././@PaxHeader" if kind == tarfile.XHDTYPE else "././@LongLink")
+    info.type, info.size = kind, 1 << 30
+    data = info.tobuf(tarfile.GNU_FORMAT) + bytes(1 << 16)
+    path = tmp_path / "records.nemo"
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
+    refused(cli, path, "claims more than 16,777,216 bytes of metadata")
+
+
+def test_nemo_too_many_members(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(nemo, "MAX_MEMBERS", 3)
+    path = write_tar(tmp_path / "many.nemo", [*GOOD, *(_member(f"f{i}", b"") for i in range(3))])
+    refused(cli, path, "more than 3 members")
+
+
+def test_dcp_metadata_size_is_bounded(cli, dcp, monkeypatch):
+    from wsurgery.formats import dcp_metadata
+
+    monkeypatch.setattr(dcp_metadata, "MAX_METADATA_BYTES", 1000)
+    monkeypatch.setattr("wsurgery.formats.dcp.MAX_METADATA_BYTES", 1000)
+    refused(cli, dcp, "more than the 1000 expected")
 
 
 def test_nemo_truncated_and_malformed(cli, tmp_path):

@@ -88,6 +88,8 @@ class TorchChunk(ChunkSource):
             )
         got = load_tensor(self.rng, self.maps)
         t = got.tensor
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise InputError(f"{self.rng.what}: the chunk is a view larger than its storage (an expanded tensor)")
         name = str(t.dtype).removeprefix("torch.")
         if name != self.dtype or tuple(t.shape) != self.sizes:
             raise InputError(
@@ -272,6 +274,12 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
             loc = located[p.file]
             label = f"chunk {list(p.chunk.offsets)} of {printable(name)!r}"
             _check_range(folder, p.file, loc, p.offset, p.length, label)
+            need = p.chunk.numel * BY_NAME[entry.dtype].itemsize
+            if p.length < need and not p.transforms:
+                raise InputError(
+                    f"{where}: {label} needs {need} bytes but its storage record holds {p.length}",
+                    hint="the checkpoint is corrupt or hostile",
+                )
             what = f"{folder.shown(p.file)}[{p.offset}:{p.offset + p.length}] ({label})"
             rng = ByteRange(loc.path, loc.offset + p.offset, p.length, what)
             chunks.append((p.chunk, TorchChunk(rng, entry.dtype, p.chunk.sizes, res.maps, p.transforms)))
