@@ -46,11 +46,8 @@ class ChunkedStored(Stored):
     """
 
     def __init__(self, plan: TensorPlan, resources: Resources, name: str | None = None):
-        self.plan = plan
-        self.file = resources
-        self.name = name or plan.name
-        self.dtype = plan.dtype
-        self.shape = plan.shape
+        self.plan, self.file = plan, resources
+        self.name, self.dtype, self.shape = name or plan.name, plan.dtype, plan.shape
 
     def raw_location(self):
         one = self.plan.whole()

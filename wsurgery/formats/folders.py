@@ -16,6 +16,7 @@ by :func:`safe_relative` before it is joined to anything. Invariants:
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from dataclasses import dataclass, field
@@ -65,6 +66,22 @@ def safe_relative(name, where: str, what: str = "file name") -> str:
     except UnicodeEncodeError:
         raise InputError(f"{where}: {what} {_shown(name)} is not valid Unicode") from None
     return "/".join(parts)
+
+
+class PositionedReader(io.RawIOBase):
+    """A read-only, seekable file object that keeps its own position (``pos``): the base
+    of the byte-range views handed to Python's zip and tar readers."""
+
+    pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from ..errors import InputError
-from .folders import DirFolder, Folder, Member, TarFolder, safe_relative
+from .folders import DirFolder, Folder, Member, PositionedReader, TarFolder, safe_relative
 
 WEIGHTS = "model_weights.ckpt"
 CONFIG = "model_config.yaml"
@@ -49,21 +49,12 @@ MAX_CONFIG = 1 << 20
 _CHUNK = 1 << 20
 
 
-class _Bounded(io.RawIOBase):
+class _Bounded(PositionedReader):
     """A seekable reader that refuses reads of tar metadata past :data:`MAX_HEADER_READ`
     and any position past ``budget`` (the decompressed bytes a gz archive may inflate to)."""
 
     def __init__(self, raw, where: str, budget: int | None):
         self.raw, self.where, self.budget, self.pos = raw, where, budget, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def _guard(self, pos: int) -> None:
         if self.budget is not None and pos > self.budget:

@@ -26,7 +26,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import secrets
 import struct
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import InputError, WsurgeryError
+from .folders import PositionedReader
 
 TAG_BYTES = 16
 MIN_TAGGED = 64  # payloads smaller than this are copied into the scratch file as they are
@@ -84,20 +84,11 @@ class FileMaps:
         self._maps.clear()
 
 
-class _View(io.RawIOBase):
+class _View(PositionedReader):
     """A seekable, read-only file object over a byte range (for Python's zip reader)."""
 
     def __init__(self, fd: int, offset: int, length: int):
         self.fd, self.base, self.length, self.pos = fd, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
         self.pos = max(0, pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos)
