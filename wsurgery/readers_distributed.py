@@ -78,7 +78,7 @@ def _checkpoint(layout: Layout, path: str, fmt: str) -> Checkpoint:
     )
 
 
-def _torch_file(folder: Folder, name: str, res: Resources):
+def _torch_file(folder: Folder, name: str):
     """A torch checkpoint inside a folder (a file, or an archive member), safely loaded."""
     from .formats.pickles import load_pickle
     from .formats.ranges import ByteRange, load_state_dict
@@ -91,14 +91,14 @@ def _torch_file(folder: Folder, name: str, res: Resources):
         raise InputError(f"{folder.shown(name)}: not a torch.save file (first bytes {head.hex()})")
     if loc.offset == 0 and loc.size == os.path.getsize(loc.path):
         return load_pickle(loc.path, zip_format=head == b"PK")
-    return load_state_dict(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)), res.maps)
+    return load_state_dict(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
 
 
-def _add_torch_file(ckpt: Checkpoint, folder: Folder, name: str, res: Resources, *, prefix_skipped: bool) -> None:
+def _add_torch_file(ckpt: Checkpoint, folder: Folder, name: str, *, prefix_skipped: bool) -> None:
     """Merge the tensors (and skipped entries) of a torch file into ``ckpt``."""
     from .readers import from_tensors
 
-    result = _torch_file(folder, name, res)
+    result = _torch_file(folder, name)
     inner = from_tensors(result.tensors, path=folder.shown(name), fmt=ckpt.format)
     clash = sorted(set(inner.stored).union(inner.aliases) & set(ckpt.stored))
     if clash:
@@ -147,7 +147,7 @@ def _megatron(folder: Folder, path: str, fmt: str, res: Resources | None = None)
     layout = open_layout(folder, layouts.MEGATRON, res)
     ckpt = _checkpoint(layout, path, fmt)
     if folder.exists(MEGATRON_COMMON):
-        _add_torch_file(ckpt, folder, MEGATRON_COMMON, layout.resources, prefix_skipped=True)
+        _add_torch_file(ckpt, folder, MEGATRON_COMMON, prefix_skipped=True)
         ckpt.input_files.append(os.path.abspath(folder.locate(MEGATRON_COMMON).path))
     ckpt.input_files = sorted(set(ckpt.input_files))
     return ckpt
@@ -245,7 +245,7 @@ def load_nemo(path: str) -> Checkpoint:
         else:
             member = WEIGHTS if rank is None else f"{rank}/{WEIGHTS}"
             ckpt = Checkpoint({}, {}, {}, path=shown, format=layouts.NEMO)
-            _add_torch_file(ckpt, arc.folder, member, Resources(), prefix_skipped=False)
+            _add_torch_file(ckpt, arc.folder, member, prefix_skipped=False)
         if config is not None:
             ckpt.metadata["nemo.model_config"] = config
         if ranks:

@@ -30,7 +30,7 @@ from ..errors import InputError
 from .dcp_metadata import MAX_METADATA_BYTES, METADATA_FILE, Chunk, parse_metadata, tiling_problem, validate
 from .folders import Folder, Located
 from .pickles.interpreter import printable
-from .ranges import ByteRange, FileMaps, load_tensor
+from .ranges import ByteRange, load_tensor
 from .safetensors import SafetensorsFile
 from .writer import copy_range, write_all
 
@@ -74,7 +74,6 @@ class TorchChunk(ChunkSource):
     rng: ByteRange
     dtype: str
     sizes: tuple[int, ...]
-    maps: FileMaps
     transforms: tuple[str, ...] = ()
     _raw: tuple | None = field(default=None, repr=False)
     _probed: bool = field(default=False, repr=False)
@@ -86,7 +85,7 @@ class TorchChunk(ChunkSource):
                 "which wsurgery does not read",
                 hint="re-save the checkpoint without _extensions",
             )
-        got = load_tensor(self.rng, self.maps)
+        got = load_tensor(self.rng)
         t = got.tensor
         if t.numel() * t.element_size() > t.untyped_storage().nbytes():
             raise InputError(f"{self.rng.what}: the chunk is a view larger than its storage (an expanded tensor)")
@@ -198,14 +197,12 @@ class TensorPlan:
 
 @dataclass
 class Resources:
-    """What a distributed checkpoint holds open: file mappings, safetensors maps."""
+    """What a distributed checkpoint holds open: safetensors maps, decompressed archives."""
 
-    maps: FileMaps = field(default_factory=FileMaps)
     files: list = field(default_factory=list)
     cleanups: list = field(default_factory=list)
 
     def close(self) -> None:
-        self.maps.clear()
         for f in self.files:
             f.close()
         for fn in self.cleanups:
@@ -282,7 +279,7 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
                 )
             what = f"{folder.shown(p.file)}[{p.offset}:{p.offset + p.length}] ({label})"
             rng = ByteRange(loc.path, loc.offset + p.offset, p.length, what)
-            chunks.append((p.chunk, TorchChunk(rng, entry.dtype, p.chunk.sizes, res.maps, p.transforms)))
+            chunks.append((p.chunk, TorchChunk(rng, entry.dtype, p.chunk.sizes, p.transforms)))
         tensors[name] = TensorPlan(name, entry.dtype, entry.shape, chunks)
     metadata = {"dcp.version": meta.version} if meta.version else {}
     files = {folder.locate(METADATA_FILE).path, *(loc.path for loc in located.values())}

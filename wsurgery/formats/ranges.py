@@ -63,27 +63,6 @@ class RangeTensor:
     raw: tuple[str, int, int] | None
 
 
-class FileMaps:
-    """Private read-only mappings of whole files (``torch.UntypedStorage.from_file``), one
-    per file, shared by every tensor relocated over it."""
-
-    def __init__(self):
-        self._maps: dict[str, object] = {}
-
-    def storage(self, path: str, offset: int, nbytes: int):
-        import torch
-
-        whole = self._maps.get(path)
-        if whole is None:
-            whole = self._maps[path] = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
-        if offset + nbytes > whole.nbytes():
-            raise InputError(f"{path}: the file shrank while it was read")
-        return whole[offset : offset + nbytes]
-
-    def clear(self) -> None:
-        self._maps.clear()
-
-
 class _View(PositionedReader):
     """A seekable, read-only file object over a byte range (for Python's zip reader)."""
 
@@ -202,10 +181,21 @@ def _renamed(exc: WsurgeryError, scratch: str, what: str) -> WsurgeryError:
         return exc
 
 
-def _relocator(scratch: _Scratch, rng: ByteRange, valid: set, maps: FileMaps) -> Callable:
+def _relocator(scratch: _Scratch, rng: ByteRange, valid: set) -> Callable:
+    """Rebuild tagged tensors over one private mapping of the original file, made for this
+    load only: its pages go with the tensors (a cache of mappings would keep every page
+    ever read mapped until the checkpoint is closed)."""
     import torch
 
     done: dict[bytes, object] = {}
+    whole: list = []
+
+    def original(offset: int, nbytes: int):
+        if not whole:
+            whole.append(torch.UntypedStorage.from_file(rng.path, False, os.path.getsize(rng.path)))
+        if offset + nbytes > whole[0].nbytes():
+            raise InputError(f"{rng.what}: the file shrank while it was read")
+        return whole[0][offset : offset + nbytes]
 
     def relocate(t):
         """``(t over the original file, payload start)``, or ``(t, None)`` when not relocated."""
@@ -221,17 +211,16 @@ def _relocator(scratch: _Scratch, rng: ByteRange, valid: set, maps: FileMaps) ->
         if size != n or where not in valid:
             raise InputError(f"{rng.what}: invalid torch checkpoint: a storage of {n} bytes over a record of {size}")
         if tag not in done:
-            done[tag] = maps.storage(rng.path, rng.offset + start, size)
+            done[tag] = original(rng.offset + start, size)
         return torch.empty(0, dtype=t.dtype).set_(done[tag], t.storage_offset(), t.size(), t.stride()), start
 
     return relocate
 
 
-def _checked(rng: ByteRange, maps: FileMaps | None, load: Callable):
+def _checked(rng: ByteRange, load: Callable):
     """Stage, scan, load with ``load(scratch_path, layout)``, relocate: ``(value, relocate, layout)``."""
     from .pickles import scan
 
-    maps = maps or FileMaps()
     for whole in (False, True):
         with _staged(rng, whole=whole) as (scratch, is_zip):
             try:
@@ -242,16 +231,15 @@ def _checked(rng: ByteRange, maps: FileMaps | None, load: Callable):
             except WsurgeryError as exc:
                 raise _renamed(exc, scratch.path, rng.what) from None
             valid = set(layout.records.values())
-            return value, _relocator(scratch, rng, valid, maps), layout
+            return value, _relocator(scratch, rng, valid), layout
     raise AssertionError("unreachable")
 
 
-def load_tensor(rng: ByteRange, maps: FileMaps | None = None) -> RangeTensor:
+def load_tensor(rng: ByteRange) -> RangeTensor:
     """Load a ``torch.save(tensor)`` blob that lies in a byte range, safely and lazily.
 
     Args:
         rng: where the blob lies.
-        maps: mappings to share between calls over the same files (one per file).
 
     Returns:
         The tensor, over a private mapping of the original file where its bytes lie
@@ -271,7 +259,7 @@ def load_tensor(rng: ByteRange, maps: FileMaps | None = None) -> RangeTensor:
 
     from .pickles import torch_load
 
-    value, relocate, _ = _checked(rng, maps, lambda path, is_zip: torch_load(path, mmap=is_zip))
+    value, relocate, _ = _checked(rng, lambda path, is_zip: torch_load(path, mmap=is_zip))
     if not isinstance(value, torch.Tensor) or type(value) not in (torch.Tensor, torch.nn.Parameter):
         raise InputError(f"{rng.what}: expected one tensor, found {type(value).__name__}")
     t, start = relocate(value.detach())
@@ -283,13 +271,12 @@ def load_tensor(rng: ByteRange, maps: FileMaps | None = None) -> RangeTensor:
     return RangeTensor(t, raw)
 
 
-def load_state_dict(rng: ByteRange, maps: FileMaps | None = None):
+def load_state_dict(rng: ByteRange):
     """Load a torch checkpoint (a state dict) that lies in a byte range, as
     :func:`~wsurgery.formats.pickles.load_pickle` loads a file.
 
     Args:
         rng: where the checkpoint lies.
-        maps: mappings to share between calls over the same files.
 
     Returns:
         A :class:`~wsurgery.formats.pickles.PickleResult` whose tensors lie over a private
@@ -304,6 +291,6 @@ def load_state_dict(rng: ByteRange, maps: FileMaps | None = None):
     """
     from .pickles import load_pickle
 
-    result, relocate, _ = _checked(rng, maps, lambda path, is_zip: load_pickle(path, zip_format=is_zip))
+    result, relocate, _ = _checked(rng, lambda path, is_zip: load_pickle(path, zip_format=is_zip))
     result.tensors = {name: relocate(t)[0] for name, t in result.tensors.items()}
     return result
