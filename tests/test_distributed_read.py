@@ -249,3 +249,16 @@ def test_closing_releases_the_files(fixtures):
     c.get_tensor("embedding.weight")
     c.close()
     c.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dcp_tensors_on_cuda(cli, fixtures):
+    with wsurgery.open(fixtures / "tiny_lm_dcp_sharded") as c:
+        t = c.get_tensor("embedding.weight", device="cuda")
+        assert t.device.type == "cuda" and torch.equal(t.cpu(), _tiny_lm()["embedding.weight"])
+    code, out, err = cli(
+        "diff", fixtures / "tiny_lm_dcp_sharded", fixtures / "tiny_lm.nemo", "--device", "cuda", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["equal"]
