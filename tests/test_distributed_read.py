@@ -262,3 +262,22 @@ def test_dcp_tensors_on_cuda(cli, fixtures):
     )
     assert code == 0, err
     assert json.loads(out)["equal"]
+
+
+def test_dcp_with_safetensors_distcp_files(cli, tmp_path):
+    """torch's FileSystemWriter(serialization_format=SAFETENSORS): each .distcp is a safetensors
+    file, whose chunks are found by name (torch's own default reader cannot read them back)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        writer = FileSystemWriter(tmp_path / "st", serialization_format=SerializationFormat.SAFETENSORS)
+        dcp.save(_tiny_lm(), storage_writer=writer)
+    code, out, err = cli("diff", tmp_path / "st", FIXTURES / "tiny_lm.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(out)["same"] == 15
+    with wsurgery.open(tmp_path / "st") as c:
+        assert c.format == "dcp" and c.stored["embedding.weight"].raw_location()[0].endswith("__0_0.distcp")

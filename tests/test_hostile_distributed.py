@@ -457,3 +457,12 @@ def test_unsafe_names_are_refused_by_the_library_too(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(InputError):
             wsurgery.open(tmp_path / "m.nemo" / "mp_rank_00")
+
+
+def test_a_safetensors_distcp_must_hold_the_chunk_the_metadata_describes(cli, dcp, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"embedding.weight": torch.ones(8, 32)}, str(dcp / "__0_0.distcp"))
+    refused(cli, dcp, "holds a float32 tensor of shape [8, 32] under 'embedding.weight'")
+    save_file({"other": torch.ones(2)}, str(dcp / "__0_0.distcp"))
+    refused(cli, dcp, "holds nothing under")

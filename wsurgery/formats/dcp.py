@@ -260,6 +260,7 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
     meta = parse_metadata(folder.read(METADATA_FILE, MAX_METADATA_BYTES), where)
     pieces, skipped = validate(meta, where)
     located: dict[str, Located] = {}
+    as_safetensors: dict[str, SafetensorsFile | None] = {}
     tensors: dict[str, TensorPlan] = {}
     for name, entry in meta.tensors.items():
         if name not in pieces:
@@ -268,8 +269,13 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
         for p in pieces[name]:
             if p.file not in located:
                 located[p.file] = folder.locate(p.file)
+                as_safetensors[p.file] = _whole_safetensors(located[p.file], res)
             loc = located[p.file]
             label = f"chunk {list(p.chunk.offsets)} of {printable(name)!r}"
+            sf = as_safetensors[p.file]
+            if sf is not None:
+                chunks.append((p.chunk, _named_chunk(sf, name, entry.dtype, p.chunk, label)))
+                continue
             _check_range(folder, p.file, loc, p.offset, p.length, label)
             need = p.chunk.numel * BY_NAME[entry.dtype].itemsize
             if p.length < need and not p.transforms:
@@ -284,6 +290,31 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
     metadata = {"dcp.version": meta.version} if meta.version else {}
     files = {folder.locate(METADATA_FILE).path, *(loc.path for loc in located.values())}
     return Layout(tensors, skipped, metadata, sorted(files), res)
+
+
+def _whole_safetensors(loc: Located, res: Resources) -> SafetensorsFile | None:
+    """A ``.distcp`` file that is a safetensors file, as torch's
+    ``FileSystemWriter(serialization_format=SAFETENSORS)`` writes it (its storage records'
+    offsets then locate nothing: each chunk is found by name)."""
+    if loc.offset != 0 or loc.size < 9:
+        return None
+    with open(loc.path, "rb") as f:
+        if f.read(9)[8:9] != b"{":
+            return None
+    sf = SafetensorsFile.open(loc.path)
+    res.files.append(sf)
+    return sf
+
+
+def _named_chunk(sf: SafetensorsFile, name: str, dtype: str, chunk: Chunk, label: str) -> SafetensorsChunk:
+    rec = sf.tensors.get(name)
+    if rec is None or rec.dtype != dtype or rec.shape != chunk.sizes:
+        found = "nothing" if rec is None else f"a {rec.dtype} tensor of shape {list(rec.shape)}"
+        raise InputError(f"{sf.path}: holds {found} under {printable(name)!r}, where the metadata puts {label}")
+    info = sharding_info(sf)
+    if info is not None and tuple(info[name]["saved_offsets"]) != chunk.offsets:
+        raise InputError(f"{sf.path}: {SHARDING_INFO_KEY} places {printable(name)!r} elsewhere than {label}")
+    return SafetensorsChunk(sf, name)
 
 
 # ----------------------------------------------------------------------------- DCP's safetensors layout
