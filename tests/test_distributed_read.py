@@ -281,3 +281,22 @@ def test_dcp_with_safetensors_distcp_files(cli, tmp_path):
     assert json.loads(out)["same"] == 15
     with wsurgery.open(tmp_path / "st") as c:
         assert c.format == "dcp" and c.stored["embedding.weight"].raw_location()[0].endswith("__0_0.distcp")
+
+
+def test_gz_archive_of_a_megatron_checkpoint(tmp_path, monkeypatch):
+    """DCP chunks inside a tar.gz are read from the private folder it is decompressed into,
+    which closing the checkpoint removes."""
+    import gzip
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = tmp_path / "megatron_tiny_gz.nemo"
+    path.write_bytes(gzip.compress((FIXTURES / "megatron_tiny.nemo").read_bytes(), mtime=0))
+    ref = wsurgery.load_state_dict(FIXTURES / "megatron_tiny")
+    with wsurgery.open(path) as c:
+        assert c.format == "nemo" and c.input_files == [str(path)]
+        assert len(os.listdir(scratch)) == 1
+        assert all(torch.equal(t, ref[n]) for n, t in c.tensors())
+    assert os.listdir(scratch) == []
