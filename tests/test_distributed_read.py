@@ -300,3 +300,23 @@ def test_gz_archive_of_a_megatron_checkpoint(tmp_path, monkeypatch):
         assert len(os.listdir(scratch)) == 1
         assert all(torch.equal(t, ref[n]) for n, t in c.tensors())
     assert os.listdir(scratch) == []
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_no_command_modifies_a_distributed_input(cli, fixtures, tmp_path, name):
+    from .conftest import sha256
+
+    src = fixtures / name.split("/")[0]
+    before, listing = sha256(src), sorted(os.listdir(src.parent))
+    out = tmp_path / "out.safetensors"
+    for args in (
+        ["convert", fixtures / name, "-o", out, "--force"],
+        ["tie", fixtures / name, "--src", "output_layer.weight", "--dst", "x", "-o", out, "--force"],
+        ["copy", fixtures / name, "--src", "embedding.weight", "--dst", "e2", "-o", out, "--force"],
+        ["diff", fixtures / name, fixtures / "tiny_lm.safetensors"],
+        ["convert", fixtures / name, "-o", src, "--force"],  # the input itself as output: refused
+    ):
+        code, _, err = cli(*args)
+        assert code in (0, 1, 3, 4, 5), (args, code, err)
+    assert sha256(src) == before
+    assert sorted(os.listdir(src.parent)) == listing, "a command wrote beside its input"
