@@ -287,7 +287,7 @@ def test_copy_refusals(cli, fixtures):
     refused(cli, fixtures, 3, "copy", fixtures / "missing.pt", "--src", "a", "--dst", "b", "-o", out)
     refused(cli, fixtures, 3, "copy", st, "--from", fixtures / "missing.pt", "--src", "a", "--dst", "b", "-o", out)
     line = refused(
-        cli, fixtures, 4, "copy", st, "--src", "layers.0.mlp.up.weight", "--dst", "layers.0.mlp.down.weight", "-o", out
+        cli, fixtures, 4, "tie", st, "--src", "layers.0.mlp.up.weight", "--dst", "layers.0.mlp.down.weight", "-o", out
     )
     assert "(16, 8)" in line and "(8, 16)" in line and "--transform transpose" in line
     line = refused(

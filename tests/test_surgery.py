@@ -276,12 +276,12 @@ def test_every_problem_is_reported_at_once(ck):
         ck,
         [
             ("tie", "emb.weight", "enc.weight", []),
-            ("copy", "conv.weight", "bias", ["cast(float16)"]),
+            ("copy", "conv.weight", "bias", ["reshape(5,-1)"]),
             ("tie", "emb.weight", "y", ["scale(2)"]),
         ],
     )
     assert text.startswith("3 problems: ")
-    assert "enc.weight" in text and "bias" in text and "scale(2.0)" in text
+    assert "enc.weight" in text and "reshape(5,-1)" in text and "scale(2.0)" in text
 
 
 def test_prefix_onto_a_single_tensor_and_tensor_onto_a_prefix_are_refused(ck):
@@ -345,14 +345,17 @@ def test_copy_chain_with_scale_cast_and_a_copying_reshape(tmp_path, ck):
     assert torch.equal(load_file(out)["flat"], expected)
 
 
-def test_copy_onto_an_existing_tensor_must_fit(tmp_path, ck):
-    text = problem_of(ck.copy, "enc.weight", "dec.weight", ["cast(float16)"])
-    assert "float16 (3, 4)" in text and "float32 (4, 3)" in text
-    p = ck.copy("enc.weight", "dec.weight", ["transpose"])
-    assert p.changes[0].replaces
+def test_copy_onto_an_existing_tensor_replaces_it_whatever_its_shape_or_dtype(tmp_path, ck):
+    # the README's own example: a cast copy of a tensor onto itself
+    p = ck.copy("emb.weight", "emb.weight", ["cast(bfloat16)"])
+    assert p.changes[0].replaces and p.changes[0].note == "was float32 (6, 4)"
+    p = p.copy("enc.weight", "dec.weight", ["reshape(-1)"])
     out = tmp_path / "o.safetensors"
     p.save(out)
-    assert torch.equal(load_file(out)["dec.weight"], model_sd()["enc.weight"].t())
+    got = load_file(out)
+    assert got["emb.weight"].dtype == torch.bfloat16
+    assert torch.equal(got["emb.weight"], model_sd()["emb.weight"].to(torch.bfloat16))
+    assert torch.equal(got["dec.weight"], model_sd()["enc.weight"].reshape(-1))
 
 
 def test_copy_onto_an_alias_unties_it_and_leaves_the_source(tmp_path, tied):
@@ -629,28 +632,24 @@ def test_copy_computed_on_cuda(tmp_path, ck):
     assert torch.equal(load_file(out)["x"], (model_sd()["emb.weight"].t() * 2).to(torch.bfloat16))
 
 
-def test_misfit_problems_name_the_fix():
-    from wsurgery.surgery import _misfit
+def test_tie_misfits_name_a_fix_that_never_undoes_what_was_asked():
+    from wsurgery.surgery.ties import _misfit
 
     def fix(*args, **kwargs):
         p = _misfit("label", *args, **kwargs)
-        return p.suggest, p.use, p.drop_transform
+        return p.suggest, p.use
 
-    assert fix("tie", (8, 8), "bfloat16", "d", (8, 8), "float32") == ((), "copy", False)
-    assert fix("copy", (8, 8), "bfloat16", "d", (8, 8), "float32") == (("cast(float32)",), None, False)
-    assert fix("tie", (3, 8), "float32", "d", (8, 3), "float32") == (("transpose",), None, False)
-    assert fix("tie", (3, 8), "float32", "d", (4, 6), "float32") == ((), None, False)
+    assert fix((8, 8), "bfloat16", "d", (8, 8), "float32") == ((), "copy")  # a tie cannot cast
+    assert fix((3, 8), "float32", "d", (8, 3), "float32") == (("transpose",), None)
+    assert fix((3, 8), "float32", "d", (4, 6), "float32") == ((), None)
+    # the user's own transpose made it misfit: no second transpose, no "drop it"
+    p = _misfit("label", (3, 8), "float32", "d", (8, 3), "float32", source=((8, 3), "float32"))
+    assert p.suggest == () and "the source itself is float32 (8, 3)" in p.message
 
 
-def test_misfit_hints_blame_the_users_own_transform_when_the_source_already_fits(tmp_path, cli):
-    from wsurgery.surgery import _misfit
-
-    # a transpose too many, or a cast the destination does not want: drop it, don't add another
-    p = _misfit("label", "copy", (3, 8), "float32", "d", (8, 3), "float32", source=((8, 3), "float32"))
-    assert p.drop_transform and not p.suggest and "the source itself is float32 (8, 3)" in p.message
-    p = _misfit("label", "copy", (8, 3), "float16", "d", (3, 8), "float32", source=((8, 3), "float32"))
-    assert p.suggest == ("transpose",) and "drop the cast" in p.message
+def test_tie_misfit_on_the_command_line_states_the_facts(tmp_path, cli):
     path = tmp_path / "m.safetensors"
     save_file({"a": torch.ones(8, 3), "b": torch.zeros(8, 3)}, str(path))
-    code, _, err = cli("copy", path, "--src", "a", "--dst", "b", "-t", "transpose", "-o", tmp_path / "o.safetensors")
-    assert code == 4 and "fits as it is: try without --transform" in err and "try --transform transpose" not in err
+    code, _, err = cli("tie", path, "--src", "a", "--dst", "b", "-t", "transpose", "-o", tmp_path / "o.safetensors")
+    assert code == 4 and "the source itself is float32 (8, 3)" in err
+    assert "try --transform" not in err and "without" not in err

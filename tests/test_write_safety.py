@@ -26,6 +26,7 @@ from wsurgery.formats.writer import TMP_SUFFIX, WriteItem, atomic_file, write_sa
 from .conftest import FIXTURES, run_module, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "tests" / "recipes"
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -256,6 +257,23 @@ INVOCATIONS = {
         ["copy", "{ckpt}", "--src", "{a}", "--dst", "{b}", "--transform", "cast(float16)", "-o", "{out}", "--dry-run"],
     ],
     "untie": [["untie", "{ckpt}", "-o", "{out}"], ["untie", "{ckpt}", "--dst", "{b}", "-o", "{out}"]],
+    "rename": [["rename", "{ckpt}", "^", "x.", "-o", "{out}"], ["rename", "{ckpt}", ".*", "same", "-o", "{out}"]],
+    "drop": [["drop", "{ckpt}", "{a}", "-o", "{out}"], ["drop", "{ckpt}", "nothing.*", "-o", "{out}"]],
+    "keep": [["keep", "{ckpt}", "{a}", "-o", "{out}"], ["keep", "{ckpt}", "*", "-o", "{out}", "--in-place"]],
+    "cast": [["cast", "{ckpt}", "bfloat16", "-o", "{out}"], ["cast", "{ckpt}", "int8", "-o", "{out}"]],
+    "concat": [["concat", "{ckpt}", "--src", "{a}", "--src", "{b}", "--dst", "joined", "-o", "{out}"]],
+    "split": [
+        ["split", "{ckpt}", "--src", "{a}", "--dst", "p0", "--dst", "p1", "--sizes", "1,-1", "-o", "{out}"],
+        ["split", "{ckpt}", "--src", "{a}", "--dst", "p0", "--dst", "p1", "--sizes", "16,16", "-o", "{out}"],
+    ],
+    "stack": [["stack", "{ckpt}", "--src", "layers.{{i}}", "--dst", "layers", "-o", "{out}"]],
+    "unstack": [["unstack", "{ckpt}", "--src", "{a}", "--dst", "row.{{i}}", "--new", "-o", "{out}"]],
+    "apply": [
+        ["apply", str(RECIPES / "cast_untie.yaml"), "{ckpt}", "-o", "{out}"],
+        ["apply", str(RECIPES / "copy_from.yaml"), "{ckpt}", "{other}", "-o", "{out}"],
+        ["apply", str(RECIPES / "expect_fails.yaml"), "{ckpt}", "-o", "{out}"],
+        ["apply", str(RECIPES / "cast_untie.yaml"), "{ckpt}", "-o", "{out}", "--dry-run", "--json"],
+    ],
     "diff": [["diff", "{ckpt}", "{other}"], ["diff", "{ckpt}", "{ckpt}", "--json"]],
     "check": [
         ["check", "{ckpt}", "--src", "{a}", "--dst", "{b}"],
@@ -384,6 +402,35 @@ NO_SYNC_CASES = {
     "copy": ["copy", "{fx}/tiny_lm.safetensors", "--src", "layers.0", "--dst", "layers.1", "-t", "scale(2)"],
     "untie": ["untie", "{fx}/shared_storage.pt"],
     "convert": ["convert", "{fx}/shared_storage.pt"],
+    "rename": ["rename", "{fx}/shared_storage.pt", "weight$", "w"],
+    "drop": ["drop", "{fx}/tiny_lm.safetensors", "final_norm.weight"],
+    "keep": ["keep", "{fx}/tiny_lm.safetensors", "layers.*"],
+    "cast": ["cast", "{fx}/tiny_lm.safetensors", "bfloat16"],
+    "concat": [
+        "concat",
+        "{fx}/tiny_lm.safetensors",
+        "--src",
+        "embedding.weight",
+        "--src",
+        "projection.weight",
+        "--dst",
+        "ep",
+    ],
+    "split": [
+        "split",
+        "{fx}/tiny_lm.safetensors",
+        "--src",
+        "embedding.weight",
+        "--dst",
+        "e0",
+        "--dst",
+        "e1",
+        "--sizes",
+        "16,16",
+    ],
+    "stack": ["stack", "{fx}/tiny_lm.safetensors", "--src", "layers.{{i}}", "--dst", "layers"],
+    "unstack": ["unstack", "{fx}/tiny_lm.safetensors", "--src", "embedding.weight", "--dst", "rows.{{i}}"],
+    "apply": ["apply", "{fx}/../tests/recipes/cast_untie.yaml", "{fx}/tiny_lm.safetensors"],
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import check, convert, diff, load, load_state_dict, open, save_state_dict  # noqa: E402
+from .api import apply, check, convert, diff, load, load_state_dict, open, save_state_dict  # noqa: E402
 from .checkpoint import Checkpoint, Derived, SaveResult  # noqa: E402
 from .errors import (  # noqa: E402
     InputError,
@@ -33,6 +33,7 @@ __all__ = [
     "UnknownNameError",
     "UsageError",
     "WsurgeryError",
+    "apply",
     "check",
     "convert",
     "diff",

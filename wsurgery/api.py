@@ -14,6 +14,7 @@ from .readers import load as _load
 
 if TYPE_CHECKING:
     from .compare import CheckReport, DiffReport
+    from .surgery.recipe import ApplyResult
 
 PathLike = str | os.PathLike
 
@@ -135,6 +136,75 @@ def convert(
     """
     with _load(src) as ckpt:
         return ckpt.save(out, overwrite=overwrite, max_shard_size=max_shard_size, sync=sync, progress=progress)
+
+
+def apply(
+    recipe: PathLike | Mapping[str, Any],
+    inputs: Sequence[PathLike | Checkpoint] | Mapping[str, PathLike | Checkpoint] | None = None,
+    out: PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    sync: bool = True,
+    max_shard_size: int | str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ApplyResult:
+    """Run a recipe (schema ``wsurgery.recipe/1``): its steps in order on its first input,
+    its expectations checked, the result written in one pass.
+
+    The whole recipe is validated before any checkpoint is opened, and planned on the
+    lazy checkpoint before anything is read or written: every problem is reported at once,
+    with its step number and the recipe's line. Only ties with ``verify`` read tensor
+    data before the write.
+
+    Args:
+        recipe: a YAML or JSON file, YAML text (a string holding a newline), or a dict.
+            Relative paths in a file are relative to its folder.
+        inputs: checkpoints (paths or opened :class:`~wsurgery.Checkpoint` objects) in
+            place of the recipe's inputs: a list replaces them in order, a mapping by
+            name. Checkpoints passed in are left open.
+        out: the output, in place of the recipe's ``output.path``.
+        overwrite: replace an existing output (never an input).
+        dry_run: plan and check everything, write nothing.
+        sync: fsync the output before renaming it into place; ``False`` is faster.
+        max_shard_size: a folder of shards (``"5GB"``), in place of the recipe's.
+        progress: called with the byte count of each piece written.
+
+    Returns:
+        An ``ApplyResult``: ``checkpoint`` (the lazy result; its ``changes`` are the plan),
+        ``saved`` (a :class:`~wsurgery.checkpoint.SaveResult`, None for a dry run),
+        ``output``, ``inputs``, ``steps``, ``expectations``, ``verified``.
+
+    Raises:
+        InputError: the recipe or an input is missing, unreadable or malformed.
+        SurgeryError: every problem of the recipe, a refused step, failed expectations,
+            ties whose values differ; nothing is written.
+        UsageError: inputs that do not fit the recipe's, or nowhere to write.
+        OutputError: the output exists, is an input, or cannot be written.
+
+    Example:
+        >>> recipe = {"version": 1, "steps": [{"rename": {"pattern": "^module[.]", "to": ""}}]}
+        >>> wsurgery.apply(recipe, ["ddp.pt"], "model.safetensors").saved.stored  # doctest: +SKIP
+        14
+    """
+    from .errors import UsageError
+    from .surgery import recipe as recipes
+
+    rec = recipes.load(recipe)
+    target = os.fspath(out) if out is not None else rec.output
+    if target is None and not dry_run:
+        raise UsageError("nowhere to write: the recipe has no output path and no out was given", param="out")
+    shard_size = max_shard_size if max_shard_size is not None else rec.max_shard_size
+    with recipes.prepare(rec, inputs) as run:
+        saved = None
+        if not dry_run:
+            saved = run.result.save(
+                target, overwrite=overwrite, max_shard_size=shard_size, sync=sync, progress=progress
+            )
+        info = run.describe()
+        return recipes.ApplyResult(
+            run.result, saved, target, info["inputs"], info["steps"], info["expectations"], info["verified"]
+        )
 
 
 def diff(

@@ -34,9 +34,21 @@ def parse(specs):
     return _parse(specs)
 
 
-def natural_key(name: str):
-    """Sort ``layers.2`` before ``layers.10``."""
-    return [(0, int(p), "") if p.isdecimal() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _number(m) -> str:
+    digits = m.group().lstrip("0")
+    return f"\x00{min(len(digits), 999):03d}{digits}"  # shorter numbers first, then by value
+
+
+def natural_key(name: str) -> tuple[str, str]:
+    """Sort ``layers.2`` before ``layers.10`` (and a number before text at the same place).
+
+    One string per name, compared in C: each run of digits becomes its length and value
+    (never an ``int``, so a hostile 5,000-digit run costs nothing). The name itself breaks
+    ties (``layers.02`` and ``layers.2``)."""
+    return _DIGITS.sub(_number, name), name
 
 
 # --- stored tensors -------------------------------------------------------------------
@@ -164,6 +176,8 @@ class ComputedStored(Stored):
     allows (``_use_numpy``), with the bytes torch would give; otherwise with torch."""
 
     def __init__(self, name: str, base: Stored, transform: Transform, device="cpu"):
+        if isinstance(base, ComputedStored) and str(base.device) == str(device):
+            base, transform = base.base, base.transform.then(transform)  # one chain, computed once
         self.name = name
         self.value = Derived.of(base, transform)
         self.device = device
@@ -232,6 +246,54 @@ class ComputedStored(Stored):
         if self._use_numpy() and self._write_numpy(f):
             return
         write_all(f, tensor_bytes(self._compute()))
+
+
+class Joined(Stored):
+    """Parts concatenated along ``dim`` (``new_axis=False``) or stacked on a new axis
+    ``dim``, computed when written or read. Along the first axis the bytes of the result
+    are those of the parts one after another, so it is written part by part: memory
+    holds one part, and a part that lies verbatim in a file is copied, not decoded."""
+
+    def __init__(self, name: str, parts: Sequence[Derived], dim: int, *, new_axis: bool = False, device="cpu"):
+        first = parts[0]
+        rank = len(first.shape) + (1 if new_axis else 0)
+        self.name = name
+        self.parts = tuple(parts)
+        self.dim = dim % rank if rank else 0
+        self.new_axis = new_axis
+        self.device = device
+        self.dtype = first.dtype
+        if new_axis:
+            self.shape = (*first.shape[: self.dim], len(parts), *first.shape[self.dim :])
+        else:
+            total = sum(p.shape[self.dim] for p in parts)
+            self.shape = (*first.shape[: self.dim], total, *first.shape[self.dim + 1 :])
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(p.source for p in self.parts)
+
+    @property
+    def label(self) -> str:
+        return f"{'stack' if self.new_axis else 'concat'}(dim={self.dim})"
+
+    def _part(self, p: Derived) -> Stored:
+        return p.base if p.transform.is_identity else ComputedStored(p.source, p.base, p.transform, self.device)
+
+    def tensor(self, device="cpu"):
+        import torch
+
+        pieces = [self._part(p).tensor(device) for p in self.parts]
+        return torch.stack(pieces, self.dim) if self.new_axis else torch.cat(pieces, self.dim)
+
+    def write(self, f) -> None:
+        from .formats.writer import write_all
+
+        if self.dim == 0:
+            for p in self.parts:
+                self._part(p).write(f)
+            return
+        write_all(f, tensor_bytes(self.tensor("cpu")))
 
 
 def _device(device):
@@ -362,9 +424,13 @@ class Checkpoint:
         """Release the files this checkpoint reads from (also those of derived checkpoints
         that share them). Safe to call twice."""
         seen = set()
-        for s in self.stored.values():
-            while isinstance(s, ComputedStored):
-                s = s.base
+        todo = list(self.stored.values())
+        while todo:
+            s = todo.pop()
+            if isinstance(s, ComputedStored):
+                todo.append(s.base)
+            elif isinstance(s, Joined):
+                todo.extend(p.base for p in s.parts)
             f = getattr(s, "file", None)
             if f is not None and id(f) not in seen:
                 seen.add(id(f))
@@ -485,8 +551,22 @@ class Checkpoint:
                 raise InputError(f"alias {name!r} points at {a.source!r}, which is not stored")
 
     # -- surgery -------------------------------------------------------------------
-    def tie(self, src: str | Sequence[str], dst: str | Sequence[str], transform=None) -> Checkpoint:
-        """A new checkpoint where ``dst`` is an alias of ``transform(src)``, stored once.
+    # Every verb returns a new lazy checkpoint and leaves this one as it is; nothing is
+    # read until the result is saved or read. Each refuses with every problem at once
+    # (SurgeryError, nothing applied); an unknown source is an UnknownNameError.
+
+    def tie(
+        self,
+        src: str | Sequence[str],
+        dst: str | Sequence[str],
+        transform=None,
+        *,
+        new: bool = False,
+        verify: bool = False,
+        atol: float = 0.0,
+        rtol: float = 0.0,
+    ) -> Checkpoint:
+        """``dst`` becomes an alias of ``transform(src)``, stored once.
 
         Args:
             src: a stored or alias name, or a module prefix (every tensor under it); a
@@ -494,21 +574,22 @@ class Checkpoint:
             dst: the alias name (new, or an existing tensor of the same shape and dtype
                 after the transform); a prefix for a prefix; a list for a list.
             transform: view steps only (``"transpose"``, ``["slice(0,0,8)"]``...).
+            new: ``dst`` is meant to be a new name, even one edit away from another.
+            verify: refuse unless ``dst`` already holds ``transform(src)`` within
+                ``atol``/``rtol`` (reads both): the safe way to dedupe a head stored twice.
 
         Returns:
-            A new lazy :class:`Checkpoint`; this one is unchanged.
-
-        Raises:
-            SurgeryError: every problem of the whole request (misfits, cycles, two ties
-                onto one name, a step that is not a view), nothing applied.
-            UnknownNameError: a source that is not in the checkpoint.
+            A new lazy :class:`Checkpoint`.
 
         Example:
-            >>> tied = ckpt.tie("embedding.weight", "lm_head.weight")  # doctest: +SKIP
+            >>> tied = ckpt.tie("embedding.weight", "lm_head.weight", verify=True)  # doctest: +SKIP
         """
         from . import surgery
 
-        return surgery.plan(self, surgery.requests("tie", src, dst, transform)).apply()
+        result = surgery.plan(self, surgery.requests("tie", src, dst, transform), new=new).apply()
+        if verify:
+            surgery.verify_ties(self, src, dst, transform, atol=atol, rtol=rtol)
+        return result
 
     def copy(
         self,
@@ -518,31 +599,31 @@ class Checkpoint:
         *,
         other: Checkpoint | None = None,
         device="cpu",
+        new: bool = False,
     ) -> Checkpoint:
-        """A new checkpoint where ``dst`` holds an independent ``transform(src)``.
+        """``dst`` holds an independent ``transform(src)``.
 
         Args:
             src: a tensor or module prefix (a list for several pairs, all read from this
                 checkpoint as it is, so two copies can swap two tensors).
-            dst: the destination (new, or existing with the same shape and dtype after
-                the transform); aliases of an overwritten tensor keep their values.
+            dst: the destination: new, or existing (replaced, whatever its shape or
+                dtype; aliases of a replaced tensor keep their values).
             transform: any steps, ``cast`` and ``scale`` included.
             other: take ``src`` from this checkpoint instead.
             device: where the copies are computed when written or read (``"cuda"``).
-
-        Returns:
-            A new lazy :class:`Checkpoint`; nothing is computed until it is saved or read.
+            new: ``dst`` is meant to be a new name, even one edit away from another.
 
         Example:
             >>> grown = ckpt.copy("layers.0", "layers.12")  # doctest: +SKIP
         """
         from . import surgery
 
-        return surgery.plan(self, surgery.requests("copy", src, dst, transform), other=other, device=device).apply()
+        reqs = surgery.requests("copy", src, dst, transform)
+        return surgery.plan(self, reqs, other=other, device=device, new=new).apply()
 
     def untie(self, names: str | Sequence[str] | None = None, *, device="cpu") -> Checkpoint:
-        """A new checkpoint where the named aliases (every alias by default) are stored
-        tensors of their own, for loaders that know no alias metadata.
+        """The named aliases (every alias by default) become stored tensors of their own,
+        for loaders that know no alias metadata.
 
         Args:
             names: aliases, stored tensors (every alias of them) or module prefixes.
@@ -556,6 +637,89 @@ class Checkpoint:
         if isinstance(names, str):
             names = [names]
         return surgery.plan(self, surgery.untie_requests(self, names), device=device).apply()
+
+    def rename(self, pattern: str, to: str) -> Checkpoint:
+        """Every name ``n`` becomes ``re.sub(pattern, to, n)``; aliases follow their sources.
+
+        Example:
+            >>> ckpt.rename(r"^module\\.", "")  # doctest: +SKIP
+        """
+        from .surgery import rename
+
+        return rename(self, pattern, to)
+
+    def drop(self, names: str | Sequence[str]) -> Checkpoint:
+        """Without the tensors ``names`` select (a name, module prefix or glob each); a
+        source an alias still uses cannot go.
+
+        Example:
+            >>> ckpt.drop(["optimizer.*", "*._extra_state"])  # doctest: +SKIP
+        """
+        from .surgery import drop
+
+        return drop(self, [names] if isinstance(names, str) else list(names))
+
+    def keep(self, names: str | Sequence[str]) -> Checkpoint:
+        """Only the tensors ``names`` select (a name, module prefix or glob each).
+
+        Example:
+            >>> ckpt.keep(["layers.*", "embed.weight"])  # doctest: +SKIP
+        """
+        from .surgery import keep
+
+        return keep(self, [names] if isinstance(names, str) else list(names))
+
+    def cast(self, dtype: str, *, only: Sequence[str] = (), exclude: Sequence[str] = (), device="cpu") -> Checkpoint:
+        """Floating tensors (never integers or bool) cast to ``dtype``; ``only``/``exclude``
+        choose by glob or module prefix; a tied source is cast once, its aliases follow.
+
+        Example:
+            >>> ckpt.cast("bfloat16", exclude=["*norm*"])  # doctest: +SKIP
+        """
+        from .surgery import cast
+
+        return cast(self, dtype, only=list(only), exclude=list(exclude), device=device)
+
+    def concat(self, srcs: Sequence[str], dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+        """``dst`` = ``srcs`` concatenated along ``dim`` (the sources are gone).
+
+        Example:
+            >>> ckpt.concat(["q.weight", "k.weight", "v.weight"], "qkv.weight")  # doctest: +SKIP
+        """
+        from .surgery import concat
+
+        return concat(self, srcs, dst, dim, new=new)
+
+    def split(self, src: str, dsts: Sequence[str], dim: int, sizes: Sequence[int], *, new: bool = False) -> Checkpoint:
+        """``dsts`` = pieces of ``src`` along ``dim`` of the given ``sizes`` (``src`` is gone).
+
+        Example:
+            >>> ckpt.split("qkv.weight", ["q.weight", "k.weight", "v.weight"], 0, [64, 64, 64])  # doctest: +SKIP
+        """
+        from .surgery import split
+
+        return split(self, src, dsts, dim, sizes, new=new)
+
+    def stack(self, template: str, dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+        """``dst`` = the tensors ``template`` names (``"layers.{i}.w"``) on a new axis ``dim``;
+        a template of module prefixes stacks every tensor under them.
+
+        Example:
+            >>> ckpt.stack("layers.{i}.fc1.weight", "layers.fc1.weight")  # doctest: +SKIP
+        """
+        from .surgery import stack
+
+        return stack(self, template, dst, dim, new=new)
+
+    def unstack(self, src: str, template: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+        """The slices of ``src`` along ``dim`` become ``template`` with i = 0, 1, ...
+
+        Example:
+            >>> ckpt.unstack("layers.fc1.weight", "layers.{i}.fc1.weight")  # doctest: +SKIP
+        """
+        from .surgery import unstack
+
+        return unstack(self, src, template, dim, new=new)
 
     # -- writing -------------------------------------------------------------------
     def _write_items(self):

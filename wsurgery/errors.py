@@ -111,23 +111,25 @@ class Problem:
     Attributes:
         message: one line naming the step, the tensors and their shapes/dtypes.
         suggest: transform steps that would make it fit (``("transpose",)``).
-        drop_transform: the source fits as it is; the given transform is the misfit.
         use: another verb that does what was asked (``"copy"`` for a tie that needs
             data, ``"untie"`` for a tensor other aliases point at).
+        new_name: a new name that looks like a typo; saying it is new creates it.
         names: the tensors the problem is about.
     """
 
     message: str
     suggest: tuple[str, ...] = ()
-    drop_transform: bool = False
     use: str | None = None
+    new_name: bool = False
     names: tuple[str, ...] = ()
 
     def library_hint(self) -> str | None:
-        if self.drop_transform:
-            return "the source fits as it is: try without the transform"
+        if self.new_name:
+            return "pass new=True if the name is meant to be new"
         if self.suggest:
             return f"try the transform {' -> '.join(self.suggest)}"
+        if self.use == "untie":
+            return "untie() them first"
         if self.use:
             return f"use {self.use}() instead"
         return None

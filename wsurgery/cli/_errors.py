@@ -46,6 +46,10 @@ FLAGS = {
     "filter": "--filter",
     "max_shard_size": "--max-shard-size",
     "transform": "--transform",
+    "src": "--src",
+    "dst": "--dst",
+    "sizes": "--sizes",
+    "template": "--src/--dst",
 }
 
 # What to do about an output that cannot be written, by OutputError.reason.
@@ -63,6 +67,7 @@ _OUTPUT_HINTS = {
 
 # A refusal over many tensors shows this many problems, then a count.
 PROBLEMS_SHOWN = 5
+ERROR_LIMIT = 4000  # characters of an error line (a hostile name can be megabytes)
 
 
 def exit_code_for(exc: WsurgeryError) -> int:
@@ -74,10 +79,12 @@ def exit_code_for(exc: WsurgeryError) -> int:
 
 def problem_hint(p: Problem) -> str | None:
     """A problem's fix in command-line words."""
-    if p.drop_transform:
-        return "the source fits as it is: try without --transform"
+    if p.new_name:
+        return "pass --new if the name is meant to be new"
     if p.suggest:
         return "try " + " ".join(f"--transform {shlex.quote(s)}" for s in p.suggest)
+    if p.use == "untie":
+        return "untie them first with `wsurgery untie`"
     if p.use:
         return f"use `wsurgery {p.use}`"
     return None
@@ -128,8 +135,15 @@ def one_line(exc: WsurgeryError) -> str:
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE})
 
 
+_STDOUT_FAILED: list[bool] = []  # set once a failed write to standard output is reported
+
+
 def stdout_error(exc: OSError) -> OutputError:
     return OutputError(f"cannot write to standard output: {exc.strerror or exc}", reason="stdout")
+
+
+def stdout_failed() -> bool:
+    return bool(_STDOUT_FAILED)
 
 
 def debug() -> bool:
@@ -162,8 +176,10 @@ def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
     code = exit_code_for(exc)
     if debug():
         traceback.print_exc()
-    sys.stderr.write(f"error: {safe(one_line(exc))}\n")
-    if json_out:
+    sys.stderr.write(f"error: {safe(one_line(exc), limit=ERROR_LIMIT)}\n")
+    if isinstance(exc, OutputError) and exc.reason == "stdout":
+        _STDOUT_FAILED.append(True)
+    elif json_out:
         _emit_error_json(command, exc.kind, message(exc), hint(exc), code)
     return code
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
 import signal
 import sys
@@ -11,12 +12,12 @@ from typing import Annotated
 
 import typer
 
-from . import check, convert, copy, diff, inspect_cmd, tie, untie
-from ._errors import exit_code_for, one_line, stdout_error
+from . import apply, cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
+from ._errors import exit_code_for, one_line, stdout_error, stdout_failed
 
 app = typer.Typer(
     name="wsurgery",
-    help="Weight surgery on PyTorch checkpoints: inspect, tie, copy, diff and convert, safely.",
+    help="Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -40,7 +41,7 @@ def _root(
         typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
-    """Weight surgery on PyTorch checkpoints: inspect, tie, copy, diff and convert, safely."""
+    """Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely."""
 
 
 def _help(fn) -> str:
@@ -55,6 +56,15 @@ for _name, _fn in [
     ("tie", tie.tie),
     ("copy", copy.copy),
     ("untie", untie.untie),
+    ("rename", rename.rename),
+    ("drop", drop.drop),
+    ("keep", keep.keep),
+    ("cast", cast.cast),
+    ("concat", concat.concat),
+    ("split", split.split),
+    ("stack", stack.stack),
+    ("unstack", stack.unstack),
+    ("apply", apply.apply),
     ("convert", convert.convert),
     ("diff", diff.diff),
     ("check", check.check),
@@ -74,8 +84,30 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _whole_writes() -> None:
+    """With ``PYTHONUNBUFFERED`` (common in containers and CI) the standard streams write
+    straight to the file descriptor, and a short write (a nearly full disk, a file-size
+    limit) drops the rest silently. A ``BufferedWriter`` in between writes every byte or
+    raises, so output is complete or the command fails."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        raw = getattr(stream, "buffer", None)
+        if isinstance(raw, io.RawIOBase):
+            setattr(
+                sys,
+                name,
+                io.TextIOWrapper(
+                    io.BufferedWriter(raw),
+                    encoding=stream.encoding,
+                    errors=stream.errors,
+                    line_buffering=name == "stderr" or stream.isatty(),
+                ),
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors exit 2 with one line, like every other error."""
+    _whole_writes()
     # A file-size limit must surface as an error on write (EFBIG, exit 5), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -106,7 +138,8 @@ def _exit_now(code: int) -> None:
     costs 30-60 ms of a sub-second command. Every file wsurgery wrote is closed by now.
     Output that cannot be flushed (a full disk, a closed pipe) is exit 5, like any write."""
     try:
-        sys.stdout.flush()
+        if not stdout_failed():  # already reported once: what is left unwritten stays so
+            sys.stdout.flush()
     except (OSError, ValueError) as exc:
         err = stdout_error(exc if isinstance(exc, OSError) else OSError(str(exc)))
         sys.stderr.write(f"error: {one_line(err)}\n")

@@ -5,14 +5,14 @@ from __future__ import annotations
 from ._errors import command, emit_json
 from .common import (
     AtolOpt,
+    CheckDstOpt,
     CheckFromOpt,
+    CheckSrcOpt,
     CkptArg,
     CompareDeviceOpt,
-    DstOpt,
     JsonOpt,
     QuietOpt,
     RtolOpt,
-    SrcOpt,
     TransformOpt,
     console,
     safe,
@@ -23,8 +23,8 @@ from .diff import ProgressBar, fmt_float, single_threaded_blas, stats_table
 @command("check")
 def check(
     ckpt: CkptArg,
-    src: SrcOpt,
-    dst: DstOpt,
+    src: CheckSrcOpt,
+    dst: CheckDstOpt,
     transform: TransformOpt = None,
     other: CheckFromOpt = None,
     atol: AtolOpt = 0.0,

@@ -17,10 +17,29 @@ CkptArg = Annotated[
     typer.Argument(
         help="Checkpoint: .safetensors, a sharded *.index.json or its folder, or a torch .pt/.pth/.bin/.ckpt.",
         metavar="CKPT",
+        readable=False,  # wsurgery reads it and says why it cannot (exit 3), not click (exit 2)
         show_default=False,
     ),
 ]
 SrcOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--src",
+        help="Source tensor, or a module prefix for every tensor under it. A name that is both a tensor and a "
+        "prefix means the tensor. Repeat --src/--dst in pairs for several at once.",
+        show_default=False,
+    ),
+]
+DstOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--dst",
+        help="Destination tensor (new or existing), or a module prefix; one per --src, in order. A name that is "
+        "both a tensor and a prefix means the tensor.",
+        show_default=False,
+    ),
+]
+CheckSrcOpt = Annotated[
     str,
     typer.Option(
         "--src",
@@ -29,13 +48,19 @@ SrcOpt = Annotated[
         show_default=False,
     ),
 ]
-DstOpt = Annotated[
+CheckDstOpt = Annotated[
     str,
-    typer.Option(
-        "--dst",
-        help="Destination tensor (new or existing), or a module prefix. A name that is both a tensor and a prefix "
-        "means the tensor.",
-        show_default=False,
+    typer.Option("--dst", help="Tensor (or module prefix) to compare with transform(SRC).", show_default=False),
+]
+NewOpt = Annotated[
+    bool,
+    typer.Option("--new", help="The destinations are new names, even one edit away from existing ones (not typos)."),
+]
+DimOpt = Annotated[int, typer.Option("--dim", help="The axis.")]
+NamesArg = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="NAME...", help="Tensor names, module prefixes or globs ('optimizer.*').", show_default=False
     ),
 ]
 TieTransformOpt = Annotated[
@@ -66,6 +91,7 @@ FromOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--from",
+        readable=False,
         help="Take the source from this second checkpoint (any readable format); the output still defaults to "
         "CKPT's path with .safetensors.",
         show_default=False,
@@ -73,7 +99,9 @@ FromOpt = Annotated[
 ]
 CheckFromOpt = Annotated[
     Optional[Path],
-    typer.Option("--from", help="Take DST from this second checkpoint (any readable format).", show_default=False),
+    typer.Option(
+        "--from", readable=False, help="Take DST from this second checkpoint (any readable format).", show_default=False
+    ),
 ]
 DeviceOpt = Annotated[
     str,
@@ -123,13 +151,28 @@ def console(stderr: bool = False):
     )
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, and the characters that reorder or break lines on a terminal:
+# bidirectional overrides and isolates (U+202A-U+202E, U+2066-U+2069), marks (U+200E,
+# U+200F, U+061C) and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+LONG = 400  # characters of a name or value shown in human output; longer ones are cut in the middle
 
 
-def safe(text) -> str:
-    """Names and metadata come from files: escape control characters (a hostile name must
-    not send escape sequences to the user's terminal)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+def _escape(m) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def safe(text, limit: int = LONG) -> str:
+    """Names and metadata come from files: escape control and bidirectional characters (a
+    hostile name must not send escape sequences to the terminal or reorder what it shows),
+    and shorten absurdly long text (over ``limit`` characters) in the middle, with a
+    marker, in linear time."""
+    text = str(text)
+    if len(text) > limit:
+        cut = len(text) - limit
+        text = f"{text[: limit // 2]}...[{cut:,} characters]...{text[-limit // 2 :]}"
+    return _CONTROL.sub(_escape, text)
 
 
 def cell(text):
@@ -144,38 +187,40 @@ def print_table(
 ) -> None:
     """A table whose cells are never cut or wrapped (tensor names are what users copy out).
 
-    ``rows`` hold plain text; control characters are escaped and markup shown literally.
-    Where the table is wider than the terminal (or ``COLUMNS``), each row is stacked
-    instead: its first cell on a line of its own, the other cells below it as
-    ``header: value``. Piped output is never stacked or folded: it is as wide as the table.
+    ``rows`` hold plain text; control characters are escaped. Where the table is wider than
+    the terminal (or ``COLUMNS``), each row is stacked instead: its first cell on a line of
+    its own, the other cells below it as ``header: value``. Piped output is never stacked
+    or folded: it is as wide as the table. Drawn as plain lines, in time linear in the
+    cells (a million rows are fine).
     """
     from rich.cells import cell_len
-    from rich.table import Table
 
     cells = [[safe(c) for c in row] for row in rows]
     widths = [cell_len(h) for h in headers]
     for row in cells:
         for i, c in enumerate(row):
-            widths[i] = max(widths[i], cell_len(c))
+            n = len(c) if c.isascii() else cell_len(c)
+            if n > widths[i]:
+                widths[i] = n
     needed = sum(widths) + 2 * (len(headers) - 1)
-    if needed > con.width and not (con.is_terminal or os.environ.get("COLUMNS")):
-        con.width = needed  # a pipe or a file: as wide as the table
-    if needed > con.width:
-        from rich.text import Text
-
-        if title:
-            con.print(title, markup=False)
+    stacked = needed > con.width and (con.is_terminal or bool(os.environ.get("COLUMNS")))
+    lines = [title] if title else []
+    if stacked:
         for row in cells:
-            con.print(Text(row[0]), no_wrap=True, overflow="ignore", crop=False)
-            rest = "  ".join(f"{h}: {c}" for h, c in zip(headers[1:], row[1:], strict=True) if c)
-            con.print(Text("    " + rest), no_wrap=True, overflow="ignore", crop=False)
-        return
-    table = Table(box=None, pad_edge=False, header_style="bold", title=title, title_justify="left")
-    for h in headers:
-        table.add_column(h, no_wrap=True, overflow="fold", justify="right" if h in right else "left")
-    for row in cells:
-        table.add_row(*(cell(c) for c in row))
-    con.print(table)
+            lines.append(row[0])
+            lines.append("    " + "  ".join(f"{h}: {c}" for h, c in zip(headers[1:], row[1:], strict=True) if c))
+    else:
+
+        def line(row: list[str]) -> str:
+            out = []
+            for i, (h, c) in enumerate(zip(headers, row, strict=True)):
+                pad = " " * (widths[i] - (len(c) if c.isascii() else cell_len(c)))
+                out.append(pad + c if h in right else c + pad)
+            return "  ".join(out).rstrip()
+
+        lines.append(line(headers))
+        lines.extend(line(row) for row in cells)
+    con.file.write("\n".join(lines) + "\n")
 
 
 def markup_safe(text) -> str:
@@ -195,26 +240,6 @@ def default_output(ckpt_path: Path) -> Path:
     if p.name.endswith(".index.json"):
         return p.with_name(p.name[: -len(".index.json")].removesuffix(".safetensors") + ".safetensors")
     return p.with_suffix(".safetensors")
-
-
-def resolve_output(out: Path | None, ckpt_path: Path, inputs: list[str], force: bool, in_place: bool) -> Path:
-    """Decide where to write, refusing to overwrite silently (exit 5)."""
-    from ..formats.destination import check_file_target
-
-    target = Path(out) if out is not None else default_output(ckpt_path)
-    check_file_target(target, inputs, overwrite=force, replace_input=in_place)
-    return target
-
-
-def resolve_folder_output(
-    out: Path | None, ckpt_path: Path, inputs: list[str], force: bool, in_place: bool
-) -> tuple[Path, bool]:
-    """Where sharded output goes (a folder), and whether an existing one may be replaced."""
-    from ..formats.destination import check_folder_target
-
-    p = Path(ckpt_path)
-    target = Path(out) if out is not None else p.with_name(p.name.split(".")[0] + "-sharded")
-    return target, check_folder_target(target, inputs, overwrite=force, replace_input=in_place)
 
 
 def shape_text(shape) -> str:

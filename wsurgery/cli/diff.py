@@ -26,10 +26,11 @@ from .common import (
 )
 
 DiffArgA = Annotated[
-    Path, typer.Argument(metavar="A", help="First checkpoint, any readable format.", show_default=False)
+    Path, typer.Argument(metavar="A", help="First checkpoint, any readable format.", show_default=False, readable=False)
 ]
 DiffArgB = Annotated[
-    Path, typer.Argument(metavar="B", help="Second checkpoint, any readable format.", show_default=False)
+    Path,
+    typer.Argument(metavar="B", help="Second checkpoint, any readable format.", show_default=False, readable=False),
 ]
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, Derived
 from ..dtypes import BY_NAME
+from ..errors import UsageError
 from ._errors import command, emit_json
-from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, markup_safe, print_table, safe, shape_text
+from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, print_table, safe, shape_text
 
 
 def _plural(n: int, word: str, many: str | None = None) -> str:
@@ -38,40 +39,52 @@ def _rows(c: Checkpoint, pattern: str | None) -> list[dict]:
     return rows
 
 
-def _tree(c: Checkpoint, rows: list[dict], path: Path):
-    from rich.tree import Tree
+class _Folder:
+    """A module in the tree: its children (sub-modules and tensors, in name order, kept
+    apart even when a tensor and a module share a name) and its parameter count."""
 
-    root: dict = {}
+    __slots__ = ("children", "params")
+
+    def __init__(self):
+        self.children: dict[tuple[bool, str], _Folder | dict] = {}  # (is a folder, key) -> child
+        self.params = 0
+
+
+def _tree_lines(c: Checkpoint, rows: list[dict], path: Path) -> list[str]:
+    """The module tree as text lines, built and drawn in time linear in the names."""
+    root = _Folder()
     for row in rows:
         node = root
         parts = row["name"].split(".")
+        own = 0 if row["alias_of"] else row["numel"]
+        node.params += own
         for part in parts[:-1]:
-            node = node.setdefault(part + ".", {})
-        node[parts[-1]] = row
-
-    def count(node) -> int:
-        total = 0
-        for v in node.values():
-            if isinstance(v, dict) and "name" not in v:
-                total += count(v)
-            elif v["alias_of"] is None:
-                total += v["numel"]
-        return total
-
-    def build(tree, node):
-        for key, v in node.items():
-            if isinstance(v, dict) and "name" not in v:
-                branch = tree.add(f"[bold]{markup_safe(key[:-1])}[/bold]  {count(v):,} params")
-                build(branch, v)
-            else:
-                extra = ""
-                if v["alias_of"]:
-                    extra = f"  [cyan]= {markup_safe(_alias_text(c, v['name']))}[/cyan]"
-                tree.add(f"{markup_safe(key)}  {v['dtype']} {shape_text(v['shape'])}{extra}")
-
-    tree = Tree(f"[bold]{markup_safe(path)}[/bold]  {count(root):,} params")
-    build(tree, root)
-    return tree
+            child = node.children.get((True, part))
+            if child is None:
+                child = node.children[(True, part)] = _Folder()
+            node = child
+            node.params += own
+        node.children[(False, parts[-1])] = row
+    lines = [f"{safe(path)}  {root.params:,} params"]
+    stack = [(iter(list(root.children.items())), len(root.children), 0, "")]
+    while stack:
+        it, size, seen, indent = stack.pop()
+        item = next(it, None)
+        if item is None:
+            continue
+        (is_folder, key), v = item
+        last = seen + 1 == size
+        stack.append((it, size, seen + 1, indent))
+        branch = indent + ("└── " if last else "├── ")
+        if is_folder:
+            lines.append(f"{branch}{safe(key)}  {v.params:,} params")
+            stack.append((iter(list(v.children.items())), len(v.children), 0, indent + ("    " if last else "│   ")))
+        else:
+            alias = _alias_text(c, v["name"])
+            lines.append(
+                f"{branch}{safe(key)}  {v['dtype']} {shape_text(v['shape'])}" + (f"  = {safe(alias)}" if alias else "")
+            )
+    return lines
 
 
 @command("inspect")
@@ -98,6 +111,11 @@ def inspect(
     with c:
         _report(c, ckpt, tree, filter, json_out)
     return 0
+
+
+def _print_lines(con, lines: list[str]) -> None:
+    """Plain lines, as they are (already escaped): one write, never wrapped or cut."""
+    con.file.write("\n".join(lines) + "\n")
 
 
 def _report_ranks(exc, ckpt: Path, json_out: bool) -> None:
@@ -152,6 +170,12 @@ def _alias_text(c: Checkpoint, name: str) -> str:
 
 def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out: bool) -> None:
     rows = _rows(c, pattern)
+    if pattern is not None and not rows:
+        raise UsageError(f"filter {pattern!r} matches no tensor in {ckpt}", param="filter", hint="check the glob")
+    shown = [c.stored[r["name"]] for r in rows if r["name"] in c.stored]  # the totals are of what is shown
+    n_alias = len(rows) - len(shown)
+    total_params = sum(s.numel for s in shown)
+    total_bytes = sum(s.nbytes for s in shown)
     if json_out:
         emit_json(
             {
@@ -159,8 +183,8 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
                 "path": str(ckpt),
                 "format": c.format,
                 "tensors": [{k: r[k] for k in ("name", "dtype", "shape", "nbytes", "alias_of")} for r in rows],
-                "total_params": c.total_params,
-                "total_bytes": c.total_bytes,
+                "total_params": total_params,
+                "total_bytes": total_bytes,
                 "metadata": dict(sorted(c.metadata.items())),
                 "skipped": list(c.skipped),
             }
@@ -168,7 +192,7 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
         return
     con = console()
     if tree:
-        con.print(_tree(c, rows, ckpt))
+        _print_lines(con, _tree_lines(c, rows, ckpt))
     else:
         table = [
             [
@@ -183,14 +207,15 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
         ]
         print_table(con, ["name", "dtype", "shape", "params", "bytes", "alias of"], table, right=("params", "bytes"))
     per_dtype: dict[str, list[int]] = {}
-    for s in c.stored.values():
+    for s in shown:
         acc = per_dtype.setdefault(s.dtype, [0, 0, 0])
         acc[0] += 1
         acc[1] += s.numel
         acc[2] += s.nbytes
     con.print(
-        f"{c.format}: {_plural(len(c.stored), 'stored tensor')}, {_plural(len(c.aliases), 'alias', 'aliases')}, "
-        f"{c.total_params:,} params, {human_bytes(c.total_bytes)}",
+        f"{c.format}: {_plural(len(shown), 'stored tensor')}, {_plural(n_alias, 'alias', 'aliases')}, "
+        f"{total_params:,} params, {human_bytes(total_bytes)}"
+        + (f" (of {len(c):,} names, filter {pattern!r})" if pattern else ""),
         markup=False,
     )
     for dtype, (n, numel, nbytes) in sorted(per_dtype.items()):

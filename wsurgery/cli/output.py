@@ -38,29 +38,36 @@ def _target(ckpt_path: Path, out: OutputOptions) -> Path:
     return default_output(ckpt_path)
 
 
+_MAKES = frozenset({"tie", "copy", "concat", "split", "stack", "unstack"})  # steps that may make a new name
+
+
 def _plan_table(con, ops, dry_run: bool) -> None:
     notes = any(op.note for op in ops)
     headers = ["op", "destination", "from", "transform", "dtype", "shape", *(["note"] if notes else [])]
     rows = []
     for op in ops:
         origin = f"{Path(op.origin).name}:" if op.origin else ""
-        state = "" if op.kind == "untie" else " (replaced)" if op.replaces else " (new)"
+        state = (" (replaced)" if op.replaces else " (new)") if op.kind in _MAKES else ""
+        v = op.value
         rows.append(
             [
                 op.kind,
                 op.dst + state,
                 origin + op.base,
-                str(op.value.transform),
-                op.value.dtype,
-                shape_text(op.value.shape),
+                op.how,
+                "-" if v is None else v.dtype,
+                "-" if v is None else shape_text(v.shape),
                 *([op.note] if notes else []),
             ]
         )
     print_table(con, headers, rows, title="plan" if dry_run else None)
 
 
-def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions) -> int:
-    """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code."""
+def write_result(
+    command: str, ckpt_path: Path, result: Checkpoint, out: OutputOptions, extra: dict | None = None
+) -> int:
+    """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
+    ``extra``: the command's own keys for its JSON object."""
     from ..formats.sharded_writer import parse_size
 
     target = _target(ckpt_path, out)
@@ -86,6 +93,7 @@ def write_result(command: str, ckpt_path: Path, result: Checkpoint, out: OutputO
                 "dry_run": out.dry_run,
                 **info,
                 **({"shards": shards} if shards is not None else {}),
+                **(extra or {}),
             }
         )
         return 0

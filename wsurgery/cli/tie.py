@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from ._errors import command
-from .common import CkptArg, DstOpt, SrcOpt, TieTransformOpt
+from .common import AtolOpt, CkptArg, DstOpt, NewOpt, RtolOpt, SrcOpt, TieTransformOpt
 from .options import OutputOptions, output_options
 from .output import write_result
+
+VerifyOpt = Annotated[
+    bool,
+    typer.Option("--verify", help="Refuse unless DST already equals transform(SRC) within --atol/--rtol (reads both)."),
+]
 
 
 @command("tie")
 @output_options()
-def tie(ckpt: CkptArg, src: SrcOpt, dst: DstOpt, transform: TieTransformOpt = None, *, out: OutputOptions) -> int:
-    """Tie DST to SRC: store SRC once and record DST as its alias (view steps only: same,
-    transpose, permute, reshape, slice). An alias as SRC resolves to its stored source.
+def tie(
+    ckpt: CkptArg,
+    src: SrcOpt,
+    dst: DstOpt,
+    transform: TieTransformOpt = None,
+    new: NewOpt = False,
+    verify: VerifyOpt = False,
+    atol: AtolOpt = 0.0,
+    rtol: RtolOpt = 0.0,
+    *,
+    out: OutputOptions,
+) -> int:
+    """Tie DST to SRC: store SRC once and record DST as its alias.
 
-    Example: wsurgery tie model.pt --src embedding.weight --dst projection.weight
+    View steps only (same, transpose, permute, reshape, slice). An alias as SRC resolves to
+    its stored source. With --verify, a DST that is stored today must already hold the same
+    values: the safe way to dedupe a head stored twice.
+
+    Example: wsurgery tie model.pt --src embedding.weight --dst projection.weight --verify
     """
     from ..api import open as open_checkpoint
 
     with open_checkpoint(ckpt) as c:
-        return write_result("tie", ckpt, c.tie(src, dst, transform), out)
+        result = c.tie(src, dst, transform, new=new, verify=verify, atol=atol, rtol=rtol)
+        return write_result("tie", ckpt, result, out)

@@ -24,8 +24,10 @@ Rules (each one enforced, with an error that names the tensors):
 - All requests read the *input*: a copy whose source is also a destination of the plan
   copies the value from before the plan. A tie whose source is replaced by the plan is
   refused (a cycle or a chain).
-- An existing destination keeps its place only if the result fits it exactly (shape
-  and dtype); the transform must make it fit.
+- A tie onto an existing name must fit it exactly (shape and dtype); a copy replaces
+  whatever the name held, whatever its shape or dtype.
+- A destination that does not exist yet but is one edit (or a change of case) away from
+  a name that does is refused as a likely typo, unless the caller says it is new.
 - A copy only ever changes the values of its destinations. A copy onto an alias unties
   that alias; a copy onto a stored tensor that other aliases point at first unties those
   aliases (each keeps its value as a tensor of its own, listed as an ``untie`` step).
@@ -44,9 +46,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint, ComputedStored, Derived, Stored, natural_key
-from .errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
-from .transforms import Reshape, Transform, parse
+from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored, natural_key
+from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
+from ..transforms import Reshape, Transform, parse
+from .ops import Op, check_new_names, dependents, derive, refuse
 
 KINDS = ("tie", "copy", "untie")
 
@@ -68,7 +71,9 @@ def requests(kind: str, src: str | Sequence[str], dst: str | Sequence[str], tran
     dsts = [dst] if isinstance(dst, str) else list(dst)
     if len(srcs) != len(dsts):
         raise UsageError(
-            f"{len(srcs)} sources but {len(dsts)} destinations: each source needs one destination", param="dst"
+            f"{len(srcs)} sources but {len(dsts)} destinations",
+            param="dst",
+            hint="give one destination per source, in the same order",
         )
     return [Request(kind, s, d, transform) for s, d in zip(srcs, dsts, strict=True)]
 
@@ -78,38 +83,6 @@ def untie_requests(ckpt: Checkpoint, names: Sequence[str] | None) -> list[Reques
     if not names:
         names = sorted(ckpt.aliases, key=natural_key)
     return [Request("untie", None, n) for n in names]
-
-
-@dataclass(frozen=True)
-class Op:
-    """One planned step: ``dst`` becomes ``value`` as a tie, a copy or an untied alias."""
-
-    kind: str  # "tie" | "copy" | "untie"
-    src: str  # the name the user addressed (for untie: the alias's stored source)
-    dst: str
-    value: Derived  # over the stored tensor the value comes from (alias chains composed)
-    replaces: bool  # dst existed before
-    origin: str | None = None  # the other checkpoint's path when the source comes from it
-    note: str = ""
-
-    @property
-    def base(self) -> str:
-        """The stored tensor's name."""
-        return self.value.source
-
-    def describe(self) -> dict:
-        return {
-            "op": self.kind,
-            "src": self.src,
-            "dst": self.dst,
-            "source": self.base,
-            "checkpoint": self.origin,
-            "transform": self.value.specs,
-            "shape": list(self.value.shape),
-            "dtype": self.value.dtype,
-            "replaces": self.replaces,
-            "note": self.note,
-        }
 
 
 @dataclass
@@ -131,30 +104,22 @@ def _fmt_shape(shape) -> str:
     return repr(tuple(int(d) for d in shape))
 
 
-def _misfit(label: str, kind: str, shape, dtype: str, d: str, dshape, ddtype: str, source=None) -> Problem:
-    """A result that does not fit its destination, with what would make it fit. ``source``:
-    the (shape, dtype) of the source before the user's transform, when there is one: if
-    that already fits, the transform is the mistake. Otherwise a transpose for mirrored
-    2-D shapes and a cast for a dtype (unless the user's own cast is what changed it)."""
+def _misfit(label: str, shape, dtype: str, d: str, dshape, ddtype: str, source=None) -> Problem:
+    """A tie whose value does not fit the tensor it would replace. The fix offered never
+    undoes what was asked: a transpose only when no transform was given and the shapes
+    are mirrored, a copy for a dtype (a tie cannot cast). ``source`` is the (shape, dtype)
+    of the source before the user's transform, when there is one."""
     text = f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}"
     if source is not None and tuple(source[0]) == dshape and source[1] == ddtype:
-        return Problem(f"{text}; the source itself is {ddtype} {_fmt_shape(dshape)}", drop_transform=True, names=(d,))
-    suggest: list[str] = []
-    notes: list[str] = []
-    if dshape != tuple(shape) and len(shape) == 2 and dshape == tuple(shape)[::-1]:
-        suggest.append("transpose")
+        text += f" (the source itself is {ddtype} {_fmt_shape(dshape)}: check the transform)"
+    suggest: tuple[str, ...] = ()
+    if source is None and dshape != tuple(shape) and len(shape) == 2 and dshape == tuple(shape)[::-1]:
+        suggest = ("transpose",)
     use = None
     if ddtype != dtype:
-        if source is not None and source[1] == ddtype:
-            notes.append(f"the source is {ddtype}: drop the cast")
-        elif kind == "copy":
-            suggest.append(f"cast({ddtype})")
-        else:
-            notes.append("a tie cannot cast")
-            use = "copy"
-    if notes:
-        text += f" ({'; '.join(notes)})"
-    return Problem(text, suggest=tuple(suggest), use=use, names=(d,))
+        text += " (a tie cannot cast)"
+        use = "copy"
+    return Problem(text, suggest=suggest, use=use, names=(d,))
 
 
 def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -> list[tuple[str, str]]:
@@ -173,11 +138,6 @@ def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -
         )
     base = dst.rstrip(".")
     return [(name, f"{base}.{suffix}" if base else suffix) for name, suffix in found]
-
-
-def dependents(ckpt: Checkpoint, name: str) -> list[str]:
-    """The aliases whose stored source is ``name``, in natural order."""
-    return sorted((n for n, a in ckpt.aliases.items() if a.source == name), key=natural_key)
 
 
 def _is_module_prefix(ckpt: Checkpoint, name: str) -> bool:
@@ -206,7 +166,7 @@ def _view_problem(stored: Stored, transform: Transform) -> str | None:
         return None
     import torch
 
-    from .dtypes import torch_dtype
+    from ..dtypes import torch_dtype
 
     meta = torch.empty(stored.shape, dtype=torch_dtype(stored.dtype), device="meta")
     try:
@@ -248,12 +208,16 @@ def check_device(device) -> str:
 # --- planning ---------------------------------------------------------------------------
 
 
-def plan(ckpt: Checkpoint, reqs: Sequence[Request], other: Checkpoint | None = None, *, device="cpu") -> Plan:
+def plan(
+    ckpt: Checkpoint, reqs: Sequence[Request], other: Checkpoint | None = None, *, device="cpu", new: bool = False
+) -> Plan:
     """Validate ``reqs`` as one plan over ``ckpt``: every problem is collected and raised
     together (``SurgeryError``); nothing is read.
 
     Copies take their source from ``other`` when it is given. ``device`` is where copies
-    and untied aliases are computed when the result is written or read.
+    and untied aliases are computed when the result is written or read. A destination
+    that does not exist yet but is one edit away from a name that does is refused as a
+    likely typo, unless ``new``.
     """
     problems: list[Problem | str] = []
     ops: list[Op] = []
@@ -294,11 +258,12 @@ def plan(ckpt: Checkpoint, reqs: Sequence[Request], other: Checkpoint | None = N
             if op is not None:
                 ops.append(op)
     ops = _dedupe_unties(ops)
+    if not new:
+        check_new_names(ckpt, [op.dst for op in ops if op.kind != "untie"], "destination", problems)
     if not problems:
         ops = ops + _implied_unties(ckpt, ops)
         problems.extend(_conflicts(ckpt, ops))
-    if problems:
-        raise SurgeryError(problems=problems, hint="nothing was written")
+    refuse(problems)
     check_device(device)
     return Plan(ckpt, ops, other, device)
 
@@ -340,13 +305,16 @@ def _pair_op(
     note = ""
     if replaces:
         dshape, ddtype = ckpt.shape_dtype(d)
-        if tuple(dshape) != value.shape or ddtype != dtype:
+        if kind == "tie" and (tuple(dshape) != value.shape or ddtype != dtype):
             own = None if user_t.is_identity else source_ckpt.shape_dtype(s)
-            problems.append(_misfit(label, kind, value.shape, dtype, d, tuple(dshape), ddtype, source=own))
+            problems.append(_misfit(label, value.shape, dtype, d, tuple(dshape), ddtype, source=own))
             return None
+        if (tuple(dshape), ddtype) != (value.shape, dtype):
+            note = f"was {ddtype} {_fmt_shape(dshape)}"
         if d in ckpt.aliases:
             a = ckpt.aliases[d]
-            note = f"was an alias of {a.source}" + (f" ({a.transform})" if not a.transform.is_identity else "")
+            was = f"was an alias of {a.source}" + (f" ({a.transform})" if not a.transform.is_identity else "")
+            note = f"{was}, {note.removeprefix('was ')}" if note else was
     elif _is_module_prefix(ckpt, d):
         problems.append(f"{label}: {d} is a module prefix in {ckpt.path or 'the checkpoint'}, not a tensor name")
         return None
@@ -450,19 +418,31 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None, device) ->
             aliases[op.dst] = op.value
         else:
             stored[op.dst] = ComputedStored(op.dst, op.value.base, op.value.transform, device=device)
-    files = list(ckpt.input_files)
-    if other is not None:
-        files += [f for f in other.input_files if f not in files]
-    result = Checkpoint(
-        stored=stored,
-        aliases=aliases,
-        metadata=dict(ckpt.metadata),
-        path=ckpt.path,
-        format=ckpt.format,
-        skipped=list(ckpt.skipped),
-        container=ckpt.container,
-        input_files=files,
-        changes=[*ckpt.changes, *ops],
-    )
-    result.check_invariants()
-    return result
+    return derive(ckpt, stored, aliases, ops, other=other)
+
+
+def verify_ties(ckpt: Checkpoint, src, dst, transform=None, *, atol: float = 0.0, rtol: float = 0.0) -> None:
+    """Refuse (``SurgeryError``) unless every ``dst`` already holds ``transform(src)`` within
+    ``atol``/``rtol``: a tie replaces the destination's values, and this proves none is lost."""
+    from ..compare import check
+
+    problems: list[Problem | str] = []
+    for req in requests("tie", src, dst, transform):
+        missing = [d for _, d in pair_names(ckpt, req.src, ckpt, req.dst) if d not in ckpt]
+        if missing:
+            problems.append(Problem(f"tie {req.src} -> {req.dst}: nothing to verify, {', '.join(missing)} is new"))
+            continue
+        report = check(ckpt, req.src, req.dst, transform=req.transform, atol=atol, rtol=rtol)
+        for pair in report.pairs:
+            if pair.equal:
+                continue
+            stats = pair.stats
+            detail = (
+                pair.reason
+                if stats is None
+                else (f"{stats.mismatched:,} of {stats.numel:,} elements differ, max |a-b| {stats.max_abs_diff:.3g}")
+            )
+            problems.append(
+                Problem(f"tie {pair.src} -> {pair.dst}: the values differ ({detail}; atol {atol:g}, rtol {rtol:g})")
+            )
+    refuse(problems)

@@ -1,0 +1,211 @@
+"""Verbs that fuse and unfuse tensors: ``concat`` / ``split`` (q, k, v <-> qkv) and
+``stack`` / ``unstack`` (per-layer names <-> one tensor with a layer axis, as Megatron
+stores layers).
+
+These verbs *move*: their sources are gone from the result (copy a source first to keep
+it). A source that aliases still use, or a destination that is the source of aliases,
+is refused: untie those first. The results are lazy entries, computed when written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ..checkpoint import Checkpoint, ComputedStored, Derived, Joined, Stored, natural_key
+from ..errors import Problem, UsageError
+from ..transforms import Reshape, Slice, Transform
+from .ops import Op, check_new_names, check_orphans, derive, refuse
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _dim(rank: int, dim: int, verb: str, problems: list) -> int | None:
+    if not -rank <= dim < max(rank, 1):
+        problems.append(Problem(f"{verb}: dim {dim} is out of range for {rank}-d tensors"))
+        return None
+    return dim % rank if rank else 0
+
+
+def _move(
+    ckpt: Checkpoint, sources: Sequence[str], made: dict[str, Stored], verb: str, problems: list, new: bool
+) -> tuple[dict[str, Stored], dict[str, Derived], list[str]]:
+    """Entries of the result: ``sources`` removed, ``made`` added; which names ``made``
+    replaces. Aliases left without their source, or over a replaced tensor, are problems."""
+    leaving = set(sources) | set(made)
+    check_orphans(ckpt, [*sources, *made], verb, problems)
+    if not new:
+        check_new_names(ckpt, made, verb, problems)
+    refuse(problems)
+    stored = {n: s for n, s in ckpt.stored.items() if n not in leaving}
+    stored.update(made)
+    aliases = {n: a for n, a in ckpt.aliases.items() if n not in leaving}
+    return stored, aliases, [n for n in made if n in ckpt]
+
+
+def _values(ckpt: Checkpoint, names: Sequence[str]) -> list[Derived]:
+    return [ckpt.value(n) for n in names]  # UnknownNameError for a name it does not hold
+
+
+def _agree(parts: Sequence[Derived], names: Sequence[str], dim: int | None, verb: str, problems: list) -> bool:
+    """Same dtype everywhere; same shape everywhere (but along ``dim``, when given)."""
+    first = parts[0]
+    ok = True
+    for n, p in zip(names, parts, strict=True):
+        if p.dtype != first.dtype:
+            problems.append(
+                Problem(f"{verb}: {n} is {p.dtype} but {names[0]} is {first.dtype}; cast first", suggest=())
+            )
+            ok = False
+        other = [d for i, d in enumerate(p.shape) if i != dim] if dim is not None else list(p.shape)
+        want = [d for i, d in enumerate(first.shape) if i != dim] if dim is not None else list(first.shape)
+        if len(p.shape) != len(first.shape) or other != want:
+            along = f" but along dim {dim}" if dim is not None else ""
+            problems.append(
+                Problem(
+                    f"{verb}: {n} has shape {_fmt(p.shape)} and {names[0]} {_fmt(first.shape)}; they must agree{along}"
+                )
+            )
+            ok = False
+    return ok
+
+
+def concat(ckpt: Checkpoint, srcs: Sequence[str], dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+    """``dst`` = the ``srcs`` concatenated along ``dim``; the sources are gone."""
+    srcs = list(srcs)
+    problems: list[Problem | str] = []
+    if len(srcs) < 2:
+        raise UsageError(f"concat takes at least two sources, got {len(srcs)}", param="src")
+    parts = _values(ckpt, srcs)
+    d = _dim(len(parts[0].shape), dim, "concat", problems)
+    if d is not None:
+        _agree(parts, srcs, d, "concat", problems)
+    refuse(problems)
+    joined = Joined(dst, parts, d)
+    stored, aliases, replaced = _move(ckpt, srcs, {dst: joined}, "concat", problems, new)
+    op = Op("concat", ", ".join(srcs), dst, joined, replaces=dst in replaced)
+    return derive(ckpt, stored, aliases, [op])
+
+
+def split(
+    ckpt: Checkpoint, src: str, dsts: Sequence[str], dim: int, sizes: Sequence[int], *, new: bool = False
+) -> Checkpoint:
+    """``dsts`` = consecutive pieces of ``src`` along ``dim`` of the given ``sizes``; ``src``
+    is gone (unless it is one of the pieces)."""
+    dsts, sizes = list(dsts), [int(s) for s in sizes]
+    problems: list[Problem | str] = []
+    value = ckpt.value(src)
+    if len(sizes) != len(dsts):
+        problems.append(Problem(f"split: {len(dsts)} destinations but {len(sizes)} sizes"))
+    if any(s < 0 for s in sizes):
+        problems.append(Problem(f"split: sizes must be >= 0, got {sizes}"))
+    d = _dim(len(value.shape), dim, "split", problems)
+    if d is not None and not problems and sum(sizes) != value.shape[d]:
+        problems.append(
+            Problem(
+                f"split: sizes {sizes} add up to {sum(sizes)} but dim {d} of {src} {_fmt(value.shape)} "
+                f"is {value.shape[d]}"
+            )
+        )
+    if len(set(dsts)) != len(dsts):
+        problems.append(Problem(f"split: a destination is named twice in {dsts}"))
+    refuse(problems)
+    made: dict[str, Stored] = {}
+    offset = 0
+    for name, size in zip(dsts, sizes, strict=True):
+        piece = Transform((Slice(d, offset, offset + size),))
+        made[name] = ComputedStored(name, value.base, value.transform.then(piece))
+        offset += size
+    stored, aliases, replaced = _move(ckpt, [src], made, "split", problems, new)
+    ops = [Op("split", src, n, made[n].value, replaces=n in replaced) for n in dsts]
+    return derive(ckpt, stored, aliases, ops)
+
+
+def _template(template: str, verb: str) -> tuple[str, str]:
+    if template.count("{i}") != 1:
+        raise UsageError(f"{verb}: the template {template!r} must hold {{i}} exactly once", param="template")
+    before, after = template.split("{i}")
+    return before, after
+
+
+def _indexed(ckpt: Checkpoint, template: str, verb: str, problems: list) -> dict[str, list[str]]:
+    """``{suffix: [name for i = 0, 1, ...]}`` for the names the template matches: the
+    template names tensors (suffix ``""``), or module prefixes (every tensor under them)."""
+    before, after = _template(template, verb)
+    whole = re.compile(re.escape(before) + r"(0|[1-9][0-9]*)" + re.escape(after) + r"(\..+)?")
+    found: dict[str, dict[int, str]] = {}
+    for name in ckpt.names():
+        m = whole.fullmatch(name)
+        if m:
+            found.setdefault((m.group(2) or "").lstrip("."), {})[int(m.group(1))] = name
+    exact = found.pop("", None)
+    groups = {"": exact} if exact else found
+    if not groups:
+        problems.append(Problem(f"{verb}: the template {template!r} matches no tensor name or module prefix"))
+        return {}
+    out: dict[str, list[str]] = {}
+    for suffix, by_index in sorted(groups.items(), key=lambda kv: natural_key(kv[0])):
+        n = max(by_index) + 1
+        missing = [i for i in range(n) if i not in by_index]
+        if missing:
+            where = f" for .{suffix}" if suffix else ""
+            problems.append(Problem(f"{verb}: {template!r} has no i = {', '.join(map(str, missing[:10]))}{where}"))
+            continue
+        out[suffix] = [by_index[i] for i in range(n)]
+    counts = {len(v) for v in out.values()}
+    if len(counts) > 1:
+        problems.append(
+            Problem(f"{verb}: the tensors under {template!r} do not come in equal numbers: {sorted(counts)}")
+        )
+    return out
+
+
+def _join(base: str, suffix: str) -> str:
+    return f"{base}.{suffix}" if suffix else base
+
+
+def stack(ckpt: Checkpoint, template: str, dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+    """``dst`` = the tensors ``template`` names (``'layers.{i}.fc1.weight'``, i = 0, 1, ...)
+    stacked on a new axis ``dim``. A template of module prefixes (``'layers.{i}'``) stacks
+    every tensor under them into ``dst.<suffix>``. The sources are gone."""
+    problems: list[Problem | str] = []
+    groups = _indexed(ckpt, template, "stack", problems)
+    made: dict[str, Stored] = {}
+    sources: list[str] = []
+    for suffix, names in groups.items():
+        parts = _values(ckpt, names)
+        d = _dim(len(parts[0].shape) + 1, dim, "stack", problems)
+        if d is not None and _agree(parts, names, None, "stack", problems):
+            made[_join(dst, suffix)] = Joined(_join(dst, suffix), parts, d, new_axis=True)
+        sources += names
+    refuse(problems)
+    stored, aliases, replaced = _move(ckpt, sources, made, "stack", problems, new)
+    ops = [Op("stack", template, n, j, replaces=n in replaced) for n, j in made.items()]
+    return derive(ckpt, stored, aliases, ops)
+
+
+def unstack(ckpt: Checkpoint, src: str, template: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+    """The reverse of :func:`stack`: ``template`` with i = 0 .. n-1 names the slices of
+    ``src`` along ``dim`` (that axis removed). A module prefix ``src`` unstacks every
+    tensor under it into ``<template>.<suffix>``. ``src`` is gone."""
+    _template(template, "unstack")
+    problems: list[Problem | str] = []
+    made: dict[str, Stored] = {}
+    sources: list[str] = []
+    for name, suffix in ckpt.resolve(src):  # UnknownNameError for a name it does not hold
+        value = ckpt.value(name)
+        d = _dim(len(value.shape), dim, "unstack", problems)
+        if d is None:
+            continue
+        rest = value.shape[:d] + value.shape[d + 1 :]
+        for i in range(value.shape[d]):
+            out = _join(template.replace("{i}", str(i)), suffix)
+            piece = Transform((Slice(d, i, i + 1), Reshape(rest)))
+            made[out] = ComputedStored(out, value.base, value.transform.then(piece))
+        sources.append(name)
+    refuse(problems)
+    stored, aliases, replaced = _move(ckpt, sources, made, "unstack", problems, new)
+    ops = [Op("unstack", src, n, s.value, replaces=n in replaced) for n, s in made.items()]
+    return derive(ckpt, stored, aliases, ops)

@@ -1,0 +1,235 @@
+"""What every verb shares: the planned step (``Op``), building the new checkpoint, choosing
+names by name / module prefix / glob, and refusing new names that look like typos.
+
+Invariants every verb keeps (``Checkpoint.check_invariants`` checks them on the result):
+a name is stored or an alias, never both; every alias's base is the stored tensor of its
+source name. A verb never reads tensor data: it only builds lazy entries.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..checkpoint import Checkpoint, Derived, Stored, natural_key
+from ..errors import Problem, SurgeryError
+
+
+@dataclass(frozen=True)
+class Op:
+    """One planned step: ``dst`` becomes ``value`` (a :class:`Derived` over one stored tensor,
+    a stored entry such as a concatenation, or None for a drop)."""
+
+    kind: str  # tie | copy | untie | rename | drop | cast | concat | split | stack | unstack
+    src: str  # what the step was asked about (the name the user addressed)
+    dst: str
+    value: Derived | Stored | None
+    replaces: bool = False  # dst existed before
+    origin: str | None = None  # the other checkpoint's path when the source comes from it
+    note: str = ""
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The stored tensors the value comes from (after following aliases)."""
+        v = self.value
+        if v is None:
+            return ()
+        if isinstance(v, Derived):
+            return (v.source,)
+        return tuple(getattr(v, "sources", (v.name,)))
+
+    @property
+    def base(self) -> str:
+        """The stored source's name (several joined by commas)."""
+        return ", ".join(self.sources)
+
+    @property
+    def how(self) -> str:
+        """The transform (or join) that makes the value, as text."""
+        v = self.value
+        if isinstance(v, Derived):
+            return str(v.transform)
+        return getattr(v, "label", "same") if v is not None else "-"
+
+    def describe(self) -> dict:
+        v = self.value
+        return {
+            "op": self.kind,
+            "src": self.src,
+            "dst": self.dst,
+            "source": self.base,
+            "checkpoint": self.origin,
+            "transform": v.specs if isinstance(v, Derived) else ([] if v is None else [self.how]),
+            "shape": None if v is None else list(v.shape),
+            "dtype": None if v is None else v.dtype,
+            "replaces": self.replaces,
+            "note": self.note,
+        }
+
+
+def refuse(problems: Sequence[Problem | str]) -> None:
+    """Raise every problem at once, if there is one."""
+    if problems:
+        raise SurgeryError(problems=problems, hint="nothing was written")
+
+
+def derive(
+    ckpt: Checkpoint,
+    stored: dict[str, Stored],
+    aliases: dict[str, Derived],
+    ops: Sequence[Op],
+    *,
+    other: Checkpoint | None = None,
+) -> Checkpoint:
+    """A new checkpoint: ``ckpt``'s metadata and provenance, these entries, ``ops`` appended
+    to its changes. Checks the invariants."""
+    files = list(ckpt.input_files)
+    if other is not None:
+        files += [f for f in other.input_files if f not in files]
+    result = Checkpoint(
+        stored=stored,
+        aliases=aliases,
+        metadata=dict(ckpt.metadata),
+        path=ckpt.path,
+        format=ckpt.format,
+        skipped=list(ckpt.skipped),
+        container=ckpt.container,
+        input_files=files,
+        changes=[*ckpt.changes, *ops],
+    )
+    result.check_invariants()
+    return result
+
+
+def dependents(ckpt: Checkpoint, name: str) -> list[str]:
+    """The aliases whose stored source is ``name``, in natural order."""
+    return sorted((n for n, a in ckpt.aliases.items() if a.source == name), key=natural_key)
+
+
+def check_orphans(ckpt: Checkpoint, leaving: Iterable[str], verb: str, problems: list) -> None:
+    """A stored tensor that leaves (dropped, moved, replaced) while aliases that stay use
+    it is a problem naming them."""
+    leaving = dict.fromkeys(leaving)
+    for name in leaving:
+        users = [a for a in dependents(ckpt, name) if a not in leaving]
+        if users:
+            them = "them" if len(users) > 1 else "it"
+            problems.append(
+                Problem(
+                    f"{verb}: {name} is the stored source of {', '.join(users)}, which would be left without it; "
+                    f"untie or drop {them} too",
+                    use="untie",
+                    names=(name, *users),
+                )
+            )
+
+
+def matches(ckpt: Checkpoint, pattern: str) -> list[str]:
+    """The names ``pattern`` selects: itself if it is a name, else every name under it as a
+    module prefix, else every name it matches as a glob (``*``, ``?``, ``[...]``)."""
+    if pattern in ckpt:
+        return [pattern]
+    prefix = pattern.rstrip(".") + "."
+    under = [n for n in ckpt.names() if n.startswith(prefix)]
+    if under:
+        return under
+    if any(c in pattern for c in "*?["):
+        return [n for n in ckpt.names() if fnmatch.fnmatchcase(n, pattern)]
+    return []
+
+
+def select(ckpt: Checkpoint, patterns: Iterable[str], verb: str, problems: list) -> list[str]:
+    """Every name the patterns select, in natural order; a pattern that selects nothing is
+    a problem."""
+    chosen: set[str] = set()
+    for pattern in patterns:
+        found = matches(ckpt, pattern)
+        if not found:
+            problems.append(Problem(f"{verb}: {pattern!r} matches no tensor name, module prefix or glob"))
+        chosen.update(found)
+    return sorted(chosen, key=natural_key)
+
+
+# --- new names that look like typos ----------------------------------------------------
+
+_INDEX_LIMIT = 5_000_000  # characters of names indexed for the typo check; past it, siblings only
+
+
+def _component(text: str, i: int) -> str:
+    """The dot-separated part of ``text`` that holds position ``i``."""
+    start = text.rfind(".", 0, i) + 1
+    end = text.find(".", i)
+    return text[start : len(text) if end < 0 else end]
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """``a`` and ``b`` differ by one insertion, deletion, substitution or swap of two
+    neighbouring characters inside a word of at least four characters, and not only in
+    digits: ``layers.12`` beside ``layers.1`` is a new layer and ``attn.k`` beside
+    ``attn.q`` another projection, but ``lm_head.wieght`` is a typo."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    ja, jb = len(a), len(b)
+    while ja > i and jb > i and a[ja - 1] == b[jb - 1]:
+        ja, jb = ja - 1, jb - 1
+    da, db = a[i:ja], b[i:jb]
+    swapped = len(da) == len(db) == 2 and da == db[::-1]
+    if not (max(len(da), len(db)) == 1 or swapped):
+        return False
+    if (da + db).isdigit() or "." in da + db:
+        return False
+    return min(len(_component(a, i)), len(_component(b, i))) >= 4
+
+
+def _deletions(text: str) -> set[str]:
+    return {text} | {text[:i] + text[i + 1 :] for i in range(len(text))}
+
+
+class NameIndex:
+    """Existing names, indexed to find those one edit (or a change of case) away from a
+    new name."""
+
+    def __init__(self, names: Iterable[str]):
+        self.names = list(names)
+        self.lower: dict[str, list[str]] = {}
+        for n in self.names:
+            self.lower.setdefault(n.lower(), []).append(n)
+        self.by_deletion: dict[str, list[str]] | None = None
+        if sum(len(n) for n in self.names) <= _INDEX_LIMIT:
+            self.by_deletion = {}
+            for n in self.names:
+                for d in _deletions(n):
+                    self.by_deletion.setdefault(d, []).append(n)
+
+    def close_to(self, name: str) -> list[str]:
+        found = [n for n in self.lower.get(name.lower(), []) if n != name]
+        if self.by_deletion is not None:
+            pool = {c for d in _deletions(name) for c in self.by_deletion.get(d, [])}
+        else:  # a huge checkpoint: compare with the names of the same module only
+            parent = name.rpartition(".")[0]
+            pool = {n for n in self.names if n.rpartition(".")[0] == parent}
+        found += [n for n in pool if _one_edit(name, n) and n not in found]
+        return sorted(found, key=natural_key)
+
+
+def check_new_names(ckpt: Checkpoint, names: Iterable[str], verb: str, problems: list) -> None:
+    """A new name one edit (or a change of case) away from an existing one is probably a
+    typo: a problem with the close names, unless the caller said the names are new."""
+    fresh = [n for n in names if n not in ckpt]
+    if not fresh:
+        return
+    index = NameIndex(ckpt.names())
+    for n in fresh:
+        close = index.close_to(n)
+        if close:
+            problems.append(
+                Problem(
+                    f"{verb}: {n!r} is a new name, one edit away from {', '.join(map(repr, close[:3]))} (a typo?)",
+                    new_name=True,
+                    names=(n, *close[:3]),
+                )
+            )

@@ -1,0 +1,69 @@
+"""``cast``: floating tensors to another floating dtype, ties kept (a tied source is cast
+once and its aliases follow it)."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from .. import dtypes
+from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored
+from ..errors import Problem
+from ..transforms import Cast, Transform
+from .ops import Op, derive, refuse
+
+
+def _chosen(name: str, only: Sequence[str], exclude: Sequence[str]) -> bool:
+    def hit(globs):
+        return any(fnmatch.fnmatchcase(name, g) or name.startswith(g.rstrip(".") + ".") or name == g for g in globs)
+
+    return (not only or hit(only)) and not hit(exclude)
+
+
+def cast(
+    ckpt: Checkpoint,
+    dtype: str,
+    *,
+    only: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    device="cpu",
+) -> Checkpoint:
+    """Cast the floating tensors (never integers or bool) to the floating ``dtype``.
+
+    ``only`` / ``exclude`` choose names by glob or module prefix. A tie group (a stored
+    tensor and its aliases) is cast as a whole; a group whose names the globs split
+    (the source chosen and an alias not, or the other way round) is refused.
+    """
+    problems: list[Problem | str] = []
+    entry = dtypes.lookup(str(dtype))
+    if entry is None or entry.kind != "float":
+        valid = ", ".join(d for d, e in dtypes.BY_NAME.items() if e.kind == "float")
+        refuse([Problem(f"cast: {dtype!r} is not a floating dtype; cast takes one of {valid}")])
+    target = entry.name
+    step = Transform((Cast(target),))
+    stored: dict[str, Stored] = dict(ckpt.stored)
+    ops: list[Op] = []
+    for name, s in ckpt.stored.items():
+        if dtypes.BY_NAME[s.dtype].kind != "float":
+            continue
+        chosen = _chosen(name, only, exclude)
+        split = [a for a, d in ckpt.aliases.items() if d.source == name and _chosen(a, only, exclude) != chosen]
+        if split:
+            problems.append(
+                Problem(
+                    f"cast: {name} and its alias{'es' if len(split) > 1 else ''} {', '.join(split)} are tied, "
+                    "but the names chosen to cast split them; untie first or choose the whole group",
+                    use="untie",
+                    names=(name, *split),
+                )
+            )
+            continue
+        if chosen and s.dtype != target:
+            stored[name] = ComputedStored(name, s, step, device=device)
+            ops.append(Op("cast", name, name, stored[name].value, replaces=True, note=f"was {s.dtype}"))
+    refuse(problems)
+    aliases = {
+        n: (a if stored[a.source] is a.base else Derived.of(stored[a.source], a.transform))
+        for n, a in ckpt.aliases.items()
+    }
+    return derive(ckpt, stored, aliases, ops)
