@@ -320,3 +320,24 @@ def test_no_command_modifies_a_distributed_input(cli, fixtures, tmp_path, name):
         assert code in (0, 1, 3, 4, 5), (args, code, err)
     assert sha256(src) == before
     assert sorted(os.listdir(src.parent)) == listing, "a command wrote beside its input"
+
+
+@pytest.mark.parametrize("name", ["megatron_tiny", "nemo2_tiny/weights", "megatron_tiny.nemo"])
+def test_apply_unstacks_megatron_layers(cli, fixtures, tmp_path, name):
+    """A recipe over a distributed input: Megatron's stacked layers become per-layer names."""
+    recipe = tmp_path / "unstack.yaml"
+    recipe.write_text(
+        "version: 1\n"
+        "inputs: {ckpt: in}\n"
+        "steps:\n"
+        + ("  - rename: {pattern: '^module\\.', to: ''}\n" if name.startswith("nemo2") else "")
+        + "  - unstack: {src: decoder.layers.mlp.linear_fc1.weight, dst: 'decoder.layers.{i}.mlp.linear_fc1.weight'}\n"
+        "expect:\n"
+        "  - {name: decoder.layers.1.mlp.linear_fc1.weight, shape: [16, 8]}\n"
+    )
+    out = tmp_path / "out.safetensors"
+    code, _, err = cli("apply", recipe, fixtures / name, "-o", out)
+    assert code == 0, err
+    stacked = wsurgery.load_state_dict(fixtures / "megatron_tiny")["decoder.layers.mlp.linear_fc1.weight"]
+    got = wsurgery.load_state_dict(out)
+    assert all(torch.equal(got[f"decoder.layers.{i}.mlp.linear_fc1.weight"], stacked[i]) for i in range(2))
