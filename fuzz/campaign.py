@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     from hypothesis import settings
 
     import tests.test_fuzz as fuzz
+    from fuzz.distributed import TARGETS as DISTRIBUTED_TARGETS
+
+    fuzz.TARGETS.update(DISTRIBUTED_TARGETS)  # DCP, Megatron and .nemo layouts (fuzz/distributed.py)
 
     names = args.target or list(fuzz.TARGETS)
     unknown = [n for n in names if n not in fuzz.TARGETS]

@@ -23,12 +23,16 @@ def open(path: PathLike) -> Checkpoint:  # noqa: A001 - the safe_open idiom
     """Open a checkpoint lazily: names, dtypes, shapes, aliases and metadata, no tensor data.
 
     Reads safetensors (one file, or a sharded index or its folder) and torch.save files
-    (never executing pickled code). The format comes from the file's first bytes. Use it
-    as a context manager, so its files are released at the end.
+    (never executing pickled code), and distributed checkpoints: DCP folders, DCP's
+    safetensors shards, Megatron-Core / NeMo 2 ``torch_dist`` folders, NeMo 1 ``.nemo``
+    archives. The format comes from the file's first bytes (a folder's from its
+    structure). Use it as a context manager, so its files are released at the end.
 
     Args:
         path: a ``.safetensors`` file, a ``*.safetensors.index.json`` or the folder
-            holding one, or a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``).
+            holding one, a torch file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), a DCP,
+            Megatron or NeMo 2 checkpoint folder, a ``.nemo`` archive, or one rank of a
+            model-parallel ``.nemo`` (``model.nemo/mp_rank_01``).
 
     Returns:
         A lazy :class:`~wsurgery.Checkpoint`.

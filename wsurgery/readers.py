@@ -114,11 +114,15 @@ def load_torch(path: str, fmt: str) -> Checkpoint:
 
 def load(path) -> Checkpoint:
     """Open any checkpoint lazily; the format comes from the file's first bytes. A folder
-    is read as a whole (``formats.hf``): its weights, its ``config.json`` if any, and the
-    other files a folder output carries over."""
+    is what its structure says: a distributed layout (DCP, Megatron / NeMo 2, DCP's
+    safetensors shards), else a model folder read as a whole (``formats.hf``): its
+    weights, its ``config.json`` if any, and the other files a folder output carries."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        return load_folder(path)
+        from .formats.layouts import folder_format
+
+        layout = folder_format(path)
+        return _load_file(layout, path) if layout is not None else load_folder(path)
     return _load_file(*_sniff.sniff(path))
 
 
@@ -127,6 +131,10 @@ def _load_file(fmt: str, real: str) -> Checkpoint:
         return load_safetensors(real)
     if fmt == _sniff.SHARDED:
         return load_sharded(real)
+    if fmt in _sniff.DISTRIBUTED:  # DCP, Megatron / NeMo 2 folders, .nemo archives
+        from .readers_distributed import load_distributed
+
+        return load_distributed(real, fmt)
     return load_torch(real, fmt)
 
 

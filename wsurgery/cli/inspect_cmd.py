@@ -101,8 +101,14 @@ def inspect(
     Example: wsurgery inspect model.safetensors --tree
     """
     from ..api import open as open_checkpoint
+    from ..formats.layouts import ModelParallelArchiveError
 
-    with open_checkpoint(ckpt) as c:
+    try:
+        c = open_checkpoint(ckpt)
+    except ModelParallelArchiveError as exc:  # a .nemo of several ranks: list them
+        _report_ranks(exc, ckpt, json_out)
+        return 0
+    with c:
         _report(c, ckpt, tree, filter, json_out)
     return 0
 
@@ -110,6 +116,51 @@ def inspect(
 def _print_lines(con, lines: list[str]) -> None:
     """Plain lines, as they are (already escaped): one write, never wrapped or cut."""
     con.file.write("\n".join(lines) + "\n")
+
+
+def _report_ranks(exc, ckpt: Path, json_out: bool) -> None:
+    metadata = {"nemo.ranks": ", ".join(exc.ranks)}
+    if exc.config is not None:
+        metadata["nemo.model_config"] = exc.config
+    if json_out:
+        emit_json(
+            {
+                "schema": "wsurgery.inspect/1",
+                "path": str(ckpt),
+                "format": "nemo",
+                "tensors": [],
+                "total_params": 0,
+                "total_bytes": 0,
+                "metadata": metadata,
+                "skipped": [],
+                "ranks": [{"rank": r, "member": m} for r, m in zip(exc.ranks, exc.members, strict=True)],
+            }
+        )
+        return
+    con = console()
+    print_table(con, ["rank", "member"], [[r, m] for r, m in zip(exc.ranks, exc.members, strict=True)])
+    con.print(f"nemo: a model-parallel archive of {_plural(len(exc.ranks), 'rank')}", markup=False)
+    _print_metadata(con, metadata)
+    con.print(safe(f"wsurgery reads one rank at a time: wsurgery inspect {ckpt}/{exc.ranks[0]}"), markup=False)
+
+
+_BLOCK_LINES = 40
+
+
+def _print_metadata(con, metadata: dict) -> None:
+    """One line of ``key=value``; values of several lines (a model config) as blocks after it."""
+    short = {k: v for k, v in sorted(metadata.items()) if "\n" not in v}
+    if short:
+        con.print("metadata: " + safe(", ".join(f"{k}={v}" for k, v in short.items())), markup=False)
+    for key, value in sorted(metadata.items()):
+        if key in short:
+            continue
+        lines = value.rstrip("\n").split("\n")
+        con.print(safe(f"{key}:"), markup=False)
+        for line in lines[:_BLOCK_LINES]:
+            con.print("  " + safe(line), markup=False)
+        if len(lines) > _BLOCK_LINES:
+            con.print(f"  ... {len(lines) - _BLOCK_LINES} more lines (--json shows all)", markup=False)
 
 
 def _alias_text(c: Checkpoint, name: str) -> str:
@@ -174,7 +225,7 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
     for dtype, (n, numel, nbytes) in sorted(per_dtype.items()):
         con.print(f"  {dtype}: {_plural(n, 'tensor')}, {numel:,} params, {human_bytes(nbytes)}", markup=False)
     if c.metadata:
-        con.print("metadata: " + safe(", ".join(f"{k}={v}" for k, v in sorted(c.metadata.items()))), markup=False)
+        _print_metadata(con, c.metadata)
     if c.skipped:
         con.print(
             f"skipped (not tensors): {len(c.skipped)}: "

@@ -7,6 +7,17 @@ import stat
 import struct
 
 from ..errors import InputError
+from .layouts import (  # noqa: F401  (the new kinds)
+    DCP,
+    DCP_SAFETENSORS,
+    DISTRIBUTED,
+    MEGATRON,
+    NEMO,
+    NEMO2,
+    folder_format,
+    is_archive,
+    split_archive_path,
+)
 
 SAFETENSORS = "safetensors"
 SHARDED = "safetensors-sharded"
@@ -38,8 +49,13 @@ def find_index(folder: str) -> str:
 def sniff(path: str) -> tuple[str, str]:
     """Return ``(format, path)``; a folder resolves to its index file."""
     if not os.path.exists(path):
+        if split_archive_path(path) is not None:  # one rank of a .nemo: model.nemo/mp_rank_01
+            return NEMO, path
         raise InputError(f"{path}: no such file or folder")
     if os.path.isdir(path):
+        layout = folder_format(path)  # DCP, Megatron / NeMo 2, DCP's safetensors shards
+        if layout is not None:
+            return layout, path
         path = find_index(path)
         if not path.endswith(INDEX_SUFFIX):
             return SAFETENSORS, path
@@ -50,6 +66,7 @@ def sniff(path: str) -> tuple[str, str]:
             )
         with open(path, "rb") as f:
             head = f.read(16)
+            block = head + f.read(496)  # a tar header's magic lies at byte 257
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
@@ -60,6 +77,8 @@ def sniff(path: str) -> tuple[str, str]:
         return SAFETENSORS, path
     if head[:1] == b"\x80":  # a pickle PROTO opcode: the legacy torch.save format
         return TORCH_LEGACY, path
+    if is_archive(block):  # a NeMo 1 .nemo: tar or tar.gz (neither has "{" at byte 8 nor 0x80 at 0)
+        return NEMO, path
     stripped = head.lstrip()
     if stripped.startswith(b"{"):
         return SHARDED, path
@@ -72,5 +91,5 @@ def sniff(path: str) -> tuple[str, str]:
         return SAFETENSORS, path
     raise InputError(
         f"{path}: not a checkpoint wsurgery can read (first bytes {head[:8].hex()})",
-        hint="expected safetensors, a sharded index, or a torch.save file",
+        hint="expected safetensors, a sharded index, a torch.save file, or a .nemo archive",
     )

@@ -1,0 +1,282 @@
+"""Checkpoints from distributed layouts: DCP folders, DCP's safetensors layout,
+Megatron-Core ``torch_dist`` folders, NeMo 2 checkpoint folders and NeMo 1 ``.nemo``
+archives, each opened lazily as a ``Checkpoint``.
+
+Opening reads metadata only (``.metadata``, safetensors headers, ``metadata.json``,
+``model_config.yaml``; ``common.pt`` and a ``.nemo``'s ``model_weights.ckpt`` through the
+safe pickle path, memory-mapped). A DCP tensor is a :class:`ChunkedStored`: its chunks
+are read and assembled when the tensor is asked for, one tensor at a time; a tensor held
+whole by one chunk whose bytes lie verbatim in a file is written by copying those bytes.
+
+For a later DCP writer or a rank-split diff: :func:`open_layout` gives the tensors as
+``formats.dcp.TensorPlan`` objects (dtype, global shape, chunk boxes and their sources),
+without building a ``Checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .checkpoint import Checkpoint, Stored
+from .errors import InputError
+from .formats import layouts
+from .formats.dcp import (
+    MEGATRON_COMMON,
+    Layout,
+    Resources,
+    TensorPlan,
+    megatron_metadata,
+    open_dcp,
+    open_dcp_safetensors,
+)
+from .formats.folders import DirFolder, Folder
+from .formats.writer import write_all
+
+MAX_CONFIG = 1 << 20
+MAX_LISTED = 50
+
+
+class ChunkedStored(Stored):
+    """A tensor of a distributed checkpoint: assembled from its chunks when read.
+
+    ``tensor()`` reads each chunk (through the safe pickle path for ``torch.save`` blobs)
+    and copies it into its box; memory holds the tensor and one chunk. ``write(f)``
+    copies the bytes of a tensor that one chunk holds whole, in the kernel, when they lie
+    verbatim in a file. ``file`` is what :meth:`Checkpoint.close` releases.
+    """
+
+    def __init__(self, plan: TensorPlan, resources: Resources, name: str | None = None):
+        self.plan, self.file = plan, resources
+        self.name, self.dtype, self.shape = name or plan.name, plan.dtype, plan.shape
+
+    def raw_location(self):
+        one = self.plan.whole()
+        return None if one is None else one.raw_location()
+
+    def tensor(self, device="cpu"):
+        t = self.plan.tensor()
+        return t if str(device) == "cpu" else t.to(device)
+
+    def write(self, f) -> None:
+        one = self.plan.whole()
+        if one is not None:
+            one.write_to(f)
+        else:
+            write_all(f, self.plan.array().reshape(-1))
+
+
+def _checkpoint(layout: Layout, path: str, fmt: str) -> Checkpoint:
+    stored: dict[str, Stored] = {n: ChunkedStored(p, layout.resources) for n, p in layout.tensors.items()}
+    return Checkpoint(
+        stored,
+        {},
+        dict(layout.metadata),
+        path=path,
+        format=fmt,
+        skipped=list(layout.skipped),
+        input_files=[os.path.abspath(p) for p in layout.input_files],
+    )
+
+
+def _torch_file(folder: Folder, name: str):
+    """A torch checkpoint inside a folder (a file, or an archive member), safely loaded."""
+    from .formats.pickles import load_pickle
+    from .formats.ranges import ByteRange, load_state_dict
+
+    loc = folder.locate(name)
+    with open(loc.path, "rb") as f:
+        f.seek(loc.offset)
+        head = f.read(2)
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise InputError(f"{folder.shown(name)}: not a torch.save file (first bytes {head.hex()})")
+    if loc.offset == 0 and loc.size == os.path.getsize(loc.path):
+        return load_pickle(loc.path, zip_format=head == b"PK")
+    return load_state_dict(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
+
+
+def _add_torch_file(ckpt: Checkpoint, folder: Folder, name: str, *, prefix_skipped: bool) -> None:
+    """Merge the tensors (and skipped entries) of a torch file into ``ckpt``."""
+    from .readers import from_tensors
+
+    result = _torch_file(folder, name)
+    inner = from_tensors(result.tensors, path=folder.shown(name), fmt=ckpt.format)
+    clash = sorted(set(inner.stored).union(inner.aliases) & set(ckpt.stored))
+    if clash:
+        raise InputError(f"{folder.shown(name)}: tensor {clash[0]!r} is also a tensor of the distributed checkpoint")
+    ckpt.stored.update(inner.stored)
+    ckpt.aliases.update(inner.aliases)
+    ckpt.skipped.extend(f"{name}: {s}" if prefix_skipped else s for s in result.skipped)
+    ckpt.container = result.container
+
+
+def _text(folder: Folder, name: str) -> str:
+    return folder.read(name, MAX_CONFIG).decode("utf-8", "replace")
+
+
+def open_layout(folder: Folder, fmt: str, resources: Resources | None = None) -> Layout:
+    """The tensors of a DCP-based folder as chunk plans, validated, no data read.
+
+    Args:
+        folder: a DCP, DCP-safetensors or Megatron ``torch_dist`` folder (on disk or in an
+            archive).
+        fmt: its layout (``formats.layouts.DCP``, ``DCP_SAFETENSORS`` or ``MEGATRON``).
+        resources: files to share with other parts of one checkpoint.
+
+    Returns:
+        A ``formats.dcp.Layout``: ``tensors`` maps each name to a ``TensorPlan`` (dtype,
+        global shape, chunk boxes with their sources), with ``skipped``, ``metadata`` and
+        ``input_files``.
+
+    Example:
+        >>> layout = open_layout(DirFolder("ckpt"), "dcp")             # doctest: +SKIP
+        >>> [c.offsets for c, _ in layout.tensors["w"].chunks]         # doctest: +SKIP
+        [(0, 0), (16, 0)]
+    """
+    if fmt == layouts.DCP_SAFETENSORS:
+        return open_dcp_safetensors(folder, [n for n in folder.names() if "/" not in n and n.endswith(".safetensors")])
+    if fmt == layouts.MEGATRON:
+        info = megatron_metadata(folder)
+        layout = open_dcp(folder, resources)
+        layout.metadata.update({f"megatron.{k}": str(v) for k, v in sorted(info.items()) if isinstance(v, (str, int))})
+        layout.input_files.append(folder.locate("metadata.json").path)
+        return layout
+    return open_dcp(folder, resources)
+
+
+def _megatron(folder: Folder, path: str, fmt: str, res: Resources | None = None) -> Checkpoint:
+    layout = open_layout(folder, layouts.MEGATRON, res)
+    ckpt = _checkpoint(layout, path, fmt)
+    if folder.exists(MEGATRON_COMMON):
+        _add_torch_file(ckpt, folder, MEGATRON_COMMON, prefix_skipped=True)
+        ckpt.input_files.append(os.path.abspath(folder.locate(MEGATRON_COMMON).path))
+    ckpt.input_files = sorted(set(ckpt.input_files))
+    return ckpt
+
+
+def _weights_folder(folder: Folder, path: str, fmt: str, res: Resources | None = None) -> Checkpoint:
+    """A torch_dist folder, or a bare DCP folder."""
+    if folder.exists("metadata.json"):
+        return _megatron(folder, path, fmt, res)
+    if not folder.exists(".metadata"):
+        raise InputError(f"{folder.root}: neither a torch_dist (metadata.json) nor a DCP (.metadata) checkpoint")
+    return _checkpoint(open_layout(folder, layouts.DCP, res), path, fmt)
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
+
+
+def load_nemo2(path: str) -> Checkpoint:
+    """A NeMo 2 checkpoint folder: ``weights/`` (torch_dist) read, ``context/`` shown.
+
+    Args:
+        path: the folder holding ``weights/`` and ``context/``.
+
+    Returns:
+        A lazy ``Checkpoint``; ``metadata`` lists the context files (``nemo.context``) and
+        holds ``context/model.yaml``'s text (``nemo.model_config``) when there is one.
+
+    Example:
+        >>> ckpt = load_nemo2("nemo2_ckpt")  # doctest: +SKIP
+    """
+    top = DirFolder(path)
+    ckpt = _weights_folder(top.sub("weights"), path, layouts.NEMO2)
+    context = top.sub("context")
+    names = context.names() if os.path.isdir(context.root) else []
+    if names:
+        ckpt.metadata["nemo.context"] = _listing(names)
+    if "model.yaml" in names:
+        ckpt.metadata["nemo.model_config"] = _text(context, "model.yaml")
+    return ckpt
+
+
+def load_nemo(path: str) -> Checkpoint:
+    """A NeMo 1 ``.nemo`` archive (tar or tar.gz), or one rank of it (``model.nemo/mp_rank_01``).
+
+    Args:
+        path: the archive, or the archive followed by a model-parallel rank folder.
+
+    Returns:
+        A lazy ``Checkpoint`` of ``model_weights.ckpt`` (or of a ``model_weights/``
+        torch_dist folder), read from inside the archive; ``metadata`` holds
+        ``model_config.yaml`` (``nemo.model_config``) and the ranks (``nemo.ranks``,
+        ``nemo.rank``).
+
+    Raises:
+        ModelParallelArchiveError: several ranks and none chosen (an InputError that
+            lists them).
+        InputError: an unsafe or malformed archive, a missing rank or weights file.
+
+    Example:
+        >>> ckpt = load_nemo("megatron_gpt.nemo/mp_rank_00")  # doctest: +SKIP
+    """
+    from .formats.layouts import ModelParallelArchiveError
+    from .formats.nemo import DIST_WEIGHTS, WEIGHTS, open_archive
+
+    archive_path, rank = path, None
+    if not os.path.exists(path):
+        split = layouts.split_archive_path(path)
+        if split is None:
+            raise InputError(f"{path}: no such file or folder")
+        archive_path, rank = split
+    arc = open_archive(archive_path, rank)
+    keep = False
+    try:
+        ranks = arc.ranks
+        config = arc.config_text()
+        if rank is not None and rank not in ranks:
+            raise InputError(
+                f"{archive_path}: no rank folder {rank!r} holding {WEIGHTS}"
+                + (f"; it holds {_listing(ranks)}" if ranks else "; it is not a model-parallel archive"),
+            )
+        if rank is None and WEIGHTS not in arc.names and not any(n.startswith(DIST_WEIGHTS + "/") for n in arc.names):
+            if len(ranks) > 1:
+                raise ModelParallelArchiveError(archive_path, ranks, [f"{r}/{WEIGHTS}" for r in ranks], config)
+            if not ranks:
+                raise InputError(f"{archive_path}: the archive holds no {WEIGHTS}: not a NeMo checkpoint")
+            rank = ranks[0]
+        shown = archive_path if rank is None else f"{archive_path}/{rank}"
+        if rank is None and WEIGHTS not in arc.names:
+            res = Resources()
+            res.cleanups.append(arc.close)
+            keep = True
+            ckpt = _weights_folder(arc.folder.sub(DIST_WEIGHTS), shown, layouts.NEMO, res)
+        else:
+            member = WEIGHTS if rank is None else f"{rank}/{WEIGHTS}"
+            ckpt = Checkpoint({}, {}, {}, path=shown, format=layouts.NEMO)
+            _add_torch_file(ckpt, arc.folder, member, prefix_skipped=False)
+        if config is not None:
+            ckpt.metadata["nemo.model_config"] = config
+        if ranks:
+            ckpt.metadata["nemo.ranks"] = _listing(ranks)
+        if rank is not None:
+            ckpt.metadata["nemo.rank"] = rank
+        ckpt.input_files = [os.path.abspath(archive_path)]
+        return ckpt
+    finally:
+        if not keep:
+            arc.close()  # a decompressed weights file stays readable through its mapping
+
+
+def load_distributed(path: str, fmt: str) -> Checkpoint:
+    """Open a checkpoint of a distributed layout (``formats.layouts.DISTRIBUTED``) lazily.
+
+    Args:
+        path: the folder or archive (as ``formats.sniff.sniff`` resolved it).
+        fmt: its layout.
+
+    Returns:
+        A lazy ``Checkpoint`` whose ``format`` is ``fmt``.
+
+    Example:
+        >>> ckpt = load_distributed("ckpt", "dcp")  # doctest: +SKIP
+    """
+    if fmt == layouts.NEMO:
+        return load_nemo(path)
+    if fmt == layouts.NEMO2:
+        return load_nemo2(path)
+    folder = DirFolder(path)
+    if fmt == layouts.MEGATRON:
+        return _megatron(folder, path, fmt)
+    return _checkpoint(open_layout(folder, fmt), path, fmt)
