@@ -16,9 +16,9 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file, save_model
 
 import wsurgery
-from wsurgery import compare as cmp
 from wsurgery.compare import CheckReport, DiffReport, check, compare_tensors, diff
-from wsurgery.compare_engine import compare_arrays
+from wsurgery.compare import report as cmp
+from wsurgery.compare.kernel import compare_arrays
 from wsurgery.errors import InputError, SurgeryError, TransformError, UnknownNameError, UsageError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -456,7 +456,7 @@ def test_chunked_statistics_equal_the_whole_tensor_engine(small_chunks, dtype, t
 @pytest.mark.parametrize("tol", [(0.0, 0.0), (1e-3, 1e-2)])
 def test_fine_tune_pairs_with_default_sizes(monkeypatch, dtype, tol):
     """Several screening blocks and engine blocks (on two threads), with the real sizes."""
-    from wsurgery import compare_engine as ce
+    from wsurgery.compare import kernel as ce
 
     monkeypatch.setattr(ce, "_FAST_ELEMS", 1 << 12)
     monkeypatch.setattr(ce, "_worker_count", lambda: 2)
@@ -665,7 +665,7 @@ def test_memcmp_screening_finds_a_flipped_bit_in_any_block_position():
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_memcmp_and_numpy_screening_give_the_same_statistics(monkeypatch, small_chunks, dtype):
-    from wsurgery import compare_engine as ce
+    from wsurgery.compare import kernel as ce
 
     monkeypatch.setattr(ce, "_worker_count", lambda: 2)
     for label, x, y in _patterns(211, dtype):
@@ -677,7 +677,7 @@ def test_memcmp_and_numpy_screening_give_the_same_statistics(monkeypatch, small_
 
 
 def test_threaded_identical_sums_equal_the_sequential_fold(monkeypatch):
-    from wsurgery import compare_engine as ce
+    from wsurgery.compare import kernel as ce
 
     x = np.random.default_rng(9).standard_normal(300_000).astype(np.float32) * 1e3
     x[5] = np.inf  # a block whose sum needs the finite mask

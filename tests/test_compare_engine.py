@@ -1,4 +1,4 @@
-"""Tests for wsurgery.compare_engine: per-tensor equality and statistics."""
+"""Tests for wsurgery.compare.kernel: per-tensor equality and statistics."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsurgery import compare_engine as ce
-from wsurgery.compare_engine import TensorStats, compare_arrays, numpy_view, to_device
+from wsurgery.compare import kernel as ce
+from wsurgery.compare.kernel import TensorStats, compare_arrays, numpy_view, to_device
 from wsurgery.errors import InputError, SurgeryError, UsageError
 
 try:
@@ -872,7 +872,7 @@ def test_numpy_path_never_imports_torch():
     code = """
 import sys
 import numpy as np, ml_dtypes
-import wsurgery.compare_engine as ce
+import wsurgery.compare.kernel as ce
 assert "torch" not in sys.modules, "import"
 a = np.arange(10, dtype=np.float32)
 b = a.copy(); b[3] = 7

@@ -75,8 +75,8 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
-from .errors import SurgeryError, UsageError
-from .numpy_apply import numpy_view
+from ..errors import SurgeryError, UsageError
+from ..numpy_apply import numpy_view
 
 __all__ = ["PairStream", "TensorStats", "compare_arrays", "numpy_view", "to_device"]
 

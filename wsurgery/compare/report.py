@@ -103,12 +103,12 @@ from typing import Any
 
 import numpy as np
 
-from . import numpy_apply
-from .checkpoint import Alias, Checkpoint, FileStored, Stored, TensorStored, from_tensors, load, natural_key
-from .compare_engine import PairStream, TensorStats, compare_arrays, numpy_view, parallel_map, to_device
-from .dtypes import BY_NAME
-from .errors import UnknownNameError, UsageError
-from .transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
+from .. import numpy_apply
+from ..checkpoint import Alias, Checkpoint, FileStored, Stored, TensorStored, from_tensors, load, natural_key
+from ..dtypes import BY_NAME
+from ..errors import UnknownNameError, UsageError
+from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
+from .kernel import PairStream, TensorStats, compare_arrays, numpy_view, parallel_map, to_device
 
 __all__ = [
     "CHUNK_BYTES",
@@ -320,7 +320,7 @@ def _device(device) -> str | None:
     """None for CPU (numpy), else a validated torch device string (exit 2 if unusable)."""
     if device is None or str(device) == "cpu":
         return None
-    from .surgery import check_device
+    from ..surgery import check_device
 
     return check_device(str(device))
 
@@ -870,7 +870,7 @@ def compare_tensors(a, b, *, atol=0.0, rtol=0.0, device=None, chunk_bytes: int |
     (a CPU input against an accelerator one is compared on the accelerator). Shapes must
     agree (``SurgeryError`` otherwise); dtypes may differ (compared after upcasting).
     """
-    from .errors import SurgeryError
+    from ..errors import SurgeryError
 
     atol, rtol = _tolerances(atol, rtol)
     dev = _device(device)
@@ -1124,7 +1124,7 @@ def check(
     raise ``UnknownNameError`` (exit 3), a transform that does not fit a source
     ``TransformError`` (exit 4).
     """
-    from .surgery import pair_names
+    from ..surgery import pair_names
 
     atol, rtol = _tolerances(atol, rtol)
     dev = _device(device)
