@@ -345,20 +345,40 @@ def compare_tensors(
     a chunk.
 
     Args:
-        a, b: torch tensors on any device, or numpy arrays; dtypes may differ.
-        device: where to compare (``"cuda:0"``...); None keeps the inputs where they are
-            (a CPU input against an accelerator one is compared on the accelerator).
-        chunk_bytes: bytes per side and chunk (default ``kernel.CHUNK_BYTES``).
-        atol, rtol: tolerances (``|a - b| <= atol + rtol * |b|``), finite and >= 0.
-        tuning: threads; None detects them now. The result is the same to the bit
+        a (`torch.Tensor` or `np.ndarray`):
+            The first tensor, on any device.
+        b (`torch.Tensor` or `np.ndarray`):
+            The second tensor, of the same shape (the dtype may differ); ``rtol`` is
+            relative to its values.
+        device (`str`, *optional*):
+            Where to compare (``"cuda:0"``...); None keeps the inputs where they are (a
+            CPU input against an accelerator one is compared on the accelerator).
+        chunk_bytes (`int`, *optional*, defaults to ``kernel.CHUNK_BYTES``, 32 MiB):
+            Bytes per side compared at once: bounds the memory, never the result.
+        atol (`float`, *optional*, defaults to 0.0):
+            Absolute tolerance: finite and >= 0.
+        rtol (`float`, *optional*, defaults to 0.0):
+            Tolerance relative to ``|b|``: finite and >= 0.
+        tuning (`Tuning`, *optional*):
+            Threads to use; None detects them now. The result is the same to the bit
             whatever the tuning.
 
     Returns:
-        `TensorStats`.
+        `TensorStats`
 
     Raises:
         SurgeryError: the shapes differ.
         UsageError: a bad tolerance, device or tuning.
+
+    Example:
+
+    ```python
+    import torch
+    from wsurgery.compare import compare_tensors
+
+    stats = compare_tensors(torch.ones(4), torch.ones(4, dtype=torch.bfloat16))
+    assert stats.equal
+    ```
     """
     atol, rtol, dev, tuning = _arguments(atol, rtol, device, tuning)
     check_shapes(a.shape, b.shape)
