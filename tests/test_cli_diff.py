@@ -91,6 +91,10 @@ def test_usage_errors_exit_2(files, cli):
     a, b = files
     code, _, err = cli("diff", a, b, "--atol", "-1")
     assert code == 2 and "--atol" in err
+    code, _, err = cli("diff", a, b, "--atol", "inf")  # a tolerance must be finite
+    assert code == 2 and "--atol must be finite" in err
+    code, _, err = cli("check", a, "--src", "value", "--dst", "value", "--rtol", "inf")
+    assert code == 2 and "--rtol must be finite" in err
     code, out, err = cli("diff", a, b, "--filter", "nothing.*", "--json")
     assert code == 2 and "matches no tensor" in err
     assert json.loads(out)["error"]["exit_code"] == 2
@@ -229,3 +233,22 @@ def test_diff_and_check_on_cuda(files, cli):
     assert [c["mismatched"] for c in json.loads(out)["changed"]] == [None, 1]
     code, out, err = cli("check", a, "--src", "value", "--dst", "value", "--from", b, "--device", "cuda:0", "--json")
     assert code == 1 and json.loads(out)["mismatched"] == 1, err
+
+
+def test_the_command_line_and_the_library_agree_to_the_bit(tmp_path):
+    """The command line passes its own tuning and starts numpy's BLAS on one thread; a
+    library user with other threads gets the same report, cosine bits included."""
+    import wsurgery
+
+    g = torch.Generator().manual_seed(3)
+    a = {"big": torch.randn(300_000, generator=g), "small": torch.randn(9000, generator=g)}
+    b = {"big": a["big"] + 1e-3 * torch.randn(300_000, generator=g), "small": a["small"].clone()}
+    b["small"][::97] += 1
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(a, str(pa))
+    save_file(b, str(pb))
+    want = wsurgery.diff(pa, pb).to_dict()
+    for threads in ("1", "2"):
+        proc = run_module("diff", pa, pb, "--json", env={"OPENBLAS_NUM_THREADS": threads})
+        assert proc.returncode == 1, proc.stderr
+        assert json.loads(proc.stdout) == want, threads

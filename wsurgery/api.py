@@ -13,7 +13,7 @@ from .readers import from_tensors
 from .readers import load as _load
 
 if TYPE_CHECKING:
-    from .compare import CheckReport, DiffReport
+    from .compare import CheckReport, DiffReport, Tuning
     from .surgery.recipe import ApplyResult
 
 PathLike = str | os.PathLike
@@ -224,6 +224,7 @@ def diff(
     device: str | None = None,
     filter: str | None = None,  # noqa: A002 - a glob on names
     progress: Callable[[int, int], None] | None = None,
+    tuning: Tuning | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor, streaming.
 
@@ -234,6 +235,7 @@ def diff(
         device: ``None``/``"cpu"`` compares with numpy, ``"cuda"`` on the GPU.
         filter: a glob on names; only matching names are compared.
         progress: called as ``progress(done_bytes, total_bytes)``.
+        tuning: worker threads (``wsurgery.compare.Tuning``); never changes a result.
 
     Returns:
         A ``DiffReport`` (``equal``, ``changed``, ``only_in_a``, ``only_in_b``, ``to_dict()``).
@@ -244,7 +246,7 @@ def diff(
     """
     from .compare import diff as _diff
 
-    return _diff(a, b, atol=atol, rtol=rtol, device=device, filter=filter, progress=progress)
+    return _diff(a, b, atol=atol, rtol=rtol, device=device, filter=filter, progress=progress, tuning=tuning)
 
 
 def check(
@@ -258,6 +260,7 @@ def check(
     rtol: float = 0.0,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tuning: Tuning | None = None,
 ) -> CheckReport:
     """Check that ``transform(src)`` equals ``dst``, within one checkpoint or against ``other``.
 
@@ -266,7 +269,7 @@ def check(
         src, dst: tensor names, or module prefixes (every pair under them is checked).
         transform: steps applied to ``src`` first (``"transpose"``, ``["cast(bfloat16)"]``).
         other: where ``dst`` is, when not in ``ckpt``.
-        atol, rtol, device, progress: as for :func:`diff`.
+        atol, rtol, device, progress, tuning: as for :func:`diff`.
 
     Returns:
         A ``CheckReport`` (``equal``, ``pairs``, ``max_abs_diff``, ``to_dict()``).
@@ -278,5 +281,14 @@ def check(
     from .compare import check as _check
 
     return _check(
-        ckpt, src, dst, transform=transform, other=other, atol=atol, rtol=rtol, device=device, progress=progress
+        ckpt,
+        src,
+        dst,
+        transform=transform,
+        other=other,
+        atol=atol,
+        rtol=rtol,
+        device=device,
+        progress=progress,
+        tuning=tuning,
     )

@@ -347,9 +347,6 @@ class Derived(_Sized):
         return {"source": self.source, "transform": self.specs}
 
 
-Alias = Derived  # the old name, until the compare layer takes Derived  # TODO(merge): remove
-
-
 # --- the checkpoint -------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from .common import (
     console,
     safe,
 )
-from .diff import ProgressBar, fmt_float, single_threaded_blas, stats_table
+from .diff import ProgressBar, compare_tuning, fmt_float, single_threaded_blas, stats_table
 
 
 @command("check")
@@ -55,6 +55,7 @@ def check(
             rtol=rtol,
             device=device,
             progress=bar,
+            tuning=compare_tuning(),
         )
     code = 0 if report.equal else 1
     if quiet:

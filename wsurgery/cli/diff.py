@@ -35,15 +35,22 @@ DiffArgB = Annotated[
 
 
 def single_threaded_blas() -> None:
-    """Keep numpy's BLAS on one thread in this process (call before numpy is imported).
+    """Start numpy's BLAS with one thread in this process (call before numpy is imported).
 
-    Comparing is memory-bound, with a float64 dot product per cache-sized block: a
-    multithreaded OpenBLAS ``ddot`` waits for its worker threads on a busy machine
-    (measured ~25x slower), and with one thread ``wsurgery.compare`` may use longer,
-    faster blocks. An explicit user setting wins.
+    A compare never runs BLAS on more than one thread (its dot products come in pieces
+    below OpenBLAS's threading threshold, so results never depend on this), and starting
+    the threads anyway costs ~70 ms of CPU at numpy's import. An explicit user setting wins.
     """
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def compare_tuning():
+    """The tuning ``diff`` and ``check`` run with: the threads detected now (one per CPU
+    this process may use, at most 4). It never changes a result."""
+    from ..compare import Tuning
+
+    return Tuning.detect()
 
 
 class ProgressBar:
@@ -160,7 +167,9 @@ def diff(
     from ..compare import diff as run_diff
 
     with ProgressBar("diff", enabled=not (json_out or quiet)) as bar:
-        report = run_diff(a, b, atol=atol, rtol=rtol, device=device, filter=filter, progress=bar)
+        report = run_diff(
+            a, b, atol=atol, rtol=rtol, device=device, filter=filter, progress=bar, tuning=compare_tuning()
+        )
     code = 0 if report.equal else 1
     if quiet:
         return code

@@ -1,4 +1,4 @@
-"""Tests for wsurgery.compare_engine: per-tensor equality and statistics."""
+"""Tests for wsurgery.compare.kernel: per-tensor equality and statistics."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsurgery import compare_engine as ce
-from wsurgery.compare_engine import TensorStats, compare_arrays, numpy_view, to_device
+from wsurgery.compare import kernel as ce
+from wsurgery.compare.arrays import to_device
+from wsurgery.compare.kernel import TensorStats, Tuning, compare_arrays
 from wsurgery.errors import InputError, SurgeryError, UsageError
+from wsurgery.numpy_apply import numpy_view
 
 try:
     import torch
@@ -108,10 +110,26 @@ def test_tolerance_statistics_cover_all_elements():
     assert r.to_dict()["equal"] is True
 
 
-@pytest.mark.parametrize("atol, rtol", [(-1.0, 0.0), (0.0, -0.5), (NAN, 0.0), ("x", 0.0)])
-def test_bad_tolerance_is_usage_error(atol, rtol):
-    with pytest.raises(UsageError):
+@pytest.mark.parametrize(
+    "atol, rtol, param",
+    [
+        (-1.0, 0.0, "atol"),
+        (0.0, -0.5, "rtol"),
+        (NAN, 0.0, "atol"),
+        ("x", 0.0, "atol"),
+        (INF, 0.0, "atol"),
+        (0.0, INF, "rtol"),
+        (0.0, None, "rtol"),
+    ],
+)
+def test_bad_tolerance_is_usage_error(atol, rtol, param):
+    """One rule everywhere (compare_arrays, PairStream, diff, check): finite and >= 0."""
+    with pytest.raises(UsageError) as e:
         compare_arrays(f64(1.0), f64(1.0), atol=atol, rtol=rtol)
+    assert e.value.param == param
+    with pytest.raises(UsageError) as e:
+        ce.PairStream(np.float64, np.float64, atol=atol, rtol=rtol)
+    assert e.value.param == param
 
 
 def test_bad_chunk_elems_is_usage_error():
@@ -144,7 +162,7 @@ def test_nan_at_different_positions(atol):
     assert r == stats(False, 2, 2, INF, INF, None)  # no finite pair left for cosine
 
 
-@pytest.mark.parametrize("atol", [0.0, 1e300, INF])
+@pytest.mark.parametrize("atol", [0.0, 1e300])  # an infinite atol is a UsageError (below)
 def test_infinities(atol):
     assert compare_arrays(f64(INF, -INF, 1.0), f64(INF, -INF, 1.0), atol=atol).equal
     r = compare_arrays(f64(INF, 2.0), f64(-INF, 2.0), atol=atol)
@@ -507,11 +525,12 @@ def test_hypothesis_against_reference(pairs, dtype, tol, chunk):
 
 
 def _kernel_patch(size: int, workers: int):
-    """Small float-kernel blocks, spread over ``workers`` threads even for few blocks."""
+    """Small float-kernel blocks, spread over ``workers`` threads even for few blocks (the
+    default tuning, which is detected at call time)."""
     return (
         mock.patch.object(ce, "_FAST_ELEMS", size),
         mock.patch.object(ce, "_PARALLEL_MIN_BLOCKS", 1),
-        mock.patch.object(ce, "_worker_count", lambda: workers),
+        mock.patch.object(Tuning, "detect", classmethod(lambda cls: cls(workers=workers))),
     )
 
 
@@ -872,15 +891,18 @@ def test_numpy_path_never_imports_torch():
     code = """
 import sys
 import numpy as np, ml_dtypes
-import wsurgery.compare_engine as ce
+import wsurgery.compare
+import wsurgery.compare.kernel as ce
+from wsurgery.compare.arrays import to_device
+from wsurgery.numpy_apply import numpy_view
 assert "torch" not in sys.modules, "import"
 a = np.arange(10, dtype=np.float32)
 b = a.copy(); b[3] = 7
 ce.compare_arrays(a, b); ce.compare_arrays(a, a); ce.compare_arrays(a, b, atol=0.1)
 ce.compare_arrays(a.astype(ml_dtypes.bfloat16), b)
 ce.compare_arrays(np.array([1, 2], np.uint64), np.array([1, 3], np.int64))
-ce.to_device(a, "cpu"); ce.to_device(a, None)
-ce.numpy_view(a.tobytes(), "float32", (10,)).sum()
+to_device(a, "cpu"); to_device(a, None)
+numpy_view(a.tobytes(), "float32", (10,)).sum()
 ce.compare_arrays(a, b).to_dict()
 assert "torch" not in sys.modules, "compare"
 """
@@ -891,14 +913,51 @@ assert "torch" not in sys.modules, "compare"
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_parallel_map_keeps_order_and_raises_worker_errors(workers):
-    with mock.patch.object(ce, "_worker_count", lambda: workers):
-        assert ce.parallel_map(lambda k: k * k, 50) == [k * k for k in range(50)]
-        assert ce.parallel_map(lambda k: k, 0) == []
+    assert ce.parallel_map(lambda k: k * k, 50, workers=workers) == [k * k for k in range(50)]
+    assert ce.parallel_map(lambda k: k, 0, workers=workers) == []
 
-        def fail_at_17(k):
-            if k == 17:
-                raise ValueError("item 17")
-            return k
+    def fail_at_17(k):
+        if k == 17:
+            raise ValueError("item 17")
+        return k
 
-        with pytest.raises(ValueError, match="item 17"):
-            ce.parallel_map(fail_at_17, 50)
+    with pytest.raises(ValueError, match="item 17"):
+        ce.parallel_map(fail_at_17, 50, workers=workers)
+
+
+# ---------------------------------------------------------------------------- tuning
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_tuning_rejects_bad_worker_counts(workers):
+    with pytest.raises(UsageError) as e:
+        Tuning(workers=workers)
+    assert e.value.param == "tuning"
+
+
+def test_default_tuning_is_detected_at_call_time(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert Tuning.detect() == Tuning(workers=3)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert Tuning.detect() == Tuning(workers=4)  # memory bandwidth is the limit beyond
+    with pytest.raises(UsageError) as e:
+        compare_arrays(f64(1.0), f64(1.0), tuning=4)
+    assert e.value.param == "tuning"
+
+
+@pytest.mark.parametrize("n", [1, 8191, 8192, 8193, 3 * 8192, 65536, 65536 + 17, 200_001])
+def test_dot_products_are_the_fold_of_fixed_pieces(n):
+    """Every float64 dot product is the in-order sum of BLAS dots over 8 Ki pieces, in one
+    matmul call or in the float kernel's reused views: the same numbers, whatever the
+    length of the array or of the kernel block."""
+    rng = np.random.default_rng(n)
+    x, y = rng.standard_normal(n), rng.standard_normal(n)
+    want = 0.0
+    for i in range(0, n, ce._DOT_PIECE):
+        want += float(np.dot(x[i : i + ce._DOT_PIECE], y[i : i + ce._DOT_PIECE]))
+    assert ce._piecewise_dot(x, y) == want
+    cmp = ce._Cmp(np, ce._NumpyBackend(np, "cpu"), "float", "float64", "float64", 0.0, 0.0)
+    kernel = ce._FloatKernel(cmp, np.float64, np.float64, n)
+    kernel.A[:], kernel.B[:] = x, y
+    assert kernel._dot(n, 0, 1) == want
+    assert kernel._dot(n, 1, 1) == ce._piecewise_dot(y, y)

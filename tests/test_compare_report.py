@@ -1,4 +1,4 @@
-"""wsurgery.compare: the streaming checkpoint diff and check, as a library.
+"""wsurgery.compare: the streaming checkpoint diff and check (report), as a library.
 
 Statistics are checked against hand-computed values, and the chunked / screened paths
 against one whole-tensor call of the compare engine.
@@ -16,9 +16,9 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file, save_model
 
 import wsurgery
-from wsurgery import compare as cmp
 from wsurgery.compare import CheckReport, DiffReport, check, compare_tensors, diff
-from wsurgery.compare_engine import compare_arrays
+from wsurgery.compare import kernel as ce
+from wsurgery.compare.kernel import Tuning, compare_arrays
 from wsurgery.errors import InputError, SurgeryError, TransformError, UnknownNameError, UsageError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -48,12 +48,12 @@ def one_change(report: DiffReport, name: str):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force the chunked and screened paths on small tensors."""
-    monkeypatch.setattr(cmp, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(cmp, "SCREEN_BYTES", 16)
-    monkeypatch.setattr(cmp, "SCREEN_PIECE_BYTES", 8)
-    monkeypatch.setattr(cmp, "_SUMS_BLOCK", 3)
-    monkeypatch.setattr(cmp, "_PENDING_STEP", 5)
-    monkeypatch.setattr(cmp, "_DOT_PIECE", 2)
+    monkeypatch.setattr(ce, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(ce, "SCREEN_BYTES", 16)
+    monkeypatch.setattr(ce, "SCREEN_PIECE_BYTES", 8)
+    monkeypatch.setattr(ce, "_SUMS_BLOCK", 3)
+    monkeypatch.setattr(ce, "_PENDING_STEP", 5)
+    monkeypatch.setattr(ce, "_DOT_PIECE", 2)
 
 
 # ------------------------------------------------------------------ reasons and counts
@@ -378,6 +378,18 @@ def test_unreadable_inputs_and_bad_arguments_raise(tmp_path):
         diff(a, a, device="tpu:0")
     with pytest.raises(UsageError):
         diff(a, 42)
+    with pytest.raises(UsageError) as e:  # one tolerance rule everywhere: finite and >= 0
+        diff(a, a, atol=INF)
+    assert e.value.param == "atol"
+    with pytest.raises(UsageError) as e:
+        check(a, "x", "x", rtol=INF)
+    assert e.value.param == "rtol"
+    with pytest.raises(UsageError) as e:
+        compare_tensors(rand(2), rand(2), atol="x")
+    assert e.value.param == "atol"
+    with pytest.raises(UsageError) as e:
+        diff(a, a, tuning=2)
+    assert e.value.param == "tuning"
 
 
 def test_report_json_is_the_design_schema(tmp_path):
@@ -456,14 +468,12 @@ def test_chunked_statistics_equal_the_whole_tensor_engine(small_chunks, dtype, t
 @pytest.mark.parametrize("tol", [(0.0, 0.0), (1e-3, 1e-2)])
 def test_fine_tune_pairs_with_default_sizes(monkeypatch, dtype, tol):
     """Several screening blocks and engine blocks (on two threads), with the real sizes."""
-    from wsurgery import compare_engine as ce
-
     monkeypatch.setattr(ce, "_FAST_ELEMS", 1 << 12)
-    monkeypatch.setattr(ce, "_worker_count", lambda: 2)
+    two = Tuning(workers=2)
     n = 300_000
     for label, x, y in _patterns(n, dtype)[-3:]:
-        whole = compare_arrays(x, y, atol=tol[0], rtol=tol[1])
-        got = compare_tensors(x, y, atol=tol[0], rtol=tol[1])
+        whole = compare_arrays(x, y, atol=tol[0], rtol=tol[1], tuning=two)
+        got = compare_tensors(x, y, atol=tol[0], rtol=tol[1], tuning=two)
         assert (got.mismatched, got.max_abs_diff, got.max_rel_diff) == (
             whole.mismatched,
             whole.max_abs_diff,
@@ -500,7 +510,7 @@ def test_the_device_path_on_cpu_tensors(small_chunks, tol):
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
         if label == "cast":
             ty = ty.to(torch.bfloat16)
-        got = cmp._compare_flat(tx, ty, atol=tol[0], rtol=tol[1], dev="cpu")
+        got = ce.compare_flat(tx, ty, atol=tol[0], rtol=tol[1], device="cpu", tuning=Tuning.detect())
         whole = compare_arrays(tx, ty, atol=tol[0], rtol=tol[1])
         assert (got.mismatched, got.max_abs_diff, got.max_rel_diff) == (
             whole.mismatched,
@@ -547,8 +557,8 @@ def test_compare_tensors_takes_torch_and_numpy_and_checks_shapes():
 
 
 def test_safetensors_diff_releases_pages_behind_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(cmp, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(cmp, "SCREEN_BYTES", 1024)
+    monkeypatch.setattr(ce, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(ce, "SCREEN_BYTES", 1024)
     x = rand(64, 64)
     a, b = pair(tmp_path, {"t": x}, {"t": x})
     released = []
@@ -651,7 +661,7 @@ def test_diff_and_check_on_cuda(tmp_path, small_chunks):
 
 
 def test_memcmp_screening_finds_a_flipped_bit_in_any_block_position():
-    assert cmp._memcmp() is not None  # Linux: the screening really goes through libc
+    assert ce._memcmp() is not None  # Linux: the screening really goes through libc
     x = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
     eq = np.empty(64, dtype=bool)
     for pos in (0, 1, 63, 64, 500, 959, 960, 999):
@@ -659,30 +669,48 @@ def test_memcmp_screening_finds_a_flipped_bit_in_any_block_position():
             y = x.copy()
             y.view(np.uint8)[pos * 4 + byte] ^= 0x01
             want = [not (b * 64 <= pos < (b + 1) * 64) for b in range(16)]
-            assert cmp._blocks_equal(x, y, 64, np.uint32, eq) == want, (pos, byte)
-    assert cmp._blocks_equal(x, x.copy(), 64, np.uint32, eq) == [True] * 16
+            assert ce._blocks_equal(x, y, 64, np.uint32, eq, workers=2) == want, (pos, byte)
+    assert ce._blocks_equal(x, x.copy(), 64, np.uint32, eq, workers=2) == [True] * 16
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_memcmp_and_numpy_screening_give_the_same_statistics(monkeypatch, small_chunks, dtype):
-    from wsurgery import compare_engine as ce
-
-    monkeypatch.setattr(ce, "_worker_count", lambda: 2)
+    two = Tuning(workers=2)
     for label, x, y in _patterns(211, dtype):
-        with_memcmp = compare_tensors(x, y)
+        with_memcmp = compare_tensors(x, y, tuning=two)
         with monkeypatch.context() as m:
-            m.setattr(cmp, "_memcmp", lambda: None)
-            with_numpy = compare_tensors(x, y)
+            m.setattr(ce, "_memcmp", lambda: None)
+            with_numpy = compare_tensors(x, y, tuning=two)
         assert with_memcmp == with_numpy, label  # to the bit, cosine included
 
 
-def test_threaded_identical_sums_equal_the_sequential_fold(monkeypatch):
-    from wsurgery import compare_engine as ce
-
+def test_threaded_identical_sums_equal_the_sequential_fold():
     x = np.random.default_rng(9).standard_normal(300_000).astype(np.float32) * 1e3
     x[5] = np.inf  # a block whose sum needs the finite mask
     ranges = [(0, 70_000), (70_000, 70_001), (100, 250_000), (250_000, 300_000)]
-    sequential = [cmp._sums_numpy(x[i:j], None, cmp._Buffers())[0] for i, j in ranges]
+    sequential = [ce._sums_numpy(x[i:j], None, ce._Buffers())[0] for i, j in ranges]
     for workers in (1, 2, 3):
-        monkeypatch.setattr(ce, "_worker_count", lambda w=workers: w)
-        assert cmp._identical_sums(x, ranges) == sequential, workers
+        assert ce._identical_sums(x, ranges, workers) == sequential, workers
+
+
+# ---------------------------------------------------------------------------- tuning
+
+
+def test_reports_are_the_same_to_the_bit_whatever_the_tuning(tmp_path):
+    """Threads change how fast, never what: every statistic, cosine included, is the same
+    with one worker or four (several screening blocks, kernel blocks and tensors)."""
+    a, b = {}, {}
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        for label, x, y in _patterns(300_000, dtype):
+            name = f"{np.dtype(dtype).name}.{label}"
+            a[name], b[name] = x, y
+    a["mixed"], b["mixed"] = a["float32.everywhere"], b["float32.everywhere"].astype(np.float64)
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    np_save_file(a, str(pa))
+    np_save_file(b, str(pb))
+    for tol in ((0.0, 0.0), (1e-3, 1e-2)):
+        reports = [diff(pa, pb, *tol, tuning=Tuning(workers=w)).to_dict() for w in (1, 2, 3, 4)]
+        assert len(reports[0]["changed"]) > 10
+        assert all(r == reports[0] for r in reports[1:]), tol
+        checks = [check(pa, "float32", "float32", other=pb, atol=tol[0], tuning=Tuning(workers=w)) for w in (1, 4)]
+        assert checks[0].to_dict() == checks[1].to_dict()
