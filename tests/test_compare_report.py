@@ -398,8 +398,19 @@ def test_report_json_is_the_design_schema(tmp_path):
     assert d["schema"] == "wsurgery.diff/1"
     assert {"equal", "only_in_a", "only_in_b", "changed", "same"} <= set(d)
     (c,) = d["changed"]
-    assert set(c) == {"name", "reason", "a", "b", "max_abs_diff", "max_rel_diff", "mismatched", "numel", "cosine"}
-    assert c["max_abs_diff"] == "inf"  # JSON-safe
+    assert set(c) == {
+        "name",
+        "reason",
+        "a",
+        "b",
+        "max_abs_diff",
+        "max_rel_diff",
+        "mismatched",
+        "numel",
+        "cosine",
+        "rel_l2",
+    }
+    assert c["max_abs_diff"] == "Infinity" and c["rel_l2"] == "Infinity"  # JSON-safe
     import json
 
     json.dumps(d, allow_nan=False)

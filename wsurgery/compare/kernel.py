@@ -44,6 +44,8 @@ __all__ = [
     "check_tolerances",
     "compare_arrays",
     "compare_flat",
+    "json_float",
+    "l2_norm",
     "parallel_map",
     "resolve_tuning",
 ]
@@ -170,11 +172,17 @@ def check_shapes(shape_a, shape_b) -> None:
 # --------------------------------------------------------------------------- result
 
 
-def _json_float(x: float) -> float | str:
+def json_float(x: float | None) -> float | str | None:
+    """A float for JSON: finite values as they are, None as None, and the non-finite ones
+    as the strings ``"Infinity"``, ``"-Infinity"`` and ``"NaN"`` (what Python's ``float()``
+    and JavaScript's ``Number()`` read back), so the output stays valid JSON."""
+    if x is None:
+        return None
+    x = float(x)
     if math.isnan(x):
-        return "nan"
+        return "NaN"
     if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
+        return "Infinity" if x > 0 else "-Infinity"
     return x
 
 
@@ -190,6 +198,14 @@ class TensorStats:
         max_rel_diff: max ``|a - b| / |b|``, with the same rule; ``inf`` where ``b == 0 != a``.
         cosine: cosine similarity over the positions where both values are finite (float64
             sums); None when a side has no finite non-zero value there, or ``numel == 0``.
+        rel_l2: ``||a - b|| / ||a||`` (L2 norms, float64 sums over the positions where both
+            values are finite); 0.0 when ``||a - b|| == 0`` (equal values, or ``numel ==
+            0``), ``inf`` when ``||a|| == 0`` and ``||a - b|| > 0`` or when a mismatch
+            involves a non-finite value. None only where it was not computed.
+        norm_a, norm_b: ``||a||`` and ``||b||`` over the positions where both values are
+            finite; None when not computed (a bit-identical pair is never summed).
+        norm_diff: ``||a - b||`` over those positions (``inf`` when a mismatch involves a
+            non-finite value); 0.0 for a bit-identical pair.
     """
 
     equal: bool
@@ -198,16 +214,22 @@ class TensorStats:
     max_abs_diff: float
     max_rel_diff: float
     cosine: float | None
+    rel_l2: float | None = None
+    norm_a: float | None = None
+    norm_b: float | None = None
+    norm_diff: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; inf / nan floats become the strings ``"inf"`` / ``"nan"``."""
+        """JSON-ready dict; non-finite floats become ``"Infinity"``, ``"-Infinity"`` or
+        ``"NaN"`` (``json_float``)."""
         return {
             "equal": self.equal,
             "numel": self.numel,
             "mismatched": self.mismatched,
-            "max_abs_diff": _json_float(self.max_abs_diff),
-            "max_rel_diff": _json_float(self.max_rel_diff),
-            "cosine": None if self.cosine is None else _json_float(self.cosine),
+            "max_abs_diff": json_float(self.max_abs_diff),
+            "max_rel_diff": json_float(self.max_rel_diff),
+            "cosine": json_float(self.cosine),
+            "rel_l2": json_float(self.rel_l2),
         }
 
 
@@ -442,7 +464,9 @@ def _backend_for(xp, a, b) -> _Backend:
 
 class _Acc:
     """Running statistics of one tensor pair, over blocks or pieces: mismatch counts and
-    maxima, and the float64 cosine sums (``dot``, ``na`` = |a|^2, ``nb`` = |b|^2)."""
+    maxima, the float64 cosine sums (``dot``, ``na`` = |a|^2, ``nb`` = |b|^2) and ``dd`` =
+    |a - b|^2, all over the positions where both values are finite; ``unbounded``: some
+    mismatch involves a non-finite value."""
 
     def __init__(self):
         self.mismatched = 0
@@ -452,6 +476,8 @@ class _Acc:
         self.dot = 0.0
         self.na = 0.0
         self.nb = 0.0
+        self.dd = 0.0
+        self.unbounded = False
 
     def add_identical(self, sq: float):
         """A block that is the same on both sides, with sum of squares ``sq``."""
@@ -464,11 +490,14 @@ class _Acc:
         self.na += na
         self.nb += nb
 
-    def add_stats(self, s: TensorStats) -> None:
-        """The mismatch statistics (not the cosine) of a piece compared on its own."""
-        self.mismatched += s.mismatched
-        self.max_abs = max(self.max_abs, s.max_abs_diff)
-        self.max_rel = max(self.max_rel, s.max_rel_diff)
+    def add_piece(self, o: _Acc) -> None:
+        """The mismatch statistics and ``dd`` (not the cosine sums) of a piece compared
+        on its own."""
+        self.mismatched += o.mismatched
+        self.max_abs = max(self.max_abs, o.max_abs, float(o.max_abs_int))
+        self.max_rel = max(self.max_rel, o.max_rel)
+        self.dd += o.dd
+        self.unbounded = self.unbounded or o.unbounded
 
     def merge(self, o: _Acc) -> None:
         self.mismatched += o.mismatched
@@ -477,10 +506,18 @@ class _Acc:
         if o.max_rel > self.max_rel:
             self.max_rel = o.max_rel
         self.add_sums(o.dot, o.na, o.nb)
+        self.dd += o.dd
+        self.unbounded = self.unbounded or o.unbounded
 
-    def stats(self, numel: int, cosine: float | None) -> TensorStats:
-        max_abs = max(self.max_abs, float(self.max_abs_int))
-        return TensorStats(self.mismatched == 0, numel, self.mismatched, max_abs, self.max_rel, cosine)
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.max_abs, float(self.max_abs_int))
+
+    def stats(self, numel: int, cosine: float | None, norms: tuple | None = None) -> TensorStats:
+        """``norms``: ``(rel_l2, norm_a, norm_b, norm_diff)`` (``_l2``)."""
+        return TensorStats(
+            self.mismatched == 0, numel, self.mismatched, self.max_abs_diff, self.max_rel, cosine, *(norms or ())
+        )
 
 
 def _cosine(dot: float, na: float, nb: float) -> float | None:
@@ -491,6 +528,47 @@ def _cosine(dot: float, na: float, nb: float) -> float | None:
     norm = math.sqrt(p) if sys.float_info.min <= p < math.inf else math.sqrt(na) * math.sqrt(nb)
     c = dot / norm
     return min(1.0, max(-1.0, c))
+
+
+def _l2(
+    na: float, nb: float, dd: float, unbounded: bool, ma: float = 1.0, mb: float = 1.0, s: float = 1.0
+) -> tuple[float, float, float, float]:
+    """``(rel_l2, norm_a, norm_b, norm_diff)`` from float64 sums of squares: ``na`` of
+    ``a / ma``, ``nb`` of ``b / mb``, ``dd`` of ``(a - b) / s`` (scales 1 unless rescaled)."""
+    norm_a, norm_b = ma * math.sqrt(na), mb * math.sqrt(nb)
+    if unbounded:
+        return math.inf, norm_a, norm_b, math.inf
+    norm_diff = s * math.sqrt(dd)
+    if dd == 0:
+        return 0.0, norm_a, norm_b, norm_diff
+    if na == 0:
+        return math.inf, norm_a, norm_b, norm_diff
+    q = dd / na
+    if sys.float_info.min <= q < math.inf:
+        rel = math.sqrt(q)  # one rounding less than sqrt(dd) / sqrt(na)
+    else:
+        rel = math.sqrt(dd) / math.sqrt(na)
+    return (rel if s == ma else rel * (s / ma)), norm_a, norm_b, norm_diff
+
+
+def _needs_rescale(plan: str, names: set[str], acc: _Acc) -> tuple[bool, bool]:
+    """Whether float64 sums went out of range: ``(for the cosine, for the norms)``.
+
+    Only float64 / complex128 inputs can underflow (a zero sum of squares may be one of
+    values below 1e-154); any float input can overflow. Non-finite values themselves are
+    never summed (``unbounded`` says what they did)."""
+    if plan not in ("float", "complex"):
+        return False, False
+    wide = bool(names & {"float64", "complex128"})
+    finite = all(math.isfinite(v) for v in (acc.dot, acc.na, acc.nb))
+    cos = not finite or (wide and (acc.na == 0 or acc.nb == 0))
+    tiny = sys.float_info.min
+    norms = (
+        not finite
+        or not math.isfinite(acc.dd)
+        or (wide and (acc.na < tiny or acc.nb < tiny or (acc.dd < tiny and acc.max_abs_diff > 0)))
+    )
+    return cos, norms
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -691,8 +769,10 @@ class _Cmp:
             if bad and self._count(~ok & ~fin):  # unbounded difference
                 acc.max_abs = math.inf
                 acc.max_rel = math.inf
+                acc.unbounded = True
             diff = xp.where(fin, diff, xp.zeros_like(diff))
             absb = xp.where(fin, absb, xp.zeros_like(absb))
+        acc.dd += self._dot(diff, diff)
         acc.max_abs = max(acc.max_abs, self._max(diff))
         # |a-b| / |b|, with 0 where the difference is 0 (also when b == 0)
         r = diff / (absb + xp.astype(diff == 0, xp.float64))
@@ -741,10 +821,14 @@ class _Cmp:
         acc.dot += self._dot(VA, VB)
         acc.na += self._dot(VA, VA)
         acc.nb += self._dot(VB, VB)
+        acc.dd += self._dot(Df, Df)  # the exact difference, rounded once
 
     # -- cosine with rescaling (rare: float64 overflow / underflow)
 
-    def rescaled_sums(self, blocks) -> tuple[float, float, float]:
+    def rescaled_sums(self, blocks) -> tuple[float, ...]:
+        """``(dot, na, nb, dd, ma, mb, s)``: the sums over the finite pairs of ``a / ma``
+        and ``b / mb`` (``ma``, ``mb``: the largest finite magnitudes), and ``dd`` of
+        ``a / s - b / s`` with ``s = max(ma, mb)``: in range whatever the values."""
         xp = self.xp
         ma = mb = 0.0
         for a, b in blocks():
@@ -753,19 +837,23 @@ class _Cmp:
             z = xp.zeros(A.shape, dtype=xp.float64, device=aac.device(A))
             ma = max(ma, self._max(xp.where(fin, xp.abs(A), z)))
             mb = max(mb, self._max(xp.where(fin, xp.abs(B), z)))
-        if ma == 0 or mb == 0:
-            return 0.0, 0.0, 0.0
-        dot = na = nb = 0.0
+        s = max(ma, mb)
+        if s == 0:
+            return 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0
+        ma, mb = ma or 1.0, mb or 1.0  # a side that is all zeros stays all zeros
+        dot = na = nb = dd = 0.0
         for a, b in blocks():
             A, B = self._wide(a), self._wide(b)
             fin = xp.isfinite(A) & xp.isfinite(B)
             zero = xp.zeros_like(A)
-            Af = xp.where(fin, A, zero) / ma
-            Bf = xp.where(fin, B, zero) / mb
+            A, B = xp.where(fin, A, zero), xp.where(fin, B, zero)
+            Af, Bf = A / ma, B / mb
             dot += self._dot(Af, Bf)
             na += self._dot(Af, Af)
             nb += self._dot(Bf, Bf)
-        return dot, na, nb
+            D = A / s - B / s
+            dd += self._dot(D, D)
+        return dot, na, nb, dd, ma, mb, s
 
 
 class _FloatKernel:
@@ -867,7 +955,9 @@ class _FloatKernel:
         acc.nb += nb
         if cmp.exact and same < 0:
             same = int(np.count_nonzero(np.equal(A.view(np.uint64), B.view(np.uint64), out=mask)))
-        diff = np.abs(np.subtract(A, B, out=A), out=A)
+        np.subtract(A, B, out=A)
+        acc.dd += self._dot(m, 0, 0)  # |a - b|^2: the same pieces, folded in the same order
+        diff = np.abs(A, out=A)
         acc.max_abs = max(acc.max_abs, float(diff.max()))
         absb = np.abs(B, out=B)
         if not cmp.exact:  # |a - b| <= atol + rtol * |b|, the operations of _float_block
@@ -1001,15 +1091,19 @@ def compare_arrays(
     atol, rtol = check_tolerances(atol, rtol)
     if int(chunk_elems) < 1:
         raise UsageError(f"chunk_elems must be >= 1, got {chunk_elems}", param="chunk_elems")
-    chunk_elems = int(chunk_elems)
-    workers = resolve_tuning(tuning).workers
+    return _compare(a, b, atol, rtol, int(chunk_elems), resolve_tuning(tuning).workers)[0]
+
+
+def _compare(a, b, atol: float, rtol: float, chunk_elems: int, workers: int) -> tuple[TensorStats, _Acc]:
+    """``compare_arrays`` on checked arguments, with its accumulated sums."""
     a, b = _coerce_pair(a, b)
     check_shapes(a.shape, b.shape)
     name_a, name_b = dtype_name(a.dtype), dtype_name(b.dtype)
     plan = _plan(name_a, name_b)
     numel = math.prod(int(s) for s in a.shape)
+    acc = _Acc()
     if numel == 0:
-        return TensorStats(True, 0, 0, 0.0, 0.0, None)
+        return TensorStats(True, 0, 0, 0.0, 0.0, None, 0.0, 0.0, 0.0, 0.0), acc
 
     xp = _namespace(a, b)
     be = _backend_for(xp, a, b)
@@ -1025,7 +1119,6 @@ def compare_arrays(
             j = min(i + step, stop)
             yield be.take(fa, i, j), be.take(fb, i, j)
 
-    acc = _Acc()
     with be.errstate():
         if name_a == name_b and be.can_bits:
             # Phase 1: raw bytes, until the first differing block.
@@ -1036,7 +1129,7 @@ def compare_arrays(
                 start += x.shape[0]
             if start >= numel:
                 any_nz = any(cmp.any_nonzero(x, name_a) for x, _ in blocks(step=big))
-                return TensorStats(True, numel, 0, 0.0, 0.0, 1.0 if any_nz else None)
+                return TensorStats(True, numel, 0, 0.0, 0.0, 1.0 if any_nz else None, 0.0, None, None, 0.0), acc
             # Phase 2: the identical prefix only feeds the cosine; from there on,
             # statistics for the sub-blocks whose bytes differ.
             for x, _ in blocks(0, start, big):
@@ -1055,14 +1148,17 @@ def compare_arrays(
             for x, y in blocks():
                 cmp.block(x, y, acc)
 
-        dot, na, nb = acc.dot, acc.na, acc.nb
-        wide_inputs = {name_a, name_b} & {"float64", "complex128"}
-        if plan in ("float", "complex") and (
-            not all(math.isfinite(v) for v in (dot, na, nb)) or (wide_inputs and (na == 0 or nb == 0))
-        ):
-            dot, na, nb = cmp.rescaled_sums(blocks)
+        cosine = _cosine(acc.dot, acc.na, acc.nb)
+        norms = _l2(acc.na, acc.nb, acc.dd, acc.unbounded)
+        for_cosine, for_norms = _needs_rescale(plan, {name_a, name_b}, acc)
+        if for_cosine or for_norms:
+            dot, na, nb, dd, ma, mb, s = cmp.rescaled_sums(blocks)
+            if for_cosine:
+                cosine = _cosine(dot, na, nb)
+            if for_norms:
+                norms = _l2(na, nb, dd, acc.unbounded, ma, mb, s)
 
-    return acc.stats(numel, _cosine(dot, na, nb))
+    return acc.stats(numel, cosine, norms), acc
 
 
 # ----------------------------------------------------------------- byte screening
@@ -1340,17 +1436,101 @@ class _Streaming:
         if self.pieces is not None:
             acc.merge(self.pieces._acc)
             self.pieces = None
-        if not self.summing:
-            cosine = 1.0 if self.nonzero else None
+        if not self.summing:  # bit-identical: nothing summed
+            return acc.stats(n, 1.0 if self.nonzero else None, (0.0, None, None, 0.0))
+        cosine = _cosine(acc.dot, acc.na, acc.nb)
+        norms = _l2(acc.na, acc.nb, acc.dd, acc.unbounded)
+        name_a, name_b = dtype_name(self.fa.dtype), dtype_name(self.fb.dtype)
+        for_cosine, for_norms = _needs_rescale(_plan(name_a, name_b), {name_a, name_b}, acc)
+        if for_cosine or for_norms:
+            # float64 sums out of range: compare_arrays rescales (one whole-tensor pass)
+            fa, fb = to_device(self.fa, self.dev), to_device(self.fb, self.dev)
+            whole = compare_arrays(fa, fb, tuning=self.tuning)
+            if for_cosine:
+                cosine = whole.cosine
+            if for_norms:
+                norms = (whole.rel_l2, whole.norm_a, whole.norm_b, whole.norm_diff)
+        return acc.stats(n, cosine, norms)
+
+
+def l2_norm(
+    flat,
+    *,
+    device: str | None,
+    tuning: Tuning,
+    release: Callable[[int, int], None] | None = None,
+    chunk_bytes: int | None = None,
+) -> float:
+    """``||x||`` of a flat array over its finite values, streamed chunk by chunk: float64
+    sums of squares in the fixed blocks of the cosine sums (the same bits whatever the
+    tuning), rescaled by the largest magnitude when they leave float64's range.
+
+    Args:
+        flat: a 1-D numpy array (``device`` None) or torch tensor (moved to ``device``
+            chunk by chunk).
+        device: None for numpy, else a torch device string.
+        tuning: threads for the sums.
+        release: ``release(start_byte, stop_byte)`` after each chunk.
+        chunk_bytes: bytes per chunk (default ``CHUNK_BYTES``).
+    """
+    n = int(flat.shape[0])
+    isz = itemsize(flat)
+    step = max(_SUMS_BLOCK, (chunk_bytes or CHUNK_BYTES) // isz // _SUMS_BLOCK * _SUMS_BLOCK)
+
+    def chunks():
+        for c0 in range(0, n, step):
+            c1 = min(c0 + step, n)
+            yield c0, c1, (flat[c0:c1] if device is None else to_device(flat[c0:c1], device))
+            if release is not None:
+                release(c0 * isz, c1 * isz)
+
+    total = 0.0
+    for c0, c1, x in chunks():
+        total += _identical_sums(flat, [(c0, c1)], tuning.workers)[0] if device is None else _sums_torch(x, None)[1]
+    wide = dtype_name(flat.dtype) in ("float64", "complex128")
+    if math.isfinite(total) and not (wide and total < sys.float_info.min):
+        return math.sqrt(total)
+    # out of float64's range: scale by the largest finite magnitude (two more passes)
+    with np.errstate(all="ignore"):
+        m = 0.0
+        for _, _, x in chunks():
+            m = max(m, _max_finite_abs(x))
+        if m == 0:
+            return 0.0
+        s = 0.0
+        for _, _, x in chunks():
+            s += _scaled_square_sum(x, m)
+    return m * math.sqrt(s)
+
+
+def _max_finite_abs(x) -> float:
+    if isinstance(x, np.ndarray):
+        w = np.abs(x.astype(np.complex128 if x.dtype.kind == "c" else np.float64))
+        w = w[np.isfinite(w)]
+        return float(w.max()) if w.size else 0.0
+    import torch
+
+    w = x.abs().to(torch.float64)
+    w = w[torch.isfinite(w)]
+    return float(w.max()) if w.numel() else 0.0
+
+
+def _scaled_square_sum(x, m: float) -> float:
+    """Sum of |x / m|^2 over the finite values, in ``_SUMS_BLOCK`` blocks folded in order."""
+    total = 0.0
+    for i in range(0, int(x.shape[0]), _SUMS_BLOCK):
+        piece = x[i : i + _SUMS_BLOCK]
+        if isinstance(piece, np.ndarray):
+            w = piece.astype(np.complex128 if piece.dtype.kind == "c" else np.float64)
+            w = np.where(np.isfinite(w), w, 0) / m
+            total += _piecewise_dot(w, w)
         else:
-            wide = "float64" in (dtype_name(self.fa.dtype), dtype_name(self.fb.dtype))
-            if not all(math.isfinite(v) for v in (acc.dot, acc.na, acc.nb)) or (wide and (acc.na == 0 or acc.nb == 0)):
-                # float64 sums out of range: compare_arrays rescales (one whole-tensor pass)
-                fa, fb = to_device(self.fa, self.dev), to_device(self.fb, self.dev)
-                cosine = compare_arrays(fa, fb, tuning=self.tuning).cosine
-            else:
-                cosine = _cosine(acc.dot, acc.na, acc.nb)
-        return acc.stats(n, cosine)
+            import torch
+
+            w = piece.to(torch.complex128 if piece.is_complex() else torch.float64)
+            w = torch.where(torch.isfinite(w), w, torch.zeros_like(w)) / m
+            total += float(torch.vdot(w, w).real)
+    return total
 
 
 def compare_flat(
@@ -1422,8 +1602,8 @@ def compare_flat(
             st.compare(fa[c0:c1], fb[c0:c1])
         elif not screened:
             x, y = to_device(fa[c0:c1], dev), to_device(fb[c0:c1], dev)
-            stats = compare_arrays(x, y, atol=atol, rtol=rtol, tuning=tuning)
-            st.acc.add_stats(stats)
+            stats, piece = _compare(x, y, atol, rtol, DEFAULT_CHUNK_ELEMS, tuning.workers)
+            st.acc.add_piece(piece)
             if stats.equal and atol == 0 and rtol == 0 and dtype_name(fa.dtype) == dtype_name(fb.dtype):
                 st.identical(c0, c1, x, nonzero=stats.cosine is not None)  # same finite values
             else:

@@ -11,10 +11,13 @@ comes from (memory maps, torch, devices) and what memory a compare takes are des
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
+import json
 import math
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +29,25 @@ from ..errors import SurgeryError, UnknownNameError, UsageError
 from ..readers import from_tensors, load
 from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
 from .arrays import dtype_name, torch_to_numpy
-from .kernel import TensorStats, Tuning, check_shapes, check_tolerances, compare_flat, resolve_tuning
+from .criteria import Criteria
+from .kernel import (
+    TensorStats,
+    Tuning,
+    check_shapes,
+    check_tolerances,
+    compare_flat,
+    json_float,
+    l2_norm,
+    resolve_tuning,
+)
+from .rollup import ModuleStats, auto_depth, module_of, needs_norms, roll_up, total
 
 __all__ = [
     "REASONS",
     "Change",
     "CheckReport",
     "DiffReport",
+    "ModuleStats",
     "PairResult",
     "check",
     "compare_tensors",
@@ -42,8 +57,11 @@ __all__ = [
 REASONS = ("shape", "dtype", "alias", "value")  # most severe first
 
 Progress = Callable[[int, int], None]  # progress(done_bytes, total_bytes)
-# A checkpoint argument: a path of any readable format, a loaded Checkpoint, or a state dict.
-CheckpointLike = str | os.PathLike | Checkpoint | dict
+# A checkpoint argument: a path of any readable format, a loaded Checkpoint, a state dict,
+# or a torch.nn.Module (its state_dict()).
+CheckpointLike = str | os.PathLike | Checkpoint | Mapping | Any
+AUTO_MIN_CHANGED = 33  # the command line's default rollup: when more names than this changed
+_STATS_KEYS = ("max_abs_diff", "max_rel_diff", "mismatched", "numel", "cosine", "rel_l2")
 
 
 # --------------------------------------------------------------------------- reports
@@ -51,9 +69,13 @@ CheckpointLike = str | os.PathLike | Checkpoint | dict
 
 def _stats_dict(stats: TensorStats | None) -> dict[str, Any]:
     if stats is None:
-        return {"max_abs_diff": None, "max_rel_diff": None, "mismatched": None, "numel": None, "cosine": None}
+        return dict.fromkeys(_STATS_KEYS)
     d = stats.to_dict()
-    return {k: d[k] for k in ("max_abs_diff", "max_rel_diff", "mismatched", "numel", "cosine")}
+    return {k: d[k] for k in _STATS_KEYS}
+
+
+def _to_json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -94,25 +116,58 @@ class DiffReport:
     atol: float = 0.0
     rtol: float = 0.0
     bytes_compared: int = 0
+    max_rel_l2: float | None = None
+    min_cosine: float | None = None
+    ignore_ties: bool = False
+    depth: int | None = None  # of the module rollup
+    modules: list[ModuleStats] | None = None  # None without a rollup
 
     @property
     def equal(self) -> bool:
         return not (self.only_in_a or self.only_in_b or self.changed)
 
+    @property
+    def criteria(self) -> Criteria:
+        return Criteria(self.atol, self.rtol, self.max_rel_l2, self.min_cosine)
+
     def to_dict(self) -> dict[str, Any]:
-        """The ``wsurgery.diff/1`` JSON object (valid JSON: inf / nan become strings)."""
-        return {
+        """The ``wsurgery.diff/1`` JSON object. Valid JSON: non-finite statistics are the
+        strings ``"Infinity"``, ``"-Infinity"`` and ``"NaN"``, null is "no statistic"."""
+        d = {
             "schema": "wsurgery.diff/1",
             "a": self.a,
             "b": self.b,
             "equal": self.equal,
             "atol": self.atol,
             "rtol": self.rtol,
+            "max_rel_l2": self.max_rel_l2,
+            "min_cosine": self.min_cosine,
+            "ignore_ties": self.ignore_ties,
             "only_in_a": list(self.only_in_a),
             "only_in_b": list(self.only_in_b),
             "changed": [c.to_dict() for c in self.changed],
             "same": self.same,
         }
+        if self.modules is not None:
+            d["depth"] = self.depth
+            d["modules"] = [m.to_dict() for m in self.modules]
+        return d
+
+    def to_json(self) -> str:
+        """``to_dict()`` as one line of JSON text."""
+        return _to_json(self.to_dict())
+
+    def to_html(self) -> str:
+        """A self-contained HTML page of this report (``wsurgery.compare.html``)."""
+        from .html import render
+
+        return render(self)
+
+    def save_html(self, path: str | os.PathLike, *, sync: bool = True) -> None:
+        """Write :meth:`to_html` to ``path`` atomically (an existing file is replaced)."""
+        from .html import save
+
+        save(self, path, sync=sync)
 
 
 @dataclass(frozen=True)
@@ -168,6 +223,10 @@ class CheckReport:
     pairs: list[PairResult]
     atol: float = 0.0
     rtol: float = 0.0
+    max_rel_l2: float | None = None
+    min_cosine: float | None = None
+    rel_l2: float | None = None  # of every pair with statistics, taken as one vector
+    cosine: float | None = None
 
     @property
     def equal(self) -> bool:
@@ -187,7 +246,7 @@ class CheckReport:
         if self._with_stats():
             agg = TensorStats(self.equal, self.numel, self.mismatched, self.max_abs_diff, self.max_rel_diff, None)
         stats = _stats_dict(agg)
-        stats.pop("cosine")
+        stats["cosine"], stats["rel_l2"] = json_float(self.cosine), json_float(self.rel_l2)
         return {
             "schema": "wsurgery.check/1",
             "path": self.path,
@@ -197,10 +256,16 @@ class CheckReport:
             "transform": list(self.transform),
             "atol": self.atol,
             "rtol": self.rtol,
+            "max_rel_l2": self.max_rel_l2,
+            "min_cosine": self.min_cosine,
             "equal": self.equal,
             **stats,
             "pairs": [p.to_dict() for p in self.pairs],
         }
+
+    def to_json(self) -> str:
+        """``to_dict()`` as one line of JSON text."""
+        return _to_json(self.to_dict())
 
 
 # --------------------------------------------------------------------------- arguments
@@ -221,17 +286,44 @@ def _device(device) -> str | None:
     return check_device(str(device))
 
 
+def _is_module(x) -> bool:
+    torch = sys.modules.get("torch")  # a module exists only once torch is imported
+    return torch is not None and isinstance(x, torch.nn.Module)
+
+
+def _from_state_dict(sd: Mapping, label: str, what: str) -> Checkpoint:
+    """A checkpoint over a state dict's tensors; other entries are listed as skipped."""
+    torch = sys.modules.get("torch")
+    is_tensor = torch.is_tensor if torch is not None else (lambda v: False)
+    for k, v in sd.items():
+        if not is_tensor(v) and hasattr(v, "shape") and hasattr(v, "dtype"):
+            raise UsageError(
+                f"{label}: {str(k)!r} is a {type(v).__name__}; a state dict holds torch tensors",
+                param=what,
+            )
+    tensors = {str(k): v for k, v in sd.items() if is_tensor(v)}
+    ckpt = from_tensors(tensors, path=label)
+    ckpt.skipped = [f"{k}: {type(v).__name__}" for k, v in sd.items() if not is_tensor(v)]
+    return ckpt
+
+
 def _open(x, what: str, stack: contextlib.ExitStack) -> tuple[Checkpoint, str]:
     """(checkpoint, a label for reports); a checkpoint opened here closes with ``stack``."""
     if isinstance(x, Checkpoint):
         return x, x.path or "<checkpoint>"
-    if isinstance(x, dict):
-        return from_tensors(dict(x), path=f"<{what}>"), f"<{what}>"
+    if isinstance(x, Mapping):
+        return _from_state_dict(x, f"<{what}>", what), f"<{what}>"
+    if _is_module(x):
+        label = f"<{what}: {type(x).__name__}>"
+        return _from_state_dict(x.state_dict(), label, what), label
     if isinstance(x, (str, os.PathLike)):
         ckpt = load(x)
         stack.callback(ckpt.close)
         return ckpt, os.fspath(x)
-    raise UsageError(f"{what}: expected a path, a Checkpoint or a state dict, got {type(x).__name__}", param=what)
+    raise UsageError(
+        f"{what}: expected a path, a Checkpoint, a state dict or a torch.nn.Module, got {type(x).__name__}",
+        param=what,
+    )
 
 
 # ----------------------------------------------------------------- values and arrays
@@ -476,7 +568,9 @@ class _Entry:
     job: str | None = None  # key of the job whose stats this name takes
 
 
-def _plan_diff(A: Checkpoint, B: Checkpoint, common: list[str]) -> tuple[list[_Entry], dict[str, _Job]]:
+def _plan_diff(
+    A: Checkpoint, B: Checkpoint, common: list[str], ignore_ties: bool = False
+) -> tuple[list[_Entry], dict[str, _Job]]:
     ta, tb = _Ties(A), _Ties(B)
     entries: list[_Entry] = []
     jobs: dict[str, _Job] = {}
@@ -499,7 +593,7 @@ def _plan_diff(A: Checkpoint, B: Checkpoint, common: list[str]) -> tuple[list[_E
         reason = None
         if ea.dtype != eb.dtype:
             reason = "dtype"
-        elif not _same_relation(ta, tb, name):
+        elif not ignore_ties and not _same_relation(ta, tb, name):
             reason = "alias"
         ra, rb = _record(A, name), _record(B, name)
         key = None
@@ -523,22 +617,29 @@ def diff(
     filter: str | None = None,  # noqa: A002 - a glob on names
     progress: Progress | None = None,
     *,
+    max_rel_l2: float | None = None,
+    min_cosine: float | None = None,
+    ignore_ties: bool = False,
+    by_module: int | str | None = None,
+    by_module_min_changed: int = 0,
     tuning: Tuning | None = None,
 ) -> DiffReport:
     """Compare two checkpoints name by name, one tensor pair at a time.
 
     Names in one checkpoint only are listed. A name in both changes when its shape, dtype
-    or tie relation differs, or when an element is not within tolerance (``|a - b| <=
-    atol + rtol * |b|``; with the default zero tolerances, equal to the bit but for NaN
-    payloads). Tensors are streamed in chunks, so memory stays bounded whatever the size
-    of the checkpoints. The rules are in ``docs/compare.md``.
+    or tie relation differs, or when its values are not equal by every stated criterion:
+    the element-wise tolerance (``|a - b| <= atol + rtol * |b|``; with the default zero
+    tolerances, equal to the bit but for NaN payloads), ``max_rel_l2``, ``min_cosine``
+    (``Criteria``). Tensors are streamed in chunks, so memory stays bounded whatever the
+    size of the checkpoints. The rules are in ``docs/compare.md``.
 
     Args:
-        a (`str`, `os.PathLike`, `Checkpoint` or `dict[str, torch.Tensor]`):
-            The first checkpoint: a path of any readable format, a loaded checkpoint or
-            a state dict.
+        a (`str`, `os.PathLike`, `Checkpoint`, `dict[str, torch.Tensor]` or `torch.nn.Module`):
+            The first checkpoint: a path of any readable format, a loaded checkpoint, a
+            state dict, or a module (its ``state_dict()``), on any device.
         b (same as ``a``):
-            The second checkpoint; ``rtol`` is relative to its values.
+            The second checkpoint; ``rtol`` is relative to its values, ``rel_l2`` to
+            ``a``'s.
         atol (`float`, *optional*, defaults to 0.0):
             Absolute tolerance: finite and >= 0.
         rtol (`float`, *optional*, defaults to 0.0):
@@ -552,19 +653,34 @@ def diff(
         progress (`Callable[[int, int], None]`, *optional*):
             Called as ``progress(done_bytes, total_bytes)`` before the first tensor and
             after each chunk.
+        max_rel_l2 (`float`, *optional*):
+            A tensor whose ``rel_l2 = ||a - b|| / ||a||`` is at most this counts as equal
+            (with zero ``atol`` and ``rtol``, the element-wise rule is then not applied).
+        min_cosine (`float`, *optional*):
+            A tensor whose cosine similarity is at least this (in [-1, 1]) counts as equal,
+            as for ``max_rel_l2``.
+        ignore_ties (`bool`, *optional*, defaults to False):
+            Compare values only: a tie relation that differs is no change by itself.
+        by_module (`int` or ``"auto"``, *optional*):
+            Roll the tensors up into modules of this many name components (``"auto"``:
+            the deepest that gives at most 64 modules): ``report.modules``.
+        by_module_min_changed (`int`, *optional*, defaults to 0):
+            Roll up only when at least this many names changed.
         tuning (`Tuning`, *optional*):
             Threads to use; None detects them now (``Tuning.detect()``). The report is
             the same to the bit whatever the tuning.
 
     Returns:
         `DiffReport`: ``equal``, ``only_in_a``, ``only_in_b``, ``changed`` (most severe
-        first, each with its ``reason`` and statistics) and ``same``; ``to_dict()`` is
-        the ``wsurgery.diff/1`` JSON object.
+        first, each with its ``reason`` and statistics), ``same`` and ``modules``;
+        ``to_dict()`` is the ``wsurgery.diff/1`` JSON object, ``to_json()`` its text.
 
     Raises:
         UsageError: a tolerance that is not a finite number >= 0 (``param`` ``"atol"`` or
-            ``"rtol"``), an unusable ``device``, an input of another type, or a
-            ``filter`` that matches no name in either checkpoint.
+            ``"rtol"``), a ``max_rel_l2`` that is not, a ``min_cosine`` outside [-1, 1],
+            a ``by_module`` that is neither a depth >= 1 nor ``"auto"``, an unusable
+            ``device``, an input of another type, or a ``filter`` that matches no name in
+            either checkpoint.
         InputError: an input that cannot be read. A diff never reports "equal" for work
             it could not do.
 
@@ -579,6 +695,8 @@ def diff(
     ```
     """
     atol, rtol, dev, tuning = _arguments(atol, rtol, device, tuning)
+    crit = Criteria.of(atol, rtol, max_rel_l2, min_cosine)
+    by_module = _check_depth(by_module)
     with contextlib.ExitStack() as stack:
         A, label_a = _open(a, "a", stack)
         B, label_b = _open(b, "b", stack)
@@ -599,26 +717,79 @@ def diff(
         only_b = [n for n in names_b if n not in A]
         common = [n for n in names_a if n in B]
 
-        entries, jobs = _plan_diff(A, B, common)
+        entries, jobs = _plan_diff(A, B, common, ignore_ties)
         total = sum(j.va.nbytes + j.vb.nbytes for j in jobs.values())
         advance = _progress_counter(progress, total)
 
         for job in jobs.values():
             job.stats = _compare_values(job.va, job.vb, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance)
 
-        changed: list[Change] = []
-        same = 0
-        for e in entries:
-            stats = jobs[e.job].stats if e.job is not None else None
-            reason = e.reason
-            if reason is None and stats is not None and not stats.equal:
-                reason = "value"
-            if reason is None:
-                same += 1
-                continue
-            changed.append(Change(e.name, reason, _info(A, e.name), _info(B, e.name), stats))
+        def stats_of(e: _Entry) -> TensorStats | None:
+            return jobs[e.job].stats if e.job is not None else None
+
+        reasons = [e.reason or (None if crit.holds(stats_of(e)) else "value") for e in entries]
+        depth = modules = None
+        if by_module is not None and sum(r is not None for r in reasons) >= by_module_min_changed:
+            depth = auto_depth([*names_a, *only_b]) if by_module == "auto" else by_module
+            _add_norms(
+                [(module_of(e.name, depth), e.job) for e in entries if e.job is not None], jobs, dev=dev, tuning=tuning
+            )
+            rows = [(e.name, r is not None, stats_of(e)) for e, r in zip(entries, reasons, strict=True)]
+            modules = roll_up(depth, rows, only_a, only_b)
+        changed = [
+            Change(e.name, r, _info(A, e.name), _info(B, e.name), stats_of(e))
+            for e, r in zip(entries, reasons, strict=True)
+            if r is not None
+        ]
         changed.sort(key=Change.severity)
-        return DiffReport(label_a, label_b, only_a, only_b, changed, same, atol, rtol, total)
+        same = len(entries) - len(changed)
+        return DiffReport(
+            label_a,
+            label_b,
+            only_a,
+            only_b,
+            changed,
+            same,
+            atol,
+            rtol,
+            total,
+            crit.max_rel_l2,
+            crit.min_cosine,
+            bool(ignore_ties),
+            depth,
+            modules,
+        )
+
+
+def _check_depth(by_module) -> int | str | None:
+    if by_module is None or by_module == "auto":
+        return by_module
+    if isinstance(by_module, bool) or not isinstance(by_module, int) or by_module < 1:
+        raise UsageError(
+            f"by_module must be a depth >= 1 or 'auto', got {by_module!r}",
+            param="by_module",
+            hint="a depth counts name components: 2 rolls 'layers.0.attn.qkv.weight' into 'layers.0'",
+        )
+    return by_module
+
+
+def _add_norms(groups: list[tuple[str, str]], jobs: dict[str, _Job], *, dev, tuning: Tuning) -> None:
+    """Give the bit-identical pairs of every group (``(group, job key)``) in which some
+    pair moved the norms that ``rollup.total`` needs: one more pass over their data
+    (``||a|| == ||b||``: one side is read)."""
+    members: dict[str, list[str]] = {}
+    for group, key in groups:
+        members.setdefault(group, []).append(key)
+    todo: dict[str, None] = {}
+    for keys in members.values():
+        stats = [jobs[k].stats for k in keys if jobs[k].stats is not None]
+        if needs_norms(stats):
+            todo.update((k, None) for k in keys if jobs[k].stats is not None and jobs[k].stats.norm_a is None)
+    for key in todo:
+        job = jobs[key]
+        flat, release = _flat(job.va, dev)
+        norm = l2_norm(flat, device=dev, tuning=tuning, release=release)
+        job.stats = dataclasses.replace(job.stats, norm_a=norm, norm_b=norm)
 
 
 # ----------------------------------------------------------------------------- check
@@ -635,6 +806,8 @@ def check(
     device: str | None = None,
     progress: Progress | None = None,
     *,
+    max_rel_l2: float | None = None,
+    min_cosine: float | None = None,
     tuning: Tuning | None = None,
 ) -> CheckReport:
     """Check that ``transform(src)`` equals ``dst`` within tolerance.
@@ -642,8 +815,9 @@ def check(
     ``src`` and ``dst`` may be module prefixes: every tensor under ``src`` is checked
     against the tensor of the same relative name under ``dst``. A pair differs when the
     shapes differ (no statistics), when the dtypes differ (values still compared, after
-    upcasting), or when an element is not within tolerance (``|a - b| <= atol + rtol *
-    |b|``, with ``b`` the ``dst`` value). The rules are in ``docs/compare.md``.
+    upcasting), or when its values are not equal by every stated criterion, as for
+    :func:`diff` (``|a - b| <= atol + rtol * |b|``, with ``b`` the ``dst`` value;
+    ``max_rel_l2``; ``min_cosine``). The rules are in ``docs/compare.md``.
 
     Args:
         ckpt (`str`, `os.PathLike`, `Checkpoint` or `dict[str, torch.Tensor]`):
@@ -665,14 +839,21 @@ def check(
             Where to compare, as for :func:`diff`.
         progress (`Callable[[int, int], None]`, *optional*):
             Called as ``progress(done_bytes, total_bytes)``, as for :func:`diff`.
+        max_rel_l2 (`float`, *optional*):
+            A pair whose ``||src - dst|| / ||src||`` is at most this counts as equal, as
+            for :func:`diff`.
+        min_cosine (`float`, *optional*):
+            A pair whose cosine similarity is at least this counts as equal, as for
+            :func:`diff`.
         tuning (`Tuning`, *optional*):
             Threads to use; None detects them now. The report is the same to the bit
             whatever the tuning.
 
     Returns:
         `CheckReport`: ``equal``, the aggregated ``mismatched``, ``numel``,
-        ``max_abs_diff`` and ``max_rel_diff``, and one ``PairResult`` per pair;
-        ``to_dict()`` is the ``wsurgery.check/1`` JSON object.
+        ``max_abs_diff``, ``max_rel_diff``, ``rel_l2`` and ``cosine`` (the pairs taken as
+        one vector), and one ``PairResult`` per pair; ``to_dict()`` is the
+        ``wsurgery.check/1`` JSON object, ``to_json()`` its text.
 
     Raises:
         UnknownNameError: ``src`` or a destination is not in its checkpoint.
@@ -692,6 +873,7 @@ def check(
     from ..surgery import pair_names
 
     atol, rtol, dev, tuning = _arguments(atol, rtol, device, tuning)
+    crit = Criteria.of(atol, rtol, max_rel_l2, min_cosine)
     t = parse(transform)
     with contextlib.ExitStack() as stack:
         C, label = _open(ckpt, "ckpt", stack)
@@ -728,4 +910,19 @@ def check(
             stats = _compare_values(vs, vd, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance)
             reason = "dtype" if vs.dtype != vd.dtype else (None if stats.equal else "value")
             results.append(PairResult(s, d, reason, info_s, info_d, stats))
-        return CheckReport(label, other_label, src, dst, t.specs(), results, atol, rtol)
+
+        results = [
+            r if r.reason in ("shape", "dtype") else dataclasses.replace(r, reason=_pair_reason(crit, r.stats))
+            for r in results
+        ]
+        jobs = {r.dst: _Job(r.dst, vs, vd, r.stats) for r, (_, _, vs, vd) in zip(results, values, strict=True)}
+        _add_norms([("", r.dst) for r in results if r.stats is not None], jobs, dev=dev, tuning=tuning)
+        rel, cosine = total([j.stats for j in jobs.values() if j.stats is not None])
+        results = [dataclasses.replace(r, stats=jobs[r.dst].stats) for r in results]
+        return CheckReport(
+            label, other_label, src, dst, t.specs(), results, atol, rtol, crit.max_rel_l2, crit.min_cosine, rel, cosine
+        )
+
+
+def _pair_reason(crit: Criteria, stats: TensorStats | None) -> str | None:
+    return None if crit.holds(stats) else "value"
