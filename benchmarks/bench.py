@@ -3,6 +3,7 @@ would write with torch and safetensors, measured alternately in the same run.
 
     make bench                       # 1 GiB, float32 and bfloat16
     python benchmarks/bench.py --size 4GiB --dtype float32 --rounds 3
+    python benchmarks/bench.py --only diff-all --baseline main   # this tree against main's, in one run
 
 Prints a table (median wall time, peak RSS, ratio to the plain script, GB/s against the
 page-cache read rate measured in the same run) and writes the same as JSON
@@ -212,6 +213,28 @@ def page_cache_read_rate(path: Path) -> float:
     return best
 
 
+def baseline_tree(ref: str, work: Path) -> Path:
+    """The ``wsurgery`` package of git revision ``ref``, exported under ``work``."""
+    dest = work / f"baseline-{ref.replace('/', '_')}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "wsurgery"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    subprocess.run([PY, "-m", "compileall", "-q", str(dest)], check=True, stdout=subprocess.DEVNULL)
+    return dest
+
+
+def baseline_cases(a: Path, b: Path, ref: str, tree: Path):
+    """``diff`` and ``diff-all`` of this tree against the same commands of ``ref``: the
+    cost of what changed since (target: at most 10% slower)."""
+    ws = [PY, "-m", "wsurgery"]
+    theirs = [PY, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); from wsurgery.cli.app import main; main()"]
+    c = a.with_name(a.name.replace("a-", "c-", 1))
+    for name, other in (("diff", b), ("diff-all", c)):
+        args = ["diff", str(a), str(other), "--quiet"]
+        yield (f"{name}-vs-{ref}", ws + args, theirs + args, 2 * a.stat().st_size, 1.10)
+
+
 def cases(a: Path, b: Path, out: Path):
     ws = [PY, "-m", "wsurgery"]
     yield (
@@ -288,6 +311,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REF",
+        help="also time diff and diff-all against git revision REF's wsurgery (rows NAME-vs-REF, ratio this / REF)",
+    )
     args = ap.parse_args(argv)
 
     size = parse_size(args.size)
@@ -310,8 +339,12 @@ def main(argv=None) -> int:
         a, b = make_pair(work, size, dtype)
         out = work / "out.safetensors"
         read_rate = page_cache_read_rate(a)
-        for name, ours, plain, nbytes, target in cases(a, b, out):
-            if only and name not in only:
+        todo = list(cases(a, b, out))
+        if args.baseline:
+            tree = baseline_tree(args.baseline, work)
+            todo += [c for c in baseline_cases(a, b, args.baseline, tree) if not only or c[0].split("-vs-")[0] in only]
+        for name, ours, plain, nbytes, target in todo:
+            if only and name not in only and "-vs-" not in name:
                 continue
             # Every run writes a new file: deleting the previous run's output (which on a
             # disk mounted with `discard` costs up to 1 s per GiB) is not part of the work.

@@ -51,6 +51,9 @@ FLAGS = {
     "dst": "--dst",
     "sizes": "--sizes",
     "template": "--src/--dst",
+    "max_rel_l2": "--max-rel-l2",
+    "min_cosine": "--min-cosine",
+    "by_module": "--by-module",
 }
 
 # What to do about an output that cannot be written, by OutputError.reason.

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import apply, cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
-from ._errors import exit_code_for, one_line, stdout_error, stdout_failed
+from ._errors import _emit_error_json, exit_code_for, one_line, stdout_error, stdout_failed
 
 app = typer.Typer(
     name="wsurgery",
@@ -74,9 +74,27 @@ for _name, _fn in [
 
 def _usage_error_line(exc) -> str:
     """click's usage errors (missing option, bad value) as the one line every error gets."""
+    return f"error: {exc.format_message()} (hint: {_usage_hint(exc)})"
+
+
+def _usage_hint(exc) -> str:
     ctx = getattr(exc, "ctx", None)
     path = ctx.command_path if ctx is not None else "wsurgery"
-    return f"error: {exc.format_message()} (hint: run `{path} --help`)"
+    return f"run `{path} --help`"
+
+
+def _json_asked(argv: list[str] | None) -> bool:
+    """Whether ``--json`` is among the arguments (before a ``--``), parsed or not."""
+    args = sys.argv[1:] if argv is None else argv
+    return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+
+def _usage_error_json(exc) -> None:
+    """A usage error that click found, as the JSON error object every ``--json`` error is
+    (``wsurgery.<command>/1``; ``wsurgery.error/1`` when there is no command)."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.info_name if ctx is not None and ctx.parent is not None else "error"
+    _emit_error_json(command, "usage", exc.format_message(), _usage_hint(exc), exc.exit_code)
 
 
 def _terminate(signum, frame):
@@ -124,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
             if type(exc).__name__ == "NoArgsIsHelpError":
                 sys.exit(0)  # the help was printed already
             sys.stderr.write(_usage_error_line(exc) + "\n")
+            if _json_asked(argv):
+                _usage_error_json(exc)
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stdout.flush()
             sys.exit(exc.exit_code)
         raise
     code = code if isinstance(code, int) else 0

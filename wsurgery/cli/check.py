@@ -11,13 +11,15 @@ from .common import (
     CkptArg,
     CompareDeviceOpt,
     JsonOpt,
+    MaxRelL2Opt,
+    MinCosineOpt,
     QuietOpt,
     RtolOpt,
     TransformOpt,
     console,
     safe,
 )
-from .diff import ProgressBar, compare_tuning, fmt_float, single_threaded_blas, stats_table
+from .diff import ProgressBar, compare_tuning, criteria_text, fmt_float, single_threaded_blas, stats_table
 
 
 @command("check")
@@ -29,6 +31,8 @@ def check(
     other: CheckFromOpt = None,
     atol: AtolOpt = 0.0,
     rtol: RtolOpt = 0.0,
+    max_rel_l2: MaxRelL2Opt = None,
+    min_cosine: MinCosineOpt = None,
     device: CompareDeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -36,8 +40,9 @@ def check(
     """Assert that transform(SRC) equals DST, in CKPT or with DST taken from --from.
 
     Module prefixes check every pair under them. A pair differs when shapes or dtypes differ
-    or an element is outside tolerance (|a - b| <= atol + rtol * |b|). Exit 0 when every pair
-    is equal, 1 when one differs.
+    or its values are not equal by every stated criterion: each element within tolerance
+    (|a - b| <= atol + rtol * |b|), --max-rel-l2, --min-cosine. Exit 0 when every pair is
+    equal, 1 when one differs.
 
     Example: wsurgery check model.safetensors --src embedding.weight --dst lm_head.weight -t transpose
     """
@@ -55,6 +60,8 @@ def check(
             rtol=rtol,
             device=device,
             progress=bar,
+            max_rel_l2=max_rel_l2,
+            min_cosine=min_cosine,
             tuning=compare_tuning(),
         )
     code = 0 if report.equal else 1
@@ -65,17 +72,18 @@ def check(
         return code
     con = console()
     what = safe(f"{' -> '.join(report.transform) or 'same'}({src}) vs {dst}" + (f" in {other}" if other else ""))
-    tol = f"atol {atol:g}, rtol {rtol:g}"
+    tol = criteria_text(report)
     n = len(report.pairs)
     pairs = f"{n} pair" + ("" if n == 1 else "s")
+    drift = f", rel l2 {fmt_float(report.rel_l2)}" if report.rel_l2 else ""
     if report.equal:
-        con.print(f"equal: {what}: {pairs}, {report.numel or 0:,} elements ({tol})", markup=False)
+        con.print(f"equal: {what}: {pairs}, {report.numel or 0:,} elements{drift} ({tol})", markup=False)
         return code
     bad = [p for p in report.pairs if not p.equal]
     con.print(
         f"different: {what}: {len(bad)} of {pairs} differ; mismatched "
         f"{report.mismatched if report.mismatched is not None else '-'}, max |a-b| "
-        f"{fmt_float(report.max_abs_diff)} ({tol})",
+        f"{fmt_float(report.max_abs_diff)}{drift} ({tol})",
         markup=False,
     )
     bad.sort(key=lambda p: p.severity())

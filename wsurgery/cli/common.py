@@ -132,6 +132,24 @@ CompareDeviceOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it all.")]
+MaxRelL2Opt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-rel-l2",
+        metavar="X",
+        help="A tensor whose ||a - b|| / ||a|| is at most X counts as equal (with --atol/--rtol: both must hold).",
+        show_default=False,
+    ),
+]
+MinCosineOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--min-cosine",
+        metavar="X",
+        help="A tensor whose cosine similarity is at least X counts as equal (every stated criterion must hold).",
+        show_default=False,
+    ),
+]
 
 
 # --- printing ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -17,10 +17,13 @@ from .common import (
     CompareDeviceOpt,
     FilterOpt,
     JsonOpt,
+    MaxRelL2Opt,
+    MinCosineOpt,
     QuietOpt,
     RtolOpt,
     cell,
     console,
+    print_table,
     safe,
     shape_text,
 )
@@ -31,6 +34,43 @@ DiffArgA = Annotated[
 DiffArgB = Annotated[
     Path,
     typer.Argument(metavar="B", help="Second checkpoint, any readable format.", show_default=False, readable=False),
+]
+
+
+IgnoreTiesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-ties",
+        help="Compare values only: a tie in one file and a stored copy in the other are equal when the values are.",
+    ),
+]
+ByModuleOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--by-module",
+        metavar="DEPTH",
+        help="Roll tensors up into modules of DEPTH name components (2: layers.0), with rel_l2 and cosine per "
+        "module; auto: the deepest depth with at most 64 modules. Shown by default when more than 32 tensors change.",
+        show_default=False,
+    ),
+]
+HtmlOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--html",
+        metavar="REPORT",
+        help="Also write a self-contained HTML report: summary, rel_l2 per module (chart), sortable table.",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+ChartOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--chart/--no-chart",
+        help="Draw rel_l2 per module as text bars (default: on a terminal, when modules are shown).",
+        show_default=False,
+    ),
 ]
 
 
@@ -121,6 +161,7 @@ def stats_table(rows, first: str, sides: str):
     table.add_column("mismatched", justify="right", no_wrap=True)
     table.add_column("max |a-b|", justify="right", no_wrap=True)
     table.add_column("max rel", justify="right", no_wrap=True)
+    table.add_column("rel l2", justify="right", no_wrap=True)
     table.add_column("cosine", justify="right", no_wrap=True)
     for name, reason, info_a, info_b, stats in rows:
         table.add_row(
@@ -131,6 +172,7 @@ def stats_table(rows, first: str, sides: str):
             fmt_mismatched(stats),
             fmt_float(stats.max_abs_diff if stats else None),
             fmt_float(stats.max_rel_diff if stats else None),
+            fmt_float(stats.rel_l2 if stats else None),
             fmt_float(stats.cosine if stats else None, 9),
         )
     return table
@@ -143,33 +185,147 @@ def _names_block(con, title: str, names: list[str]) -> None:
             con.print(f"  {safe(n)}", markup=False)
 
 
+def module_label(name: str) -> str:
+    return name if name else "(root)"
+
+
+def modules_table(con, modules, depth: int) -> None:
+    """The module rollup as plain lines (names never cut)."""
+    sides = any(m.only_in_a or m.only_in_b for m in modules)
+    headers = ["module", "tensors", "changed"]
+    headers += ["only A", "only B"] if sides else []
+    headers += ["elements", "mismatched", "max |a-b|", "rel l2", "cosine"]
+    rows = []
+    for m in modules:
+        row = [module_label(m.name), f"{m.tensors:,}", f"{m.changed:,}"]
+        row += [f"{m.only_in_a:,}", f"{m.only_in_b:,}"] if sides else []
+        row += [
+            f"{m.numel:,}",
+            f"{m.mismatched:,}",
+            fmt_float(m.max_abs_diff),
+            fmt_float(m.rel_l2),
+            fmt_float(m.cosine, 9),
+        ]
+        rows.append(row)
+    right = tuple(h for h in headers if h != "module")
+    print_table(con, headers, rows, right=right, title=f"by module (depth {depth}):")
+
+
+_EIGHTHS = " ▏▎▍▌▋▊▉█"
+CHART_BAR_MAX = 60  # columns of the longest bar
+
+
+def chart_lines(modules, width: int, unicode: bool = True) -> list[str]:
+    """rel_l2 per module as text bars, in layer order, within ``width`` columns: linear,
+    the longest bar for the largest finite value; an infinite one fills the bar and reads
+    ``inf``, a module without statistics ``-``."""
+    names = [safe(module_label(m.name)) for m in modules]
+    values = [fmt_float(m.rel_l2) for m in modules]
+    vw = max(len(v) for v in values)
+    nw = min(max(len(n) for n in names), max(8, width // 3))
+    bar = max(10, min(CHART_BAR_MAX, width - nw - vw - 4))
+    finite = [m.rel_l2 for m in modules if m.rel_l2 is not None and math.isfinite(m.rel_l2)]
+    top = max(finite, default=0.0) or 1.0
+    lines = []
+    for m, name, value in zip(modules, names, values, strict=True):
+        if len(name) > nw:
+            name = name[: nw - 1] + ("…" if unicode else "~")
+        x = m.rel_l2
+        if x is None or x <= 0:
+            cells = 0
+        elif math.isinf(x):
+            cells = bar * 8
+        else:
+            cells = max(1, round(bar * 8 * x / top))
+        if unicode:
+            text = _EIGHTHS[-1] * (cells // 8) + (_EIGHTHS[cells % 8] if cells % 8 else "")
+        else:
+            text = "#" * -(-cells // 8)
+        lines.append(f"{name:<{nw}}  {text:<{bar}}  {value:>{vw}}")
+    return lines
+
+
+def print_chart(con, modules, depth: int) -> None:
+    encoding = (getattr(con.file, "encoding", None) or "utf-8").lower()
+    lines = chart_lines(modules, con.width, unicode=encoding.startswith("utf"))
+    con.file.write("\n".join([f"rel_l2 by module (depth {depth}, layer order):", *lines]) + "\n")
+
+
+def _depth_arg(text: str | None):
+    """``--by-module``: a depth, ``auto``, or the text as it is (the library says why not)."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        return int(t)
+    except ValueError:
+        return text
+
+
+def criteria_text(report) -> str:
+    text = report.criteria.describe()
+    if getattr(report, "ignore_ties", False):
+        text += ", ties ignored"
+    return text
+
+
 @command("diff")
 def diff(
     a: DiffArgA,
     b: DiffArgB,
     atol: AtolOpt = 0.0,
     rtol: RtolOpt = 0.0,
+    max_rel_l2: MaxRelL2Opt = None,
+    min_cosine: MinCosineOpt = None,
+    ignore_ties: IgnoreTiesOpt = False,
+    by_module: ByModuleOpt = None,
     filter: FilterOpt = None,  # noqa: A002
     device: CompareDeviceOpt = None,
+    html: HtmlOpt = None,
+    chart: ChartOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> int:
     """Compare two checkpoints of any formats: names only in A or B, and for names in both,
-    shape, dtype, tie (alias) and value differences with statistics.
+    shape, dtype, tie (alias) and value differences with statistics (max |a-b|, max rel,
+    rel l2 = ||a-b|| / ||a||, cosine).
 
     Exit 0 when equal, 1 when different (errors: 2 usage, 3 input). Equality is bitwise with
-    the default --atol 0 --rtol 0 (NaN in the same place is equal); values are streamed, so
-    memory stays small whatever the checkpoint size.
+    the default --atol 0 --rtol 0 (NaN in the same place is equal); --max-rel-l2 and
+    --min-cosine state drift budgets per tensor instead (every stated criterion must hold).
+    Values are streamed, so memory stays small whatever the checkpoint size.
 
-    Example: wsurgery diff model.pt model.safetensors --atol 1e-6
+    Example: wsurgery diff base.safetensors tuned.safetensors --max-rel-l2 1e-2 --by-module 2 --html diff.html
     """
     single_threaded_blas()
     from ..compare import diff as run_diff
+    from ..compare.report import AUTO_MIN_CHANGED
 
+    depth, min_changed = _depth_arg(by_module), 0
+    if depth is None and html is not None:
+        depth = "auto"  # the report's chart
+    elif depth is None and not (json_out or quiet):
+        depth, min_changed = "auto", AUTO_MIN_CHANGED  # the default view when many tensors change
     with ProgressBar("diff", enabled=not (json_out or quiet)) as bar:
         report = run_diff(
-            a, b, atol=atol, rtol=rtol, device=device, filter=filter, progress=bar, tuning=compare_tuning()
+            a,
+            b,
+            atol=atol,
+            rtol=rtol,
+            device=device,
+            filter=filter,
+            progress=bar,
+            max_rel_l2=max_rel_l2,
+            min_cosine=min_cosine,
+            ignore_ties=ignore_ties,
+            by_module=depth,
+            by_module_min_changed=min_changed,
+            tuning=compare_tuning(),
         )
+    if html is not None:
+        report.save_html(html)
     code = 0 if report.equal else 1
     if quiet:
         return code
@@ -177,18 +333,25 @@ def diff(
         emit_json(report.to_dict())
         return code
     con = console()
-    tol = f"atol {atol:g}, rtol {rtol:g}"
+    tol = criteria_text(report)
     if report.equal:
         con.print(f"equal: {report.same:,} tensors agree ({tol})", markup=False)
-        return code
-    parts = [f"{len(report.changed):,} changed"]
-    parts.append(f"{len(report.only_in_a):,} only in A")
-    parts.append(f"{len(report.only_in_b):,} only in B")
-    parts.append(f"{report.same:,} same")
-    con.print(f"different: {', '.join(parts)} ({tol})", markup=False)
+    else:
+        parts = [f"{len(report.changed):,} changed"]
+        parts.append(f"{len(report.only_in_a):,} only in A")
+        parts.append(f"{len(report.only_in_b):,} only in B")
+        parts.append(f"{report.same:,} same")
+        con.print(f"different: {', '.join(parts)} ({tol})", markup=False)
     if report.changed:
         rows = [(c.name, c.reason, c.a, c.b, c.stats) for c in report.changed]
         con.print(stats_table(rows, "name", "A | B"))
+    if report.modules is not None and (by_module is not None or not report.equal):
+        modules_table(con, report.modules, report.depth)
+        helps = len(report.modules) > 1 and any(m.rel_l2 for m in report.modules)
+        if chart or (chart is None and helps and con.is_terminal):
+            print_chart(con, report.modules, report.depth)
     _names_block(con, f"only in A: {a}", report.only_in_a)
     _names_block(con, f"only in B: {b}", report.only_in_b)
+    if html is not None:
+        con.print(f"wrote {safe(html)}", markup=False)
     return code

@@ -232,6 +232,10 @@ class CheckReport:
     def equal(self) -> bool:
         return all(p.equal for p in self.pairs)
 
+    @property
+    def criteria(self) -> Criteria:
+        return Criteria(self.atol, self.rtol, self.max_rel_l2, self.min_cosine)
+
     def _with_stats(self) -> list[TensorStats]:
         return [p.stats for p in self.pairs if p.stats is not None]
 
