@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import testing  # noqa: E402 - wsurgery.testing.assert_checkpoint_equal (no torch at import)
 from .api import apply, check, convert, diff, load, load_state_dict, open, save_state_dict  # noqa: E402
 from .checkpoint import Checkpoint, Derived, SaveResult  # noqa: E402
 from .errors import (  # noqa: E402
@@ -41,4 +42,5 @@ __all__ = [
     "load_state_dict",
     "open",
     "save_state_dict",
+    "testing",
 ]

@@ -13,6 +13,8 @@ from .readers import from_tensors
 from .readers import load as _load
 
 if TYPE_CHECKING:
+    import torch
+
     from .compare import CheckReport, DiffReport, Tuning
     from .surgery.recipe import ApplyResult
 
@@ -216,11 +218,15 @@ def apply(
 
 
 def diff(
-    a: Checkpoint | Mapping[str, Any] | PathLike,
-    b: Checkpoint | Mapping[str, Any] | PathLike,
+    a: Checkpoint | Mapping[str, Any] | torch.nn.Module | PathLike,
+    b: Checkpoint | Mapping[str, Any] | torch.nn.Module | PathLike,
     *,
     atol: float = 0.0,
     rtol: float = 0.0,
+    max_rel_l2: float | None = None,
+    min_cosine: float | None = None,
+    ignore_ties: bool = False,
+    by_module: int | str | None = None,
     device: str | None = None,
     filter: str | None = None,  # noqa: A002 - a glob on names
     progress: Callable[[int, int], None] | None = None,
@@ -229,35 +235,63 @@ def diff(
     """Compare two checkpoints tensor by tensor, streaming.
 
     Args:
-        a, b: paths (any readable format), loaded checkpoints or state dicts.
+        a, b: paths (any readable format), loaded checkpoints, state dicts, or
+            ``torch.nn.Module``s (their ``state_dict()``), on any device.
         atol, rtol: elements agree when ``|a - b| <= atol + rtol * |b|``; both 0 (the
             default) is bitwise equality (NaN in the same place is equal).
+        max_rel_l2: a tensor whose ``||a - b|| / ||a||`` is at most this counts as equal.
+        min_cosine: a tensor whose cosine similarity is at least this counts as equal.
+            A tensor is equal when every stated criterion holds; ``atol = rtol = 0``
+            with a threshold states no element-wise criterion (docs/compare.md).
+        ignore_ties: compare values only (a tied file equals its untied twin).
+        by_module: roll tensors up into modules of this many name components (or
+            ``"auto"``): ``report.modules``, each with ``rel_l2`` and ``cosine``.
         device: ``None``/``"cpu"`` compares with numpy, ``"cuda"`` on the GPU.
         filter: a glob on names; only matching names are compared.
         progress: called as ``progress(done_bytes, total_bytes)``.
         tuning: worker threads (``wsurgery.compare.Tuning``); never changes a result.
 
     Returns:
-        A ``DiffReport`` (``equal``, ``changed``, ``only_in_a``, ``only_in_b``, ``to_dict()``).
+        A ``DiffReport``: ``equal``, ``changed`` (each with ``reason`` and ``stats``:
+        ``max_abs_diff``, ``max_rel_diff``, ``mismatched``, ``numel``, ``cosine``,
+        ``rel_l2``), ``only_in_a``, ``only_in_b``, ``same``, ``modules``, ``to_dict()``,
+        ``to_json()``, ``to_html()``, ``save_html(path)``.
 
     Example:
         >>> wsurgery.diff("model.pt", "model.safetensors").equal  # doctest: +SKIP
         True
+        >>> wsurgery.diff(model, "ref.safetensors", max_rel_l2=1e-3).changed  # doctest: +SKIP
+        []
     """
     from .compare import diff as _diff
 
-    return _diff(a, b, atol=atol, rtol=rtol, device=device, filter=filter, progress=progress, tuning=tuning)
+    return _diff(
+        a,
+        b,
+        atol=atol,
+        rtol=rtol,
+        device=device,
+        filter=filter,
+        progress=progress,
+        max_rel_l2=max_rel_l2,
+        min_cosine=min_cosine,
+        ignore_ties=ignore_ties,
+        by_module=by_module,
+        tuning=tuning,
+    )
 
 
 def check(
-    ckpt: Checkpoint | Mapping[str, Any] | PathLike,
+    ckpt: Checkpoint | Mapping[str, Any] | torch.nn.Module | PathLike,
     src: str,
     dst: str,
     transform: str | Sequence[str] | None = None,
     *,
-    other: Checkpoint | Mapping[str, Any] | PathLike | None = None,
+    other: Checkpoint | Mapping[str, Any] | torch.nn.Module | PathLike | None = None,
     atol: float = 0.0,
     rtol: float = 0.0,
+    max_rel_l2: float | None = None,
+    min_cosine: float | None = None,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     tuning: Tuning | None = None,
@@ -265,14 +299,15 @@ def check(
     """Check that ``transform(src)`` equals ``dst``, within one checkpoint or against ``other``.
 
     Args:
-        ckpt: where ``src`` is (a path, a loaded checkpoint or a state dict).
+        ckpt: where ``src`` is (a path, a loaded checkpoint, a state dict or a module).
         src, dst: tensor names, or module prefixes (every pair under them is checked).
         transform: steps applied to ``src`` first (``"transpose"``, ``["cast(bfloat16)"]``).
         other: where ``dst`` is, when not in ``ckpt``.
-        atol, rtol, device, progress, tuning: as for :func:`diff`.
+        atol, rtol, max_rel_l2, min_cosine, device, progress, tuning: as for :func:`diff`.
 
     Returns:
-        A ``CheckReport`` (``equal``, ``pairs``, ``max_abs_diff``, ``to_dict()``).
+        A ``CheckReport`` (``equal``, ``pairs``, ``max_abs_diff``, ``rel_l2``, ``cosine``,
+        ``to_dict()``, ``to_json()``).
 
     Example:
         >>> wsurgery.check("model.safetensors", "embed.weight", "lm_head.weight").equal  # doctest: +SKIP
@@ -290,5 +325,7 @@ def check(
         rtol=rtol,
         device=device,
         progress=progress,
+        max_rel_l2=max_rel_l2,
+        min_cosine=min_cosine,
         tuning=tuning,
     )
