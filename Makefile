@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch is pinned to the CPU build this machine class keeps on disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint fixtures bench fuzz clean
+.PHONY: install demo test lint fixtures bench fuzz clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,9 @@ bench: $(STAMP)
 
 fuzz: $(STAMP)
 	$(BIN)/python fuzz/campaign.py --minutes $(or $(FUZZ_MINUTES),10)
+
+# On a machine with a CUDA device and a CUDA build of torch: CUDA-marked tests, the library
+# on the GPU, and a GPU diff benchmark against host-to-device bandwidth (JSON in build/gpu/).
+# Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_ARGS)

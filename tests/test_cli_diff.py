@@ -225,6 +225,7 @@ def test_subprocess_exit_codes(fixtures, files):
     assert proc.returncode == 3 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 def test_diff_and_check_on_cuda(files, cli):
     a, b = files

@@ -817,6 +817,7 @@ def test_torch_chunked_random(torch_path):
             assert compare_arrays(a, a.clone(), chunk_elems=chunk) == stats(True, 1000, 0, 0.0, 0.0, 1.0)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(0)

@@ -651,6 +651,7 @@ def test_safetensors_aliases_are_compared_without_torch_views(tmp_path):
 # ------------------------------------------------------------------------------ CUDA
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_diff_and_check_on_cuda(tmp_path, small_chunks):
     x = rand(40, 3)
