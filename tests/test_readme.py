@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import shutil
 from pathlib import Path
@@ -24,8 +25,15 @@ def test_readme_python_example_runs(index, tmp_path, monkeypatch):
     (tmp_path / "build" / "readme").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     code = _python_blocks()[index]
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme"})
+    namespace = {"__name__": "readme"}
+    exec(compile(code, f"README.md python block {index}", "exec"), namespace)
+    # a pytest example defines test functions: run them too, as pytest would
+    for name, fn in list(namespace.items()):
+        if name.startswith("test_") and callable(fn):
+            params = inspect.signature(fn).parameters
+            fn(**({"tmp_path": tmp_path} if "tmp_path" in params else {}))
 
 
 def test_the_readme_has_library_examples():
     assert len(_python_blocks()) >= 2
+    assert any("def test_" in block and "assert_checkpoint_equal" in block for block in _python_blocks())
