@@ -169,9 +169,10 @@ def make_all_different(folder: Path, size: int, dtype: str) -> Path:
     return c
 
 
-def run(cmd: list[str], remove: Path | None = None) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS in bytes, exit code of one whole process (``remove``: a
-    file deleted first, outside the timing)."""
+def run(cmd: list[str], remove: Path | None = None) -> tuple[float, int, int, float]:
+    """Wall seconds, peak RSS in bytes, exit code and CPU seconds (user + system) of one
+    whole process (``remove``: a file deleted first, outside the timing). CPU time is the
+    steadier measure on a machine that others share."""
     if remove is not None:
         remove.unlink(missing_ok=True)
     env = dict(os.environ, NO_COLOR="1")
@@ -188,7 +189,7 @@ def run(cmd: list[str], remove: Path | None = None) -> tuple[float, int, int]:
         proc.stderr.close()
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err.strip()[:500]}")
-    return wall, usage.ru_maxrss * 1024, proc.returncode
+    return wall, usage.ru_maxrss * 1024, proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def page_cache_read_rate(path: Path) -> float:
@@ -233,6 +234,14 @@ def baseline_cases(a: Path, b: Path, ref: str, tree: Path):
     for name, other in (("diff", b), ("diff-all", c)):
         args = ["diff", str(a), str(other), "--quiet"]
         yield (f"{name}-vs-{ref}", ws + args, theirs + args, 2 * a.stat().st_size, 1.10)
+        # the module rollup too (it reads the untouched tensors of changed modules once more)
+        yield (
+            f"{name}-by-module-vs-{ref}",
+            ws + [*args, "--by-module", "2"],
+            theirs + args,
+            2 * a.stat().st_size,
+            1.10,
+        )
 
 
 def cases(a: Path, b: Path, out: Path):
@@ -342,7 +351,11 @@ def main(argv=None) -> int:
         todo = list(cases(a, b, out))
         if args.baseline:
             tree = baseline_tree(args.baseline, work)
-            todo += [c for c in baseline_cases(a, b, args.baseline, tree) if not only or c[0].split("-vs-")[0] in only]
+            todo += [
+                c
+                for c in baseline_cases(a, b, args.baseline, tree)
+                if not only or c[0].split("-vs-")[0].removesuffix("-by-module") in only
+            ]
         for name, ours, plain, nbytes, target in todo:
             if only and name not in only and "-vs-" not in name:
                 continue
@@ -368,6 +381,8 @@ def main(argv=None) -> int:
                 "target_ratio": target,
                 "wsurgery_rss_mib": round(rss_ours / 2**20, 1),
                 "plain_rss_mib": round(rss_plain / 2**20, 1),
+                "wsurgery_cpu_s": round(statistics.median(m[3] for m in mine), 3),
+                "plain_cpu_s": round(statistics.median(m[3] for m in theirs), 3),
                 "wsurgery_gb_s": round(nbytes / t_ours / 1e9, 2) if nbytes else None,
                 "page_cache_read_gb_s": round(read_rate / 1e9, 2),
             }
@@ -396,7 +411,8 @@ def main(argv=None) -> int:
 def _format_row(r) -> str:
     return (
         f"  {r['command']:14} {r['dtype']:9} wsurgery {r['wsurgery_s']:7.3f}s  plain {r['plain_s']:7.3f}s  "
-        f"ratio {r['ratio']:.3f}  rss {r['wsurgery_rss_mib']:.0f} vs {r['plain_rss_mib']:.0f} MiB"
+        f"ratio {r['ratio']:.3f}  cpu {r['wsurgery_cpu_s']:.3f} vs {r['plain_cpu_s']:.3f} s  "
+        f"rss {r['wsurgery_rss_mib']:.0f} vs {r['plain_rss_mib']:.0f} MiB"
     )
 
 

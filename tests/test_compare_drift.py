@@ -94,6 +94,27 @@ def test_rel_l2_is_exact_to_float64_rounding(dtype):
         assert r.rel_l2 == pytest.approx(want, rel=1e-13)
 
 
+def test_signed_quotients_of_the_float_kernel_equal_the_general_path(monkeypatch):
+    """At zero tolerance the float kernel takes max |a - b| from the signed extremes and
+    |a - b| / |b| as |(a - b) / b|: the same values as the general path's."""
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal(5000)
+    b = -a * rng.uniform(0.5, 2.0, 5000)  # every sign, both ways
+    b[::7] = 0.0
+    b[1::7] = -0.0
+    a[2::11] = b[2::11]  # some equal pairs: 0 / 0 and x / x
+    a[3::13] = -0.0
+    fast = compare_arrays(a, b)
+    monkeypatch.setattr(ce._FloatKernel, "run", lambda self, x, y, acc: self.cmp.block(x, y, acc))
+    general = compare_arrays(a, b)  # the array-API path of every other block
+    assert (fast.max_abs_diff, fast.max_rel_diff, fast.mismatched) == (
+        general.max_abs_diff,
+        general.max_rel_diff,
+        general.mismatched,
+    )
+    assert fast.max_rel_diff == INF  # b == 0 != a
+
+
 def test_rel_l2_of_integers_is_exact():
     a = np.array([np.iinfo(np.int64).min, 0, 5], dtype=np.int64)
     b = np.array([np.iinfo(np.int64).max, 0, 7], dtype=np.int64)
