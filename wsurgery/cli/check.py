@@ -19,7 +19,7 @@ from .common import (
     console,
     safe,
 )
-from .diff import ProgressBar, compare_tuning, criteria_text, fmt_float, single_threaded_blas, stats_table
+from .diff import ProgressBar, compare_options, criteria_text, fmt_float, single_threaded_blas, stats_table
 
 
 @command("check")
@@ -56,13 +56,9 @@ def check(
             dst,
             transform=transform or [],
             other=other,
-            atol=atol,
-            rtol=rtol,
-            device=device,
-            progress=bar,
-            max_rel_l2=max_rel_l2,
-            min_cosine=min_cosine,
-            tuning=compare_tuning(),
+            **compare_options(
+                atol=atol, rtol=rtol, max_rel_l2=max_rel_l2, min_cosine=min_cosine, device=device, progress=bar
+            ),
         )
     code = 0 if report.equal else 1
     if quiet:

@@ -85,6 +85,19 @@ def single_threaded_blas() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def compare_options(*, atol, rtol, max_rel_l2, min_cosine, device, progress) -> dict:
+    """The keyword arguments ``diff`` and ``check`` share, with the tuning they run with."""
+    return {
+        "atol": atol,
+        "rtol": rtol,
+        "max_rel_l2": max_rel_l2,
+        "min_cosine": min_cosine,
+        "device": device,
+        "progress": progress,
+        "tuning": compare_tuning(),
+    }
+
+
 def compare_tuning():
     """The tuning ``diff`` and ``check`` run with: the threads detected now (one per CPU
     this process may use, at most 4). It never changes a result."""
@@ -312,17 +325,13 @@ def diff(
         report = run_diff(
             a,
             b,
-            atol=atol,
-            rtol=rtol,
-            device=device,
             filter=filter,
-            progress=bar,
-            max_rel_l2=max_rel_l2,
-            min_cosine=min_cosine,
             ignore_ties=ignore_ties,
             by_module=depth,
             by_module_min_changed=min_changed,
-            tuning=compare_tuning(),
+            **compare_options(
+                atol=atol, rtol=rtol, max_rel_l2=max_rel_l2, min_cosine=min_cosine, device=device, progress=bar
+            ),
         )
     if html is not None:
         report.save_html(html)

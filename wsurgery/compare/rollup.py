@@ -9,6 +9,7 @@ order of the tensors changes nothing).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -75,18 +76,10 @@ class ModuleStats:
     cosine: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "tensors": self.tensors,
-            "changed": self.changed,
-            "only_in_a": self.only_in_a,
-            "only_in_b": self.only_in_b,
-            "numel": self.numel,
-            "mismatched": self.mismatched,
-            "max_abs_diff": json_float(self.max_abs_diff),
-            "rel_l2": json_float(self.rel_l2),
-            "cosine": json_float(self.cosine),
-        }
+        d = dataclasses.asdict(self)
+        for key in ("max_abs_diff", "rel_l2", "cosine"):
+            d[key] = json_float(d[key])
+        return d
 
 
 def _scaled_sum(values: list[float]) -> tuple[float, float]:
