@@ -173,6 +173,8 @@ def test_chart_is_drawn_when_asked_and_fits(drifted, cli):
     assert all("█" in line for line in bars)
     code, out, _ = cli("diff", a, b, "--by-module", "2", "--no-chart")
     assert "rel_l2 by module" not in out
+    code, out, _ = cli("diff", a, b, "--chart", "--filter", "layers.1*")  # few changed: --chart rolls up
+    assert "rel_l2 by module (depth 3, layer order):" in out  # auto: 22 modules at depth 3
     report = wsurgery.diff(a, b, by_module=2)
     for width in (40, 80, 200):
         lines = chart_lines(report.modules, width)

@@ -68,7 +68,8 @@ ChartOpt = Annotated[
     Optional[bool],
     typer.Option(
         "--chart/--no-chart",
-        help="Draw rel_l2 per module as text bars (default: on a terminal, when modules are shown).",
+        help="Draw rel_l2 per module as text bars, rolling up at --by-module auto unless told (default: on a "
+        "terminal, when modules are shown).",
         show_default=False,
     ),
 ]
@@ -317,8 +318,8 @@ def diff(
     from ..compare.report import AUTO_MIN_CHANGED
 
     depth, min_changed = _depth_arg(by_module), 0
-    if depth is None and html is not None:
-        depth = "auto"  # the report's chart
+    if depth is None and (html is not None or chart):
+        depth = "auto"  # a chart needs modules
     elif depth is None and not (json_out or quiet):
         depth, min_changed = "auto", AUTO_MIN_CHANGED  # the default view when many tensors change
     with ProgressBar("diff", enabled=not (json_out or quiet)) as bar:
@@ -354,7 +355,7 @@ def diff(
     if report.changed:
         rows = [(c.name, c.reason, c.a, c.b, c.stats) for c in report.changed]
         con.print(stats_table(rows, "name", "A | B"))
-    if report.modules is not None and (by_module is not None or not report.equal):
+    if report.modules is not None and (by_module is not None or chart or not report.equal):
         modules_table(con, report.modules, report.depth)
         helps = len(report.modules) > 1 and any(m.rel_l2 for m in report.modules)
         if chart or (chart is None and helps and con.is_terminal):
