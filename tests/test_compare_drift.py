@@ -13,6 +13,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import wsurgery
@@ -74,6 +76,39 @@ def test_rel_l2_edge_cases(a, b, want):
     r = compare_arrays(np.array(a), np.array(b))
     assert r.rel_l2 == want
     assert compare_tensors(np.array(a), np.array(b)).rel_l2 == want  # the streamed path too
+
+
+def reference_rel_l2(a, b) -> float:
+    """The documented rel_l2, element by element in Python (exact sums: math.fsum)."""
+    dd, na, unbounded = [], [], False
+    for x, y in zip(a.astype(np.float64).tolist(), b.astype(np.float64).tolist(), strict=True):
+        if math.isfinite(x) and math.isfinite(y):
+            dd.append((x - y) ** 2)
+            na.append(x * x)
+        elif not (x == y or (math.isnan(x) and math.isnan(y))):
+            unbounded = True
+    d, n = math.fsum(dd), math.fsum(na)
+    if unbounded:
+        return INF
+    return 0.0 if d == 0 else (INF if n == 0 else math.sqrt(d / n))
+
+
+special = st.sampled_from([0.0, -0.0, NAN, INF, -INF, 1.0, -1.0, 0.5])
+values = st.one_of(special, st.floats(-1e6, 1e6, allow_nan=False, width=32))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pairs=st.lists(st.tuples(values, values, st.booleans()), min_size=1, max_size=40),
+    dtype=st.sampled_from([np.float64, np.float32, np.float16, ml_dtypes.bfloat16]),
+)
+def test_rel_l2_hypothesis_against_reference(pairs, dtype):
+    with np.errstate(over="ignore"):
+        a = np.array([p[0] for p in pairs], np.float64).astype(dtype)
+        b = np.array([p[0] if p[2] else p[1] for p in pairs], np.float64).astype(dtype)
+    want = reference_rel_l2(a, b)
+    for got in (compare_arrays(a, b).rel_l2, compare_tensors(a, b).rel_l2, compare_arrays(a, b, chunk_elems=3).rel_l2):
+        assert got == pytest.approx(want, rel=1e-12, abs=0) if math.isfinite(want) else got == want
 
 
 def test_rel_l2_of_empty_and_identical_tensors():

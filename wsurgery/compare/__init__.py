@@ -7,13 +7,16 @@ it never changes a result. The rules are in ``docs/compare.md``.
 
 from __future__ import annotations
 
+from .criteria import Criteria
 from .kernel import PairStream, TensorStats, Tuning, compare_arrays
-from .report import Change, CheckReport, DiffReport, PairResult, check, compare_tensors, diff
+from .report import Change, CheckReport, DiffReport, ModuleStats, PairResult, check, compare_tensors, diff
 
 __all__ = [
     "Change",
     "CheckReport",
+    "Criteria",
     "DiffReport",
+    "ModuleStats",
     "PairResult",
     "PairStream",
     "TensorStats",
