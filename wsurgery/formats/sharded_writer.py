@@ -111,21 +111,29 @@ def write_shards_into(
     *,
     progress=None,
     sync: bool = True,
+    only: set[int] | None = None,
+    index: bool = True,
 ) -> None:
-    """The shards and the index, written into an existing (temporary) folder."""
+    """The shards and the index, written into an existing (temporary) folder.
+
+    ``only``: the indices of the shards to write (a rank's share), all by default;
+    ``index``: whether to write the index (it needs no shard's data)."""
     weight_map: dict[str, str] = {}
     total = 0
-    for name, items, meta in zip(names, shards, shard_metadata, strict=True):
-        write_safetensors(os.path.join(folder, name), items, meta, progress=progress, sync=sync)
+    for i, (name, items, meta) in enumerate(zip(names, shards, shard_metadata, strict=True)):
+        if only is None or i in only:
+            write_safetensors(os.path.join(folder, name), items, meta, progress=progress, sync=sync)
         for item in items:
             weight_map[item.name] = name
             total += item.nbytes
-    index = {
+    if not index:
+        return
+    record = {
         "metadata": {"total_size": total, **index_metadata},
         "weight_map": dict(sorted(weight_map.items())),
     }
     with atomic_file(os.path.join(folder, INDEX_NAME), sync=sync) as f:
-        write_all(f, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_all(f, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 @contextlib.contextmanager
@@ -134,6 +142,23 @@ def atomic_folder(folder, *, replace: bool = False, sync: bool = True):
     existing ``folder``, allowed by ``replace``, is swapped out whole). On any error the
     temporary is removed and ``folder`` is left as it was. With ``sync`` the parent folder
     is fsynced after the rename."""
+    tmp = make_temporary_folder(folder, replace=replace)
+    done = False
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            raise os_error(os.path.abspath(os.fspath(folder)), exc) from None
+        commit_temporary_folder(tmp, folder, sync=sync)
+        done = True
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_temporary_folder(folder, *, replace: bool = False) -> str:
+    """A new hidden temporary folder beside ``folder`` (see :func:`atomic_folder`), after
+    checking that ``folder`` may be written."""
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     if os.path.exists(folder) and not replace:
@@ -141,22 +166,22 @@ def atomic_folder(folder, *, replace: bool = False, sync: bool = True):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise OutputError(f"{folder} is a file; the output is a folder", reason="is_file")
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=TMP_SUFFIX, dir=parent)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=TMP_SUFFIX, dir=parent)
     except OSError as exc:
         raise os_error(folder, exc) from None
-    done = False
+
+
+def commit_temporary_folder(tmp: str, folder, *, sync: bool = True) -> None:
+    """Rename the finished temporary folder ``tmp`` into place as ``folder`` (swapping an
+    existing one out whole); with ``sync``, fsync the parent folder after."""
+    folder = os.path.abspath(os.fspath(folder))
     try:
-        yield tmp
         os.chmod(tmp, 0o755 & ~process_umask())
         _swap_in(tmp, folder)
-        done = True
-        if sync:
-            fsync_dir(parent)
     except OSError as exc:
         raise os_error(folder, exc) from None
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if sync:
+        fsync_dir(os.path.dirname(folder))
 
 
 def _swap_in(tmp: str, folder: str) -> None:
