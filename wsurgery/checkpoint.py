@@ -364,8 +364,10 @@ class SaveResult:
         files: for a folder output from a folder input, the other files carried over.
         config: for a Hugging Face folder output, what changed in ``config.json``
             (``{"tie_word_embeddings": {"from": x, "to": y}}``; empty when nothing did).
-        dropped_metadata: metadata keys the format could not keep (a torch file holds
-            tensors only).
+        dropped_metadata: metadata keys the format could not keep (a torch file and a
+            DCP checkpoint hold tensors only).
+        aliases_as_values: aliases written as tensors of their own, for a format that
+            has no aliases (DCP); ``aliases`` is then empty.
     """
 
     path: str
@@ -377,6 +379,7 @@ class SaveResult:
     files: list[str] | None = None
     config: dict | None = None
     dropped_metadata: list[str] = field(default_factory=list)
+    aliases_as_values: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -769,12 +772,18 @@ class Checkpoint:
                 loss); ``False`` is faster and still atomic against the process dying.
             progress: called with the byte count of each piece written.
             replace_input: whether an input may be replaced; by default as ``overwrite``.
-            format: ``"safetensors"`` or ``"torch"`` (a ``torch.save`` zip file that
-                ``torch.load(weights_only=True)`` reads); by default from ``path``'s
-                suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
+            format: ``"safetensors"``, ``"torch"`` (a ``torch.save`` zip file that
+                ``torch.load(weights_only=True)`` reads) or ``"dcp"`` (a folder that
+                ``torch.distributed.checkpoint.load`` reads; aliases written as values);
+                by default from ``path``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``:
+                torch).
 
         Returns:
             A :class:`SaveResult`.
+
+        Under a :func:`wsurgery.distributed.session` of several ranks, every rank calls
+        it: a folder is written by all of them (its shards or DCP files split by bytes)
+        and renamed into place by rank 0; a single file is written by rank 0.
 
         Raises:
             OutputError: the output exists, is an input, or cannot be written (nothing
