@@ -274,9 +274,10 @@ class ByteProgress:
     """A rich progress bar on stderr, in bytes, for work that is large enough to take a while."""
 
     THRESHOLD = 256 << 20
+    suppressed = False  # set on the ranks other than 0 of a launched command: they show nothing
 
     def __init__(self, total: int, description: str, enabled: bool = True):
-        self.enabled = enabled and total >= self.THRESHOLD
+        self.enabled = enabled and total >= self.THRESHOLD and not ByteProgress.suppressed
         self.total = total
         self.description = description
         self._progress = None

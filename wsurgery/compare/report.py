@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import numpy_apply
 from ..checkpoint import Checkpoint, Derived, FileStored, Stored, TensorStored, natural_key
+from ..distributed import map_by_bytes
 from ..errors import SurgeryError, UnknownNameError, UsageError
 from ..readers import from_tensors, load
 from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
@@ -603,8 +604,15 @@ def diff(
         total = sum(j.va.nbytes + j.vb.nbytes for j in jobs.values())
         advance = _progress_counter(progress, total)
 
-        for job in jobs.values():
-            job.stats = _compare_values(job.va, job.vb, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance)
+        # Under a process group each rank compares its share (by bytes); every rank gets all the stats.
+        stats_of = map_by_bytes(
+            list(jobs.values()),
+            lambda j: j.va.nbytes + j.vb.nbytes,
+            lambda j: _compare_values(j.va, j.vb, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance),
+            skipped=advance,
+        )
+        for job, job_stats in zip(jobs.values(), stats_of, strict=True):
+            job.stats = job_stats
 
         changed: list[Change] = []
         same = 0
@@ -718,6 +726,15 @@ def check(
             progress, sum(vs.nbytes + vd.nbytes for _, _, vs, vd in values if vs.shape == vd.shape)
         )
 
+        # Under a process group each rank compares its share (by bytes); every rank gets all the stats.
+        computed = iter(
+            map_by_bytes(
+                [(vs, vd) for _, _, vs, vd in values if vs.shape == vd.shape],
+                lambda p: p[0].nbytes + p[1].nbytes,
+                lambda p: _compare_values(p[0], p[1], atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance),
+                skipped=advance,
+            )
+        )
         results: list[PairResult] = []
         for s, d, vs, vd in values:
             info_s = {"dtype": vs.dtype, "shape": list(vs.shape)}
@@ -725,7 +742,7 @@ def check(
             if vs.shape != vd.shape:
                 results.append(PairResult(s, d, "shape", info_s, info_d, None))
                 continue
-            stats = _compare_values(vs, vd, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance)
+            stats = next(computed)
             reason = "dtype" if vs.dtype != vd.dtype else (None if stats.equal else "value")
             results.append(PairResult(s, d, reason, info_s, info_d, stats))
         return CheckReport(label, other_label, src, dst, t.specs(), results, atol, rtol)
