@@ -255,7 +255,7 @@ class Session:
     def __init__(self, rank: int, world_size: int, local_rank: int, backend: str, timeout: float, owns: bool):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.backend, self.timeout, self._owns = backend, timeout, owns
-        self._exchanges = 0
+        self.broken = False  # a collective failed: the group is not to be used again
 
     @property
     def is_first(self) -> bool:
@@ -274,7 +274,6 @@ class Session:
         """
         import torch.distributed as dist
 
-        self._exchanges += 1
         sent = None if error is None else _portable(error, self.rank)
         mine = (phase, sent, payload if error is None else None)
         out: list[Any] = [None] * self.world_size
@@ -295,6 +294,7 @@ class Session:
         return [p for _, _, p in out]
 
     def _lost(self, phase: str, exc: BaseException) -> DistributedError:
+        self.broken = True
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return DistributedError(
             f"rank {self.rank} of {self.world_size}: the other ranks did not answer at {phase}: {first}",
@@ -366,7 +366,8 @@ def _start(backend: str | None, device: str | None, timeout: float | None) -> Se
     seconds = _timeout(timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if dist.is_available() and dist.is_initialized():
-        return Session(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), seconds, False)
+        owns = bool(_EXIT_HOOK)  # started by an earlier session of this process
+        return Session(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), seconds, owns)
     world = world_size_from_env()
     if world <= 1:
         return Session(0, 1, 0, backend or "gloo", seconds, False)
@@ -400,10 +401,32 @@ def _start(backend: str | None, device: str | None, timeout: float | None) -> Se
     return Session(dist.get_rank(), dist.get_world_size(), local_rank, backend, seconds, True)
 
 
-def _stop(s: Session) -> None:
+def _stop(s: Session, broken: bool) -> None:
+    """After a session: a group this module started stays up for the next session of this
+    process (destroying it and starting another at once races: a fast rank would join the
+    slow one's old store), and is destroyed when the process exits; one a collective
+    failed in is destroyed now, so a later session starts afresh."""
     import torch.distributed as dist
 
-    if s._owns and dist.is_initialized():
+    if not s._owns or not dist.is_initialized():
+        return
+    if broken:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    elif not _EXIT_HOOK:
+        import atexit
+
+        _EXIT_HOOK.append(True)
+        atexit.register(_destroy_at_exit)
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def _destroy_at_exit() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -466,7 +489,7 @@ def session(*, backend: str | None = None, device: str | None = None, timeout: f
             s.finish()
     finally:
         _STACK.pop()
-        _stop(s)
+        _stop(s, s.broken)
 
 
 __all__ = [
