@@ -107,6 +107,17 @@ save_file(sd, sys.argv[2], metadata={"format": "pt"})
 """
 
 
+# safetensors -> DCP without a process group, the plain way: load everything, dcp.save it.
+PLAIN_DCP_WRITE = """
+import sys, warnings
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from safetensors.torch import load_file
+warnings.simplefilter("ignore")
+dcp.save(load_file(sys.argv[1]), storage_writer=FileSystemWriter(sys.argv[2], sync_files=False))
+"""
+
+
 def make_dcp(a: Path) -> Path:
     """A's tensors as a DCP folder, written by torch.distributed.checkpoint in one process
     (as a training job without a process group writes it), and a byte copy of A: the
@@ -349,6 +360,14 @@ def cases(a: Path, b: Path, out: Path):
         2 * a.stat().st_size,
         2.0,
     )
+    written = out.with_name("out-dcp")
+    yield (
+        "dcp-write-nosync",
+        ws + ["convert", str(a), "-o", str(written), "--format", "dcp", "--no-sync"],
+        [PY, "-c", PLAIN_DCP_WRITE, str(a), str(written)],
+        a.stat().st_size,
+        None,
+    )
     all_diff = ws + ["diff", str(a), str(c), "--quiet"]
     yield ("diff-all-2-ranks", Ranks(all_diff, 2), all_diff, 2 * a.stat().st_size, None)
 
@@ -362,7 +381,8 @@ def main(argv=None) -> int:
         "--only",
         default="",
         help="comma-separated subset: diff,diff-all,tie,convert,tie-nosync,convert-nosync,copy-scale,recipe,"
-        "recipe-nosync,recipe-20-renames-nosync,inspect,dcp-convert,dcp-convert-nosync,dcp-diff,diff-all-2-ranks",
+        "recipe-nosync,recipe-20-renames-nosync,inspect,dcp-convert,dcp-convert-nosync,dcp-diff,dcp-write-nosync,"
+        "diff-all-2-ranks",
     )
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")
@@ -394,12 +414,13 @@ def main(argv=None) -> int:
                 continue
             # Every run writes a new file: deleting the previous run's output (which on a
             # disk mounted with `discard` costs up to 1 s per GiB) is not part of the work.
-            run(ours, remove=out)  # warm-up, page cache and imports
-            run(plain, remove=out)
+            target_path = out.with_name("out-dcp") if name.startswith("dcp-write") else out
+            run(ours, remove=target_path)  # warm-up, page cache and imports
+            run(plain, remove=target_path)
             mine, theirs = [], []
             for _ in range(args.rounds):
-                mine.append(run(ours, remove=out))
-                theirs.append(run(plain, remove=out))
+                mine.append(run(ours, remove=target_path))
+                theirs.append(run(plain, remove=target_path))
             t_ours = statistics.median(m[0] for m in mine)
             t_plain = statistics.median(m[0] for m in theirs)
             rss_ours = max(m[1] for m in mine)
@@ -419,7 +440,7 @@ def main(argv=None) -> int:
             }
             if name == "inspect":
                 row["target_s"] = 0.2
-            if name.startswith("dcp-convert"):  # the target: 300 MiB plus the largest tensor
+            if name.startswith(("dcp-convert", "dcp-write")):  # convert's target: 300 MiB plus the largest tensor
                 row["target_rss_mib"] = round(300 + largest_tensor(a) / 2**20, 1)
             results.append(row)
             print(_format_row(row), file=sys.stderr)
@@ -428,6 +449,7 @@ def main(argv=None) -> int:
                       out, out.with_name(out.name + ".pt")):  # fmt: skip
                 p.unlink(missing_ok=True)
             shutil.rmtree(a.with_name(a.name.replace(".safetensors", "-dcp")), ignore_errors=True)
+            shutil.rmtree(out.with_name("out-dcp"), ignore_errors=True)
     report = {
         "schema": "wsurgery.bench/1",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
