@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import distributed  # noqa: E402, F401  (wsurgery.distributed.session(): scale-out; imports no torch)
 from .api import apply, check, convert, diff, load, load_state_dict, open, save_state_dict  # noqa: E402
 from .checkpoint import Checkpoint, Derived, SaveResult  # noqa: E402
 from .errors import (  # noqa: E402
