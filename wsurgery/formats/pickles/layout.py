@@ -24,8 +24,8 @@ import zipfile
 from dataclasses import dataclass
 
 from ...errors import InputError
-from .allowlist import Resolver, is_int
-from .interpreter import Malformed, Placeholder, Source, StorageType, Unpickler, first_line, short
+from .allowlist import ClaimedStorage, Resolver, is_int
+from .interpreter import Malformed, Placeholder, Source, StorageType, Unpickler, budget_for, first_line, short
 
 MAX_INFLATED_RECORD = 256 << 20  # a compressed (non-tensor) zip entry may inflate to at most this
 _DEFLATE_MAX_RATIO = 1032  # deflate cannot inflate more than this per compressed byte
@@ -45,6 +45,11 @@ class _Claim:
     itemsize: int
     nbytes: int
     view: tuple | None = None  # legacy (view_key, offset, numel)
+
+    @property
+    def seen_bytes(self) -> int:
+        """The bytes a tensor over this claim can reach: the legacy view's, or the storage's."""
+        return self.nbytes if self.view is None else self.view[2] * self.itemsize
 
 
 def storage_claim(pid, legacy: bool) -> _Claim | None:
@@ -93,7 +98,7 @@ class _Claims:
         if seen is not None and (seen.nbytes, seen.dtype_name) != (claim.nbytes, claim.dtype_name):
             raise Malformed(f"storage {claim.key!r} is claimed twice with different sizes or types")
         self.by_key.setdefault(claim.key, claim)
-        return Placeholder("a storage")
+        return ClaimedStorage(claim.seen_bytes, claim.itemsize)
 
 
 # ----------------------------------------------------------------------------- archives
@@ -120,11 +125,11 @@ def bad(path, rule: str) -> InputError:
     )
 
 
-def _scan(path: str, src: Source, claims: _Claims):
+def _scan(path: str, src: Source, claims: _Claims, file_size: int):
     """Run the inert interpreter over one pickle; returns (value, resolver)."""
-    resolver = Resolver(path, calls=False)
+    resolver = Resolver(path, calls=False, file_size=file_size)
     try:
-        value = Unpickler(src, resolver, claims).load()
+        value = Unpickler(src, resolver, claims, budget=budget_for(file_size), on_build=resolver.on_build).load()
     except Malformed as exc:
         raise bad(path, str(exc)) from None
     except (RecursionError, MemoryError):
@@ -203,7 +208,7 @@ def _zip_layout(path: str, size: int) -> Layout:
 
     pickle_bytes = _torch_reader_agrees(path, rel)
     claims = _Claims(legacy=False)
-    _, resolver = _scan(path, Source(pickle_bytes), claims)
+    _, resolver = _scan(path, Source(pickle_bytes), claims, size)
     records: dict[str, tuple[int, int]] = {}
     for key, claim in claims.by_key.items():
         entry = rel.get(f"data/{key}")
@@ -260,19 +265,19 @@ def _legacy_layout(path: str, size: int) -> Layout:
     """The legacy (non-zip) layout: magic, protocol, sys_info, main pickle, storage keys, data."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
         src = Source(view)
-        magic, _ = _scan(path, src, _Claims(legacy=True))
+        magic, _ = _scan(path, src, _Claims(legacy=True), size)
         if magic != _LEGACY_MAGIC:
             raise bad(path, "wrong magic number for the legacy torch format")
-        proto, _ = _scan(path, src, _Claims(legacy=True))
+        proto, _ = _scan(path, src, _Claims(legacy=True), size)
         if proto != _LEGACY_PROTOCOL:
             raise bad(path, f"legacy protocol version {short(proto)}")
-        sys_info, _ = _scan(path, src, _Claims(legacy=True))
+        sys_info, _ = _scan(path, src, _Claims(legacy=True), size)
         big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         start = src.pos
         claims = _Claims(legacy=True)
-        _, resolver = _scan(path, src, claims)
+        _, resolver = _scan(path, src, claims, size)
         span = (start, src.pos)
-        keys, _ = _scan(path, src, _Claims(legacy=True))
+        keys, _ = _scan(path, src, _Claims(legacy=True), size)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise bad(path, "the storage key list is not a list of strings")
         if len(set(keys)) != len(keys):
