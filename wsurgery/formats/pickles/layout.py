@@ -148,18 +148,21 @@ def _local_data_offset(f, info: zipfile.ZipInfo, size: int, path) -> int:
     return info.header_offset + 30 + n + m
 
 
-def _zip_layout(path: str, size: int) -> Layout:
+def _zip_layout(path: str, f) -> Layout:
+    size = os.fstat(f.fileno()).st_size
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error,
             NotImplementedError, KeyError, IndexError, OverflowError) as exc:  # fmt: skip
         raise bad(path, f"not a readable zip archive ({first_line(exc)})") from None
-    with zf, open(path, "rb") as f:
+    with zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise bad(path, f"zip entry {short(dup)} appears twice")
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise bad(path, f"zip entry {short(n)} appears twice")
+            seen.add(n)
         spans = []
         entries: dict[str, tuple[int, int, zipfile.ZipInfo]] = {}
         for info in infos:
@@ -261,9 +264,13 @@ def _torch_reader_agrees(path: str, rel: dict) -> bytes:
     return bytes(data)
 
 
-def _legacy_layout(path: str, size: int) -> Layout:
-    """The legacy (non-zip) layout: magic, protocol, sys_info, main pickle, storage keys, data."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+def _legacy_layout(path: str, f) -> Layout:
+    """The legacy (non-zip) layout: magic, protocol, sys_info, main pickle, storage keys, data.
+
+    Every bound is checked against the mapping's length, not a size taken before it: a
+    file that shrank meanwhile is refused like a truncated one."""
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        size = len(view)
         src = Source(view)
         magic, _ = _scan(path, src, _Claims(legacy=True), size)
         if magic != _LEGACY_MAGIC:
@@ -280,10 +287,11 @@ def _legacy_layout(path: str, size: int) -> Layout:
         keys, _ = _scan(path, src, _Claims(legacy=True), size)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise bad(path, "the storage key list is not a list of strings")
-        if len(set(keys)) != len(keys):
+        listed = set(keys)
+        if len(listed) != len(keys):
             raise bad(path, "a storage key is listed twice")
-        roots = {k: c for k, c in claims.by_key.items()}
-        missing = [k for k in roots if k not in set(keys)]
+        roots = claims.by_key
+        missing = [k for k in roots if k not in listed]
         if missing:
             raise bad(path, f"storage {missing[0]!r} has no data in the file")
         records: dict[str, tuple[int, int]] = {}
@@ -309,12 +317,9 @@ def scan(path: str, zip_format: bool) -> Layout:
     """Validate a torch file without allocating, importing or calling anything it names."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            return _zip_layout(path, f) if zip_format else _legacy_layout(path, f)
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return _zip_layout(path, size) if zip_format else _legacy_layout(path, size)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except ValueError:  # mmap of a file emptied since it was sniffed
+    except (ValueError, struct.error):  # mmap of a file emptied, or a read past an end that moved
         raise InputError(f"{path}: the file changed while it was read") from None
