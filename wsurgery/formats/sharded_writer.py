@@ -23,8 +23,8 @@ from .writer import (
     WriteItem,
     atomic_file,
     fsync_dir,
+    mode_for,
     os_error,
-    process_umask,
     write_all,
     write_safetensors,
 )
@@ -112,7 +112,8 @@ def write_sharded(
         weight_map: dict[str, str] = {}
         total = 0
         for name, items, meta in zip(names, shards, shard_metadata, strict=True):
-            write_safetensors(os.path.join(tmp, name), items, meta, progress=progress, sync=sync)
+            write_safetensors(os.path.join(tmp, name), items, meta, progress=progress, sync=sync,
+                              mode_like=os.path.join(folder, name))  # fmt: skip
             for item in items:
                 weight_map[item.name] = name
                 total += item.nbytes
@@ -120,9 +121,9 @@ def write_sharded(
             "metadata": {"total_size": total, **index_metadata},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        with atomic_file(os.path.join(tmp, INDEX_NAME), sync=sync) as f:
+        with atomic_file(os.path.join(tmp, INDEX_NAME), sync=sync, mode_like=os.path.join(folder, INDEX_NAME)) as f:
             write_all(f, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        os.chmod(tmp, 0o755 & ~process_umask())
+        os.chmod(tmp, mode_for(folder, folder=True))
         _swap_in(tmp, folder)
         done = True
         if sync:
