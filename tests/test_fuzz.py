@@ -742,6 +742,8 @@ def reserved_names_round_trip(case):
     torch.save(sd, path)
     TRIED["inputs"] += 1
     out = workdir() / "reserved.safetensors"
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
     ckpt = wsurgery.load(path)
     ckpt.save(out)
     back = wsurgery.load(out)

@@ -626,9 +626,7 @@ def test_a_replaced_file_keeps_its_mode(tmp_path):
     fresh = tmp_path / "new.safetensors"
     with atomic_file(fresh) as f:
         f.write(b"x")
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644 & ~umask
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644 & ~_umask()
 
 
 def test_in_place_keeps_a_read_only_inputs_mode(tmp_path, cli):
@@ -641,20 +639,24 @@ def test_in_place_keeps_a_read_only_inputs_mode(tmp_path, cli):
 
 
 def test_a_replaced_shard_folder_keeps_its_modes(tmp_path):
+    from wsurgery.formats.sharded_writer import INDEX_NAME, write_sharded
+    from wsurgery.formats.writer import WriteItem
+
     folder = tmp_path / "shards"
-    ckpt = wsurgery.load(_small_model(tmp_path))
-    ckpt.save_sharded(folder, 1 << 20)
-    (folder / "model.safetensors.index.json").chmod(0o400)
+    shards = [[WriteItem("w", "float32", (2,), 8, lambda f: f.write(b"\0" * 8))]]
+    write_sharded(folder, shards, [{}], {})
+    (folder / INDEX_NAME).chmod(0o400)
     folder.chmod(0o700)
-    ckpt.save_sharded(folder, 1 << 20, replace=True)
+    write_sharded(folder, shards, [{}], {}, replace=True)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    assert stat.S_IMODE((folder / "model.safetensors.index.json").stat().st_mode) == 0o400
+    assert stat.S_IMODE((folder / INDEX_NAME).stat().st_mode) == 0o400
+    assert stat.S_IMODE((folder / "model-00001-of-00001.safetensors").stat().st_mode) == 0o644 & ~_umask()
 
 
-def _small_model(tmp_path) -> Path:
-    path = tmp_path / "m.safetensors"
-    save_file({"w": _np_ones(2, 2), "b": _np_ones(2)}, str(path))
-    return path
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- siblings in the pickle layer ----------------------------------------------------------------------------
