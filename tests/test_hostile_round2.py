@@ -210,14 +210,14 @@ def deep_names(tmp: Path, depth: int = 20_000) -> Path:
     return make_zip(tmp / "deep.pt", body, {"0": floats(1, 2, 3, 4)})
 
 
-def many_legacy_storages(tmp: Path, n: int = 40_000) -> Path:
-    """A legacy file with 40,000 storages (the storage-key check rebuilt a set per storage)."""
+def many_legacy_storages(tmp: Path, n: int = 25_000) -> Path:
+    """A legacy file with 25,000 storages (the storage-key check rebuilt a set per storage: 36 s)."""
     main = dumps({f"t{i}": Rebuild(Storage(str(i), numel=1, legacy=True), size=(1,)) for i in range(n)})
     return make_legacy(tmp / "many.pt", main, [(str(i), 1, floats(i)) for i in range(n)])
 
 
-def duplicate_entry_last(tmp: Path, n: int = 30_000) -> Path:
-    """A zip of 30,000 long names whose last repeats one (the duplicate search counted each name)."""
+def duplicate_entry_last(tmp: Path, n: int = 40_000) -> Path:
+    """A zip of 40,000 long names whose last repeats one (the duplicate search counted each name: 35 s)."""
     names = [f"archive/x/{'p' * 300}{i}" for i in range(n)]
     path = make_zip(tmp / "dups.pt", dumps({}), extra=[(name, b"") for name in names])
     with zipfile.ZipFile(path, "a") as z, warnings.catch_warnings():
@@ -268,8 +268,10 @@ def _build(tmp: Path, names) -> list[tuple[str, str, str]]:
 
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory):
-    """Every reproducer of ``BOMBS``, read in one bounded child: name -> its ``Case``."""
-    return run_cases(_build(tmp_path_factory.mktemp("bombs"), BOMBS))
+    """Every reproducer of ``BOMBS``, read in one bounded child: name -> its ``Case``. Each takes
+    at most 3 s when fixed, and at least 20 s (or the address space) when not: a case past the
+    15 s watchdog is a hang."""
+    return run_cases(_build(tmp_path_factory.mktemp("bombs"), BOMBS), per_case_s=15)
 
 
 def assert_refused_small(case, *needles, mib: float = 200):
