@@ -835,5 +835,5 @@ class Checkpoint:
             mine = {n: r for n, r in records.items() if r.source in here}
             shard_meta.append(alias_codec.encode(mine, self.metadata))
         # The index keeps the JSON record of every alias, not the per-name save_model entries.
-        index_meta = {k: v for k, v in alias_codec.encode(records, self.metadata).items() if k not in records}
+        index_meta = alias_codec.encode(records, self.metadata, convention=False)  # the JSON record only
         return shards, shard_meta, index_meta

@@ -27,9 +27,12 @@ Rules worth knowing:
   ``Tensor.reshape``.
 * ``scale`` on a floating tensor computes in float32 for types narrower than float32
   (float16, bfloat16, float8) and rounds back; float32/float64/complex compute natively.
-  On a bool tensor it is an error; on integer tensors only an integral factor is allowed
-  (computed in the integer dtype, wrapping like torch), and a negative one is refused for
-  unsigned dtypes.
+  On a bool tensor it is an error; on integer tensors only an integral factor that the
+  dtype holds is allowed (computed in the integer dtype, the products wrapping like
+  torch), so a negative one is refused for unsigned dtypes.
+* Every step's result must be a tensor torch can hold (:func:`wsurgery.limits.shape_problem`:
+  at most 64 dims, sizes, strides and byte size within int64): ``reshape(10**29,0)`` of
+  an empty tensor infers, but torch could not make it.
 
 Importing this module, parsing and inferring never import torch.
 """
@@ -37,6 +40,7 @@ Importing this module, parsing and inferring never import torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import operator
 import re
@@ -47,6 +51,7 @@ from typing import Any, ClassVar
 
 from . import dtypes
 from .errors import TransformError
+from .limits import MAX_DIMS, shape_problem
 
 __all__ = [
     "IDENTITY",
@@ -164,6 +169,26 @@ def _tensor_dtype_name(tensor: Any) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
+def _itemsize(name: str) -> int:
+    entry = dtypes.BY_NAME.get(name)
+    return entry.itemsize if entry is not None else 1
+
+
+def _int_range(name: str) -> tuple[int, int] | None:
+    """The values an integer dtype holds (``int8`` -> -128..127), or None if unknown."""
+    entry = dtypes.BY_NAME.get(name)
+    if entry is not None:
+        bits = 8 * entry.itemsize
+    else:
+        digits = re.search(r"\d+", name)
+        if digits is None:
+            return None
+        bits = int(digits.group())
+    if _dtype_kind(name) == "uint":
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def _check_shape(shape: Any) -> Shape:
     try:
         items = tuple(shape)
@@ -213,9 +238,19 @@ class Step(ABC):
 
     # -- with a position in a chain, for messages
 
+    def _checked(self, shape: Shape, dtype: str) -> tuple[Shape, str]:
+        """``_infer``, then refuse a result that torch could not hold."""
+        out, out_dtype = self._infer(shape, dtype)
+        problem = shape_problem(out, _itemsize(out_dtype))
+        if problem:
+            shown = _fmt_shape(out)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            raise _StepError(f"the result, of shape {shown}, is not a tensor torch can hold: {problem}")
+        return out, out_dtype
+
     def _infer_at(self, shape: Any, dtype: Any, index: int | None) -> tuple[Shape, str]:
         try:
-            return self._infer(_check_shape(shape), _resolve_dtype(dtype))
+            return self._checked(_check_shape(shape), _resolve_dtype(dtype))
         except _StepError as err:
             raise _raise(self.spec(), index, err) from None
 
@@ -223,11 +258,11 @@ class Step(ABC):
         try:
             if not hasattr(tensor, "shape") or not hasattr(tensor, "dtype"):
                 raise _StepError(f"expects a torch.Tensor, got {type(tensor).__name__}")
-            self._infer(tuple(tensor.shape), _tensor_dtype_name(tensor))
+            self._checked(tuple(tensor.shape), _tensor_dtype_name(tensor))
             return self._apply(tensor, allow_copy)
         except _StepError as err:
             raise _raise(self.spec(), index, err) from None
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:  # from torch
+        except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as err:  # from torch
             msg = " ".join(str(err).split())
             raise TransformError(
                 f"{_label(self.spec(), index)}: failed on a tensor of shape "
@@ -461,6 +496,13 @@ class Scale(Step):
                     f"cannot scale a tensor of dtype {dtype} by a negative factor {self.factor!r}",
                     hint="cast to a signed or floating dtype first",
                 )
+            bounds = _int_range(dtype)
+            if bounds is not None and not bounds[0] <= int(self.factor) <= bounds[1]:
+                raise _StepError(
+                    f"cannot scale a tensor of dtype {dtype} by {self.factor!r}: the factor does not fit "
+                    f"{dtype} ({bounds[0]}..{bounds[1]})",
+                    hint="cast to a wider or floating dtype first",
+                )
         return shape, dtype
 
     def _apply(self, tensor: Any, allow_copy: bool) -> Any:
@@ -520,6 +562,8 @@ def _build(name: str, args: list[str]) -> Step:
             return Transpose()
         d0, d1 = _parse_ints(args, "dim")
         return Transpose((d0, d1))
+    if name in ("permute", "reshape") and len(args) > MAX_DIMS:
+        raise _StepError(f"{name} takes at most {MAX_DIMS} arguments (a tensor has at most {MAX_DIMS} dims)")
     if name == "permute":
         _no_empty(args)
         return Permute(_parse_ints(args, "dim"))
@@ -563,19 +607,28 @@ def _parse_one(text: Any, index: int | None) -> Step:
         raise TransformError(
             f"{'step' if index is None else f'step {index}'}: a step spec must be a string, got {type(text).__name__}"
         )
-    shown = " ".join(text.split())
     try:
-        match = _STEP_RE.match(text)
-        if not text.strip():
-            raise _StepError("empty step spec", hint="write e.g. transpose or cast(bfloat16)")
-        if match is None or "(" in (match.group(2) or "") or ")" in (match.group(2) or ""):
-            raise _StepError(
-                "cannot parse; expected NAME or NAME(ARG,...), e.g. permute(2,0,1)"
-                + ("; use parse() for a chain" if "->" in text else "")
-            )
-        return _build(match.group(1).lower(), _split_args(match.group(2)))
+        return _parse_short(text) if len(text) <= _CACHED_SPEC_CHARS else _parse_text(text)
     except _StepError as err:
-        raise _raise(shown, index, err) from None
+        raise _raise(" ".join(text.split()), index, err) from None
+
+
+_CACHED_SPEC_CHARS = 64  # specs this short are parsed once per process: alias chains repeat them
+
+
+def _parse_text(text: str) -> Step:
+    match = _STEP_RE.match(text)
+    if not text.strip():
+        raise _StepError("empty step spec", hint="write e.g. transpose or cast(bfloat16)")
+    if match is None or "(" in (match.group(2) or "") or ")" in (match.group(2) or ""):
+        raise _StepError(
+            "cannot parse; expected NAME or NAME(ARG,...), e.g. permute(2,0,1)"
+            + ("; use parse() for a chain" if "->" in text else "")
+        )
+    return _build(match.group(1).lower(), _split_args(match.group(2)))
+
+
+_parse_short = functools.lru_cache(maxsize=4096)(_parse_text)  # steps are frozen: sharing them is safe
 
 
 def parse_step(text: str) -> Step:
@@ -660,7 +713,7 @@ class Transform:
         cur_shape, cur_dtype = tuple(tensor.shape), _tensor_dtype_name(tensor)
         for i, step in enumerate(self.steps, 1):
             try:
-                cur_shape, cur_dtype = step._infer(cur_shape, cur_dtype)
+                cur_shape, cur_dtype = step._checked(cur_shape, cur_dtype)
             except _StepError as err:
                 raise _raise(step.spec(), i, err) from None
         out = tensor

@@ -12,6 +12,9 @@ each broken rule raises :class:`HeaderError` naming the file and the rule:
   size does not overflow 2**64 (multiplied step by step, as the reference loader does,
   so a shape of huge numbers costs nothing to refuse), and ``data_offsets``
   ``[start, end]`` with ``0 <= start <= end < 2**64``;
+- every shape is one torch can hold (:func:`wsurgery.limits.shape_problem`: at most 64
+  dims, sizes, strides and byte size within int64), which the reference loader does
+  not ask: ``F64 [0, 2**64-1]`` with 0 bytes is valid there, and no tensor in torch;
 - byte size (shape x itemsize) equals ``end - start``;
 - sorted by start, the entries tile the data section from 0 with no hole and no
   overlap, and the data section ends exactly at the end of the file;
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..dtypes import BY_CODE, BY_NAME
 from ..errors import HeaderError, InputError, OutputError
+from ..limits import shape_problem
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
@@ -123,6 +127,9 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
         nbytes *= d
         if d > _U64_MAX or nbytes > _U64_MAX:
             raise _fail(path, f"entry {name!r} shape {_short(shape)} overflows the byte size")
+    problem = shape_problem(shape, dtype.itemsize)
+    if problem:
+        raise _fail(path, f"entry {name!r} has shape {_short(shape)}, which no torch tensor can have: {problem}")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
