@@ -73,8 +73,17 @@ def _tree_lines(c: Checkpoint, rows: list[dict], path: Path) -> list[str]:
             node = child
             node.params += own
         node.children[(False, parts[-1])] = row
+    shown: dict[str, str] = {}  # keys repeat (weight, bias, 0, 1, ...): escape each once
+    shapes: dict[tuple, str] = {}
+
+    def text(key: str) -> str:
+        out = shown.get(key)
+        if out is None:
+            out = shown[key] = safe(key)
+        return out
+
     lines = [f"{safe(path)}  {root.params:,} params"]
-    stack = [(iter(list(root.children.items())), len(root.children), 0, "")]
+    stack = [(iter(root.children.items()), len(root.children), 0, "")]
     while stack:
         it, size, seen, indent = stack.pop()
         item = next(it, None)
@@ -85,13 +94,17 @@ def _tree_lines(c: Checkpoint, rows: list[dict], path: Path) -> list[str]:
         stack.append((it, size, seen + 1, indent))
         branch = indent + ("└── " if last else "├── ")
         if is_folder:
-            lines.append(f"{branch}{safe(key)}  {v.params:,} params")
-            stack.append((iter(list(v.children.items())), len(v.children), 0, indent + ("    " if last else "│   ")))
-        else:
-            alias = _alias_text(c, v["name"])
-            lines.append(
-                f"{branch}{safe(key)}  {v['dtype']} {shape_text(v['shape'])}" + (f"  = {safe(alias)}" if alias else "")
-            )
+            lines.append(f"{branch}{text(key)}  {v.params:,} params")
+            stack.append((iter(v.children.items()), len(v.children), 0, indent + ("    " if last else "│   ")))
+            continue
+        shape = tuple(v["shape"])
+        dims = shapes.get(shape)
+        if dims is None:
+            dims = shapes[shape] = shape_text(shape)
+        line = f"{branch}{text(key)}  {v['dtype']} {dims}"
+        if v["alias_of"]:
+            line += f"  = {safe(_alias_text(c, v['name']))}"
+        lines.append(line)
     return lines
 
 

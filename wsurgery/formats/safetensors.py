@@ -27,23 +27,27 @@ Accepted as valid: an empty checkpoint (``{}``), zero-size tensors, scalars (sha
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import NamedTuple
 
 from ..dtypes import BY_CODE, BY_NAME
 from ..errors import HeaderError, InputError, OutputError
-from ..limits import shape_problem
+from ..limits import INT64_MAX, MAX_DIMS, shape_problem
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
 METADATA_KEY = "__metadata__"
 
 
-@dataclass(frozen=True)
-class TensorRecord:
-    """One stored tensor of a safetensors file: where its bytes lie, relative to the data section."""
+class TensorRecord(NamedTuple):
+    """One stored tensor of a safetensors file: where its bytes lie, relative to the data
+    section. (A named tuple: a header of a million tensors makes a million of them.)"""
 
     name: str
     dtype: str  # wsurgery (torch) dtype name
@@ -68,11 +72,10 @@ class Header:
 
 
 def reject_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return out
 
 
@@ -150,6 +153,34 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
     return TensorRecord(name, dtype.name, tuple(shape), start, end)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _common_entry(name: str, entry) -> TensorRecord | None:
+    """The usual valid entry, checked in a few operations (a million entries are fine):
+    exactly the three keys, a known dtype, positive sizes of a shape torch holds, offsets
+    that span its bytes. Anything else returns None, for :func:`_parse_entry` to judge
+    and name."""
+    if type(entry) is not dict or len(entry) != 3:
+        return None
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if type(code) is not str or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    dtype = BY_CODE.get(code)
+    if dtype is None or len(shape) > MAX_DIMS:
+        return None
+    for d in shape:
+        if type(d) is not int or d <= 0:
+            return None
+    start, end = offsets
+    if type(start) is not int or type(end) is not int or start < 0:
+        return None
+    nbytes = dtype.itemsize * math.prod(shape)  # no 0 size: every stride is at most this
+    if nbytes > INT64_MAX or end - start != nbytes:
+        return None
+    return TensorRecord(name, dtype.name, tuple(shape), start, end)
+
+
 def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
     """Validate a header. ``raw`` holds at least the first ``8 + N`` bytes of the file."""
     if file_size < 8 or len(raw) < 8:
@@ -179,8 +210,9 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
 
     metadata = None
     tensors: dict[str, TensorRecord] = {}
+    escapes = _SURROGATE_ESCAPE.search(text) is not None  # else every string is valid Unicode
     for key, value in obj.items():
-        if not _unicode(key):
+        if escapes and not _unicode(key):
             raise _fail(path, f"name {_short(key)} is not valid Unicode (a lone surrogate escape)")
         if key == METADATA_KEY:
             if value is None:
@@ -194,11 +226,11 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
                 raise _fail(path, f"__metadata__ entry {_short(bad)} is not valid Unicode (a lone surrogate escape)")
             metadata = dict(value)
             continue
-        tensors[key] = _parse_entry(path, key, value)
+        tensors[key] = _common_entry(key, value) or _parse_entry(path, key, value)
 
     data_size = file_size - 8 - n
     cursor = 0
-    for rec in sorted(tensors.values(), key=lambda r: (r.start, r.end)):
+    for rec in sorted(tensors.values(), key=attrgetter("start", "end")):
         if rec.start != cursor:
             what = "a hole" if rec.start > cursor else "an overlap"
             raise _fail(path, f"data_offsets leave {what} at byte {min(cursor, rec.start)} (entry {rec.name!r})")
