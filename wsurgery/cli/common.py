@@ -224,6 +224,16 @@ def print_table(
     con.file.write("\n".join(lines) + "\n")
 
 
+def print_skipped(con, skipped: list[str], title: str, shown: int = 10) -> None:
+    """The entries of a torch file that are not tensors: a count, then the first few, one a line."""
+    if not skipped:
+        return
+    lines = [f"{title}: {len(skipped):,}"] + [f"  {safe(entry)}" for entry in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"  ... and {len(skipped) - shown:,} more (--json lists them all)")
+    con.file.write("\n".join(lines) + "\n")
+
+
 def markup_safe(text) -> str:
     """``text`` for use inside a rich markup string."""
     from rich.markup import escape

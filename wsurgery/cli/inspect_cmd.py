@@ -11,7 +11,7 @@ from ..checkpoint import Checkpoint
 from ..dtypes import BY_NAME
 from ..errors import UsageError
 from ._errors import command, emit_json
-from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, print_table, safe, shape_text
+from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, print_skipped, print_table, safe, shape_text
 
 
 def _plural(n: int, word: str, many: str | None = None) -> str:
@@ -211,6 +211,7 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
                 "total_bytes": total_bytes,
                 "metadata": dict(sorted(c.metadata.items())),
                 "skipped": list(c.skipped),
+                "container": c.container,
                 **model_folder.json_keys(c, folder),
             }
         )
@@ -247,11 +248,7 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
         con.print(f"  {dtype}: {_plural(n, 'tensor')}, {numel:,} params, {human_bytes(nbytes)}", markup=False)
     if c.metadata:
         _print_metadata(con, c.metadata)
-    if c.skipped:
-        con.print(
-            f"skipped (not tensors): {len(c.skipped)}: "
-            + safe("; ".join(c.skipped[:10]))
-            + (" ..." if len(c.skipped) > 10 else ""),
-            markup=False,
-        )
+    if c.container:
+        con.print(safe(f"state dict: the entry {c.container!r} of the file (the others are not weights)"), markup=False)
+    print_skipped(con, c.skipped, "skipped (not tensors)")
     model_folder.print_report(con, c, folder)

@@ -2,7 +2,9 @@
 
 :func:`extract_state_dict` takes the top-level dict of tensors, or the one under
 ``STATE_DICT_KEYS``, or a pickled ``nn.Module``'s ``state_dict()``, and flattens nested
-dicts of string keys into dotted names, in file order. Invariants:
+containers into dotted names, in file order: dicts of string or integer keys
+(``optimizer.state.0.exp_avg``), and lists and tuples that hold tensors or containers
+(by index). Invariants:
 
 - every tensor name is a string that encodes to UTF-8, and names one tensor: two tensors
   that flatten to one name (``{"a.b": t1, "a": {"b": t2}}``, or a module's parameter
@@ -260,23 +262,31 @@ def extract_state_dict(obj, path: str) -> PickleResult:
             skipped.extend(f"{_label(k)}: {describe_(v)}" for k, v in obj.items() if k != key)
             obj = inner
             break
-    if not all(isinstance(k, str) for k in obj):
-        bad = next(k for k in obj if not isinstance(k, str))
-        raise InputError(f"{path}: state dict keys must be strings, found {short(bad)}")
     tensors: dict = {}
     origin: dict[str, tuple] = {}  # name -> (keys of its dict, its key), to name both sides of a collision
-    # Depth-first over nested dicts of string keys, in file order; cycles are skipped.
+    # Depth-first over nested containers, in file order: dicts (string or integer keys:
+    # optimizer.state.0.exp_avg), and lists and tuples that hold tensors or containers
+    # (by index). A container in which no tensor turns up is one skipped entry, not one
+    # per leaf. Cycles are skipped.
     top = () if container is None else (container,)
-    todo: list = [("", iter(obj.items()), id(obj), top)]
+    # frame: (prefix, items, id, keys, the container and its name, skipped and tensors counts at entry)
+    todo: list = [("", iter(obj.items()), id(obj), top, None, 0, 0)]
     on_path = {id(obj)}
+    looked: dict[int, bool] = {}  # lists and tuples looked into, by identity
     while todo:
-        prefix, items, ident, keys = todo[-1]
+        prefix, items, ident, keys, where, skipped_at, tensors_at = todo[-1]
         step = next(items, None)
         if step is None:
             todo.pop()
             on_path.discard(ident)
+            if where is not None and len(tensors) == tensors_at and len(skipped) > skipped_at:
+                del skipped[skipped_at:]  # no tensor below: the container is one entry
+                skipped.append(f"{_label(where[1])}: {describe_(where[0])}")
             continue
         key, value = step
+        if not _is_key(key):
+            skipped.append(f"{_label(prefix)}[{short(key)}]: {describe_(value)}")
+            continue
         name = f"{prefix}{key}"
         names.charge(name)
         if isinstance(value, torch.Tensor):
@@ -290,17 +300,37 @@ def extract_state_dict(obj, path: str) -> PickleResult:
             else:
                 tensors[name] = value
                 origin[name] = (keys, key)
-        elif isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        elif _walks_into(value, torch.Tensor, looked):
             if id(value) in on_path:
                 skipped.append(f"{_label(name)}: a reference cycle")
                 continue
             on_path.add(id(value))
             inner_keys = (*keys, key)
             names.enter(value, inner_keys)
-            todo.append((name + ".", iter(value.items()), id(value), inner_keys))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            todo.append((name + ".", iter(items), id(value), inner_keys, (value, name), len(skipped), len(tensors)))
         else:
             skipped.append(f"{_label(name)}: {describe_(value)}")
     return PickleResult(tensors=tensors, skipped=skipped, container=container)
+
+
+def _is_key(key) -> bool:
+    """Dict keys that make a name: strings and integers (not bools)."""
+    return isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))
+
+
+def _walks_into(value, tensor_type, seen: dict[int, bool]) -> bool:
+    """Whether the walk goes inside ``value``: a non-empty dict, or a list or tuple holding
+    a tensor or a container (a list of numbers stays one entry). Each list is looked at
+    once (``seen``, by identity), however many keys share it."""
+    if type(value) in (dict, OrderedDict):
+        return bool(value)
+    if type(value) in (list, tuple):
+        known = seen.get(id(value))
+        if known is None:
+            known = seen[id(value)] = any(isinstance(v, (tensor_type, dict, list, tuple)) for v in value)
+        return known
+    return False
 
 
 def _label(key) -> str:
