@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from . import dtypes
 from .errors import TransformError
 from .limits import MAX_DIMS, shape_problem
+from .show import shape_text
 
 __all__ = [
     "IDENTITY",
@@ -91,10 +92,6 @@ def _raise(spec: str, index: int | None, err: _StepError) -> TransformError:
     return TransformError(f"{_label(spec, index)}: {err.message}", hint=err.hint)
 
 
-def _fmt_shape(shape: Shape) -> str:
-    return repr(tuple(shape))
-
-
 def _numel(shape: Shape) -> int:
     return math.prod(shape)
 
@@ -108,7 +105,7 @@ def _wrap_dim(dim: int, rank: int, shape: Shape, what: str = "dim") -> int:
     bound = max(rank, 1)
     if not -bound <= dim < bound:
         raise _StepError(
-            f"{what} {dim} is out of range for a tensor of shape {_fmt_shape(shape)} (expected {-bound}..{bound - 1})"
+            f"{what} {dim} is out of range for a tensor of shape {shape_text(shape)} (expected {-bound}..{bound - 1})"
         )
     return dim + bound if dim < 0 else dim
 
@@ -243,7 +240,7 @@ class Step(ABC):
         out, out_dtype = self._infer(shape, dtype)
         problem = shape_problem(out, _itemsize(out_dtype))
         if problem:
-            shown = _fmt_shape(out)
+            shown = shape_text(out)
             shown = shown if len(shown) <= 120 else shown[:117] + "..."
             raise _StepError(f"the result, of shape {shown}, is not a tensor torch can hold: {problem}")
         return out, out_dtype
@@ -266,7 +263,7 @@ class Step(ABC):
             msg = " ".join(str(err).split())
             raise TransformError(
                 f"{_label(self.spec(), index)}: failed on a tensor of shape "
-                f"{_fmt_shape(tuple(tensor.shape))}, dtype {_tensor_dtype_name(tensor)}: {msg}"
+                f"{shape_text(tuple(tensor.shape))}, dtype {_tensor_dtype_name(tensor)}: {msg}"
             ) from err
 
 
@@ -300,7 +297,7 @@ class Transpose(Step):
         if self.dims is None:
             if len(shape) != 2:
                 raise _StepError(
-                    f"expects 2 dims, got a tensor of shape {_fmt_shape(shape)}",
+                    f"expects 2 dims, got a tensor of shape {shape_text(shape)}",
                     hint="use transpose(d0,d1) to swap two dims of an N-D tensor",
                 )
             return 0, 1
@@ -332,16 +329,16 @@ class Permute(Step):
         rank = len(shape)
         if len(self.dims) != rank:
             raise _StepError(
-                f"expects {len(self.dims)} dims, got a tensor of shape {_fmt_shape(shape)}",
+                f"expects {len(self.dims)} dims, got a tensor of shape {shape_text(shape)}",
                 hint="permute lists every dim of its input once",
             )
         dims = tuple(_wrap_dim(d, rank, shape) for d in self.dims)
         if sorted(dims) != list(range(rank)):
             repeated = sorted({d for d in dims if dims.count(d) > 1})
             raise _StepError(
-                f"dims {_fmt_shape(self.dims)} are not a permutation of 0..{rank - 1} "
+                f"dims {shape_text(self.dims)} are not a permutation of 0..{rank - 1} "
                 f"(repeated: {', '.join(map(str, repeated))}) for a tensor of shape "
-                f"{_fmt_shape(shape)}"
+                f"{shape_text(shape)}"
             )
         return dims
 
@@ -364,7 +361,7 @@ class Reshape(Step):
     def _infer(self, shape: Shape, dtype: str) -> tuple[Shape, str]:
         target = self.shape
         n = _numel(shape)
-        wanted = _fmt_shape(target)
+        wanted = shape_text(target)
         if any(d < -1 for d in target) or target.count(-1) > 1:
             raise _StepError(f"invalid target shape {wanted}: sizes must be >= 0, with at most one -1")
         known = _numel(tuple(d for d in target if d != -1))
@@ -372,23 +369,23 @@ class Reshape(Step):
             if known == 0:
                 if n == 0:
                     raise _StepError(
-                        f"cannot reshape a tensor of shape {_fmt_shape(shape)} (0 elements) "
+                        f"cannot reshape a tensor of shape {shape_text(shape)} (0 elements) "
                         f"into {wanted}: the -1 is ambiguous next to a 0",
                         hint="spell out every size for an empty tensor",
                     )
                 raise _StepError(
-                    f"cannot reshape a tensor of shape {_fmt_shape(shape)} ({_elements(n)}) into {wanted} (0 elements)"
+                    f"cannot reshape a tensor of shape {shape_text(shape)} ({_elements(n)}) into {wanted} (0 elements)"
                 )
             if n % known:
                 raise _StepError(
-                    f"cannot reshape a tensor of shape {_fmt_shape(shape)} ({_elements(n)}) "
+                    f"cannot reshape a tensor of shape {shape_text(shape)} ({_elements(n)}) "
                     f"into {wanted}: {n} is not a multiple of {known}"
                 )
             out = tuple(n // known if d == -1 else d for d in target)
         else:
             if known != n:
                 raise _StepError(
-                    f"cannot reshape a tensor of shape {_fmt_shape(shape)} ({_elements(n)}) "
+                    f"cannot reshape a tensor of shape {shape_text(shape)} ({_elements(n)}) "
                     f"into {wanted} ({_elements(known)})"
                 )
             out = target
@@ -402,8 +399,8 @@ class Reshape(Step):
             if allow_copy:
                 return tensor.reshape(out)
             raise _StepError(
-                f"a tensor of shape {_fmt_shape(tuple(tensor.shape))} with strides "
-                f"{_fmt_shape(tuple(tensor.stride()))} cannot be viewed as {_fmt_shape(out)} "
+                f"a tensor of shape {shape_text(tuple(tensor.shape))} with strides "
+                f"{shape_text(tuple(tensor.stride()))} cannot be viewed as {shape_text(out)} "
                 "without a copy",
                 hint="a tie needs a view: reshape before transposing or slicing, or copy instead of tie",
             ) from None
@@ -433,7 +430,7 @@ class Slice(Step):
             if not -size <= value <= size:
                 raise _StepError(
                     f"{what} {value} is out of range for dim {dim} of size {size} of a tensor "
-                    f"of shape {_fmt_shape(shape)} (expected {-size}..{size})"
+                    f"of shape {shape_text(shape)} (expected {-size}..{size})"
                 )
             return value + size if value < 0 else value
 

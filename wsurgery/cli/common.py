@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..show import shape_text  # noqa: F401 - the commands' import of it
+
 # --- shared options ---------------------------------------------------------------------
 
 CkptArg = Annotated[
@@ -251,10 +253,6 @@ def default_output(ckpt_path: Path, suffix: str = ".safetensors") -> Path:
     if p.name.endswith(".index.json"):
         return p.with_name(p.name[: -len(".index.json")].removesuffix(".safetensors") + suffix)
     return p.with_suffix(suffix)
-
-
-def shape_text(shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
 def human_bytes(n: int) -> str:

@@ -39,6 +39,7 @@ from typing import NamedTuple
 from ..dtypes import BY_CODE, BY_NAME
 from ..errors import HeaderError, InputError, OutputError
 from ..limits import INT64_MAX, MAX_DIMS, shape_problem
+from ..show import short
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
@@ -93,12 +94,6 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _short(value, limit: int = 80) -> str:
-    """A bounded rendering of a header value for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _unicode(text: str) -> bool:
     """JSON escapes can spell lone surrogates, which no UTF-8 file or terminal can hold."""
     try:
@@ -120,19 +115,19 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
     dtype = BY_CODE[code]
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-        raise _fail(path, f"entry {name!r} has a shape that is not a list of integers: {_short(shape)}")
+        raise _fail(path, f"entry {name!r} has a shape that is not a list of integers: {short(shape)}")
     if any(d < 0 for d in shape):
-        raise _fail(path, f"entry {name!r} has a negative dimension in shape {_short(shape)}")
+        raise _fail(path, f"entry {name!r} has a negative dimension in shape {short(shape)}")
     # Multiply step by step and stop at the first overflow, as the reference loader does:
     # a shape of huge dimensions must not cost a huge product to refuse.
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
         if d > _U64_MAX or nbytes > _U64_MAX:
-            raise _fail(path, f"entry {name!r} shape {_short(shape)} overflows the byte size")
+            raise _fail(path, f"entry {name!r} shape {short(shape)} overflows the byte size")
     problem = shape_problem(shape, dtype.itemsize)
     if problem:
-        raise _fail(path, f"entry {name!r} has shape {_short(shape)}, which no torch tensor can have: {problem}")
+        raise _fail(path, f"entry {name!r} has shape {short(shape)}, which no torch tensor can have: {problem}")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -141,14 +136,14 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
         or offsets[0] < 0
         or offsets[1] < offsets[0]
     ):
-        raise _fail(path, f"entry {name!r} has invalid data_offsets {_short(offsets)}")
+        raise _fail(path, f"entry {name!r} has invalid data_offsets {short(offsets)}")
     start, end = offsets
     if end > _U64_MAX:
         raise _fail(path, f"entry {name!r} has data_offsets past 2**64")
     if end - start != nbytes:
         raise _fail(
             path,
-            f"entry {name!r}: data_offsets span {end - start} bytes but shape {_short(shape)} x {code} needs {nbytes}",
+            f"entry {name!r}: data_offsets span {end - start} bytes but shape {short(shape)} x {code} needs {nbytes}",
         )
     return TensorRecord(name, dtype.name, tuple(shape), start, end)
 
@@ -213,7 +208,7 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
     escapes = _SURROGATE_ESCAPE.search(text) is not None  # else every string is valid Unicode
     for key, value in obj.items():
         if escapes and not _unicode(key):
-            raise _fail(path, f"name {_short(key)} is not valid Unicode (a lone surrogate escape)")
+            raise _fail(path, f"name {short(key)} is not valid Unicode (a lone surrogate escape)")
         if key == METADATA_KEY:
             if value is None:
                 continue
@@ -223,7 +218,7 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
                 raise _fail(path, "__metadata__ must map strings to strings")
             bad = next((k for k, v in value.items() if not (_unicode(k) and _unicode(v))), None)
             if bad is not None:
-                raise _fail(path, f"__metadata__ entry {_short(bad)} is not valid Unicode (a lone surrogate escape)")
+                raise _fail(path, f"__metadata__ entry {short(bad)} is not valid Unicode (a lone surrogate escape)")
             metadata = dict(value)
             continue
         tensors[key] = _common_entry(key, value) or _parse_entry(path, key, value)

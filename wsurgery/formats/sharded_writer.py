@@ -19,6 +19,7 @@ import tempfile
 from decimal import Decimal, localcontext
 
 from ..errors import OutputError, UsageError
+from ..show import short
 from .writer import (
     TMP_SUFFIX,
     WriteItem,
@@ -56,26 +57,21 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(3).lower() not in _UNITS:
         raise UsageError(
-            f"invalid size {_shown(text)}",
+            f"invalid size {short(str(text), 40)}",
             param="max_shard_size",
             hint="write it like 5GB, 500MB, 2GiB or a byte count",
         )
     whole, frac, unit = m.group(1).lstrip("0"), (m.group(2) or "")[:40], _UNITS[m.group(3).lower()]
     if len(whole) > 40:  # past any size, and past what int() reads (4300 digits)
-        raise UsageError(f"size {_shown(text)} is too large (at most {MAX_SIZE} bytes)", param="max_shard_size")
+        raise UsageError(f"size {short(str(text), 40)} is too large (at most {MAX_SIZE} bytes)", param="max_shard_size")
     with localcontext() as ctx:
         ctx.prec = 100
         value = int(Decimal(f"{whole or 0}.{frac or 0}") * unit)
     if value <= 0:
-        raise UsageError(f"size must be positive, got {_shown(text)}", param="max_shard_size")
+        raise UsageError(f"size must be positive, got {short(str(text), 40)}", param="max_shard_size")
     if value > MAX_SIZE:
-        raise UsageError(f"size {_shown(text)} is too large (at most {MAX_SIZE} bytes)", param="max_shard_size")
+        raise UsageError(f"size {short(str(text), 40)} is too large (at most {MAX_SIZE} bytes)", param="max_shard_size")
     return value
-
-
-def _shown(text) -> str:
-    text = str(text)
-    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def plan_shards(items: list[WriteItem], max_size: int) -> list[list[WriteItem]]:
