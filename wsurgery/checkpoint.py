@@ -9,6 +9,7 @@ torch.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,8 @@ def natural_key(name: str) -> tuple[str, str]:
 class _Sized:
     """``numel`` and ``nbytes`` from ``shape`` and ``dtype``."""
 
+    __slots__ = ()
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -70,6 +73,8 @@ class _Sized:
 
 class Stored(_Sized):
     """A tensor with bytes of its own. Subclasses say where the bytes come from."""
+
+    __slots__ = ()
 
     name: str
     dtype: str
@@ -93,8 +98,7 @@ class Stored(_Sized):
         write_all(f, tensor_bytes(self.tensor("cpu")))
 
     def renamed(self, name: str) -> Stored:
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
+        clone = copy.copy(self)
         clone.name = name
         return clone
 
@@ -114,6 +118,8 @@ def tensor_bytes(t):
 
 class FileStored(Stored):
     """Bytes in a safetensors file, reached lazily."""
+
+    __slots__ = ("file", "record", "name", "dtype", "shape")
 
     def __init__(self, file: SafetensorsFile, record: TensorRecord, name: str | None = None):
         self.file = file
@@ -838,5 +844,5 @@ class Checkpoint:
             mine = {n: r for n, r in records.items() if r.source in here}
             shard_meta.append(alias_codec.encode(mine, self.metadata))
         # The index keeps the JSON record of every alias, not the per-name save_model entries.
-        index_meta = {k: v for k, v in alias_codec.encode(records, self.metadata).items() if k not in records}
+        index_meta = alias_codec.encode(records, self.metadata, convention=False)  # the JSON record only
         return shards, shard_meta, index_meta

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, natural_key
 from ._errors import emit_json
-from .common import ByteProgress, console, default_output, human_bytes, print_table, safe, shape_text
+from .common import ByteProgress, console, default_output, human_bytes, print_skipped, print_table, safe, shape_text
 from .options import OutputOptions
 
 
@@ -27,6 +27,7 @@ def summary(result: Checkpoint) -> dict:
             {"name": op.dst, "source": op.base, "transform": op.value.specs} for op in ops if op.kind == "untie"
         ],
         "plan": [op.describe() for op in ops],
+        "skipped": list(result.skipped),
     }
 
 
@@ -138,6 +139,7 @@ def write_result(
     for name in sorted(result.aliases, key=natural_key):
         a = result.aliases[name]
         con.print(safe(f"  {name} = {a.transform}({a.source})"), markup=False)
+    print_skipped(con, result.skipped, "left out (not tensors)", shown=3)
     return 0
 
 
