@@ -97,6 +97,49 @@ steps:
 """
 
 
+# DCP -> safetensors, the way torch offers: DCP's own converter to a torch file, then load it and save_file.
+PLAIN_DCP_CONVERT = """
+import sys, torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from safetensors.torch import save_file
+dcp_to_torch_save(sys.argv[1], sys.argv[2] + ".pt")
+sd = torch.load(sys.argv[2] + ".pt", weights_only=True)
+save_file(sd, sys.argv[2], metadata={"format": "pt"})
+"""
+
+
+# safetensors -> DCP without a process group, the plain way: load everything, dcp.save it.
+PLAIN_DCP_WRITE = """
+import sys, warnings
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from safetensors.torch import load_file
+warnings.simplefilter("ignore")
+dcp.save(load_file(sys.argv[1]), storage_writer=FileSystemWriter(sys.argv[2], sync_files=False))
+"""
+
+
+def make_dcp(a: Path) -> Path:
+    """A's tensors as a DCP folder, written by torch.distributed.checkpoint in one process
+    (as a training job without a process group writes it), and a byte copy of A: the
+    twins its diff is measured against."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    folder = a.with_name(a.name.replace(".safetensors", "-dcp"))
+    twin = a.with_name(a.name.replace("a-", "a2-", 1))
+    if not (folder / ".metadata").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no process group: one process
+            dcp.save(load_file(str(a)), checkpoint_id=str(folder))
+    if not twin.exists():
+        shutil.copyfile(a, twin)
+    return folder
+
+
 def recipe_file(folder: Path, renames: int) -> Path:
     path = folder / f"recipe-{renames}.yaml"
     path.write_text(RECIPE.format(renames="  - rename: {pattern: '^(.)', to: '\\1'}\n" * renames))
@@ -169,27 +212,57 @@ def make_all_different(folder: Path, size: int, dtype: str) -> Path:
     return c
 
 
+class Ranks(list):
+    """A command to run as several ranks (``torchrun``'s environment, over loopback)."""
+
+    def __init__(self, cmd: list[str], world: int):
+        super().__init__(cmd)
+        self.world = world
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(cmd: list[str], remove: Path | None = None) -> tuple[float, int, int, float]:
-    """Wall seconds, peak RSS in bytes, exit code and CPU seconds (user + system) of one
-    whole process (``remove``: a file deleted first, outside the timing). CPU time is the
-    steadier measure on a machine that others share."""
+    """Wall seconds, peak RSS in bytes, exit code and CPU seconds (user + system; the
+    steadier measure on a machine that others share) of one whole process (``remove``: a
+    path deleted first, outside the timing). A :class:`Ranks` command runs as that many
+    processes, ranks of one process group on 127.0.0.1: the wall time until the last one
+    ends, the largest peak RSS of one rank, the CPU seconds of all."""
     if remove is not None:
-        remove.unlink(missing_ok=True)
+        shutil.rmtree(remove) if remove.is_dir() else remove.unlink(missing_ok=True)
     env = dict(os.environ, NO_COLOR="1")
+    world = getattr(cmd, "world", 1)
+    envs = [env]
+    if world > 1:
+        port = str(_free_port())
+        shared = dict(env, WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo")  # fmt: skip
+        envs = [dict(shared, RANK=str(r), LOCAL_RANK=str(r)) for r in range(world)]
     # Start every run with no dirty pages left by the previous one: wsurgery fsyncs its
     # output, and would otherwise also wait for the writeback of the plain script's file.
     os.sync()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    procs = [subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e) for e in envs]
+    peak, code, cpu = 0, 0, 0.0
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = max(peak, usage.ru_maxrss * 1024)
+        cpu += usage.ru_utime + usage.ru_stime
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err.strip()[:500]}")
+        code = max(code, proc.returncode)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if proc.returncode not in (0, 1):
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err.strip()[:500]}")
-    return wall, usage.ru_maxrss * 1024, proc.returncode, usage.ru_utime + usage.ru_stime
+    return wall, peak, code, cpu
 
 
 def page_cache_read_rate(path: Path) -> float:
@@ -304,6 +377,32 @@ def cases(a: Path, b: Path, out: Path):
         if renames == 0:
             yield (label, ours, [PY, "-c", PLAIN_RECIPE, str(a), str(out)], a.stat().st_size, None)
     yield ("inspect", ws + ["inspect", str(a), "--json"], [PY, "-c", PLAIN_INSPECT, str(a)], 0, None)
+    # Distributed checkpoints: a DCP folder of A (written by torch), converted to safetensors
+    # against torch's own way; diffed against A (its safetensors twin) against a diff of
+    # A's byte copy with A; and the every-element-differs diff on 2 ranks against 1.
+    folder = a.with_name(a.name.replace(".safetensors", "-dcp"))
+    twin = a.with_name(a.name.replace("a-", "a2-", 1))
+    dcp_convert = ws + ["convert", str(folder), "-o", str(out), "--force"]
+    plain_dcp = [PY, "-c", PLAIN_DCP_CONVERT, str(folder), str(out)]
+    yield ("dcp-convert", dcp_convert, plain_dcp, a.stat().st_size, 0.5)
+    yield ("dcp-convert-nosync", [*dcp_convert, "--no-sync"], plain_dcp, a.stat().st_size, 0.5)
+    yield (
+        "dcp-diff",
+        ws + ["diff", str(folder), str(a), "--quiet"],
+        ws + ["diff", str(twin), str(a), "--quiet"],
+        2 * a.stat().st_size,
+        2.0,
+    )
+    written = out.with_name("out-dcp")
+    yield (
+        "dcp-write-nosync",
+        ws + ["convert", str(a), "-o", str(written), "--format", "dcp", "--no-sync"],
+        [PY, "-c", PLAIN_DCP_WRITE, str(a), str(written)],
+        a.stat().st_size,
+        None,
+    )
+    all_diff = ws + ["diff", str(a), str(c), "--quiet"]
+    yield ("diff-all-2-ranks", Ranks(all_diff, 2), all_diff, 2 * a.stat().st_size, None)
 
 
 def main(argv=None) -> int:
@@ -315,7 +414,8 @@ def main(argv=None) -> int:
         "--only",
         default="",
         help="comma-separated subset: diff,diff-all,tie,convert,tie-nosync,convert-nosync,copy-scale,recipe,"
-        "recipe-nosync,recipe-20-renames-nosync,inspect",
+        "recipe-nosync,recipe-20-renames-nosync,inspect,dcp-convert,dcp-convert-nosync,dcp-diff,dcp-write-nosync,"
+        "diff-all-2-ranks",
     )
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")
@@ -340,9 +440,9 @@ def main(argv=None) -> int:
         # in a child process, so this process stays small: a forked child's peak RSS starts at its parent's
         code = (
             f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-            "from benchmarks.bench import make_all_different, make_pair; "
-            f"from pathlib import Path; make_pair(Path({str(work)!r}), {size}, {dtype!r}); "
-            f"make_all_different(Path({str(work)!r}), {size}, {dtype!r})"
+            "from benchmarks.bench import make_all_different, make_dcp, make_pair; "
+            f"from pathlib import Path; a, _ = make_pair(Path({str(work)!r}), {size}, {dtype!r}); "
+            f"make_all_different(Path({str(work)!r}), {size}, {dtype!r}); make_dcp(a)"
         )
         subprocess.run([PY, "-c", code], check=True)
         a, b = make_pair(work, size, dtype)
@@ -361,12 +461,13 @@ def main(argv=None) -> int:
                 continue
             # Every run writes a new file: deleting the previous run's output (which on a
             # disk mounted with `discard` costs up to 1 s per GiB) is not part of the work.
-            run(ours, remove=out)  # warm-up, page cache and imports
-            run(plain, remove=out)
+            target_path = out.with_name("out-dcp") if name.startswith("dcp-write") else out
+            run(ours, remove=target_path)  # warm-up, page cache and imports
+            run(plain, remove=target_path)
             mine, theirs = [], []
             for _ in range(args.rounds):
-                mine.append(run(ours, remove=out))
-                theirs.append(run(plain, remove=out))
+                mine.append(run(ours, remove=target_path))
+                theirs.append(run(plain, remove=target_path))
             t_ours = statistics.median(m[0] for m in mine)
             t_plain = statistics.median(m[0] for m in theirs)
             rss_ours = max(m[1] for m in mine)
@@ -388,11 +489,16 @@ def main(argv=None) -> int:
             }
             if name == "inspect":
                 row["target_s"] = 0.2
+            if name.startswith(("dcp-convert", "dcp-write")):  # convert's target: 300 MiB plus the largest tensor
+                row["target_rss_mib"] = round(300 + largest_tensor(a) / 2**20, 1)
             results.append(row)
             print(_format_row(row), file=sys.stderr)
         if not args.keep:
-            for p in (a, b, a.with_name(a.name.replace("a-", "c-", 1)), out):
+            for p in (a, b, a.with_name(a.name.replace("a-", "c-", 1)), a.with_name(a.name.replace("a-", "a2-", 1)),
+                      out, out.with_name(out.name + ".pt")):  # fmt: skip
                 p.unlink(missing_ok=True)
+            shutil.rmtree(a.with_name(a.name.replace(".safetensors", "-dcp")), ignore_errors=True)
+            shutil.rmtree(out.with_name("out-dcp"), ignore_errors=True)
     report = {
         "schema": "wsurgery.bench/1",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
@@ -406,6 +512,14 @@ def main(argv=None) -> int:
     if not args.keep:
         shutil.rmtree(work / "tmp", ignore_errors=True)
     return 0
+
+
+def largest_tensor(path: Path) -> int:
+    """The bytes of the largest tensor of a safetensors file (from its header)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return max(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
 def _format_row(r) -> str:

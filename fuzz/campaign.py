@@ -9,6 +9,13 @@ than a loaded checkpoint or a one-line wsurgery error: another exception, a hang
 per-input watchdog), a MemoryError under the address-space limit set here, or a marker
 file created by a pickle. Hypothesis shrinks each finding and prints its minimal input.
 
+The hostile targets (``hostile_pickles``, ``hostile_safetensors``,
+``reserved_names_round_trip``) build the bombs of issue 11 at full size (memo and stack
+growth, copying calls, shared containers, long names, colliding keys, views larger than
+their storage, huge and many dims, reserved metadata keys, long alias chains): the
+address-space limit (4 GiB by default) makes a bomb that comes back a MemoryError finding
+rather than the machine's swap or its OOM killer.
+
 Prints how many inputs it tried and every finding; exits 1 if there was one.
 """
 
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--examples", type=int, help="stop after this many inputs")
     parser.add_argument("--target", action="append", help="only these targets (repeatable); default: all")
     parser.add_argument("--chunk", type=int, default=250, help="examples per target per round (default 250)")
-    parser.add_argument("--memory-gib", type=float, default=16.0, help="address-space limit (default 16 GiB)")
+    parser.add_argument("--memory-gib", type=float, default=4.0, help="address-space limit (default 4 GiB)")
     parser.add_argument("--max-findings", type=int, default=10, help="stop after this many findings")
     args = parser.parse_args(argv)
     if args.minutes is None and args.examples is None:

@@ -261,3 +261,23 @@ def test_the_command_line_and_the_library_agree_on_drift(drifted):
             "diff", a, b, "--by-module", "2", "--max-rel-l2", "1e-3", "--json", env={"OPENBLAS_NUM_THREADS": threads}
         )
         assert strict_json(proc.stdout) == want, threads
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="loopback interface 'lo'")
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_two_ranks_report_the_drift_of_one_process(drifted, tmp_path):
+    """Under two ranks the compare jobs and the norms of the untouched tensors are split by
+    bytes; rank 0 prints the report one process prints, rollup and thresholds included,
+    and the HTML report is the same."""
+    from .test_scale_out import launch
+
+    a, b = drifted
+    args = ["diff", str(a), str(b), "--by-module", "2", "--max-rel-l2", "1e-3", "--json"]
+    one = run_module(*args, "--html", tmp_path / "one.html")
+    ranks = launch([sys.executable, "-m", "wsurgery", *args, "--html", str(tmp_path / "two.html")])
+    assert [r["code"] for r in ranks] == [one.returncode] * 2, [r["stderr"][-2000:] for r in ranks]
+    assert ranks[1]["stdout"] == "" and ranks[1]["stderr"] == ""
+    want = strict_json(one.stdout)
+    assert strict_json(ranks[0]["stdout"]) == want
+    assert all(0 < m["rel_l2"] for m in want["modules"])  # the untouched norms are in ||A||
+    assert (tmp_path / "one.html").read_text() == (tmp_path / "two.html").read_text()

@@ -78,7 +78,13 @@ def workdir() -> Path:
 
 @contextlib.contextmanager
 def watchdog(seconds: int = WATCHDOG_S):
+    """Turn an input that takes longer than ``seconds`` into a :class:`Hang`, even when the code
+    it interrupted wrapped the alarm into an error of its own (wsurgery turns any exception of
+    torch.load or of a rebuild into an InputError: a hang there must not count as a refusal)."""
+    fired = []
+
     def fire(signum, frame):
+        fired.append(1)
         raise Hang(f"no result after {seconds} s")
 
     if not hasattr(signal, "SIGALRM") or not _main_thread():
@@ -88,6 +94,10 @@ def watchdog(seconds: int = WATCHDOG_S):
     signal.alarm(seconds)
     try:
         yield
+    except Exception:
+        if fired:
+            raise Hang(f"no result after {seconds} s") from None
+        raise
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -517,6 +527,233 @@ SHARD_PATHS = ["s1.safetensors", "s2.safetensors", "./s1.safetensors", "../s1.sa
                "s3.safetensors", "", "sub/../s2.safetensors", "s1.safetensors\x00"]  # fmt: skip
 INDEX_METADATA = [{}, {"total_size": 3}, {"wsurgery.aliases": "{}"}, {"wsurgery.aliases": 1}, [], None]
 
+
+# --- hostile generators: the classes of the second attack ------------------------------------------------
+# Shared containers, memo and stack growth, copying calls, long names, colliding and self-sharing
+# keys, views larger than their storage, allocating constructors (pickles); huge and many dims,
+# reserved metadata keys, long alias chains (safetensors). Sizes reach those of the bombs, so
+# a regression is a hang (the watchdog), a MemoryError (the campaign's address-space limit, or
+# the bounded child of test_hostile_generators_in_a_bounded_process) or a wrong result.
+
+
+def _put(i: int) -> bytes:
+    return b"r" + struct.pack("<I", i)  # LONG_BINPUT
+
+
+def _get(i: int) -> bytes:
+    return b"j" + struct.pack("<I", i)  # LONG_BINGET
+
+
+_T = _tensor_snippet("0", 4, (4,))  # a tensor over storage "0" (16 bytes in the file)
+_T_LEGACY = _tensor_snippet("0", 4, (4,), legacy=True)
+
+
+@st.composite
+def hostile_program(draw) -> tuple[str, bytes, bool, int]:
+    """(kind, pickle, deflate, bytes of storage "1"): one program of a hostile class, at a drawn size."""
+    kind = draw(
+        st.sampled_from(["shared", "memo", "stack", "names", "copies", "collide", "tuple_key", "lists", "view"])
+    )
+    deflate = True
+    if kind == "shared":  # d = {"a": d, "b": d}, levels deep, with a tensor at the bottom
+        levels = draw(st.integers(0, 48))
+        body = b"}" + _u("w") + _T + b"s" + _put(0)
+        for i in range(levels):  # pop the last level, build the next over it twice
+            body += b"0}(" + _u(draw(st.sampled_from(["a", "a.b", "x"]))) + _get(i) + _u("b") + _get(i) + b"u"
+            body += _put(i + 1)
+        pkl = b"\x80\x02" + body + b"."
+    elif kind == "memo":  # the memo grows without the stack: MEMOIZE, or LONG_BINPUT to fresh indexes
+        n = draw(st.sampled_from([10, 10_000, 1_100_000, 30_000_000]))
+        op = draw(st.sampled_from(["memoize", "binput", "long_binput"]))
+        if op == "memoize":
+            pkl = b"\x80\x04}" + b"\x94" * n + b"."
+        elif op == "binput":
+            pkl = b"\x80\x02}" + b"q\x07" * n + b"."
+        else:
+            pkl = b"\x80\x02}" + b"".join(_put(i) for i in range(min(n, 3_000_000))) + b"."
+    elif kind == "stack":  # the stack or the mark stack grows, then unwinds
+        n = draw(st.sampled_from([10, 1_100_000, 20_000_000]))
+        op = draw(st.sampled_from(["dicts", "marks", "dups"]))
+        if op == "dicts":
+            pkl = b"\x80\x04" + b"}" * n + b"0" * (n - 1) + b"."
+        elif op == "marks":
+            pkl = b"\x80\x04}" + b"(" * n + b"1" * n + b"."
+        else:
+            pkl = b"\x80\x04}(N" + b"2" * n + b"t0."
+    elif kind == "names":  # a long key reused at every level of a deep chain, a tensor at each level
+        key = "k" * draw(st.sampled_from([1, 64, 100_000]))
+        depth = draw(st.sampled_from([1, 100, 3_000, 30_000]))
+        body = _T + _put(0) + b"0" + _u(key) + _put(1) + b"0" + b"}(" + (_get(1) + b"}(") * depth
+        body += (_u("w") + _get(0) + b"u") * (depth + 1)
+        pkl = b"\x80\x02" + body + b"."
+    elif kind == "copies":  # a constructor copying one large argument over and over
+        size = draw(st.sampled_from([10, 10_000, 100_000]))
+        calls = draw(st.sampled_from([10, 1_000, 100_000]))
+        ctor, arg = draw(st.sampled_from([
+            (b"cbuiltins\nset\n", b"(" + b"K\x01" * size + b"l"),
+            (b"cbuiltins\nbytearray\n", b"B" + struct.pack("<I", size) + b"x" * size),
+            (b"ccollections\nOrderedDict\n", b"(" + b"K\x01K\x02\x86" * size + b"l"),
+            (b"ctorch\nSize\n", b"(" + b"K\x01" * size + b"t"),
+        ]))  # fmt: skip
+        body = b"}" + _u("c") + b"]" + arg + _put(0) + b"0" + ctor + _put(1) + b"0"
+        body += (_get(1) + _get(0) + b"\x85Ra") * calls + b"s" + _u("w") + _T + b"s"
+        pkl = b"\x80\x02" + body + b"."
+    elif kind == "collide":  # distinct int keys of one hash
+        n = draw(st.sampled_from([5, 40, 3_000, 60_000]))
+        items = b"".join(
+            b"\x8a\x0a" + (k * ((1 << 61) - 1)).to_bytes(10, "little", signed=True) + b"N" for k in range(1, n)
+        )
+        pkl = b"\x80\x02}(" + items + b"u" + _u("w") + _T + b"s."
+    elif kind == "tuple_key":  # t = (t, t), levels deep, as a dict key or a set member
+        levels = draw(st.integers(1, 63))
+        key = b")" + b"2\x86" * levels
+        pkl = b"\x80\x02}" + draw(st.sampled_from([key + b"Ns", b"cbuiltins\nset\n((" + key + b"ltR0"]))
+        pkl += _u("w") + _T + b"s."
+    elif kind == "lists":  # one long list of Nones under many keys (each described as skipped)
+        items = draw(st.sampled_from([10, 100_000, 1_000_000]))
+        keys = draw(st.sampled_from([1, 1_000, 30_000]))
+        body = b"}" + _u("w") + _T + b"s" + b"](" + b"N" * items + b"e" + _put(0) + b"0("
+        body += b"".join(_u(f"k{i}") + _get(0) for i in range(keys)) + b"u"
+        pkl = b"\x80\x02" + body + b"."
+    else:  # a view, a BUILD set_, or a constructor that allocates more than the storage or the file
+        pkl, numel = draw(view_program())
+        return ("view", pkl, False, 4 * numel)
+    return (kind, pkl, deflate, 16)
+
+
+BIG = [0, 1, 3, 4, 2**20, 2**27, 2**31, 2**40, 2**62]
+
+
+@st.composite
+def view_program(draw) -> tuple[bytes, int]:
+    numel = draw(st.sampled_from([0, 1, 4]))
+    size = tuple(draw(st.lists(st.sampled_from(BIG), min_size=1, max_size=3)))
+    stride = tuple(draw(st.lists(st.sampled_from([0, 1, 4, 2**20, 2**40]), min_size=len(size), max_size=len(size))))
+    offset = draw(st.sampled_from([0, 1, 3, 2**30]))
+
+    def tup(xs):
+        return b"(" + b"".join(b"\x8a\x08" + struct.pack("<q", x) for x in xs) + b"t"
+
+    pid = (
+        b"("
+        + _u("storage")
+        + b"ctorch\nFloatStorage\n"
+        + _u("1")
+        + _u("cpu")
+        + b"\x8a\x08"
+        + struct.pack("<q", numel)
+        + b"tQ"
+    )
+    how = draw(st.sampled_from(["rebuild", "build_set", "ctor", "bytearray", "unknown_first"]))
+    if how == "build_set":  # a good tensor, then BUILD (storage, offset, size, stride): tensor.set_(*state)
+        value = _T + b"(" + pid + b"\x8a\x08" + struct.pack("<q", offset) + tup(size) + tup(stride) + b"tb"
+    elif how == "ctor":
+        value = b"ctorch\nFloatTensor\n" + tup(size) + b"R"
+    elif how == "bytearray":
+        value = b"cbuiltins\nbytearray\n\x8a\x08" + struct.pack("<q", size[0]) + b"\x85R"
+    else:
+        value = b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"\x8a\x08" + struct.pack("<q", offset) + tup(size)
+        value += tup(stride) + b"\x89ccollections\nOrderedDict\n)RtR"
+    first = b"cfuzz_missing_pkg\nCfg\n)\x81" + b"s" if how == "unknown_first" else b""
+    head = (_u("cfg") + first) if first else b""
+    return b"\x80\x02}" + head + _u("w") + value + b"s.", numel
+
+
+def _deflated_zip(pkl: bytes, records: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl, compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+        z.writestr("archive/byteorder", "little")
+        for key, data in records.items():
+            z.writestr(f"archive/data/{key}", data)
+        z.writestr("archive/version", "3\n")
+    return buf.getvalue()
+
+
+def hostile_pickles(case):
+    kind, pkl, deflate, storage_bytes = case
+    records = {"0": struct.pack("<4f", 1, 2, 3, 4), "1": bytes(storage_bytes)}
+    data = _deflated_zip(pkl, records) if deflate else as_zip(pkl, records)
+    exercise(put(data, f"hostile-{kind}.pt"))
+
+
+_HUGE = [0, 1, 2, 2**31, 2**32, 2**53, 2**62, 2**63 - 1, 2**63, 2**64 - 1, 10**29]
+
+
+@st.composite
+def hostile_header(draw) -> bytes:
+    """safetensors with huge or many dims, reserved metadata keys used as tensor and alias
+    names, and long or wide alias chains."""
+    header: dict = {}
+    rank = draw(st.sampled_from([0, 1, 2, 63, 64, 65, 70]))
+    shape = [draw(st.sampled_from(_HUGE)) if draw(st.booleans()) else 1 for _ in range(rank)]
+    if rank and draw(st.booleans()):
+        shape[draw(st.integers(0, rank - 1))] = 0
+    code = draw(st.sampled_from(["F64", "F32", "U8", "BOOL"]))
+    nbytes = {"F64": 8, "F32": 4, "U8": 1, "BOOL": 1}[code]
+    for d in shape:
+        nbytes *= d
+    if nbytes > 4096:  # a file cannot hold it: keep the header valid, the shape small
+        shape = [1] * rank
+        nbytes = {"F64": 8, "F32": 4, "U8": 1, "BOOL": 1}[code]
+    name = draw(st.sampled_from(["w", "format", "wsurgery.aliases", "wsurgery.x", "a" * 100_000]))
+    header[name] = {"dtype": code, "shape": shape, "data_offsets": [0, nbytes]}
+    header["v"] = {"dtype": "F32", "shape": [2, 3], "data_offsets": [nbytes, nbytes + 24]}
+    table: dict = {}
+    links = draw(st.sampled_from([0, 1, 5, 64, 65, 200]))
+    steps = draw(st.sampled_from([0, 1, 2, 1024, 1025, 5000]))
+    step = draw(st.sampled_from(["same", "transpose", "reshape(3,2)", "reshape(100000000000000000000000000000,0)",
+                                 "reshape(" + ",".join(["1"] * 65) + ")", "slice(0,0,1)"]))  # fmt: skip
+    prev = "v"
+    for i in range(links):
+        alias = draw(st.sampled_from([f"c{i}", f"c{i}", "format", "wsurgery.aliases", "wsurgery.y", "w"]))
+        table[alias] = {"source": prev, "transform": [step] * steps}
+        prev = alias
+    for i in range(draw(st.sampled_from([0, 10, 3000]))):
+        table[f"fan{i}"] = {"source": prev, "transform": [step] * min(steps, 64)}
+    meta = {"format": "pt"}
+    if table:
+        meta["wsurgery.aliases"] = json.dumps(table)
+    for key in draw(
+        st.lists(st.sampled_from(["format", "wsurgery.aliases", "wsurgery.z", "c0", "fan0", "note"]), max_size=3)
+    ):
+        meta[key] = draw(st.sampled_from(["v", "pt", "w", "{}", "x" * 100]))
+    obj = {"__metadata__": meta, **header}
+    text = json.dumps(obj).encode()
+    return struct.pack("<Q", len(text)) + text + bytes(nbytes + 24)
+
+
+def hostile_safetensors(data):
+    exercise(put(data, "hostile.safetensors"))
+
+
+RESERVED_NAMES = st.sampled_from(["format", "wsurgery.aliases", "wsurgery.x", "a", "a.b", "b", "note", ""])
+
+
+def reserved_names_round_trip(case):
+    """Tensors named like reserved metadata keys, tied by shared storage, round-trip through a
+    torch file and safetensors: every tie survives and the metadata stays readable."""
+    names, tie_to = case
+    base = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    sd = {}
+    for i, name in enumerate(names):
+        sd[name] = base if i in tie_to else torch.full((2, 3), float(i))
+    path = workdir() / "reserved.pt"
+    torch.save(sd, path)
+    TRIED["inputs"] += 1
+    out = workdir() / "reserved.safetensors"
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    ckpt = wsurgery.load(path)
+    ckpt.save(out)
+    back = wsurgery.load(out)
+    assert set(back.names()) == set(sd) and back.metadata.get("format", "pt") == "pt"
+    for name, t in sd.items():
+        assert torch.equal(back.tensor(name), t), name
+    assert {n: a.source for n, a in back.aliases.items()} == {n: a.source for n, a in ckpt.aliases.items()}
+    TRIED["loaded"] += 1
+
+
 # name -> (strategy of one input, target): the tests below and fuzz/campaign.py share them.
 TARGETS = {
     "mutated_safetensors": (mutated(SAFETENSORS_SEED), mutated_safetensors),
@@ -553,7 +790,14 @@ TARGETS = {
         ),
         sharded_index,
     ),
+    "hostile_pickles": (hostile_program(), hostile_pickles),
+    "hostile_safetensors": (hostile_header(), hostile_safetensors),
+    "reserved_names_round_trip": (
+        st.tuples(st.lists(RESERVED_NAMES, min_size=1, max_size=5, unique=True), st.sets(st.integers(0, 4))),
+        reserved_names_round_trip,
+    ),
 }
+HOSTILE_TARGETS = ("hostile_pickles", "hostile_safetensors", "reserved_names_round_trip")
 
 
 def property_test(name: str, profile: settings):
@@ -589,3 +833,20 @@ def test_structural_pickle_snippet_is_a_real_tensor():
     pkl = b"\x80\x02}" + _u("w") + _tensor_snippet("0", 4, (2, 2), legacy=True) + b"s."
     legacy = put(as_legacy(pkl, [("0", 4)]), "snippet-legacy.pt")
     assert wsurgery.load_state_dict(legacy)["w"].shape == (2, 2)
+
+
+def test_hostile_generators_in_a_bounded_process():
+    """The hostile targets build bombs at full size: run them in a child with an address-space
+    limit and a timeout (tests/hostile.py), so a regression fails instead of swapping."""
+    from .hostile import bounded
+
+    n = max(1, int(os.environ.get("WSURGERY_FUZZ_EXAMPLES", "100")) // 10)
+    code = (
+        "import tests.test_fuzz as f\n"
+        "from hypothesis import settings\n"
+        "for name in f.HOSTILE_TARGETS:\n"
+        f"    f.property_test(name, settings(settings.get_profile(f.PROFILE), max_examples={n}))()\n"
+        "print(f.TRIED)\n"
+    )
+    r = bounded(code=code, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

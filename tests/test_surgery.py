@@ -196,7 +196,7 @@ def test_tie_refuses_a_non_view_step_and_names_it(ck, step):
 
 def test_tie_refuses_a_chain_that_is_no_view_of_the_stored_source(ck):
     text = problem_of(ck.tie, "emb.weight", "x", ["transpose", "reshape(-1)"])
-    assert "not a view" in text and "(4, 6)" in text and "(24,)" in text
+    assert "not a view" in text and "(4, 6)" in text and "(24)" in text
 
 
 def test_tie_refuses_a_chain_through_an_alias_that_is_no_view(tied):

@@ -367,7 +367,7 @@ def test_reshape_of_a_non_viewable_tensor_is_an_error_in_a_view_chain():
     assert tr.is_view
     message = error_of(tr.apply, x)
     assert message.startswith("step 2 'reshape(-1)':")
-    assert "(6, 4)" in message and "(24,)" in message and "view" in message
+    assert "(6, 4)" in message and "(24)" in message and "view" in message
     with pytest.raises(TransformError) as info:
         tr.apply(x)
     assert "tie" in info.value.hint
@@ -535,7 +535,7 @@ def test_parse_rejects_non_strings():
 
 INFER_ERRORS = [
     ("transpose", (2, 3, 4), "float32", ["expects 2 dims, got a tensor of shape (2, 3, 4)"]),
-    ("transpose", (5,), "float32", ["expects 2 dims, got a tensor of shape (5,)"]),
+    ("transpose", (5,), "float32", ["expects 2 dims, got a tensor of shape (5)"]),
     ("transpose(0,3)", (2, 3, 4), "float32", ["dim 3 is out of range for a tensor of shape (2, 3, 4)", "-3..2"]),
     ("transpose(-4,0)", (2, 3, 4), "float32", ["dim -4 is out of range", "-3..2"]),
     ("transpose(0,1)", (), "float32", ["dim 1 is out of range for a tensor of shape ()", "-1..0"]),
@@ -551,7 +551,7 @@ INFER_ERRORS = [
     ("reshape(-2,12)", (4, 6), "float32", ["sizes must be >= 0"]),
     ("reshape(0,-1)", (4, 6), "float32", ["(24 elements)", "(0, -1) (0 elements)"]),
     ("reshape(0,-1)", (0, 6), "float32", ["(0 elements)", "ambiguous"]),
-    ("reshape()", (2,), "float32", ["(2,) (2 elements)", "into () (1 element)"]),
+    ("reshape()", (2,), "float32", ["(2) (2 elements)", "into () (1 element)"]),
     ("slice(2,0)", (4, 5), "float32", ["dim 2 is out of range for a tensor of shape (4, 5)"]),
     ("slice(0,5)", (4, 5), "float32", ["start 5 is out of range for dim 0 of size 4", "(4, 5)", "-4..4"]),
     ("slice(1,-6)", (4, 5), "float32", ["start -6 is out of range for dim 1 of size 5"]),

@@ -5,12 +5,18 @@ stored tensor. In a safetensors file ``__metadata__`` records:
 
 - ``"wsurgery.aliases"``: JSON ``{"<alias>": {"source": "<stored>", "transform": [...]}}``;
 - ``"<alias>": "<stored>"`` for every tie without a transform (the convention of
-  ``safetensors.torch.save_model``), never for a transformed one;
+  ``safetensors.torch.save_model``), never for a transformed one, and never over a key
+  the metadata already holds: a reserved key (``format``, ``wsurgery.aliases``, any
+  ``wsurgery.*``) or the user's own entry (then only the JSON record carries the tie);
 - ``"format": "pt"``.
 
 Invariants (enforced on read and on write): an alias is never also a stored name; its
 source is a stored name (chains are composed, cycles refused); its transform fits the
-source's shape and dtype.
+source's shape and dtype, and its result is a tensor torch can hold. Reading one
+file's aliases costs time linear in its header: a chain is at most ``MAX_CHAIN`` links,
+a record or a composed chain at most ``MAX_STEPS`` steps, each record is parsed and
+inferred once (a chain is composed from its already resolved source), and the steps
+composed over all aliases are at most ``MAX_ALIAS_STEPS``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ if TYPE_CHECKING:
 
 ALIASES_KEY = "wsurgery.aliases"
 MAX_CHAIN = 64  # aliases of aliases followed on read; wsurgery itself writes chains of length 1
+MAX_STEPS = 1024  # transform steps of one alias record, and of one chain composed
+MAX_ALIAS_STEPS = 1_000_000  # transform steps composed over all the aliases of one file
 FORMAT_KEY = "format"
+
+
+def reserved(key: str) -> bool:
+    """A metadata key wsurgery or its readers give a meaning: never an ``alias: source`` entry."""
+    return key == FORMAT_KEY or key.startswith("wsurgery.")
 
 
 @dataclass(frozen=True)
@@ -35,23 +48,32 @@ class AliasRecord:
     specs: tuple[str, ...]  # canonical transform steps, () = same
 
 
-def encode(aliases: dict[str, AliasRecord], metadata: dict[str, str] | None) -> dict[str, str]:
+def encode(
+    aliases: dict[str, AliasRecord], metadata: dict[str, str] | None, *, convention: bool = True
+) -> dict[str, str]:
     """The ``__metadata__`` dict for a file storing tensors with these aliases.
 
-    ``metadata`` is the user's metadata to keep; alias entries of an older encoding in it
-    are dropped and rewritten.
+    ``metadata`` is the user's metadata to keep. An entry of it that is the
+    ``alias: source`` entry of an older encoding (an alias's name, its source's name) is
+    dropped and rewritten; any other entry is kept as it is, so the convention entry of
+    an alias whose name the metadata already holds, or that is reserved (``format``,
+    ``wsurgery.*``), is not written: the JSON record carries that tie alone.
+    ``convention=False`` writes no convention entry at all (a sharded index's metadata).
     """
     out: dict[str, str] = {}
     for key, value in sorted((metadata or {}).items()):
-        if key == ALIASES_KEY or key in aliases:
+        if key == ALIASES_KEY:
             continue
+        rec = aliases.get(key)
+        if rec is not None and value == rec.source:
+            continue  # the convention entry of an older encoding, rewritten below if it still holds
         out[key] = value
     out[FORMAT_KEY] = "pt"
     if aliases:
         table = {name: {"source": rec.source, "transform": list(rec.specs)} for name, rec in sorted(aliases.items())}
         out[ALIASES_KEY] = json.dumps(table, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         for name, rec in sorted(aliases.items()):
-            if not rec.specs:
+            if convention and not rec.specs and not reserved(name) and name not in out:
                 out[name] = rec.source
     return out
 
@@ -92,10 +114,11 @@ def decode(
                     f'{path}: {ALIASES_KEY} entry {name!r} must be {{"source": str, "transform": [str, ...]}}'
                 )
             raw[name] = AliasRecord(rec["source"], tuple(rec.get("transform", [])))
-    # The save_model convention: "<alias>": "<stored name>".
+    # The save_model convention: "<alias>": "<stored name>"; a reserved key never is one,
+    # and an entry under a name the JSON record already declares is the user's own.
     others: dict[str, str] = {}
     for key, value in metadata.items():
-        if key == FORMAT_KEY or key.startswith("wsurgery."):
+        if reserved(key):
             others[key] = value
             continue
         if key in raw:
@@ -108,46 +131,85 @@ def decode(
             continue
         others[key] = value
 
-    for name in raw:
+    for name, rec in raw.items():
         if name in stored:
             raise InputError(f"{path}: {name!r} is both a stored tensor and an alias in the metadata")
-    resolved: dict[str, AliasRecord] = {}
-    for name in raw:
-        resolved[name] = _resolve(name, raw, stored, path)
-    return resolved, others
+        if len(rec.specs) > MAX_STEPS:
+            raise InputError(f"{path}: alias {name!r} has a transform of {len(rec.specs)} steps (at most {MAX_STEPS})")
+    chains = _Chains(raw, stored, path)
+    return {name: chains.resolve(name) for name in raw}, others
 
 
-def _resolve(name: str, raw: dict[str, AliasRecord], stored, path) -> AliasRecord:
-    """Follow ``name`` to a stored source, composing transforms; refuse cycles and misfits."""
-    seen = [name]
-    specs: list[str] = []
-    cur = raw[name]
-    chain = [cur]
-    while cur.source not in stored:
-        if cur.source not in raw:
-            raise InputError(f"{path}: alias {name!r} names a missing source {cur.source!r}")
-        if cur.source in seen:
-            raise InputError(f"{path}: aliases form a cycle: {' -> '.join([*seen, cur.source])}")
-        if len(seen) >= MAX_CHAIN:  # bounds the work per alias: a long chain cannot make loading hang
-            raise InputError(f"{path}: alias {name!r} is the start of a chain of more than {MAX_CHAIN} aliases")
-        seen.append(cur.source)
-        cur = raw[cur.source]
-        chain.append(cur)
-    for rec in reversed(chain):
-        specs.extend(rec.specs)
-    try:
+@dataclass(frozen=True)
+class _Resolved:
+    record: AliasRecord  # the stored source and the composed canonical steps
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class _Chains:
+    """Aliases resolved to stored sources, each once: a chain is composed from its source's
+    resolution, so the work is linear in the records (see the module's invariants)."""
+
+    def __init__(self, raw: dict[str, AliasRecord], stored, path):
+        self.raw = raw
+        self.stored = stored
+        self.path = path
+        self.done: dict[str, _Resolved] = {}
+        self.left = MAX_ALIAS_STEPS
+
+    def resolve(self, name: str) -> AliasRecord:
+        """Follow ``name`` to a stored source, composing transforms; refuse cycles and misfits."""
+        raw, path = self.raw, self.path
+        chain = [name]
+        on_chain = {name}
+        cur = raw[name]
+        while name not in self.done and cur.source not in self.stored and cur.source not in self.done:
+            if cur.source not in raw:
+                raise InputError(f"{path}: alias {name!r} names a missing source {cur.source!r}")
+            if cur.source in on_chain:
+                raise InputError(f"{path}: aliases form a cycle: {' -> '.join([*chain, cur.source])}")
+            if len(chain) >= MAX_CHAIN:  # bounds the work per alias: a long chain cannot make loading hang
+                raise InputError(f"{path}: alias {name!r} is the start of a chain of more than {MAX_CHAIN} aliases")
+            chain.append(cur.source)
+            on_chain.add(cur.source)
+            cur = raw[cur.source]
+        for link in reversed(chain):
+            if link not in self.done:
+                self.done[link] = self._compose(link)
+        return self.done[name].record
+
+    def _compose(self, name: str) -> _Resolved:
+        """``name``'s own steps after its source's resolution (a stored tensor's is itself)."""
         from .transforms import parse
 
-        transform = parse(specs)
-        shape, dtype = stored[cur.source]
-        transform.infer(tuple(shape), dtype)
-    except (TransformError, SurgeryError) as exc:
-        raise InputError(f"{path}: alias {name!r} has a bad transform: {exc}") from None
-    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a 5000-digit integer in a step
-        raise InputError(f"{path}: alias {name!r} has a bad transform: {str(exc)[:120]}") from None
-    if not transform.is_view:
-        raise InputError(f"{path}: alias {name!r} has a transform that is not a view: {transform}")
-    return AliasRecord(cur.source, tuple(transform.specs()))
+        rec = self.raw[name]
+        base = self.done.get(rec.source)
+        if base is None:
+            shape, dtype = self.stored[rec.source]
+            base = _Resolved(AliasRecord(rec.source, ()), tuple(shape), dtype)
+        try:
+            transform = parse(list(rec.specs))
+            shape, dtype = transform.infer(base.shape, base.dtype)
+        except (TransformError, SurgeryError) as exc:
+            raise InputError(f"{self.path}: alias {name!r} has a bad transform: {exc}") from None
+        except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a 5000-digit integer in a step
+            raise InputError(f"{self.path}: alias {name!r} has a bad transform: {str(exc)[:120]}") from None
+        specs = (*base.record.specs, *transform.specs())
+        if not transform.is_view:
+            shown = " -> ".join(specs) or "same"
+            raise InputError(f"{self.path}: alias {name!r} has a transform that is not a view: {shown}")
+        if len(specs) > MAX_STEPS:
+            raise InputError(
+                f"{self.path}: alias {name!r} composes a chain of {len(specs)} transform steps (at most {MAX_STEPS})"
+            )
+        self.left -= len(specs)
+        if self.left < 0:
+            raise InputError(
+                f"{self.path}: resolving its aliases composes more than {MAX_ALIAS_STEPS} transform steps "
+                "(long chains of transformed aliases, a metadata bomb)"
+            )
+        return _Resolved(AliasRecord(base.record.source, specs), shape, dtype)
 
 
 # --- shared storage in torch state dicts -------------------------------------------------

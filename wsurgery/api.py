@@ -132,8 +132,9 @@ def convert(
         max_shard_size: bytes per shard (an int, or ``"5GB"``, ``"500MiB"``).
         sync: fsync before the rename; ``False`` is faster and still atomic.
         progress: called with the byte count of each piece written.
-        format: ``"safetensors"`` or ``"torch"``; by default from ``out``'s suffix
-            (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
+        format: ``"safetensors"``, ``"torch"`` or ``"dcp"`` (a folder that
+            ``torch.distributed.checkpoint.load`` reads, aliases written as values); by
+            default from ``out``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
 
     Returns:
         A :class:`~wsurgery.checkpoint.SaveResult`.

@@ -9,6 +9,7 @@ torch.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,8 @@ def natural_key(name: str) -> tuple[str, str]:
 class _Sized:
     """``numel`` and ``nbytes`` from ``shape`` and ``dtype``."""
 
+    __slots__ = ()
+
     shape: tuple[int, ...]
     dtype: str
 
@@ -70,6 +73,8 @@ class _Sized:
 
 class Stored(_Sized):
     """A tensor with bytes of its own. Subclasses say where the bytes come from."""
+
+    __slots__ = ()
 
     name: str
     dtype: str
@@ -93,8 +98,7 @@ class Stored(_Sized):
         write_all(f, tensor_bytes(self.tensor("cpu")))
 
     def renamed(self, name: str) -> Stored:
-        clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
+        clone = copy.copy(self)
         clone.name = name
         return clone
 
@@ -114,6 +118,8 @@ def tensor_bytes(t):
 
 class FileStored(Stored):
     """Bytes in a safetensors file, reached lazily."""
+
+    __slots__ = ("file", "record", "name", "dtype", "shape")
 
     def __init__(self, file: SafetensorsFile, record: TensorRecord, name: str | None = None):
         self.file = file
@@ -364,8 +370,10 @@ class SaveResult:
         files: for a folder output from a folder input, the other files carried over.
         config: for a Hugging Face folder output, what changed in ``config.json``
             (``{"tie_word_embeddings": {"from": x, "to": y}}``; empty when nothing did).
-        dropped_metadata: metadata keys the format could not keep (a torch file holds
-            tensors only).
+        dropped_metadata: metadata keys the format could not keep (a torch file and a
+            DCP checkpoint hold tensors only).
+        aliases_as_values: aliases written as tensors of their own, for a format that
+            has no aliases (DCP); ``aliases`` is then empty.
     """
 
     path: str
@@ -377,6 +385,7 @@ class SaveResult:
     files: list[str] | None = None
     config: dict | None = None
     dropped_metadata: list[str] = field(default_factory=list)
+    aliases_as_values: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -769,12 +778,18 @@ class Checkpoint:
                 loss); ``False`` is faster and still atomic against the process dying.
             progress: called with the byte count of each piece written.
             replace_input: whether an input may be replaced; by default as ``overwrite``.
-            format: ``"safetensors"`` or ``"torch"`` (a ``torch.save`` zip file that
-                ``torch.load(weights_only=True)`` reads); by default from ``path``'s
-                suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
+            format: ``"safetensors"``, ``"torch"`` (a ``torch.save`` zip file that
+                ``torch.load(weights_only=True)`` reads) or ``"dcp"`` (a folder that
+                ``torch.distributed.checkpoint.load`` reads; aliases written as values);
+                by default from ``path``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``:
+                torch).
 
         Returns:
             A :class:`SaveResult`.
+
+        Under a :func:`wsurgery.distributed.session` of several ranks, every rank calls
+        it: a folder is written by all of them (its shards or DCP files split by bytes)
+        and renamed into place by rank 0; a single file is written by rank 0.
 
         Raises:
             OutputError: the output exists, is an input, or cannot be written (nothing
@@ -829,5 +844,5 @@ class Checkpoint:
             mine = {n: r for n, r in records.items() if r.source in here}
             shard_meta.append(alias_codec.encode(mine, self.metadata))
         # The index keeps the JSON record of every alias, not the per-name save_model entries.
-        index_meta = {k: v for k, v in alias_codec.encode(records, self.metadata).items() if k not in records}
+        index_meta = alias_codec.encode(records, self.metadata, convention=False)  # the JSON record only
         return shards, shard_meta, index_meta

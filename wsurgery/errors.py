@@ -205,3 +205,12 @@ class OutputError(WsurgeryError):
     def __init__(self, message: str, *, reason: str | None = None, hint: str | None = None, path: str | None = None):
         super().__init__(message, hint=hint, path=path)
         self.reason = reason
+
+
+class DistributedError(WsurgeryError):
+    """The ranks of a distributed run could not work together: the process group did not
+    form, or a rank stopped answering (it died, or a collective outlasted the timeout).
+    An error that one rank met in its own work is not this: every rank raises that error
+    itself (see :mod:`wsurgery.distributed`)."""
+
+    kind = "distributed"

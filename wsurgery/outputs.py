@@ -9,7 +9,13 @@ safetensors); a name of one format with another format asked for is a usage erro
 The output is a folder (weights, and the other files of a model-folder input carried
 over, see :mod:`wsurgery.formats.hf`) when it is sharded, when it is an existing folder
 or a path ending in a separator, or when the input is a folder and the output's name is
-no weights file's.
+no weights file's. A DCP checkpoint (``dcp``) is always a folder of its own: DCP's
+files only, nothing carried.
+
+Under a process group of several ranks (:mod:`wsurgery.distributed`) a folder is written
+by every rank into one temporary folder (shards, or DCP files, split by bytes) and
+renamed into place by rank 0 once every rank is done; a single file is written by rank 0
+alone.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import distributed
 from .errors import OutputError, UsageError
 
 if TYPE_CHECKING:
@@ -38,6 +45,39 @@ def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = Tru
     return dropped_metadata(ckpt)
 
 
+def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = True, final: str | None = None):
+    """A DCP checkpoint in ``folder``; returns ``(dropped metadata, aliases written as values)``."""
+    from .formats.dcp_writer import write_dcp
+
+    items, as_values = dcp_items(ckpt)
+    s = distributed.current()
+    if s is not None:
+        owner = distributed.split_by_bytes([i.nbytes for i in items], s.world_size)
+        items = [i for i, o in zip(items, owner, strict=True) if o == s.rank]
+        s.exchange("dcp")  # every rank is ready: DCP's own collectives follow
+    write_dcp(folder, items, checkpoint_id=final or folder, sync=sync, progress=progress, distributed=s is not None)
+    return dropped_metadata(ckpt), as_values
+
+
+def dcp_items(ckpt: Checkpoint):
+    """Every name of ``ckpt`` as a DCP state dict item, in natural order: DCP has no
+    aliases, so an alias is written as its value (a tensor of its own), as
+    ``dcp.save(model.state_dict())`` writes tied weights. Returns ``(items, aliases)``."""
+    from .formats.dcp_writer import DcpItem
+
+    ckpt.check_invariants()
+    items = []
+    for name in ckpt.names():
+        e = ckpt.stored.get(name)
+        if e is not None:
+            items.append(DcpItem(name, e.dtype, tuple(e.shape), e.nbytes, lambda e=e: e.tensor("cpu")))
+        else:
+            a = ckpt.aliases[name]
+            value = lambda a=a: a.transform.apply(a.base.tensor("cpu"))  # noqa: E731
+            items.append(DcpItem(name, a.dtype, tuple(a.shape), a.nbytes, value))
+    return items, [n for n in ckpt.names() if n in ckpt.aliases]
+
+
 @dataclass(frozen=True)
 class OutputFormat:
     """One output format.
@@ -46,18 +86,22 @@ class OutputFormat:
         name: its name (the ``format`` argument).
         suffixes: output names that mean it.
         suffix: the suffix of an output named after its input.
-        model_file: its weights file inside a model folder.
+        model_file: its weights file inside a model folder (None: a folder format).
         shards: whether it can be split into shards of a maximum size.
         write: ``write(ckpt, path, progress=, sync=)`` writes one file atomically and
-            returns the metadata keys it could not keep.
+            returns the metadata keys it could not keep; for a folder format,
+            ``write(ckpt, folder, progress=, sync=, final=)`` fills the (temporary)
+            folder and returns ``(metadata keys not kept, aliases written as values)``.
+        folder_format: the format is a folder of its own (DCP): always a folder output.
     """
 
     name: str
     suffixes: tuple[str, ...]
     suffix: str
-    model_file: str
+    model_file: str | None
     shards: bool
     write: Callable[..., list[str]]
+    folder_format: bool = False
 
 
 FORMATS: dict[str, OutputFormat] = {
@@ -65,6 +109,7 @@ FORMATS: dict[str, OutputFormat] = {
     for f in (
         OutputFormat("safetensors", (".safetensors",), ".safetensors", "model.safetensors", True, _write_safetensors),
         OutputFormat("torch", (".pt", ".pth", ".bin", ".ckpt"), ".pt", "pytorch_model.bin", False, _write_torch),
+        OutputFormat("dcp", (), "-dcp", None, False, _write_dcp, folder_format=True),
     )
 }
 DEFAULT = "safetensors"
@@ -86,7 +131,8 @@ class OutputPlan:
     Attributes:
         path: the file or folder.
         format: a key of :data:`FORMATS`.
-        folder: the output is a folder (weights file or shards, and carried files).
+        folder: the output is a folder (weights file or shards, and carried files; or a
+            DCP checkpoint).
         max_shard_size: bytes per shard (a sharded folder), else None.
     """
 
@@ -108,7 +154,7 @@ def plan_output(
 
     Args:
         path: the output file or folder.
-        format: ``"safetensors"``, ``"torch"``, or None (from ``path``'s name).
+        format: ``"safetensors"``, ``"torch"``, ``"dcp"``, or None (from ``path``'s name).
         max_shard_size: shard the output into a folder (safetensors only).
         folder_input: the input is a folder: an output without a weights file's name is
             a folder too.
@@ -125,11 +171,12 @@ def plan_output(
             raise UsageError(
                 f"format {format!r} is not one of {', '.join(FORMATS)}", param="format", hint="choose one of them"
             )
-        if named is not None and named != key and max_shard_size is None:
+        if named is not None and named != key and (max_shard_size is None or FORMATS[key].folder_format):
+            hint = f"name the output *{FORMATS[key].suffix}, or leave the format to its name"
+            if FORMATS[key].folder_format:
+                hint = f"{key} is a folder: name it without a weights file's suffix"
             raise UsageError(
-                f"format {key} does not match the output {path}, whose name says {named}",
-                param="format",
-                hint=f"name the output *{FORMATS[key].suffix}, or leave the format to its name",
+                f"format {key} does not match the output {path}, whose name says {named}", param="format", hint=hint
             )
     else:
         key = named or DEFAULT
@@ -137,6 +184,12 @@ def plan_output(
         from .formats.sharded_writer import parse_size
 
         max_shard_size = parse_size(max_shard_size)
+    if max_shard_size is not None and FORMATS[key].folder_format:
+        raise UsageError(
+            f"format {key} writes its own files (one per rank), never shards of a size",
+            param="max_shard_size",
+            hint="leave the shard size out, or write safetensors shards",
+        )
     if max_shard_size is not None and not FORMATS[key].shards:
         if format is not None:
             raise UsageError(
@@ -145,6 +198,7 @@ def plan_output(
         key = DEFAULT  # a folder of shards is safetensors, whatever its name
     folder = (
         max_shard_size is not None
+        or FORMATS[key].folder_format
         or os.path.isdir(path)
         or path.endswith(("/", os.sep))
         or (folder_input and named is None)
@@ -230,39 +284,62 @@ def save(
     aliases = {n: ckpt.aliases[n].record() for n in sorted(ckpt.aliases, key=natural_key)}
     fmt = FORMATS[plan.format]
     extra: dict = {}
+    stored, nbytes = len(ckpt.stored), ckpt.total_bytes
     if plan.folder:
         exists = check_folder_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
         extra = _write_folder(ckpt, plan, replace=exists, progress=progress, sync=sync)
+        if fmt.folder_format:  # no aliases: each is a tensor of its own
+            aliases, stored = {}, stored + len(ckpt.aliases)
+            nbytes += sum(a.nbytes for a in ckpt.aliases.values())
     else:
         check_file_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
-        extra["dropped_metadata"] = fmt.write(ckpt, plan.path, progress=progress, sync=sync)
-    return SaveResult(os.fspath(plan.path), len(ckpt.stored), ckpt.total_bytes, aliases, format=plan.format, **extra)
+
+        def write():
+            return fmt.write(ckpt, plan.path, progress=progress, sync=sync)
+
+        s = distributed.current()
+        extra["dropped_metadata"] = write() if s is None else s.first_writes(write)
+    return SaveResult(os.fspath(plan.path), stored, nbytes, aliases, format=plan.format, **extra)
 
 
 def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress, sync: bool) -> dict:
-    """Weights (one file or shards) and the input folder's other files, as one folder."""
+    """Weights (one file, shards or a DCP checkpoint) and the input folder's other files,
+    as one folder; under a process group, written by every rank (see the module docstring)."""
     from . import hf
     from .formats.hf import carry
     from .formats.sharded_writer import atomic_folder, shard_name, write_shards_into
 
-    source = ckpt.model_folder
+    fmt = FORMATS[plan.format]
+    source = None if fmt.folder_format else ckpt.model_folder
     config_bytes = None
     change: dict = {}
     if source is not None and source.config is not None:
         new_config, change = hf.config_for_output(ckpt, source.config)
         config_bytes = None if new_config is None else hf.dump_config(new_config)
+    s = distributed.current()
+    first = s is None or s.is_first
     out: dict = {}
-    with atomic_folder(plan.path, replace=replace, sync=sync) as tmp:
-        if plan.max_shard_size is not None:
+    target = atomic_folder if s is None else s.shared_folder
+    with target(plan.path, replace=replace, sync=sync) as tmp:
+        if fmt.folder_format:
+            dropped, as_values = fmt.write(ckpt, tmp, progress=progress, sync=sync, final=os.fspath(plan.path))
+            out["dropped_metadata"] = dropped
+            out["aliases_as_values"] = as_values
+        elif plan.max_shard_size is not None:
             shards, shard_meta, index_meta = ckpt._shard_plan(plan.max_shard_size)
             names = [shard_name(i, len(shards)) for i in range(len(shards))]
-            write_shards_into(tmp, names, shards, shard_meta, index_meta, progress=progress, sync=sync)
+            mine = None
+            if s is not None:
+                owner = distributed.split_by_bytes([sum(i.nbytes for i in sh) for sh in shards], s.world_size)
+                mine = {i for i, r in enumerate(owner) if r == s.rank}
+            write_shards_into(
+                tmp, names, shards, shard_meta, index_meta, progress=progress, sync=sync, only=mine, index=first
+            )
             out["shards"] = names
             out["dropped_metadata"] = []
-        else:
-            fmt = FORMATS[plan.format]
+        elif first:
             out["dropped_metadata"] = fmt.write(ckpt, os.path.join(tmp, fmt.model_file), progress=progress, sync=sync)
-        if source is not None:
+        if source is not None and first:
             out["files"] = carry(source, tmp, config=config_bytes, sync=sync)
             out["config"] = change
-    return out
+    return out if s is None else s.exchange("saved", out)[0]

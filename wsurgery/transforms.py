@@ -27,9 +27,12 @@ Rules worth knowing:
   ``Tensor.reshape``.
 * ``scale`` on a floating tensor computes in float32 for types narrower than float32
   (float16, bfloat16, float8) and rounds back; float32/float64/complex compute natively.
-  On a bool tensor it is an error; on integer tensors only an integral factor is allowed
-  (computed in the integer dtype, wrapping like torch), and a negative one is refused for
-  unsigned dtypes.
+  On a bool tensor it is an error; on integer tensors only an integral factor that the
+  dtype holds is allowed (computed in the integer dtype, the products wrapping like
+  torch), so a negative one is refused for unsigned dtypes.
+* Every step's result must be a tensor torch can hold (:func:`wsurgery.limits.shape_problem`:
+  at most 64 dims, sizes, strides and byte size within int64): ``reshape(10**29,0)`` of
+  an empty tensor infers, but torch could not make it.
 
 Importing this module, parsing and inferring never import torch.
 """
@@ -37,6 +40,7 @@ Importing this module, parsing and inferring never import torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import operator
 import re
@@ -47,6 +51,8 @@ from typing import Any, ClassVar
 
 from . import dtypes
 from .errors import TransformError
+from .limits import MAX_DIMS, shape_problem
+from .show import shape_text
 
 __all__ = [
     "IDENTITY",
@@ -86,10 +92,6 @@ def _raise(spec: str, index: int | None, err: _StepError) -> TransformError:
     return TransformError(f"{_label(spec, index)}: {err.message}", hint=err.hint)
 
 
-def _fmt_shape(shape: Shape) -> str:
-    return repr(tuple(shape))
-
-
 def _numel(shape: Shape) -> int:
     return math.prod(shape)
 
@@ -103,7 +105,7 @@ def _wrap_dim(dim: int, rank: int, shape: Shape, what: str = "dim") -> int:
     bound = max(rank, 1)
     if not -bound <= dim < bound:
         raise _StepError(
-            f"{what} {dim} is out of range for a tensor of shape {_fmt_shape(shape)} (expected {-bound}..{bound - 1})"
+            f"{what} {dim} is out of range for a tensor of shape {shape_text(shape)} (expected {-bound}..{bound - 1})"
         )
     return dim + bound if dim < 0 else dim
 
@@ -164,6 +166,26 @@ def _tensor_dtype_name(tensor: Any) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
+def _itemsize(name: str) -> int:
+    entry = dtypes.BY_NAME.get(name)
+    return entry.itemsize if entry is not None else 1
+
+
+def _int_range(name: str) -> tuple[int, int] | None:
+    """The values an integer dtype holds (``int8`` -> -128..127), or None if unknown."""
+    entry = dtypes.BY_NAME.get(name)
+    if entry is not None:
+        bits = 8 * entry.itemsize
+    else:
+        digits = re.search(r"\d+", name)
+        if digits is None:
+            return None
+        bits = int(digits.group())
+    if _dtype_kind(name) == "uint":
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def _check_shape(shape: Any) -> Shape:
     try:
         items = tuple(shape)
@@ -213,9 +235,19 @@ class Step(ABC):
 
     # -- with a position in a chain, for messages
 
+    def _checked(self, shape: Shape, dtype: str) -> tuple[Shape, str]:
+        """``_infer``, then refuse a result that torch could not hold."""
+        out, out_dtype = self._infer(shape, dtype)
+        problem = shape_problem(out, _itemsize(out_dtype))
+        if problem:
+            shown = shape_text(out)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            raise _StepError(f"the result, of shape {shown}, is not a tensor torch can hold: {problem}")
+        return out, out_dtype
+
     def _infer_at(self, shape: Any, dtype: Any, index: int | None) -> tuple[Shape, str]:
         try:
-            return self._infer(_check_shape(shape), _resolve_dtype(dtype))
+            return self._checked(_check_shape(shape), _resolve_dtype(dtype))
         except _StepError as err:
             raise _raise(self.spec(), index, err) from None
 
@@ -223,15 +255,15 @@ class Step(ABC):
         try:
             if not hasattr(tensor, "shape") or not hasattr(tensor, "dtype"):
                 raise _StepError(f"expects a torch.Tensor, got {type(tensor).__name__}")
-            self._infer(tuple(tensor.shape), _tensor_dtype_name(tensor))
+            self._checked(tuple(tensor.shape), _tensor_dtype_name(tensor))
             return self._apply(tensor, allow_copy)
         except _StepError as err:
             raise _raise(self.spec(), index, err) from None
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:  # from torch
+        except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as err:  # from torch
             msg = " ".join(str(err).split())
             raise TransformError(
                 f"{_label(self.spec(), index)}: failed on a tensor of shape "
-                f"{_fmt_shape(tuple(tensor.shape))}, dtype {_tensor_dtype_name(tensor)}: {msg}"
+                f"{shape_text(tuple(tensor.shape))}, dtype {_tensor_dtype_name(tensor)}: {msg}"
             ) from err
 
 
@@ -265,7 +297,7 @@ class Transpose(Step):
         if self.dims is None:
             if len(shape) != 2:
                 raise _StepError(
-                    f"expects 2 dims, got a tensor of shape {_fmt_shape(shape)}",
+                    f"expects 2 dims, got a tensor of shape {shape_text(shape)}",
                     hint="use transpose(d0,d1) to swap two dims of an N-D tensor",
                 )
             return 0, 1
@@ -297,16 +329,16 @@ class Permute(Step):
         rank = len(shape)
         if len(self.dims) != rank:
             raise _StepError(
-                f"expects {len(self.dims)} dims, got a tensor of shape {_fmt_shape(shape)}",
+                f"expects {len(self.dims)} dims, got a tensor of shape {shape_text(shape)}",
                 hint="permute lists every dim of its input once",
             )
         dims = tuple(_wrap_dim(d, rank, shape) for d in self.dims)
         if sorted(dims) != list(range(rank)):
             repeated = sorted({d for d in dims if dims.count(d) > 1})
             raise _StepError(
-                f"dims {_fmt_shape(self.dims)} are not a permutation of 0..{rank - 1} "
+                f"dims {shape_text(self.dims)} are not a permutation of 0..{rank - 1} "
                 f"(repeated: {', '.join(map(str, repeated))}) for a tensor of shape "
-                f"{_fmt_shape(shape)}"
+                f"{shape_text(shape)}"
             )
         return dims
 
@@ -329,7 +361,7 @@ class Reshape(Step):
     def _infer(self, shape: Shape, dtype: str) -> tuple[Shape, str]:
         target = self.shape
         n = _numel(shape)
-        wanted = _fmt_shape(target)
+        wanted = shape_text(target)
         if any(d < -1 for d in target) or target.count(-1) > 1:
             raise _StepError(f"invalid target shape {wanted}: sizes must be >= 0, with at most one -1")
         known = _numel(tuple(d for d in target if d != -1))
@@ -337,23 +369,23 @@ class Reshape(Step):
             if known == 0:
                 if n == 0:
                     raise _StepError(
-                        f"cannot reshape a tensor of shape {_fmt_shape(shape)} (0 elements) "
+                        f"cannot reshape a tensor of shape {shape_text(shape)} (0 elements) "
                         f"into {wanted}: the -1 is ambiguous next to a 0",
                         hint="spell out every size for an empty tensor",
                     )
                 raise _StepError(
-                    f"cannot reshape a tensor of shape {_fmt_shape(shape)} ({_elements(n)}) into {wanted} (0 elements)"
+                    f"cannot reshape a tensor of shape {shape_text(shape)} ({_elements(n)}) into {wanted} (0 elements)"
                 )
             if n % known:
                 raise _StepError(
-                    f"cannot reshape a tensor of shape {_fmt_shape(shape)} ({_elements(n)}) "
+                    f"cannot reshape a tensor of shape {shape_text(shape)} ({_elements(n)}) "
                     f"into {wanted}: {n} is not a multiple of {known}"
                 )
             out = tuple(n // known if d == -1 else d for d in target)
         else:
             if known != n:
                 raise _StepError(
-                    f"cannot reshape a tensor of shape {_fmt_shape(shape)} ({_elements(n)}) "
+                    f"cannot reshape a tensor of shape {shape_text(shape)} ({_elements(n)}) "
                     f"into {wanted} ({_elements(known)})"
                 )
             out = target
@@ -367,8 +399,8 @@ class Reshape(Step):
             if allow_copy:
                 return tensor.reshape(out)
             raise _StepError(
-                f"a tensor of shape {_fmt_shape(tuple(tensor.shape))} with strides "
-                f"{_fmt_shape(tuple(tensor.stride()))} cannot be viewed as {_fmt_shape(out)} "
+                f"a tensor of shape {shape_text(tuple(tensor.shape))} with strides "
+                f"{shape_text(tuple(tensor.stride()))} cannot be viewed as {shape_text(out)} "
                 "without a copy",
                 hint="a tie needs a view: reshape before transposing or slicing, or copy instead of tie",
             ) from None
@@ -398,7 +430,7 @@ class Slice(Step):
             if not -size <= value <= size:
                 raise _StepError(
                     f"{what} {value} is out of range for dim {dim} of size {size} of a tensor "
-                    f"of shape {_fmt_shape(shape)} (expected {-size}..{size})"
+                    f"of shape {shape_text(shape)} (expected {-size}..{size})"
                 )
             return value + size if value < 0 else value
 
@@ -461,6 +493,13 @@ class Scale(Step):
                     f"cannot scale a tensor of dtype {dtype} by a negative factor {self.factor!r}",
                     hint="cast to a signed or floating dtype first",
                 )
+            bounds = _int_range(dtype)
+            if bounds is not None and not bounds[0] <= int(self.factor) <= bounds[1]:
+                raise _StepError(
+                    f"cannot scale a tensor of dtype {dtype} by {self.factor!r}: the factor does not fit "
+                    f"{dtype} ({bounds[0]}..{bounds[1]})",
+                    hint="cast to a wider or floating dtype first",
+                )
         return shape, dtype
 
     def _apply(self, tensor: Any, allow_copy: bool) -> Any:
@@ -520,6 +559,8 @@ def _build(name: str, args: list[str]) -> Step:
             return Transpose()
         d0, d1 = _parse_ints(args, "dim")
         return Transpose((d0, d1))
+    if name in ("permute", "reshape") and len(args) > MAX_DIMS:
+        raise _StepError(f"{name} takes at most {MAX_DIMS} arguments (a tensor has at most {MAX_DIMS} dims)")
     if name == "permute":
         _no_empty(args)
         return Permute(_parse_ints(args, "dim"))
@@ -563,19 +604,28 @@ def _parse_one(text: Any, index: int | None) -> Step:
         raise TransformError(
             f"{'step' if index is None else f'step {index}'}: a step spec must be a string, got {type(text).__name__}"
         )
-    shown = " ".join(text.split())
     try:
-        match = _STEP_RE.match(text)
-        if not text.strip():
-            raise _StepError("empty step spec", hint="write e.g. transpose or cast(bfloat16)")
-        if match is None or "(" in (match.group(2) or "") or ")" in (match.group(2) or ""):
-            raise _StepError(
-                "cannot parse; expected NAME or NAME(ARG,...), e.g. permute(2,0,1)"
-                + ("; use parse() for a chain" if "->" in text else "")
-            )
-        return _build(match.group(1).lower(), _split_args(match.group(2)))
+        return _parse_short(text) if len(text) <= _CACHED_SPEC_CHARS else _parse_text(text)
     except _StepError as err:
-        raise _raise(shown, index, err) from None
+        raise _raise(" ".join(text.split()), index, err) from None
+
+
+_CACHED_SPEC_CHARS = 64  # specs this short are parsed once per process: alias chains repeat them
+
+
+def _parse_text(text: str) -> Step:
+    match = _STEP_RE.match(text)
+    if not text.strip():
+        raise _StepError("empty step spec", hint="write e.g. transpose or cast(bfloat16)")
+    if match is None or "(" in (match.group(2) or "") or ")" in (match.group(2) or ""):
+        raise _StepError(
+            "cannot parse; expected NAME or NAME(ARG,...), e.g. permute(2,0,1)"
+            + ("; use parse() for a chain" if "->" in text else "")
+        )
+    return _build(match.group(1).lower(), _split_args(match.group(2)))
+
+
+_parse_short = functools.lru_cache(maxsize=4096)(_parse_text)  # steps are frozen: sharing them is safe
 
 
 def parse_step(text: str) -> Step:
@@ -660,7 +710,7 @@ class Transform:
         cur_shape, cur_dtype = tuple(tensor.shape), _tensor_dtype_name(tensor)
         for i, step in enumerate(self.steps, 1):
             try:
-                cur_shape, cur_dtype = step._infer(cur_shape, cur_dtype)
+                cur_shape, cur_dtype = step._checked(cur_shape, cur_dtype)
             except _StepError as err:
                 raise _raise(step.spec(), i, err) from None
         out = tensor

@@ -16,6 +16,7 @@ import traceback
 import typer
 
 from ..errors import (
+    DistributedError,
     InputError,
     OutputError,
     Problem,
@@ -36,6 +37,7 @@ EXIT_CODES: dict[type[WsurgeryError], int] = {
     InputError: 3,
     SurgeryError: 4,
     OutputError: 5,
+    DistributedError: 6,
 }
 
 # Library parameters as the command line spells them.
@@ -203,7 +205,37 @@ def _internal_error(name: str, exc: Exception, json_out: bool) -> typer.Exit:
 
 
 def command(name: str):
-    """Wrap a command: library errors become one stderr line and the table's exit code."""
+    """Wrap a command: library errors become one stderr line and the table's exit code; a
+    command launched as several ranks runs as one of them (see ``ranks``)."""
+
+    def deco(fn):
+        return _reporting(name)(_as_rank(name)(fn))
+
+    return deco
+
+
+def _as_rank(name: str):
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            from .ranks import ranks, silent
+
+            try:
+                with ranks(name, kwargs):  # launched as several ranks: rank 0 prints
+                    return fn(*args, **kwargs)
+            except Exception as exc:
+                if silent(exc):  # every rank raised it: rank 0 prints it, the others exit with its code
+                    code = exit_code_for(exc) if isinstance(exc, WsurgeryError) else EXIT_INTERNAL
+                    raise typer.Exit(code) from None
+                raise
+
+        return wrapper
+
+    return deco
+
+
+def _reporting(name: str):
+    """Library errors become one stderr line and the table's exit code."""
 
     def deco(fn):
         @functools.wraps(fn)

@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..show import shape_text  # noqa: F401 - the commands' import of it
+
 # --- shared options ---------------------------------------------------------------------
 
 CkptArg = Annotated[
@@ -242,6 +244,16 @@ def print_table(
     con.file.write("\n".join(lines) + "\n")
 
 
+def print_skipped(con, skipped: list[str], title: str, shown: int = 10) -> None:
+    """The entries of a torch file that are not tensors: a count, then the first few, one a line."""
+    if not skipped:
+        return
+    lines = [f"{title}: {len(skipped):,}"] + [f"  {safe(entry)}" for entry in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"  ... and {len(skipped) - shown:,} more (--json lists them all)")
+    con.file.write("\n".join(lines) + "\n")
+
+
 def markup_safe(text) -> str:
     """``text`` for use inside a rich markup string."""
     from rich.markup import escape
@@ -259,10 +271,6 @@ def default_output(ckpt_path: Path, suffix: str = ".safetensors") -> Path:
     if p.name.endswith(".index.json"):
         return p.with_name(p.name[: -len(".index.json")].removesuffix(".safetensors") + suffix)
     return p.with_suffix(suffix)
-
-
-def shape_text(shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
 def human_bytes(n: int) -> str:
@@ -292,9 +300,10 @@ class ByteProgress:
     """A rich progress bar on stderr, in bytes, for work that is large enough to take a while."""
 
     THRESHOLD = 256 << 20
+    suppressed = False  # set on the ranks other than 0 of a launched command: they show nothing
 
     def __init__(self, total: int, description: str, enabled: bool = True):
-        self.enabled = enabled and total >= self.THRESHOLD
+        self.enabled = enabled and total >= self.THRESHOLD and not ByteProgress.suppressed
         self.total = total
         self.description = description
         self._progress = None

@@ -12,7 +12,8 @@ from .output import write_result
 @output_options(dry_run=False)
 def convert(ckpt: CkptArg, *, out: OutputOptions) -> int:
     """Convert a checkpoint to safetensors (shared storage recorded as aliases) or, with -o x.pt or
-    --format torch, to a torch.save file (aliases as shared storage).
+    --format torch, to a torch.save file (aliases as shared storage), or with --format dcp to a
+    torch.distributed.checkpoint folder (aliases written as values).
 
     With --max-shard-size, OUT is a folder of model-0000K-of-0000N.safetensors shards and a
     model.safetensors.index.json, in the Hugging Face layout. From a model folder, an OUT without a

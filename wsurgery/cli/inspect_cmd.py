@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, Derived
+from ..checkpoint import Checkpoint
 from ..dtypes import BY_NAME
 from ..errors import UsageError
 from ._errors import command, emit_json
-from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, print_table, safe, shape_text
+from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, print_skipped, print_table, safe, shape_text
 
 
 def _plural(n: int, word: str, many: str | None = None) -> str:
@@ -18,21 +19,28 @@ def _plural(n: int, word: str, many: str | None = None) -> str:
 
 
 def _rows(c: Checkpoint, pattern: str | None) -> list[dict]:
+    """One row per shown name, in order: a few dict lookups each (a million names are fine)."""
+    names = c.names()
+    if pattern:
+        match = re.compile(fnmatch.translate(pattern)).match
+        names = [n for n in names if match(n)]
+    stored, aliases = c.stored, c.aliases
+    itemsize = {d: t.itemsize for d, t in BY_NAME.items()}
     rows = []
-    for name in c.names():
-        if pattern and not fnmatch.fnmatchcase(name, pattern):
-            continue
-        e = c.entry(name)
-        alias_of = e.record() if isinstance(e, Derived) else None
+    for name in names:
+        e = stored.get(name)
+        alias_of = None
+        if e is None:
+            e = aliases[name]
+            alias_of = e.record()
         numel = math.prod(e.shape)
-        nbytes = numel * BY_NAME[e.dtype].itemsize
         rows.append(
             {
                 "name": name,
                 "dtype": e.dtype,
                 "shape": list(e.shape),
                 "numel": numel,
-                "nbytes": nbytes,
+                "nbytes": numel * itemsize[e.dtype],
                 "alias_of": alias_of,
             }
         )
@@ -65,8 +73,17 @@ def _tree_lines(c: Checkpoint, rows: list[dict], path: Path) -> list[str]:
             node = child
             node.params += own
         node.children[(False, parts[-1])] = row
+    shown: dict[str, str] = {}  # keys repeat (weight, bias, 0, 1, ...): escape each once
+    shapes: dict[tuple, str] = {}
+
+    def text(key: str) -> str:
+        out = shown.get(key)
+        if out is None:
+            out = shown[key] = safe(key)
+        return out
+
     lines = [f"{safe(path)}  {root.params:,} params"]
-    stack = [(iter(list(root.children.items())), len(root.children), 0, "")]
+    stack = [(iter(root.children.items()), len(root.children), 0, "")]
     while stack:
         it, size, seen, indent = stack.pop()
         item = next(it, None)
@@ -77,13 +94,17 @@ def _tree_lines(c: Checkpoint, rows: list[dict], path: Path) -> list[str]:
         stack.append((it, size, seen + 1, indent))
         branch = indent + ("└── " if last else "├── ")
         if is_folder:
-            lines.append(f"{branch}{safe(key)}  {v.params:,} params")
-            stack.append((iter(list(v.children.items())), len(v.children), 0, indent + ("    " if last else "│   ")))
-        else:
-            alias = _alias_text(c, v["name"])
-            lines.append(
-                f"{branch}{safe(key)}  {v['dtype']} {shape_text(v['shape'])}" + (f"  = {safe(alias)}" if alias else "")
-            )
+            lines.append(f"{branch}{text(key)}  {v.params:,} params")
+            stack.append((iter(v.children.items()), len(v.children), 0, indent + ("    " if last else "│   ")))
+            continue
+        shape = tuple(v["shape"])
+        dims = shapes.get(shape)
+        if dims is None:
+            dims = shapes[shape] = shape_text(shape)
+        line = f"{branch}{text(key)}  {v['dtype']} {dims}"
+        if v["alias_of"]:
+            line += f"  = {safe(_alias_text(c, v['name']))}"
+        lines.append(line)
     return lines
 
 
@@ -190,6 +211,7 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
                 "total_bytes": total_bytes,
                 "metadata": dict(sorted(c.metadata.items())),
                 "skipped": list(c.skipped),
+                "container": c.container,
                 **model_folder.json_keys(c, folder),
             }
         )
@@ -226,11 +248,7 @@ def _report(c: Checkpoint, ckpt: Path, tree: bool, pattern: str | None, json_out
         con.print(f"  {dtype}: {_plural(n, 'tensor')}, {numel:,} params, {human_bytes(nbytes)}", markup=False)
     if c.metadata:
         _print_metadata(con, c.metadata)
-    if c.skipped:
-        con.print(
-            f"skipped (not tensors): {len(c.skipped)}: "
-            + safe("; ".join(c.skipped[:10]))
-            + (" ..." if len(c.skipped) > 10 else ""),
-            markup=False,
-        )
+    if c.container:
+        con.print(safe(f"state dict: the entry {c.container!r} of the file (the others are not weights)"), markup=False)
+    print_skipped(con, c.skipped, "skipped (not tensors)")
     model_folder.print_report(con, c, folder)

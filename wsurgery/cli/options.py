@@ -36,8 +36,8 @@ FormatOpt = Annotated[
     Optional[str],
     typer.Option(
         "--format",
-        help="safetensors or torch (a torch.save zip file that torch.load reads, ties as shared storage); "
-        "default: from -o's suffix.",
+        help="safetensors, torch (a torch.save zip file that torch.load reads, ties as shared storage) or dcp (a "
+        "torch.distributed.checkpoint folder, ties written as values); default: from -o's suffix.",
         show_default=False,
     ),
 ]

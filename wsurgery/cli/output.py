@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, natural_key
 from ._errors import emit_json
-from .common import ByteProgress, console, default_output, human_bytes, print_table, safe, shape_text
+from .common import ByteProgress, console, default_output, human_bytes, print_skipped, print_table, safe, shape_text
 from .options import OutputOptions
 
 
@@ -27,6 +27,7 @@ def summary(result: Checkpoint) -> dict:
             {"name": op.dst, "source": op.base, "transform": op.value.specs} for op in ops if op.kind == "untie"
         ],
         "plan": [op.describe() for op in ops],
+        "skipped": list(result.skipped),
     }
 
 
@@ -48,6 +49,8 @@ def _default_target(p: Path, out: OutputOptions) -> Path:
     if out.max_shard_size is not None:
         return p.with_name(p.name.split(".")[0] + "-sharded")
     fmt = FORMATS.get(str(out.format).lower()) if out.format else None
+    if fmt is not None and fmt.folder_format:  # a DCP folder: <input stem>-dcp
+        return p.with_name(p.name.split(".")[0] + fmt.suffix)
     return default_output(p, fmt.suffix if fmt else ".safetensors")
 
 
@@ -129,19 +132,24 @@ def write_result(
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
-    _print_written(con, written, result)
+    _print_written(con, {**written, "format": plan.format}, result)
     for kind in ("copied", "untied"):
         if info[kind]:
             con.print(f"  {len(info[kind])} {kind}", markup=False)
     for name in sorted(result.aliases, key=natural_key):
         a = result.aliases[name]
         con.print(safe(f"  {name} = {a.transform}({a.source})"), markup=False)
+    print_skipped(con, result.skipped, "left out (not tensors)", shown=3)
     return 0
 
 
 def _kind(plan) -> str:
+    from ..outputs import FORMATS
+
     if not plan.folder:
         return plan.format
+    if FORMATS[plan.format].folder_format:
+        return f"a {plan.format.upper()} folder"
     if plan.max_shard_size is not None:
         return "a folder of safetensors shards"
     return f"a folder with {plan.weights_file}"
@@ -159,6 +167,8 @@ def _written(saved) -> dict:
         extra["config"] = saved.config or {}
     if saved.dropped_metadata:
         extra["dropped_metadata"] = saved.dropped_metadata
+    if saved.aliases_as_values:
+        extra["aliases_as_values"] = saved.aliases_as_values
     return extra
 
 
@@ -172,8 +182,12 @@ def _print_written(con, extra: dict, result: Checkpoint) -> None:
     for key, change in (extra.get("config") or {}).items():
         was = "not set" if change["from"] is None else str(change["from"]).lower()
         con.print(f"  config.json: {key} {was} -> {str(change['to']).lower()} (true to the ties written)", markup=False)
+    holder = "a DCP checkpoint" if extra.get("format") == "dcp" else "a torch file"
     if extra.get("dropped_metadata"):
         con.print(
-            safe("  metadata not kept (a torch file holds tensors only): " + ", ".join(extra["dropped_metadata"])),
+            safe(f"  metadata not kept ({holder} holds tensors only): " + ", ".join(extra["dropped_metadata"])),
             markup=False,
         )
+    if extra.get("aliases_as_values"):
+        names = ", ".join(extra["aliases_as_values"])
+        con.print(safe(f"  ties written as values (a DCP checkpoint has no aliases): {names}"), markup=False)

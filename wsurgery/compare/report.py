@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import numpy_apply
 from ..checkpoint import Checkpoint, Derived, FileStored, Stored, TensorStored, natural_key
+from ..distributed import map_by_bytes
 from ..errors import SurgeryError, UnknownNameError, UsageError
 from ..readers import from_tensors, load
 from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
@@ -725,23 +726,30 @@ def diff(
         total = sum(j.va.nbytes + j.vb.nbytes for j in jobs.values())
         advance = _progress_counter(progress, total)
 
-        for job in jobs.values():
-            job.stats = _compare_values(job.va, job.vb, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance)
+        # Under a process group each rank compares its share (by bytes); every rank gets all the stats.
+        stats_of = map_by_bytes(
+            list(jobs.values()),
+            lambda j: j.va.nbytes + j.vb.nbytes,
+            lambda j: _compare_values(j.va, j.vb, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance),
+            skipped=advance,
+        )
+        for job, job_stats in zip(jobs.values(), stats_of, strict=True):
+            job.stats = job_stats
 
-        def stats_of(e: _Entry) -> TensorStats | None:
+        def entry_stats(e: _Entry) -> TensorStats | None:
             return jobs[e.job].stats if e.job is not None else None
 
-        reasons = [e.reason or (None if crit.holds(stats_of(e)) else "value") for e in entries]
+        reasons = [e.reason or (None if crit.holds(entry_stats(e)) else "value") for e in entries]
         depth = modules = None
         if by_module is not None and sum(r is not None for r in reasons) >= by_module_min_changed:
             depth = auto_depth([*names_a, *only_b]) if by_module == "auto" else by_module
             _add_norms(
                 [(module_of(e.name, depth), e.job) for e in entries if e.job is not None], jobs, dev=dev, tuning=tuning
             )
-            rows = [(e.name, r is not None, stats_of(e)) for e, r in zip(entries, reasons, strict=True)]
+            rows = [(e.name, r is not None, entry_stats(e)) for e, r in zip(entries, reasons, strict=True)]
             modules = roll_up(depth, rows, only_a, only_b)
         changed = [
-            Change(e.name, r, _info(A, e.name), _info(B, e.name), stats_of(e))
+            Change(e.name, r, _info(A, e.name), _info(B, e.name), entry_stats(e))
             for e, r in zip(entries, reasons, strict=True)
             if r is not None
         ]
@@ -789,11 +797,15 @@ def _add_norms(groups: list[tuple[str, str]], jobs: dict[str, _Job], *, dev, tun
         stats = [jobs[k].stats for k in keys if jobs[k].stats is not None]
         if needs_norms(stats):
             todo.update((k, None) for k in keys if jobs[k].stats is not None and jobs[k].stats.norm_a is None)
-    for key in todo:
-        job = jobs[key]
+
+    def norm(job: _Job) -> float:
         flat, release = _flat(job.va, dev)
-        norm = l2_norm(flat, device=dev, tuning=tuning, release=release)
-        job.stats = dataclasses.replace(job.stats, norm_a=norm, norm_b=norm)
+        return l2_norm(flat, device=dev, tuning=tuning, release=release)
+
+    # Under a process group each rank reads its share (by bytes); every rank gets every norm.
+    chosen = [jobs[k] for k in todo]
+    for job, n in zip(chosen, map_by_bytes(chosen, lambda j: j.va.nbytes, norm), strict=True):
+        job.stats = dataclasses.replace(job.stats, norm_a=n, norm_b=n)
 
 
 # ----------------------------------------------------------------------------- check
@@ -904,6 +916,15 @@ def check(
             progress, sum(vs.nbytes + vd.nbytes for _, _, vs, vd in values if vs.shape == vd.shape)
         )
 
+        # Under a process group each rank compares its share (by bytes); every rank gets all the stats.
+        computed = iter(
+            map_by_bytes(
+                [(vs, vd) for _, _, vs, vd in values if vs.shape == vd.shape],
+                lambda p: p[0].nbytes + p[1].nbytes,
+                lambda p: _compare_values(p[0], p[1], atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance),
+                skipped=advance,
+            )
+        )
         results: list[PairResult] = []
         for s, d, vs, vd in values:
             info_s = {"dtype": vs.dtype, "shape": list(vs.shape)}
@@ -911,7 +932,7 @@ def check(
             if vs.shape != vd.shape:
                 results.append(PairResult(s, d, "shape", info_s, info_d, None))
                 continue
-            stats = _compare_values(vs, vd, atol=atol, rtol=rtol, dev=dev, tuning=tuning, advance=advance)
+            stats = next(computed)
             reason = "dtype" if vs.dtype != vd.dtype else (None if stats.equal else "value")
             results.append(PairResult(s, d, reason, info_s, info_d, stats))
 

@@ -22,13 +22,9 @@ import stat
 from dataclasses import dataclass, field
 
 from ..errors import InputError
+from ..show import short
 
 MAX_NAME = 4096
-
-
-def _shown(name) -> str:
-    text = repr(name)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def safe_relative(name, where: str, what: str = "file name") -> str:
@@ -47,24 +43,24 @@ def safe_relative(name, where: str, what: str = "file name") -> str:
         '__0_0.distcp'
     """
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
-        raise InputError(f"{where}: {what} {_shown(name)} is not a usable relative path")
+        raise InputError(f"{where}: {what} {short(name)} is not a usable relative path")
     if "\x00" in name or "\\" in name:
-        raise InputError(f"{where}: {what} {_shown(name)} holds a NUL or a backslash")
+        raise InputError(f"{where}: {what} {short(name)} holds a NUL or a backslash")
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         raise InputError(
-            f"{where}: {what} {_shown(name)} is an absolute path", hint="the checkpoint is corrupt or hostile"
+            f"{where}: {what} {short(name)} is an absolute path", hint="the checkpoint is corrupt or hostile"
         )
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise InputError(
-            f"{where}: {what} {_shown(name)} leaves its folder (..)", hint="the checkpoint is corrupt or hostile"
+            f"{where}: {what} {short(name)} leaves its folder (..)", hint="the checkpoint is corrupt or hostile"
         )
     if not parts:
-        raise InputError(f"{where}: {what} {_shown(name)} names no file")
+        raise InputError(f"{where}: {what} {short(name)} names no file")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"{where}: {what} {_shown(name)} is not valid Unicode") from None
+        raise InputError(f"{where}: {what} {short(name)} is not valid Unicode") from None
     return "/".join(parts)
 
 

@@ -12,6 +12,9 @@ each broken rule raises :class:`HeaderError` naming the file and the rule:
   size does not overflow 2**64 (multiplied step by step, as the reference loader does,
   so a shape of huge numbers costs nothing to refuse), and ``data_offsets``
   ``[start, end]`` with ``0 <= start <= end < 2**64``;
+- every shape is one torch can hold (:func:`wsurgery.limits.shape_problem`: at most 64
+  dims, sizes, strides and byte size within int64), which the reference loader does
+  not ask: ``F64 [0, 2**64-1]`` with 0 bytes is valid there, and no tensor in torch;
 - byte size (shape x itemsize) equals ``end - start``;
 - sorted by start, the entries tile the data section from 0 with no hole and no
   overlap, and the data section ends exactly at the end of the file;
@@ -24,22 +27,28 @@ Accepted as valid: an empty checkpoint (``{}``), zero-size tensors, scalars (sha
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import NamedTuple
 
 from ..dtypes import BY_CODE, BY_NAME
 from ..errors import HeaderError, InputError, OutputError
+from ..limits import INT64_MAX, MAX_DIMS, shape_problem
+from ..show import short
 
 MAX_HEADER_SIZE = 100_000_000
 _U64_MAX = 2**64 - 1
 METADATA_KEY = "__metadata__"
 
 
-@dataclass(frozen=True)
-class TensorRecord:
-    """One stored tensor of a safetensors file: where its bytes lie, relative to the data section."""
+class TensorRecord(NamedTuple):
+    """One stored tensor of a safetensors file: where its bytes lie, relative to the data
+    section. (A named tuple: a header of a million tensors makes a million of them.)"""
 
     name: str
     dtype: str  # wsurgery (torch) dtype name
@@ -64,11 +73,10 @@ class Header:
 
 
 def reject_duplicates(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return out
 
 
@@ -84,12 +92,6 @@ def _fail(path, rule: str) -> HeaderError:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _short(value, limit: int = 80) -> str:
-    """A bounded rendering of a header value for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unicode(text: str) -> bool:
@@ -113,16 +115,19 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
     dtype = BY_CODE[code]
     shape = entry["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-        raise _fail(path, f"entry {name!r} has a shape that is not a list of integers: {_short(shape)}")
+        raise _fail(path, f"entry {name!r} has a shape that is not a list of integers: {short(shape)}")
     if any(d < 0 for d in shape):
-        raise _fail(path, f"entry {name!r} has a negative dimension in shape {_short(shape)}")
+        raise _fail(path, f"entry {name!r} has a negative dimension in shape {short(shape)}")
     # Multiply step by step and stop at the first overflow, as the reference loader does:
     # a shape of huge dimensions must not cost a huge product to refuse.
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
         if d > _U64_MAX or nbytes > _U64_MAX:
-            raise _fail(path, f"entry {name!r} shape {_short(shape)} overflows the byte size")
+            raise _fail(path, f"entry {name!r} shape {short(shape)} overflows the byte size")
+    problem = shape_problem(shape, dtype.itemsize)
+    if problem:
+        raise _fail(path, f"entry {name!r} has shape {short(shape)}, which no torch tensor can have: {problem}")
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -131,15 +136,43 @@ def _parse_entry(path, name: str, entry) -> TensorRecord:
         or offsets[0] < 0
         or offsets[1] < offsets[0]
     ):
-        raise _fail(path, f"entry {name!r} has invalid data_offsets {_short(offsets)}")
+        raise _fail(path, f"entry {name!r} has invalid data_offsets {short(offsets)}")
     start, end = offsets
     if end > _U64_MAX:
         raise _fail(path, f"entry {name!r} has data_offsets past 2**64")
     if end - start != nbytes:
         raise _fail(
             path,
-            f"entry {name!r}: data_offsets span {end - start} bytes but shape {_short(shape)} x {code} needs {nbytes}",
+            f"entry {name!r}: data_offsets span {end - start} bytes but shape {short(shape)} x {code} needs {nbytes}",
         )
+    return TensorRecord(name, dtype.name, tuple(shape), start, end)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _common_entry(name: str, entry) -> TensorRecord | None:
+    """The usual valid entry, checked in a few operations (a million entries are fine):
+    exactly the three keys, a known dtype, positive sizes of a shape torch holds, offsets
+    that span its bytes. Anything else returns None, for :func:`_parse_entry` to judge
+    and name."""
+    if type(entry) is not dict or len(entry) != 3:
+        return None
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if type(code) is not str or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    dtype = BY_CODE.get(code)
+    if dtype is None or len(shape) > MAX_DIMS:
+        return None
+    for d in shape:
+        if type(d) is not int or d <= 0:
+            return None
+    start, end = offsets
+    if type(start) is not int or type(end) is not int or start < 0:
+        return None
+    nbytes = dtype.itemsize * math.prod(shape)  # no 0 size: every stride is at most this
+    if nbytes > INT64_MAX or end - start != nbytes:
+        return None
     return TensorRecord(name, dtype.name, tuple(shape), start, end)
 
 
@@ -172,9 +205,10 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
 
     metadata = None
     tensors: dict[str, TensorRecord] = {}
+    escapes = _SURROGATE_ESCAPE.search(text) is not None  # else every string is valid Unicode
     for key, value in obj.items():
-        if not _unicode(key):
-            raise _fail(path, f"name {_short(key)} is not valid Unicode (a lone surrogate escape)")
+        if escapes and not _unicode(key):
+            raise _fail(path, f"name {short(key)} is not valid Unicode (a lone surrogate escape)")
         if key == METADATA_KEY:
             if value is None:
                 continue
@@ -184,14 +218,14 @@ def parse_header(raw: bytes, file_size: int, path="<bytes>") -> Header:
                 raise _fail(path, "__metadata__ must map strings to strings")
             bad = next((k for k, v in value.items() if not (_unicode(k) and _unicode(v))), None)
             if bad is not None:
-                raise _fail(path, f"__metadata__ entry {_short(bad)} is not valid Unicode (a lone surrogate escape)")
+                raise _fail(path, f"__metadata__ entry {short(bad)} is not valid Unicode (a lone surrogate escape)")
             metadata = dict(value)
             continue
-        tensors[key] = _parse_entry(path, key, value)
+        tensors[key] = _common_entry(key, value) or _parse_entry(path, key, value)
 
     data_size = file_size - 8 - n
     cursor = 0
-    for rec in sorted(tensors.values(), key=lambda r: (r.start, r.end)):
+    for rec in sorted(tensors.values(), key=attrgetter("start", "end")):
         if rec.start != cursor:
             what = "a hole" if rec.start > cursor else "an overlap"
             raise _fail(path, f"data_offsets leave {what} at byte {min(cursor, rec.start)} (entry {rec.name!r})")

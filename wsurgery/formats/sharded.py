@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import HeaderError, InputError
+from ..show import short
 from .safetensors import DuplicateKey, SafetensorsFile, reject_duplicates
 
 
@@ -29,11 +30,6 @@ class ShardedIndex:
 
 def _fail(path, rule: str) -> HeaderError:
     return HeaderError(f"{path}: invalid sharded index: {rule}")
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _inside(folder: str, rel: str) -> bool:
@@ -57,7 +53,7 @@ def open_index(path) -> ShardedIndex:
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except DuplicateKey as exc:
-        raise _fail(path, f"key {_short(exc.args[0])} appears twice") from None
+        raise _fail(path, f"key {short(exc.args[0])} appears twice") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _fail(path, "not UTF-8 JSON") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
@@ -75,11 +71,11 @@ def open_index(path) -> ShardedIndex:
     by_real: dict[str, tuple[str, SafetensorsFile]] = {}  # two spellings of one file: one shard
     for shard in sorted(set(weight_map.values())):
         if not _inside(folder, shard):
-            raise _fail(path, f"shard path {_short(shard)} leaves the checkpoint's folder")
+            raise _fail(path, f"shard path {short(shard)} leaves the checkpoint's folder")
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
             raise InputError(
-                f"{path}: shard {_short(shard)} named in weight_map does not exist",
+                f"{path}: shard {short(shard)} named in weight_map does not exist",
                 hint="copy the missing shard beside the index, or pass a complete checkpoint folder",
             )
         real = os.path.realpath(shard_path)
@@ -91,14 +87,14 @@ def open_index(path) -> ShardedIndex:
     for shard, sf in by_real.values():
         for name in sf.tensors:
             if name in owner:
-                raise _fail(path, f"tensor {_short(name)} is stored in two shards: {owner[name]!r} and {shard!r}")
+                raise _fail(path, f"tensor {short(name)} is stored in two shards: {owner[name]!r} and {shard!r}")
             owner[name] = shard
     canonical = {shard: by_real[os.path.realpath(os.path.join(folder, shard))][0] for shard in shards}
     for name, shard in weight_map.items():
         if owner.get(name) != canonical[shard]:
             where = f"it is in {owner[name]!r}" if name in owner else "no shard holds it"
-            raise _fail(path, f"weight_map puts {_short(name)} in {shard!r} but {where}")
+            raise _fail(path, f"weight_map puts {short(name)} in {shard!r} but {where}")
     for name, shard in owner.items():
         if name not in weight_map:
-            raise _fail(path, f"shard {shard!r} holds {_short(name)}, which weight_map does not list")
+            raise _fail(path, f"shard {shard!r} holds {short(name)}, which weight_map does not list")
     return ShardedIndex(path=path, folder=folder, metadata=metadata, weight_map=dict(weight_map), shards=shards)

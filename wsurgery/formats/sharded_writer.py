@@ -16,15 +16,17 @@ import os
 import re
 import shutil
 import tempfile
+from decimal import Decimal, localcontext
 
 from ..errors import OutputError, UsageError
+from ..show import short
 from .writer import (
     TMP_SUFFIX,
     WriteItem,
     atomic_file,
     fsync_dir,
+    mode_for,
     os_error,
-    process_umask,
     write_all,
     write_safetensors,
 )
@@ -44,16 +46,31 @@ _UNITS = {
 }
 
 
+MAX_SIZE = 2**63 - 1  # bytes: a file larger than this cannot exist, nor can its shards
+
+
 def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5 * 10**9, ``"500MiB"`` -> 500 * 2**20, ``"1024"`` -> 1024 bytes."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
+    """``"5GB"`` -> 5 * 10**9, ``"500MiB"`` -> 500 * 2**20, ``"1024"`` -> 1024 bytes.
+
+    Computed exactly (no float: ``1`` followed by 310 zeros is a number, not infinity);
+    a size past ``MAX_SIZE`` is refused like any other invalid size."""
+    m = re.fullmatch(r"\s*([0-9]+)(?:\.([0-9]+))?\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(3).lower() not in _UNITS:
         raise UsageError(
-            f"invalid size {text!r}", param="max_shard_size", hint="write it like 5GB, 500MB, 2GiB or a byte count"
+            f"invalid size {short(str(text), 40)}",
+            param="max_shard_size",
+            hint="write it like 5GB, 500MB, 2GiB or a byte count",
         )
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    whole, frac, unit = m.group(1).lstrip("0"), (m.group(2) or "")[:40], _UNITS[m.group(3).lower()]
+    if len(whole) > 40:  # past any size, and past what int() reads (4300 digits)
+        raise UsageError(f"size {short(str(text), 40)} is too large (at most {MAX_SIZE} bytes)", param="max_shard_size")
+    with localcontext() as ctx:
+        ctx.prec = 100
+        value = int(Decimal(f"{whole or 0}.{frac or 0}") * unit)
     if value <= 0:
-        raise UsageError(f"size must be positive, got {text!r}", param="max_shard_size")
+        raise UsageError(f"size must be positive, got {short(str(text), 40)}", param="max_shard_size")
+    if value > MAX_SIZE:
+        raise UsageError(f"size {short(str(text), 40)} is too large (at most {MAX_SIZE} bytes)", param="max_shard_size")
     return value
 
 
@@ -98,7 +115,9 @@ def write_sharded(
     """
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     with atomic_folder(folder, replace=replace, sync=sync) as tmp:
-        write_shards_into(tmp, names, shards, shard_metadata, index_metadata, progress=progress, sync=sync)
+        write_shards_into(
+            tmp, names, shards, shard_metadata, index_metadata, progress=progress, sync=sync, modes_of=folder
+        )
     return names
 
 
@@ -111,21 +130,37 @@ def write_shards_into(
     *,
     progress=None,
     sync: bool = True,
+    only: set[int] | None = None,
+    index: bool = True,
+    modes_of=None,
 ) -> None:
-    """The shards and the index, written into an existing (temporary) folder."""
+    """The shards and the index, written into an existing (temporary) folder; each takes
+    the mode of the file of its name in ``modes_of`` (the folder it will replace), if any.
+
+    ``only``: the indices of the shards to write (a rank's share), all by default;
+    ``index``: whether to write the index (it needs no shard's data)."""
+
+    def like(name: str):
+        return None if modes_of is None else os.path.join(os.fspath(modes_of), name)
+
     weight_map: dict[str, str] = {}
     total = 0
-    for name, items, meta in zip(names, shards, shard_metadata, strict=True):
-        write_safetensors(os.path.join(folder, name), items, meta, progress=progress, sync=sync)
+    for i, (name, items, meta) in enumerate(zip(names, shards, shard_metadata, strict=True)):
+        if only is None or i in only:
+            write_safetensors(
+                os.path.join(folder, name), items, meta, progress=progress, sync=sync, mode_like=like(name)
+            )
         for item in items:
             weight_map[item.name] = name
             total += item.nbytes
-    index = {
+    if not index:
+        return
+    record = {
         "metadata": {"total_size": total, **index_metadata},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    with atomic_file(os.path.join(folder, INDEX_NAME), sync=sync) as f:
-        write_all(f, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    with atomic_file(os.path.join(folder, INDEX_NAME), sync=sync, mode_like=like(INDEX_NAME)) as f:
+        write_all(f, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 @contextlib.contextmanager
@@ -134,6 +169,23 @@ def atomic_folder(folder, *, replace: bool = False, sync: bool = True):
     existing ``folder``, allowed by ``replace``, is swapped out whole). On any error the
     temporary is removed and ``folder`` is left as it was. With ``sync`` the parent folder
     is fsynced after the rename."""
+    tmp = make_temporary_folder(folder, replace=replace)
+    done = False
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            raise os_error(os.path.abspath(os.fspath(folder)), exc) from None
+        commit_temporary_folder(tmp, folder, sync=sync)
+        done = True
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_temporary_folder(folder, *, replace: bool = False) -> str:
+    """A new hidden temporary folder beside ``folder`` (see :func:`atomic_folder`), after
+    checking that ``folder`` may be written."""
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     if os.path.exists(folder) and not replace:
@@ -141,22 +193,22 @@ def atomic_folder(folder, *, replace: bool = False, sync: bool = True):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise OutputError(f"{folder} is a file; the output is a folder", reason="is_file")
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=TMP_SUFFIX, dir=parent)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.", suffix=TMP_SUFFIX, dir=parent)
     except OSError as exc:
         raise os_error(folder, exc) from None
-    done = False
+
+
+def commit_temporary_folder(tmp: str, folder, *, sync: bool = True) -> None:
+    """Rename the finished temporary folder ``tmp`` into place as ``folder`` (swapping an
+    existing one out whole); with ``sync``, fsync the parent folder after."""
+    folder = os.path.abspath(os.fspath(folder))
     try:
-        yield tmp
-        os.chmod(tmp, 0o755 & ~process_umask())
+        os.chmod(tmp, mode_for(folder, folder=True))
         _swap_in(tmp, folder)
-        done = True
-        if sync:
-            fsync_dir(parent)
     except OSError as exc:
         raise os_error(folder, exc) from None
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if sync:
+        fsync_dir(os.path.dirname(folder))
 
 
 def _swap_in(tmp: str, folder: str) -> None:

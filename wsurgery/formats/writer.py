@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,15 +47,31 @@ def os_error(path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}", reason=reason, hint=hint)
 
 
+def mode_for(path, like=None, *, folder: bool = False) -> int:
+    """The permission bits for a file (or folder) about to replace ``path`` (or ``like``):
+    those of the one it replaces, so that replacing a read-only input keeps it read-only;
+    ``0644 & ~umask`` (a folder: ``0755 & ~umask``) for a new one. Set-id and sticky bits
+    are never carried over to what wsurgery wrote."""
+    default = (0o755 if folder else 0o644) & ~process_umask()
+    try:
+        st = os.stat(path if like is None else like)
+    except (OSError, ValueError):
+        return default
+    same_kind = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    return stat.S_IMODE(st.st_mode) & 0o777 if same_kind else default
+
+
 @contextlib.contextmanager
-def atomic_file(path, *, sync: bool = True):
+def atomic_file(path, *, sync: bool = True, mode_like=None):
     """Yield an unbuffered binary file; on success it replaces ``path`` atomically.
 
     With ``sync`` (the default) the file is fsynced before the rename and its folder
     after it, so the new contents survive an operating-system crash or power loss.
     ``sync=False`` skips both: still atomic against the process dying, but an OS crash
     or power loss soon after may leave the file empty or partial (see the module
-    docstring).
+    docstring). The file gets the permission bits of the file it replaces (of
+    ``mode_like`` when given), or ``0644 & ~umask`` when it replaces none
+    (:func:`mode_for`).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -74,7 +91,7 @@ def atomic_file(path, *, sync: bool = True):
             except OSError as exc:
                 raise os_error(path, exc) from None
         try:
-            os.chmod(tmp, 0o644 & ~process_umask())
+            os.chmod(tmp, mode_for(path, mode_like))
             os.replace(tmp, path)
         except OSError as exc:
             raise os_error(path, exc) from None
@@ -171,19 +188,21 @@ class WriteItem:
 
 
 def write_safetensors(
-    path, items: list[WriteItem], metadata: dict[str, str] | None, progress=None, *, sync: bool = True
-) -> None:
+    path, items: list[WriteItem], metadata: dict[str, str] | None, progress=None, *, sync: bool = True,
+    mode_like=None,
+) -> None:  # fmt: skip
     """Write one safetensors file atomically, tensors in the order given.
 
     ``sync=False`` skips the fsyncs (see :func:`atomic_file`): still atomic, not durable
-    across an operating-system crash or power loss.
+    across an operating-system crash or power loss. The file keeps the mode of the file
+    it replaces (or of ``mode_like``).
     """
     names = [i.name for i in items]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise OutputError(f"internal error: tensor {dup!r} would be written twice to {path}")
     prefix, _ = build_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
-    with atomic_file(path, sync=sync) as f:
+    with atomic_file(path, sync=sync, mode_like=mode_like) as f:
         write_all(f, prefix)
         for item in items:
             start = f.tell()

@@ -14,12 +14,9 @@ from collections.abc import Sequence
 
 from ..checkpoint import Checkpoint, ComputedStored, Derived, Joined, Stored, natural_key
 from ..errors import Problem, UsageError
+from ..show import shape_text
 from ..transforms import Reshape, Slice, Transform
 from .ops import Op, check_new_names, check_orphans, derive, refuse
-
-
-def _fmt(shape) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
 
 
 def _dim(rank: int, dim: int, verb: str, problems: list) -> int | None:
@@ -65,7 +62,8 @@ def _agree(parts: Sequence[Derived], names: Sequence[str], dim: int | None, verb
             along = f" but along dim {dim}" if dim is not None else ""
             problems.append(
                 Problem(
-                    f"{verb}: {n} has shape {_fmt(p.shape)} and {names[0]} {_fmt(first.shape)}; they must agree{along}"
+                    f"{verb}: {n} has shape {shape_text(p.shape)} and {names[0]} {shape_text(first.shape)}; "
+                    f"they must agree{along}"
                 )
             )
             ok = False
@@ -105,7 +103,7 @@ def split(
     if d is not None and not problems and sum(sizes) != value.shape[d]:
         problems.append(
             Problem(
-                f"split: sizes {sizes} add up to {sum(sizes)} but dim {d} of {src} {_fmt(value.shape)} "
+                f"split: sizes {sizes} add up to {sum(sizes)} but dim {d} of {src} {shape_text(value.shape)} "
                 f"is {value.shape[d]}"
             )
         )

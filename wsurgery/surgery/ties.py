@@ -47,7 +47,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored, natural_key
+from ..devices import check_device
 from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
+from ..show import shape_text
 from ..transforms import Reshape, Transform, parse
 from .ops import Op, check_new_names, dependents, derive, refuse
 
@@ -100,18 +102,14 @@ class Plan:
         return _apply(self.ckpt, self.ops, self.other, self.device)
 
 
-def _fmt_shape(shape) -> str:
-    return repr(tuple(int(d) for d in shape))
-
-
 def _misfit(label: str, shape, dtype: str, d: str, dshape, ddtype: str, source=None) -> Problem:
     """A tie whose value does not fit the tensor it would replace. The fix offered never
     undoes what was asked: a transpose only when no transform was given and the shapes
     are mirrored, a copy for a dtype (a tie cannot cast). ``source`` is the (shape, dtype)
     of the source before the user's transform, when there is one."""
-    text = f"{label}: the result is {dtype} {_fmt_shape(shape)} but {d} is {ddtype} {_fmt_shape(dshape)}"
+    text = f"{label}: the result is {dtype} {shape_text(shape)} but {d} is {ddtype} {shape_text(dshape)}"
     if source is not None and tuple(source[0]) == dshape and source[1] == ddtype:
-        text += f" (the source itself is {ddtype} {_fmt_shape(dshape)}: check the transform)"
+        text += f" (the source itself is {ddtype} {shape_text(dshape)}: check the transform)"
     suggest: tuple[str, ...] = ()
     if source is None and dshape != tuple(shape) and len(shape) == 2 and dshape == tuple(shape)[::-1]:
         suggest = ("transpose",)
@@ -174,35 +172,6 @@ def _view_problem(stored: Stored, transform: Transform) -> str | None:
     except TransformError as exc:
         return str(exc)
     return None
-
-
-def check_device(device) -> str:
-    """Validate a device string (``cpu``, ``cuda``, ``cuda:1``, ...) before any work (exit 2)."""
-    text = str(device)
-    if text == "cpu":
-        return text
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"unknown device {text!r}", param="device", hint="use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(
-                f"device {text!r} asked for, but CUDA is not available here", param="device", hint="use cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"device {text!r} asked for, but there are only {torch.cuda.device_count()} CUDA devices",
-                param="device",
-                hint="use cuda:0 .. cuda:N-1",
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {text!r} asked for, but MPS is not available here", param="device", hint="use cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"device {text!r} is not supported for surgery", param="device", hint="use cpu or cuda")
-    return text
 
 
 # --- planning ---------------------------------------------------------------------------
@@ -290,14 +259,14 @@ def _pair_op(
         shape, dtype = t.infer(stored.shape, stored.dtype)
     except TransformError as exc:
         via = f" (an alias of {base}, {t})" if base != s else ""
-        problems.append(f"{kind} {s}{where} {stored.dtype} {_fmt_shape(stored.shape)}{via} -> {d}: {exc}")
+        problems.append(f"{kind} {s}{where} {stored.dtype} {shape_text(stored.shape)}{via} -> {d}: {exc}")
         return None
     value = Derived(stored, t, tuple(shape), dtype)
     if kind == "tie":
         why = _view_problem(stored, t)
         if why is not None:
             problems.append(
-                f"{label}: the chain '{t}' from the stored {base} {_fmt_shape(stored.shape)} is not a view ({why}); "
+                f"{label}: the chain '{t}' from the stored {base} {shape_text(stored.shape)} is not a view ({why}); "
                 "a tie must stay a view of its source, so copy instead or reshape before transposing or slicing"
             )
             return None
@@ -310,7 +279,7 @@ def _pair_op(
             problems.append(_misfit(label, value.shape, dtype, d, tuple(dshape), ddtype, source=own))
             return None
         if (tuple(dshape), ddtype) != (value.shape, dtype):
-            note = f"was {ddtype} {_fmt_shape(dshape)}"
+            note = f"was {ddtype} {shape_text(dshape)}"
         if d in ckpt.aliases:
             a = ckpt.aliases[d]
             was = f"was an alias of {a.source}" + (f" ({a.transform})" if not a.transform.is_identity else "")

@@ -5,18 +5,26 @@ Invariants:
 - a global on the refused list (:func:`refused_global`: code, the system, file loaders,
   dunder names) refuses the whole file with an UnsafePickleError, in the scan and in the
   restricted load alike, even when a placeholder would have done;
-- in the scan (``Resolver(calls=False)``) a global is a storage type or an inert
-  :class:`Placeholder`, never anything callable;
+- in the scan (``Resolver(calls=False)``) a global is a storage type, an inert
+  :class:`Placeholder`, or, for the torch functions and types whose calls allocate
+  (tensor rebuilds, tensor and storage constructors, ``bytearray``), a check that builds
+  nothing: it refuses a view larger than its storage, a tensor torch would allocate
+  beyond its storage and the file, a constructor called with sizes, and returns an inert
+  :class:`ScannedTensor`; a BUILD that would ``set_`` a tensor to a storage is checked
+  the same way (:meth:`Resolver.on_build`). So nothing ``torch.load`` then runs
+  allocates more than the file describes;
 - in the restricted load (``calls=True``) the only callables are the entries of
   ``_SAFE_FUNCTIONS``: torch's rebuild functions and a few constructors, re-implemented
-  here so that their arguments are checked (type, sign, size) before torch sees them; tensors
-  are built only over a :class:`StorageRef`, a slice of the file's private mapping;
+  here so that their arguments are checked (type, sign, size, bounds) before torch sees
+  them; tensors are built only over a :class:`StorageRef`, a slice of the file's private
+  mapping, and only as views that lie inside it;
 - torch is imported inside the functions that need it, never when this module is.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter, OrderedDict
 
 from ...errors import UnsafePickleError
@@ -116,17 +124,45 @@ class StorageRef:
         self.dtype = dtype
 
 
-def _set(storage, offset, size, stride, dtype=None):
-    import torch
-
-    if not isinstance(storage, StorageRef):
-        raise Malformed(f"a tensor is rebuilt over {short(storage)}, not a storage")
+def _view(offset, size, stride) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """A strided view's ``(offset, size, stride)``, validated."""
     if not is_int(offset) or offset < 0 or offset.bit_length() > 62:
         raise Malformed(f"a tensor has storage offset {short(offset)}")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
     if len(size) != len(stride):
         raise Malformed(f"a tensor has {len(size)} sizes but {len(stride)} strides")
-    t = torch.empty((0,), dtype=dtype if dtype is not None else storage.dtype)
+    return offset, size, stride
+
+
+def _shape(size) -> str:
+    text = repr(tuple(size))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _in_bounds(offset: int, size, stride, itemsize: int, held: int) -> None:
+    """Refuse a view that reaches past the end of its storage.
+
+    ``Tensor.set_`` grows a resizable storage to fit the view instead of failing (an empty
+    one above all), so the check comes first, before anything is allocated."""
+    if 0 in size:
+        return
+    need = (offset + 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))) * itemsize
+    if need > held:
+        raise Malformed(
+            f"a tensor view of shape {_shape(size)} at offset {offset} reaches {need} bytes into a storage of "
+            f"{held} (a view larger than its storage)"
+        )
+
+
+def _set(storage, offset, size, stride, dtype=None):
+    import torch
+
+    if not isinstance(storage, StorageRef):
+        raise Malformed(f"a tensor is rebuilt over {short(storage)}, not a storage")
+    offset, size, stride = _view(offset, size, stride)
+    dtype = dtype if dtype is not None else storage.dtype
+    _in_bounds(offset, size, stride, dtype.itemsize, storage.untyped.nbytes())
+    t = torch.empty((0,), dtype=dtype)
     return t.set_(storage.untyped, offset, size, stride)
 
 
@@ -181,7 +217,9 @@ def _parameter(interp, data=None, requires_grad=True, *rest):
 def _rebuild_parameter(interp, data, requires_grad, hooks, state=None):
     import torch
 
-    return torch.nn.Parameter(_tensor_arg(data, "a Parameter"), bool(requires_grad))
+    if not isinstance(requires_grad, bool):
+        raise Malformed(f"a Parameter's requires_grad is {short(requires_grad)}, not a bool")
+    return torch.nn.Parameter(_tensor_arg(data, "a Parameter"), requires_grad)
 
 
 def _rebuild_from_type(interp, func, new_type, args, state=None):
@@ -338,14 +376,173 @@ def _values() -> dict[str, object]:
     return out
 
 
-class Resolver:
-    """Globals to values. ``calls=False`` (the scan): nothing callable, storage types only."""
+# ----------------------------------------------------------------------------- the scan's checks
 
-    def __init__(self, path: str, calls: bool):
+
+class ClaimedStorage(Placeholder):
+    """A storage as the scan sees it: inert, with the bytes the file holds for it (a legacy
+    storage view: the bytes of the view)."""
+
+    __slots__ = ("nbytes", "itemsize")
+
+    def __init__(self, nbytes: int, itemsize: int):
+        super().__init__("a storage")
+        self.nbytes = nbytes
+        self.itemsize = itemsize
+
+
+class ScannedTensor(Placeholder):
+    """A tensor as the scan sees it: inert, with its element count, element size and the
+    bytes of the storage under it, which is what ``torch.load`` will allocate or view."""
+
+    __slots__ = ("numel", "itemsize", "held")
+
+    def __init__(self, of: str, numel: int, itemsize: int, held: int, args=()):
+        super().__init__(of, called=True, args=args)
+        self.numel = numel
+        self.itemsize = itemsize
+        self.held = held
+
+
+_REBUILDS = ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2")
+_PARAMETERS = ("torch.nn.parameter.Parameter", "torch._utils._rebuild_parameter",
+               "torch._utils._rebuild_parameter_with_state")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _constructors() -> dict[str, int]:
+    """Types torch.load may call that allocate what their arguments ask for -> element size."""
+    import torch
+
+    out = {f"{c.__module__}.{c.__name__}": getattr(c, "dtype", torch.float32).itemsize for c in torch._tensor_classes}
+    for name in ("torch.Tensor", "torch._tensor.Tensor", "torch.storage.TypedStorage", "torch.TypedStorage"):
+        out[name] = torch.float32.itemsize
+    return out
+
+
+class _ScanChecks:
+    """The scan's stand-ins for the torch calls that allocate: they check what torch.load
+    would do with the arguments against the storages and the file, and build nothing."""
+
+    def __init__(self, file_size: int):
+        self.file_size = file_size
+
+    def table(self) -> dict:
+        table = {name: self.rebuild for name in _REBUILDS}
+        table["torch._utils._rebuild_tensor_v3"] = self.rebuild_v3
+        table["torch._utils._rebuild_qtensor"] = self.rebuild_qtensor
+        table["torch._utils._rebuild_device_tensor_from_cpu_tensor"] = self.from_cpu
+        table["torch._tensor._rebuild_from_type_v2"] = _rebuild_from_type
+        table["torch._tensor._rebuild_from_type"] = _rebuild_from_type
+        table["builtins.bytearray"] = _bytearray
+        table["_codecs.encode"] = _codecs_encode
+        for name in _PARAMETERS:
+            table[name] = self.parameter
+        for name, itemsize in _constructors().items():
+            table[name] = functools.partial(self.constructor, name, itemsize)
+        return table
+
+    @staticmethod
+    def _storage(x) -> ClaimedStorage:
+        if not isinstance(x, ClaimedStorage):
+            raise Malformed(f"a tensor is rebuilt over {short(x)}, not a storage")
+        return x
+
+    def _tensor(self, of: str, storage, offset, size, stride, itemsize: int) -> ScannedTensor:
+        storage = self._storage(storage)
+        offset, size, stride = _view(offset, size, stride)
+        _in_bounds(offset, size, stride, itemsize, storage.nbytes)
+        return ScannedTensor(of, math.prod(size), itemsize, storage.nbytes)
+
+    def _fits(self, t: ScannedTensor, itemsize: int) -> None:
+        """Refuse a tensor that torch would allocate whole when it takes more bytes than both
+        its storage and the file (a stride-0 view materialised: a size bomb)."""
+        nbytes = t.numel * itemsize
+        if nbytes > max(t.held, self.file_size):
+            raise Malformed(
+                f"a tensor of {t.numel} elements would take {nbytes} bytes, more than its {t.held}-byte storage "
+                f"and the {self.file_size}-byte file (a size bomb)"
+            )
+
+    def rebuild(self, interp, storage, offset, size, stride, *rest):
+        return self._tensor("a tensor", storage, offset, size, stride, self._storage(storage).itemsize)
+
+    def rebuild_v3(self, interp, storage, offset, size, stride, requires_grad=False, hooks=None, dtype=None, *rest):
+        return self._tensor("a tensor", storage, offset, size, stride, _itemsize(dtype))
+
+    def rebuild_qtensor(self, interp, storage, offset, size, stride, *rest):
+        t = self.rebuild(interp, storage, offset, size, stride)
+        self._fits(t, t.itemsize)  # torch allocates the whole tensor, then views the storage
+        return t
+
+    def from_cpu(self, interp, data, dtype=None, *rest):
+        if isinstance(data, ScannedTensor):
+            self._fits(data, _itemsize(dtype))  # .to(dtype) materialises a view
+        return data
+
+    def parameter(self, interp, data=None, *rest):
+        return data if isinstance(data, ScannedTensor) else ScannedTensor("a Parameter", 0, 4, 0)
+
+    def constructor(self, qualname: str, itemsize: int, interp, *args):
+        if not args:
+            return ScannedTensor(qualname, 0, itemsize, 0)
+        if len(args) == 1 and isinstance(args[0], ClaimedStorage):
+            held = args[0].nbytes
+            return ScannedTensor(qualname, held // itemsize, itemsize, held)
+        raise Malformed(
+            f"the pickle calls {qualname} with arguments {short(args[0])}...: torch.save never writes that, "
+            "and torch.load would allocate whatever they ask for"
+        )
+
+    def on_build(self, inst, state) -> None:
+        """BUILD on a tensor is ``tensor.set_(*state)`` in torch.load: check the view first."""
+        if not (isinstance(state, tuple) and state and isinstance(state[0], ClaimedStorage)):
+            return
+        storage = state[0]
+        itemsize = inst.itemsize if isinstance(inst, ScannedTensor) else storage.itemsize
+        if len(state) == 1:
+            size, stride, offset = (storage.nbytes // itemsize,), (1,), 0
+        elif len(state) in (3, 4):
+            offset, size = state[1], state[2]
+            stride = state[3] if len(state) == 4 and state[3] != () else _contiguous(size)
+        else:
+            raise Malformed(f"a BUILD sets a tensor to a storage with {len(state)} arguments")
+        t = self._tensor("a tensor", storage, offset, size, stride, itemsize)
+        if isinstance(inst, ScannedTensor):
+            inst.numel, inst.held = t.numel, t.held
+
+
+def _contiguous(size) -> tuple[int, ...]:
+    size = _ints(size, "size")
+    stride, acc = [], 1
+    for n in reversed(size):
+        stride.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(stride))
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    if isinstance(dtype, Placeholder):  # the scan names dtypes without resolving them
+        dtype = _values().get(dtype.of)
+    if not isinstance(dtype, torch.dtype):
+        raise Malformed(f"a tensor's dtype is {short(dtype)}")
+    return dtype.itemsize
+
+
+class Resolver:
+    """Globals to values. ``calls=False`` (the scan): storage types, placeholders, and the
+    checks of :class:`_ScanChecks` for the calls torch.load would allocate in."""
+
+    def __init__(self, path: str, calls: bool, file_size: int = 0):
         self.path = path
         self.calls = calls
         self.storage_types = _storage_types()
         self.values = _values() if calls else {}
+        scan = None if calls else _ScanChecks(file_size)
+        self.checks = {} if scan is None else scan.table()
+        self.on_build = None if scan is None else scan.on_build
         self.placeholders: dict[str, Placeholder] = {}
 
     def __call__(self, module: str, name: str):
@@ -359,6 +556,8 @@ class Resolver:
                 return Safe(qualname, _SAFE_FUNCTIONS[qualname])
             if qualname in self.values:
                 return self.values[qualname]
+        elif qualname in self.checks:
+            return Safe(qualname, self.checks[qualname])
         if qualname not in self.placeholders:
             self.placeholders[qualname] = Placeholder(qualname)
         return self.placeholders[qualname]

@@ -11,7 +11,17 @@ the caller's ``persistent(pid)``. Invariants:
   containers only;
 - a read never asks for more bytes than are left (:class:`Source`), so no length field
   makes anything allocate;
-- a dict key or set member is hashable and nested at most ``MAX_KEY_DEPTH`` deep;
+- a dict key or set member is hashable, nested at most ``MAX_KEY_DEPTH`` deep and holds
+  at most ``MAX_KEY_ITEMS`` elements counted with repeats (hashing a key walks them all,
+  and a tuple that holds one tuple twice, 40 times over, holds 2**40); at most
+  ``MAX_HASH_COLLISIONS`` distinct keys share one hash (distinct keys crafted to collide
+  make every dict insertion walk all of them); an integer is at most ``MAX_LONG_BYTES``
+  long;
+- the work and memory of one run are bounded by its ``budget`` (:func:`budget_for` the
+  file's size): every opcode, every argument a call may copy, every element of a key
+  hashed and every entry of a BUILD state counts one unit, and the run is refused past
+  the budget, before the memo, the stack or the objects built outgrow what a file of
+  that size describes;
 - every failure is a :class:`Malformed` (or the resolver's WsurgeryError, or
   MemoryError); messages show attacker-chosen values through :func:`short` /
   :func:`printable`, bounded and printable.
@@ -31,7 +41,24 @@ from dataclasses import dataclass
 from ...errors import WsurgeryError
 
 MAX_KEY_DEPTH = 64  # nesting allowed in a dict key / set member
+MAX_KEY_ITEMS = 4096  # elements, counted with repeats, of a dict key / set member
+MAX_HASH_COLLISIONS = 32  # distinct dict keys / set members that may share one hash
+MAX_LONG_BYTES = 4096  # an integer of the pickle (LONG4); no checkpoint needs a longer one
+MIN_BUDGET = 1 << 20  # units of work any pickle may spend, whatever the file's size
 _MAX_GLOBAL_LINE = 4096
+_HASH_MODULUS = (1 << 61) - 1  # hash(n) == n for 0 <= n < this: such ints never collide
+
+
+def budget_for(file_size: int) -> int:
+    """The work and memory budget of one pickle of a file of ``file_size`` bytes.
+
+    One unit is an opcode run, an element a call may copy, an element of a key hashed or
+    an entry of a BUILD state; each costs at most a few hundred bytes and a microsecond.
+    A pickle stored in the file spends at most about one unit per byte of it, so an
+    honest file never reaches ``file_size``; a deflated pickle (or a call that copies a
+    large argument over and over) that would, is a memory or time bomb.
+    """
+    return max(MIN_BUDGET, file_size)
 
 
 # ----------------------------------------------------------------------------- inert values
@@ -195,16 +222,20 @@ class Unpickler:
     text opcodes of protocols 0/1, extension codes and out-of-band buffers.
     """
 
-    def __init__(self, src: Source, resolve, persistent):
+    def __init__(self, src: Source, resolve, persistent, *, budget: int | None = None, on_build=None):
         self.src = src
         self.resolve = resolve
         self.persistent = persistent
+        self.budget = budget_for(src.end) if budget is None else budget
+        self.spent = 0
+        self.on_build = on_build  # on_build(inst, state), called before every BUILD
         self.memo: dict = {}
         self.stack: list = []
         self.metastack: list = []
         self.notes: list[str] = []
-        self._depth: dict[int, int] = {}  # id(tuple/frozenset) -> nesting depth
-        self._alive: list = []  # keeps the objects of _depth alive, so ids stay unique
+        self._nest: dict[int, tuple[int, int]] = {}  # id(tuple/frozenset) -> (depth, items)
+        self._alive: list = []  # keeps the objects of _nest alive, so ids stay unique
+        self._hashes: dict[int, list] = {}  # hash -> the distinct keys that have it (see _note_hash)
 
     # -- helpers --------------------------------------------------------------------
     def load(self):
@@ -219,12 +250,25 @@ class Unpickler:
         except Exception as exc:  # noqa: BLE001
             raise Malformed(f"{type(exc).__name__}: {first_line(exc)}") from None
 
+    def charge(self, units: int) -> None:
+        """Spend ``units`` of the budget; past it the pickle is refused."""
+        self.spent += units
+        if self.spent > self.budget:
+            raise Malformed(
+                f"the pickle builds more than {self.budget} objects, more than a file of its size describes "
+                "(a memory or time bomb)"
+            )
+
     def _run(self):
         src = self.src
         table = [None] * 256
         for code, name in _OPS.items():
             table[code] = getattr(self, name)
+        budget = self.budget
         while True:
+            self.spent += 1
+            if self.spent > budget:
+                self.charge(0)
             code = src.byte()
             handler = table[code]
             if handler is None:
@@ -251,28 +295,71 @@ class Unpickler:
             raise Malformed("stack underflow")
         return self.stack[-1]
 
-    def depth(self, x) -> int:
+    def nesting(self, x) -> tuple[int, int]:
+        """``(depth, elements counted with repeats)`` of a value: a tuple or frozenset
+        nests, anything else is one element at depth 0."""
         if type(x) in _NESTING:
-            return self._depth.get(id(x), 1)
-        return 0
+            return self._nest.get(id(x)) or (1, 1 + len(x))
+        return (0, 1)
 
     def nested(self, obj, items) -> object:
-        """Record how deep a new tuple or frozenset nests (only when it holds another)."""
-        inner = [self._depth.get(id(i), 1) for i in items if type(i) in _NESTING]
+        """Record how deep and how large a new tuple or frozenset is (only when it holds
+        another: a flat one is measured by its length). Sizes saturate past the limit."""
+        inner = [self._nest.get(id(i)) or (1, 1 + len(i)) for i in items if type(i) in _NESTING]
         if inner:
-            self._depth[id(obj)] = 1 + max(inner)
+            depth = 1 + max(d for d, _ in inner)
+            size = min(MAX_KEY_ITEMS + 1, 1 + len(items) - len(inner) + sum(n for _, n in inner))
+            self._nest[id(obj)] = (depth, size)
             self._alive.append(obj)
         return obj
 
     def check_key(self, key) -> None:
+        """Refuse a dict key or set member that cannot be hashed, or whose hashing would
+        cost more than its bytes in the pickle (see the module's invariants)."""
         if isinstance(key, (list, dict, set, bytearray)):
             raise Malformed(f"a dict key or set member is an unhashable {type(key).__name__}")
-        if self.depth(key) > MAX_KEY_DEPTH:
+        depth, size = self.nesting(key)
+        if depth > MAX_KEY_DEPTH:
             raise Malformed(f"a dict key or set member is nested more than {MAX_KEY_DEPTH} deep")
+        if size > MAX_KEY_ITEMS:
+            raise Malformed(f"a dict key or set member holds more than {MAX_KEY_ITEMS} elements (counted with repeats)")
+        self.charge(size)
+        self._note_hash(key)
+
+    def _note_hash(self, key) -> None:
+        """Refuse distinct keys crafted to share one hash (``k * (2**61 - 1)`` for every k):
+        each dict insertion would compare the new key with all of them. str and bytes
+        hashes are salted per process, and a non-negative int below 2**61 - 1 is its own
+        hash, so only the other keys are counted."""
+        kind = type(key)
+        if kind is str or kind is bytes or kind is bool or key is None or isinstance(key, Placeholder):
+            return
+        if kind is int and 0 <= key < _HASH_MODULUS:
+            return
+        group = self._hashes.setdefault(hash(key), [])
+        if key not in group:
+            group.append(key)
+            if len(group) > MAX_HASH_COLLISIONS:
+                raise Malformed(
+                    f"more than {MAX_HASH_COLLISIONS} distinct dict keys or set members share one hash "
+                    "(keys crafted to collide, which makes loading take quadratic time)"
+                )
+
+    @staticmethod
+    def _copied(x) -> int:
+        """Units of work a call may spend copying ``x``: its length, for a container or text."""
+        if isinstance(x, (str, bytes, bytearray)):
+            return 1 + len(x) // 64
+        if isinstance(x, (list, tuple, dict, set, frozenset)):
+            return 1 + len(x)
+        return 1
 
     def call(self, func, args, kwargs=None):
         if not isinstance(args, tuple):
             raise Malformed(f"call arguments are a {type(args).__name__}, not a tuple")
+        # A constructor may copy its arguments (set(x), bytearray(x), OrderedDict(x)), here
+        # or in torch.load: each call pays for what it may copy.
+        self.charge(sum(self._copied(a) for a in args) + (self._copied(kwargs) if kwargs else 0))
         if isinstance(func, Placeholder):
             return Placeholder(func.of, called=True, args=args)
         if isinstance(func, Safe):
@@ -347,6 +434,8 @@ class Unpickler:
         n = self.src.unpack(_I4)
         if n < 0:
             raise Malformed("LONG4 with a negative length")
+        if n > MAX_LONG_BYTES:
+            raise Malformed(f"an integer of {n} bytes (at most {MAX_LONG_BYTES} are read)")
         self.stack.append(int.from_bytes(self.src.read(n), "little", signed=True))
 
     @_op(pickle.BINFLOAT)
@@ -439,7 +528,8 @@ class Unpickler:
 
     @_op(pickle.LIST)
     def op_list(self):
-        self.stack.append(self.pop_mark())
+        items = self.pop_mark()  # first: pop_mark replaces self.stack, so append to the one it restores
+        self.stack.append(items)
 
     @_op(pickle.DICT)
     def op_dict(self):
@@ -590,6 +680,9 @@ class Unpickler:
     def op_build(self):
         state = self.pop()
         inst = self.top()
+        self.charge(self._copied(state))  # torch.load copies a dict state into the instance
+        if self.on_build is not None:
+            self.on_build(inst, state)
         if isinstance(inst, Placeholder):
             inst.state = state
         # Pickled attribute state of anything else (a Parameter's extra attributes, an

@@ -24,8 +24,8 @@ import zipfile
 from dataclasses import dataclass
 
 from ...errors import InputError
-from .allowlist import Resolver, is_int
-from .interpreter import Malformed, Placeholder, Source, StorageType, Unpickler, first_line, short
+from .allowlist import ClaimedStorage, Resolver, is_int
+from .interpreter import Malformed, Placeholder, Source, StorageType, Unpickler, budget_for, first_line, short
 
 MAX_INFLATED_RECORD = 256 << 20  # a compressed (non-tensor) zip entry may inflate to at most this
 _DEFLATE_MAX_RATIO = 1032  # deflate cannot inflate more than this per compressed byte
@@ -45,6 +45,11 @@ class _Claim:
     itemsize: int
     nbytes: int
     view: tuple | None = None  # legacy (view_key, offset, numel)
+
+    @property
+    def seen_bytes(self) -> int:
+        """The bytes a tensor over this claim can reach: the legacy view's, or the storage's."""
+        return self.nbytes if self.view is None else self.view[2] * self.itemsize
 
 
 def storage_claim(pid, legacy: bool) -> _Claim | None:
@@ -93,7 +98,7 @@ class _Claims:
         if seen is not None and (seen.nbytes, seen.dtype_name) != (claim.nbytes, claim.dtype_name):
             raise Malformed(f"storage {claim.key!r} is claimed twice with different sizes or types")
         self.by_key.setdefault(claim.key, claim)
-        return Placeholder("a storage")
+        return ClaimedStorage(claim.seen_bytes, claim.itemsize)
 
 
 # ----------------------------------------------------------------------------- archives
@@ -120,11 +125,11 @@ def bad(path, rule: str) -> InputError:
     )
 
 
-def _scan(path: str, src: Source, claims: _Claims):
+def _scan(path: str, src: Source, claims: _Claims, file_size: int):
     """Run the inert interpreter over one pickle; returns (value, resolver)."""
-    resolver = Resolver(path, calls=False)
+    resolver = Resolver(path, calls=False, file_size=file_size)
     try:
-        value = Unpickler(src, resolver, claims).load()
+        value = Unpickler(src, resolver, claims, budget=budget_for(file_size), on_build=resolver.on_build).load()
     except Malformed as exc:
         raise bad(path, str(exc)) from None
     except (RecursionError, MemoryError):
@@ -143,18 +148,21 @@ def _local_data_offset(f, info: zipfile.ZipInfo, size: int, path) -> int:
     return info.header_offset + 30 + n + m
 
 
-def _zip_layout(path: str, size: int) -> Layout:
+def _zip_layout(path: str, f) -> Layout:
+    size = os.fstat(f.fileno()).st_size
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error,
             NotImplementedError, KeyError, IndexError, OverflowError) as exc:  # fmt: skip
         raise bad(path, f"not a readable zip archive ({first_line(exc)})") from None
-    with zf, open(path, "rb") as f:
+    with zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise bad(path, f"zip entry {short(dup)} appears twice")
+        seen: set[str] = set()
+        for n in names:
+            if n in seen:
+                raise bad(path, f"zip entry {short(n)} appears twice")
+            seen.add(n)
         spans = []
         entries: dict[str, tuple[int, int, zipfile.ZipInfo]] = {}
         for info in infos:
@@ -203,7 +211,7 @@ def _zip_layout(path: str, size: int) -> Layout:
 
     pickle_bytes = _torch_reader_agrees(path, rel)
     claims = _Claims(legacy=False)
-    _, resolver = _scan(path, Source(pickle_bytes), claims)
+    _, resolver = _scan(path, Source(pickle_bytes), claims, size)
     records: dict[str, tuple[int, int]] = {}
     for key, claim in claims.by_key.items():
         entry = rel.get(f"data/{key}")
@@ -256,29 +264,34 @@ def _torch_reader_agrees(path: str, rel: dict) -> bytes:
     return bytes(data)
 
 
-def _legacy_layout(path: str, size: int) -> Layout:
-    """The legacy (non-zip) layout: magic, protocol, sys_info, main pickle, storage keys, data."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+def _legacy_layout(path: str, f) -> Layout:
+    """The legacy (non-zip) layout: magic, protocol, sys_info, main pickle, storage keys, data.
+
+    Every bound is checked against the mapping's length, not a size taken before it: a
+    file that shrank meanwhile is refused like a truncated one."""
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        size = len(view)
         src = Source(view)
-        magic, _ = _scan(path, src, _Claims(legacy=True))
+        magic, _ = _scan(path, src, _Claims(legacy=True), size)
         if magic != _LEGACY_MAGIC:
             raise bad(path, "wrong magic number for the legacy torch format")
-        proto, _ = _scan(path, src, _Claims(legacy=True))
+        proto, _ = _scan(path, src, _Claims(legacy=True), size)
         if proto != _LEGACY_PROTOCOL:
             raise bad(path, f"legacy protocol version {short(proto)}")
-        sys_info, _ = _scan(path, src, _Claims(legacy=True))
+        sys_info, _ = _scan(path, src, _Claims(legacy=True), size)
         big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         start = src.pos
         claims = _Claims(legacy=True)
-        _, resolver = _scan(path, src, claims)
+        _, resolver = _scan(path, src, claims, size)
         span = (start, src.pos)
-        keys, _ = _scan(path, src, _Claims(legacy=True))
+        keys, _ = _scan(path, src, _Claims(legacy=True), size)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise bad(path, "the storage key list is not a list of strings")
-        if len(set(keys)) != len(keys):
+        listed = set(keys)
+        if len(listed) != len(keys):
             raise bad(path, "a storage key is listed twice")
-        roots = {k: c for k, c in claims.by_key.items()}
-        missing = [k for k in roots if k not in set(keys)]
+        roots = claims.by_key
+        missing = [k for k in roots if k not in listed]
         if missing:
             raise bad(path, f"storage {missing[0]!r} has no data in the file")
         records: dict[str, tuple[int, int]] = {}
@@ -304,12 +317,9 @@ def scan(path: str, zip_format: bool) -> Layout:
     """Validate a torch file without allocating, importing or calling anything it names."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            return _zip_layout(path, f) if zip_format else _legacy_layout(path, f)
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return _zip_layout(path, size) if zip_format else _legacy_layout(path, size)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except ValueError:  # mmap of a file emptied since it was sniffed
+    except (ValueError, struct.error):  # mmap of a file emptied, or a read past an end that moved
         raise InputError(f"{path}: the file changed while it was read") from None

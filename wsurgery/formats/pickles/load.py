@@ -26,7 +26,7 @@ import warnings
 
 from ...errors import InputError, UnsafePickleError
 from .allowlist import Resolver, StorageRef
-from .interpreter import Malformed, Placeholder, Source, Unpickler, first_line
+from .interpreter import Malformed, Placeholder, Source, Unpickler, budget_for, first_line
 from .layout import Layout, bad, scan, storage_claim
 from .state_dict import PickleResult, extract_state_dict
 
@@ -97,7 +97,10 @@ def _restricted_load(layout: Layout):
         with open(path, "rb") as f:
             f.seek(layout.pickle_span[0])
             data = f.read(layout.pickle_span[1] - layout.pickle_span[0])
-    overall = torch.UntypedStorage.from_file(path, False, layout.size) if layout.size else None
+    try:
+        overall = torch.UntypedStorage.from_file(path, False, layout.size) if layout.size else None
+    except RuntimeError:  # torch refuses to map more than the file holds
+        raise InputError(f"{path}: the file changed while it was read") from None
     storages: dict[str, StorageRef] = {}
 
     def persistent(pid):
@@ -122,7 +125,7 @@ def _restricted_load(layout: Layout):
         return ref
 
     resolver = Resolver(path, calls=True)
-    interp = Unpickler(Source(data), resolver, persistent)
+    interp = Unpickler(Source(data), resolver, persistent, budget=budget_for(layout.size))
     try:
         obj = interp.load()
     except Malformed as exc:

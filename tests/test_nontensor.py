@@ -1,0 +1,63 @@
+"""Everything in a torch file is visible: tensors under integer keys and in lists are
+flattened, what is not a tensor is listed, and every command that writes says what it
+left out (the Resemblyzer checkpoint hid 32 Adam tensors under integer keys)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import wsurgery
+
+
+def trainer_file(tmp_path):
+    """A checkpoint the way a training script saves one: weights, Adam state under the
+    parameters' integer ids, hyper-parameters, a step counter, a list of tensors."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g)
+    state = {
+        "model_state": {"fc.weight": w, "fc.bias": torch.zeros(4)},
+        "optimizer_state": {
+            "state": {0: {"step": 7, "exp_avg": torch.ones(4, 3), "exp_avg_sq": torch.full((4, 3), 2.0)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1]}],
+        },
+        "ema": [torch.arange(3.0), torch.arange(4.0)],
+        "step": 1234,
+    }
+    path = tmp_path / "trainer.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_integer_keys_and_lists_are_flattened_and_the_rest_is_listed(tmp_path):
+    with wsurgery.open(trainer_file(tmp_path)) as c:
+        names = set(c.keys())
+        skipped = list(c.skipped)
+    assert {"optimizer_state.state.0.exp_avg", "optimizer_state.state.0.exp_avg_sq", "ema.0", "ema.1"} <= names
+    assert {"model_state.fc.weight", "model_state.fc.bias"} <= names
+    # a container without tensors is one entry, not one per number in it
+    assert "optimizer_state.param_groups: list" in skipped
+    assert "optimizer_state.state.0.step: int" in skipped and "step: int" in skipped
+    assert len(skipped) == 3
+
+
+def test_convert_says_what_it_left_out_and_diff_agrees_with_the_input(tmp_path, cli):
+    path = trainer_file(tmp_path)
+    out = tmp_path / "t.safetensors"
+    code, text, err = cli("convert", path, "-o", out, "--json")
+    assert code == 0, err
+    report = json.loads(text)
+    assert "step: int" in report["skipped"] and report["stored"] == 6
+    code, text, _ = cli("convert", path, "-o", out, "--force")
+    assert "left out (not tensors): 3" in text and "step: int" in text
+    assert wsurgery.diff(path, out).equal
+
+
+def test_inspect_says_under_which_key_the_state_dict_was_found(tmp_path, cli):
+    path = tmp_path / "wrapped.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    code, text, _ = cli("inspect", path)
+    assert code == 0 and "the entry 'state_dict' of the file" in text and "epoch: int" in text
+    code, text, _ = cli("inspect", path, "--json")
+    assert json.loads(text)["container"] == "state_dict"
