@@ -61,3 +61,31 @@ def test_inspect_says_under_which_key_the_state_dict_was_found(tmp_path, cli):
     assert code == 0 and "the entry 'state_dict' of the file" in text and "epoch: int" in text
     code, text, _ = cli("inspect", path, "--json")
     assert json.loads(text)["container"] == "state_dict"
+
+
+def test_diff_counts_what_it_did_not_compare_on_each_side(tmp_path, cli):
+    """A diff of a trainer file against its conversion is equal over tensors, and says
+    which entries of each side were not tensors and so were not compared."""
+    path = trainer_file(tmp_path)
+    out = tmp_path / "t.safetensors"
+    assert cli("convert", path, "-o", out)[0] == 0
+    report = wsurgery.diff(path, out)
+    assert report.equal and report.skipped_b == []
+    assert sorted(report.skipped_a) == sorted(
+        ["optimizer_state.param_groups: list", "optimizer_state.state.0.step: int", "step: int"]
+    )
+    code, text, _ = cli("diff", path, out, "--json")
+    assert code == 0
+    skipped = json.loads(text)["skipped"]
+    assert len(skipped["a"]) == 3 and skipped["b"] == []
+    # the swapped order moves them to B; a filter narrows them like the tensors
+    assert len(wsurgery.diff(out, path).skipped_b) == 3
+    narrowed = wsurgery.diff(path, out, filter="optimizer_state.*").skipped_a
+    assert sorted(narrowed) == sorted(
+        [
+            "optimizer_state.state.0.step: int",
+            "optimizer_state.param_groups: list",
+        ]
+    )
+    code, text, _ = cli("diff", path, out)
+    assert code == 0 and "not tensors, not compared, in A" in text and "step: int" in text

@@ -362,6 +362,8 @@ def diff(
             print_chart(con, report.modules, report.depth)
     _names_block(con, f"only in A: {a}", report.only_in_a)
     _names_block(con, f"only in B: {b}", report.only_in_b)
+    _names_block(con, f"not tensors, not compared, in A: {a}", report.skipped_a)
+    _names_block(con, f"not tensors, not compared, in B: {b}", report.skipped_b)
     if html is not None:
         con.print(f"wrote {safe(html)}", markup=False)
     return code

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,8 @@ class DiffReport:
     ignore_ties: bool = False
     depth: int | None = None  # of the module rollup
     modules: list[ModuleStats] | None = None  # None without a rollup
+    skipped_a: list[str] = field(default_factory=list)  # entries of A that are not tensors, "name: what"
+    skipped_b: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -148,6 +150,7 @@ class DiffReport:
             "only_in_b": list(self.only_in_b),
             "changed": [c.to_dict() for c in self.changed],
             "same": self.same,
+            "skipped": {"a": list(self.skipped_a), "b": list(self.skipped_b)},
         }
         if self.modules is not None:
             d["depth"] = self.depth
@@ -770,7 +773,17 @@ def diff(
             bool(ignore_ties),
             depth,
             modules,
+            _skipped(A, filter),
+            _skipped(B, filter),
         )
+
+
+def _skipped(ckpt: Checkpoint, filter: str | None) -> list[str]:  # noqa: A002
+    """A checkpoint's non-tensor entries (``"name: what"``) whose names pass ``filter``."""
+    items = getattr(ckpt, "skipped", None) or []
+    if filter is None:
+        return list(items)
+    return [s for s in items if fnmatch.fnmatchcase(s.split(": ", 1)[0], filter)]
 
 
 def _check_depth(by_module) -> int | str | None:
