@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,33 @@ def test_usage_errors_from_the_console_script_are_one_line(fixtures):
     assert r.returncode == 2 and r.stderr.startswith("error: No such command")
     r = run_module()
     assert r.returncode == 0 and "Usage: wsurgery" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "tiny_lm.safetensors"],
+        ["inspect", "tiny_lm.pt", "--json"],
+        ["diff", "tiny_lm.pt", "tiny_lm.safetensors"],
+    ],
+)
+def test_a_reader_that_closes_the_pipe_early_fails_the_command_without_a_word(fixtures, args):
+    # `wsurgery inspect x | head` is routine: the output is cut, so the exit is 5 (never 0),
+    # but an error line about a pipe the user closed on purpose is noise
+    args = [fixtures / a if (fixtures / a).exists() else a for a in args]
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "wsurgery", *map(str, args)],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(w)
+    assert proc.returncode == 5 and proc.stderr == ""
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

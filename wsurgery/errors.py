@@ -197,7 +197,8 @@ class OutputError(WsurgeryError):
     ``"not_a_folder"`` (its folder is missing), ``"is_folder"`` / ``"is_file"`` (a file
     where a folder was wanted or the other way round), ``"not_regular"`` (a device, pipe
     or socket), ``"no_space"``, ``"too_large"`` (a file-size limit), ``"permission"``,
-    ``"stdout"`` (standard output could not be written), or None.
+    ``"stdout"`` (standard output could not be written), ``"stdout_closed"`` (its reader
+    went away, as ``| head`` does), or None.
     """
 
     kind = "output"

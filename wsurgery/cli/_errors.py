@@ -69,6 +69,7 @@ _OUTPUT_HINTS = {
     "no_space": "free some disk space or write elsewhere with -o",
     "permission": "choose a writable destination with -o",
     "stdout": "the output is incomplete; check the file or pipe it goes to",
+    "stdout_closed": "the reader of standard output closed it before the end",
 }
 
 # A refusal over many tensors shows this many problems, then a count.
@@ -145,7 +146,14 @@ _STDOUT_FAILED: list[bool] = []  # set once a failed write to standard output is
 
 
 def stdout_error(exc: OSError) -> OutputError:
-    return OutputError(f"cannot write to standard output: {exc.strerror or exc}", reason="stdout")
+    # A reader that closed the pipe early (`| head`) chose to stop: a failure, but not news.
+    reason = "stdout_closed" if exc.errno == errno.EPIPE else "stdout"
+    return OutputError(f"cannot write to standard output: {exc.strerror or exc}", reason=reason)
+
+
+def says_nothing(exc: WsurgeryError) -> bool:
+    """Whether an error is reported by its exit code alone (standard output's reader left)."""
+    return isinstance(exc, OutputError) and exc.reason == "stdout_closed"
 
 
 def stdout_failed() -> bool:
@@ -182,8 +190,9 @@ def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
     code = exit_code_for(exc)
     if debug():
         traceback.print_exc()
-    sys.stderr.write(f"error: {safe(one_line(exc), limit=ERROR_LIMIT)}\n")
-    if isinstance(exc, OutputError) and exc.reason == "stdout":
+    if not says_nothing(exc):
+        sys.stderr.write(f"error: {safe(one_line(exc), limit=ERROR_LIMIT)}\n")
+    if isinstance(exc, OutputError) and exc.reason in ("stdout", "stdout_closed"):
         _STDOUT_FAILED.append(True)
     elif json_out:
         _emit_error_json(command, exc.kind, message(exc), hint(exc), code)

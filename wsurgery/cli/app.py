@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import apply, cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
-from ._errors import _emit_error_json, exit_code_for, one_line, stdout_error, stdout_failed
+from ._errors import _emit_error_json, exit_code_for, one_line, says_nothing, stdout_error, stdout_failed
 
 app = typer.Typer(
     name="wsurgery",
@@ -164,7 +164,8 @@ def _exit_now(code: int) -> None:
             sys.stdout.flush()
     except (OSError, ValueError) as exc:
         err = stdout_error(exc if isinstance(exc, OSError) else OSError(str(exc)))
-        sys.stderr.write(f"error: {one_line(err)}\n")
+        if not says_nothing(err):
+            sys.stderr.write(f"error: {one_line(err)}\n")
         code = exit_code_for(err)
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._errors import command, emit_json
+from ._errors import command
 from .common import (
     AtolOpt,
     CheckDstOpt,
@@ -19,7 +19,15 @@ from .common import (
     console,
     safe,
 )
-from .diff import ProgressBar, compare_options, criteria_text, fmt_float, single_threaded_blas, stats_table
+from .diff import (
+    ProgressBar,
+    compare_options,
+    criteria_text,
+    fmt_float,
+    machine_output,
+    single_threaded_blas,
+    stats_table,
+)
 
 
 @command("check")
@@ -61,10 +69,7 @@ def check(
             ),
         )
     code = 0 if report.equal else 1
-    if quiet:
-        return code
-    if json_out:
-        emit_json(report.to_dict())
+    if machine_output(report, quiet=quiet, json_out=json_out):
         return code
     con = console()
     what = safe(f"{' -> '.join(report.transform) or 'same'}({src}) vs {dst}" + (f" in {other}" if other else ""))

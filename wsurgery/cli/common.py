@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -160,10 +161,17 @@ MinCosineOpt = Annotated[
 def console(stderr: bool = False):
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits 1 here without a word, which for diff means "different": raise
+            # the write error instead, so a closed pipe is exit 5 like any failed write.
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
     stream = sys.stderr if stderr else sys.stdout
     # Piped into a log (CI): tables as wide as they need, not folded at 80 columns.
     wide = not stream.isatty() and not os.environ.get("COLUMNS")
-    return Console(
+    return _Console(
         stderr=stderr,
         highlight=False,
         soft_wrap=False,

@@ -23,6 +23,7 @@ from .common import (
     RtolOpt,
     cell,
     console,
+    print_skipped,
     print_table,
     safe,
     shape_text,
@@ -192,6 +193,14 @@ def stats_table(rows, first: str, sides: str):
     return table
 
 
+def machine_output(report, *, quiet: bool, json_out: bool) -> bool:
+    """Print a compare report's JSON when asked; True when that is all the command prints
+    (``--quiet`` or ``--json``), False when the human report follows."""
+    if json_out and not quiet:
+        emit_json(report.to_dict())
+    return quiet or json_out
+
+
 def _names_block(con, title: str, names: list[str]) -> None:
     if names:
         con.print(f"{title} ({len(names)}):", markup=False)
@@ -337,15 +346,13 @@ def diff(
     if html is not None:
         report.save_html(html)
     code = 0 if report.equal else 1
-    if quiet:
-        return code
-    if json_out:
-        emit_json(report.to_dict())
+    if machine_output(report, quiet=quiet, json_out=json_out):
         return code
     con = console()
     tol = criteria_text(report)
     if report.equal:
-        con.print(f"equal: {report.same:,} tensors agree ({tol})", markup=False)
+        agree = "1 tensor agrees" if report.same == 1 else f"{report.same:,} tensors agree"
+        con.print(f"equal: {agree} ({tol})", markup=False)
     else:
         parts = [f"{len(report.changed):,} changed"]
         parts.append(f"{len(report.only_in_a):,} only in A")
@@ -362,8 +369,8 @@ def diff(
             print_chart(con, report.modules, report.depth)
     _names_block(con, f"only in A: {a}", report.only_in_a)
     _names_block(con, f"only in B: {b}", report.only_in_b)
-    _names_block(con, f"not tensors, not compared, in A: {a}", report.skipped_a)
-    _names_block(con, f"not tensors, not compared, in B: {b}", report.skipped_b)
+    print_skipped(con, report.skipped_a, f"not tensors, not compared, in A: {safe(a)}")
+    print_skipped(con, report.skipped_b, f"not tensors, not compared, in B: {safe(b)}")
     if html is not None:
         con.print(f"wrote {safe(html)}", markup=False)
     return code
