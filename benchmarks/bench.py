@@ -298,11 +298,19 @@ def baseline_tree(ref: str, work: Path) -> Path:
     return dest
 
 
-def baseline_cases(a: Path, b: Path, ref: str, tree: Path):
-    """``diff`` and ``diff-all`` of this tree against the same commands of ``ref``: the
+# the cases whose commands an older revision runs as they are, timed against it by --baseline
+SAME_COMMAND_CASES = ("tie-nosync", "convert-nosync", "copy-scale", "inspect")
+
+
+def baseline_cases(a: Path, b: Path, out: Path, ref: str, tree: Path):
+    """``diff``, ``diff-all`` (and its module rollup), ``tie``/``convert`` without the fsync,
+    ``copy-scale`` and ``inspect`` of this tree against the same commands of ``ref``: the
     cost of what changed since (target: at most 10% slower)."""
     ws = [PY, "-m", "wsurgery"]
     theirs = [PY, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); from wsurgery.cli.app import main; main()"]
+    for name, ours, _plain, nbytes, _target in cases(a, b, out):
+        if name in SAME_COMMAND_CASES:
+            yield (f"{name}-vs-{ref}", ours, theirs + ours[len(ws) :], nbytes, 1.10)
     c = a.with_name(a.name.replace("a-", "c-", 1))
     for name, other in (("diff", b), ("diff-all", c)):
         args = ["diff", str(a), str(other), "--quiet"]
@@ -424,7 +432,8 @@ def main(argv=None) -> int:
         "--baseline",
         default=None,
         metavar="REF",
-        help="also time diff and diff-all against git revision REF's wsurgery (rows NAME-vs-REF, ratio this / REF)",
+        help="also time diff, diff-all, tie-nosync, convert-nosync, copy-scale and inspect against git revision "
+        "REF's wsurgery (rows NAME-vs-REF, ratio this / REF)",
     )
     args = ap.parse_args(argv)
 
@@ -453,7 +462,7 @@ def main(argv=None) -> int:
             tree = baseline_tree(args.baseline, work)
             todo += [
                 c
-                for c in baseline_cases(a, b, args.baseline, tree)
+                for c in baseline_cases(a, b, out, args.baseline, tree)
                 if not only or c[0].split("-vs-")[0].removesuffix("-by-module") in only
             ]
         for name, ours, plain, nbytes, target in todo:
