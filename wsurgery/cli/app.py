@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy as _copy_module
 import inspect
 import io
 import os
@@ -123,6 +124,23 @@ def _whole_writes() -> None:
             )
 
 
+def _with_only_the_command_run(args: list[str]) -> typer.Typer:
+    """The app with only the command named first in ``args`` registered, when one is.
+
+    Building a command's options from its signature costs about 1.3 ms; building all of
+    them for every run was 20 ms of a 0.1 s ``inspect``. The command's own ``--help``,
+    errors and behaviour are those of the full app; without a command name first (the
+    top-level help, ``--version``, a typo) the full app is built.
+    """
+    name = args[0] if args else None
+    chosen = [c for c in app.registered_commands if c.name == name]
+    if not chosen:
+        return app
+    only = _copy_module.copy(app)
+    only.registered_commands = chosen
+    return only
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors exit 2 with one line, like every other error."""
     _whole_writes()
@@ -131,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so temporary files are removed.
     signal.signal(signal.SIGTERM, _terminate)
-    cmd = typer.main.get_command(app)
+    cmd = typer.main.get_command(_with_only_the_command_run(sys.argv[1:] if argv is None else argv))
     try:
         code = cmd.main(args=argv, prog_name="wsurgery", standalone_mode=False)
     except typer.Abort:
