@@ -967,18 +967,56 @@ def test_default_tuning_is_detected_at_call_time(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 8191, 8192, 8193, 3 * 8192, 65536, 65536 + 17, 200_001])
-def test_dot_products_are_the_fold_of_fixed_pieces(n):
-    """Every float64 dot product is the in-order sum of BLAS dots over 8 Ki pieces, in one
-    matmul call or in the float kernel's reused views: the same numbers, whatever the
-    length of the array or of the kernel block."""
+@pytest.mark.parametrize("one_call", [True, False])
+def test_dot_products_never_depend_on_the_blas_thread_setting(n, one_call, monkeypatch):
+    """Every float64 dot product is one BLAS call held on one BLAS thread (where
+    threadpoolctl can hold it), or else the in-order sum of BLAS dots over 8 Ki pieces:
+    the same numbers whatever the length of the array or of the kernel block, and
+    whatever threads BLAS was set to outside the compare."""
+    from threadpoolctl import threadpool_limits
+
+    if one_call and not ce.ONE_THREAD_BLAS.usable:
+        pytest.skip("threadpoolctl cannot set this BLAS's threads")
+    monkeypatch.setattr(ce.ONE_THREAD_BLAS, "_usable", one_call)
     rng = np.random.default_rng(n)
     x, y = rng.standard_normal(n), rng.standard_normal(n)
-    want = 0.0
-    for i in range(0, n, ce._DOT_PIECE):
-        want += float(np.dot(x[i : i + ce._DOT_PIECE], y[i : i + ce._DOT_PIECE]))
-    assert ce._piecewise_dot(x, y) == want
-    cmp = ce._Cmp(np, ce._NumpyBackend(np, "cpu"), "float", "float64", "float64", 0.0, 0.0)
-    kernel = ce._FloatKernel(cmp, np.float64, np.float64, n)
-    kernel.A[:], kernel.B[:] = x, y
-    assert kernel._dot(n, 0, 1) == want
-    assert kernel._dot(n, 1, 1) == ce._piecewise_dot(y, y)
+    if one_call:
+        with threadpool_limits(limits=1, user_api="blas"):
+            want = float(np.dot(x, y))
+    else:
+        want = 0.0
+        for i in range(0, n, ce._DOT_PIECE):
+            want += float(np.dot(x[i : i + ce._DOT_PIECE], y[i : i + ce._DOT_PIECE]))
+    for threads in (1, 2, 4):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            assert ce._piecewise_dot(x, y) == want
+            cmp = ce._Cmp(np, ce._NumpyBackend(np, "cpu"), "float", "float64", "float64", 0.0, 0.0)
+            kernel = ce._FloatKernel(cmp, np.float64, np.float64, n)
+            kernel.A[:], kernel.B[:] = x, y
+            assert kernel._dot(n, 0, 1) == want
+            assert kernel._dot(n, 1, 1) == ce._piecewise_dot(y, y)
+
+
+def test_a_compare_holds_blas_on_one_thread_and_gives_the_setting_back():
+    """Nested and concurrent compares share one hold: the first sets one thread, the last
+    restores what the process had."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if not ce.ONE_THREAD_BLAS.usable:
+        pytest.skip("threadpoolctl cannot set this BLAS's threads")
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    with threadpool_limits(limits=3, user_api="blas"):
+        assert blas_threads() == {3}
+        with ce.ONE_THREAD_BLAS:
+            assert blas_threads() == {1}
+            with ce.ONE_THREAD_BLAS:
+                assert blas_threads() == {1}
+            assert blas_threads() == {1}
+        assert blas_threads() == {3}
+        seen = []
+        ce.compare_arrays(np.arange(10.0), np.arange(10.0) + 1, tuning=ce.Tuning(2))
+        seen.append(blas_threads())
+        assert seen == [{3}]

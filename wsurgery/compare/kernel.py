@@ -61,11 +61,14 @@ _SUMSQ_PIECE = 1 << 15  # identical blocks (torch on CPU): sum of squares via on
 # (1 MiB, in L2), about 12 numpy calls per block. Measured on a float32 pair that differs
 # everywhere: 8 Ki -> 0.9, 32 Ki -> 2.0, 64 Ki -> 2.2, 128 Ki -> 2.2 GB/s.
 _FAST_ELEMS = 1 << 16
-# Every float64 dot product is a sum of BLAS dots over pieces of this many elements,
-# folded in order. OpenBLAS runs a dot of fewer than 10000 elements on the calling thread;
-# a longer one on all its threads, which stalls on a busy machine and whose rounding
-# depends on their number. With fixed pieces the sums depend on the data alone, never on
-# BLAS's thread setting. A divisor of the 64 Ki blocks: a block's pieces are one matmul.
+# OpenBLAS runs a dot of fewer than 10000 elements on the calling thread; a longer one on
+# all its threads, which stalls on a busy machine and whose rounding depends on their
+# number. So a float64 dot product is one BLAS call with BLAS held on one thread
+# (_OneThreadBlas, through threadpoolctl) or, where BLAS cannot be held, a sum of BLAS
+# dots over pieces of this many elements, folded in order: either way the sums depend on
+# the data alone, never on BLAS's thread setting. One call per 64 Ki block is the faster:
+# two threads' short piece calls do not overlap (1.25x the time of a diff that differs
+# everywhere). A divisor of the 64 Ki blocks: a block's pieces are one matmul.
 _DOT_PIECE = 1 << 13
 # Threads for the float kernel (numpy releases the GIL in its loops; 2 threads: 1.7 -> 3.0
 # GB/s on a float32 pair that differs everywhere). Capped: memory bandwidth is the limit.
@@ -93,8 +96,9 @@ class Tuning:
 
     Every statistic is the same to the bit whatever the tuning: the work is cut into the
     same blocks and their partial results are folded in the same order, however many
-    threads compute them, and float64 dot products run in pieces short enough that
-    numpy's BLAS never uses threads of its own (so its thread setting changes nothing).
+    threads compute them, and numpy's BLAS is held on one thread while a compare runs
+    (its own thread setting changes nothing; ``docs/compare.md``, "Tuning and
+    reproducibility").
 
     Attributes:
         workers: threads that share the work on one tensor pair, the calling thread
@@ -623,13 +627,111 @@ def _fold(parts: np.ndarray) -> float:
     return total
 
 
+class _OneThreadBlas:
+    """numpy's BLAS held to one thread while any compare runs, so that a dot product can
+    be one BLAS call whatever its length and still never depend on BLAS's thread setting.
+
+    ``threadpoolctl`` sets the thread count of the BLAS numpy loaded; where it cannot (no
+    such library found, or it would not take the limit) ``usable`` is False and every dot
+    runs in pieces of ``_DOT_PIECE`` instead. The choice is made once per process, so
+    results never depend on which path a call took. Compares nest and may run on several
+    threads at once: the first to enter sets the limit, the last to leave restores the
+    previous setting. Other threads of the process that use BLAS meanwhile run it on one
+    thread too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter = None
+        self._usable: bool | None = None
+        self._controller = None
+
+    @property
+    def usable(self) -> bool:
+        if self._usable is None:
+            with self._lock:
+                if self._usable is None:
+                    self._usable = self._probe()
+        return self._usable
+
+    def _probe(self) -> bool:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - a dependency
+            return False
+        try:
+            controller = ThreadpoolController()
+            blas = controller.select(user_api="blas")
+            if not blas.lib_controllers:
+                return False
+            limiter = blas.limit(limits=1)
+            ok = all(info["num_threads"] == 1 for info in blas.info())
+            limiter.restore_original_limits()
+        except Exception:  # noqa: BLE001 - an unusual BLAS: keep the pieces
+            return False
+        self._controller = controller
+        return ok
+
+    @property
+    def held(self) -> bool:
+        return self._depth > 0
+
+    def __enter__(self) -> _OneThreadBlas:
+        if self.usable:
+            with self._lock:
+                if self._depth == 0:
+                    self._limiter = self._controller.select(user_api="blas").limit(limits=1)
+                self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.usable:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._limiter is not None:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
+
+
+ONE_THREAD_BLAS = _OneThreadBlas()
+
+
+def _with_one_blas_thread(fn):
+    """Run ``fn`` with ``ONE_THREAD_BLAS`` held: its dot products then cost no toggling."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with ONE_THREAD_BLAS:
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _one_call_dot(x: np.ndarray, y: np.ndarray) -> float:
+    """Re sum conj(x) * y in one BLAS call, on one BLAS thread (``_OneThreadBlas``)."""
+    if x.dtype.kind == "c":
+        if ONE_THREAD_BLAS.held:
+            return float(np.vdot(x, y).real)
+        with ONE_THREAD_BLAS:
+            return float(np.vdot(x, y).real)
+    if ONE_THREAD_BLAS.held:
+        return float(np.dot(x, y))
+    with ONE_THREAD_BLAS:
+        return float(np.dot(x, y))
+
+
 def _piecewise_dot(x: np.ndarray, y: np.ndarray) -> float:
-    """Re sum conj(x) * y of two 1-D float64 / complex128 numpy arrays: BLAS dots over
-    pieces of ``_DOT_PIECE`` elements, folded in order (see ``_DOT_PIECE``).
+    """Re sum conj(x) * y of two 1-D float64 / complex128 numpy arrays, never depending on
+    BLAS's thread setting: one BLAS call on one BLAS thread where ``threadpoolctl`` can
+    hold it there (``_OneThreadBlas``), else BLAS dots over pieces of ``_DOT_PIECE``
+    elements, folded in order (see ``_DOT_PIECE``).
 
     The whole real pieces go to BLAS in one ``matmul`` call (a stack of piece-by-piece
     dot products): no Python per piece, the same partition, the same sums.
     """
+    if ONE_THREAD_BLAS.usable:
+        return _one_call_dot(x, y)
     n = x.shape[0]
     if x.dtype.kind == "c":
         total = 0.0
@@ -927,6 +1029,9 @@ class _FloatKernel:
 
     def _dot(self, m: int, i: int, j: int) -> float:
         """The dot product of buffers ``i`` and ``j`` (0: A, 1: B) over the first ``m`` elements."""
+        if ONE_THREAD_BLAS.usable:
+            bufs = (self.A, self.B)
+            return _one_call_dot(bufs[i][:m], bufs[j][:m])
         if m == self.size and self._pieces is not None:
             rows, cols, parts = self._pieces
             return _fold(np.matmul(rows[i], cols[j], out=parts))
@@ -1019,6 +1124,7 @@ class PairStream:
         self._small = _cpu_blocks(DEFAULT_CHUNK_ELEMS, size)[1]
         self._kernel = _FloatKernel(self._cmp, dtype_a, dtype_b, _FAST_ELEMS, workers) if plan == "float" else None
 
+    @_with_one_blas_thread
     def add(self, x, y) -> None:
         """Compare one piece: 1-D numpy arrays of the stream's dtypes and the same length."""
         if x.shape != y.shape:
@@ -1046,6 +1152,7 @@ class PairStream:
 # ------------------------------------------------------------------------ compare_arrays
 
 
+@_with_one_blas_thread
 def compare_arrays(
     a: Any,
     b: Any,
@@ -1543,6 +1650,7 @@ def _scaled_square_sum(x, m: float) -> float:
     return total
 
 
+@_with_one_blas_thread
 def compare_flat(
     fa,
     fb,

@@ -32,6 +32,7 @@ from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
 from .arrays import dtype_name, torch_to_numpy
 from .criteria import Criteria
 from .kernel import (
+    ONE_THREAD_BLAS,
     TensorStats,
     Tuning,
     check_shapes,
@@ -706,6 +707,7 @@ def diff(
     crit = Criteria.of(atol, rtol, max_rel_l2, min_cosine)
     by_module = _check_depth(by_module)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(ONE_THREAD_BLAS)  # one setting for every dot product of the diff
         A, label_a = _open(a, "a", stack)
         B, label_b = _open(b, "b", stack)
         dev = _effective_device(dev, A, B)
@@ -905,6 +907,7 @@ def check(
     crit = Criteria.of(atol, rtol, max_rel_l2, min_cosine)
     t = parse(transform)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(ONE_THREAD_BLAS)
         C, label = _open(ckpt, "ckpt", stack)
         D, other_label = C, None
         if other is not None:
