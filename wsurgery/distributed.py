@@ -39,8 +39,6 @@ import builtins
 import contextlib
 import importlib
 import os
-import pickle
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -162,6 +160,8 @@ def map_by_bytes(
 def _portable(exc: BaseException, rank: int) -> dict:
     """An error as plain data: its class by name, its args and attributes (those that
     pickle), its message."""
+    import pickle  # only on an error under a process group: not part of every start-up
+
     state = {}
     for k, v in vars(exc).items():
         try:
@@ -344,6 +344,8 @@ class Session:
             self.exchange("committed", error=error)
         finally:
             if self.is_first and not committed:
+                import shutil
+
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def first_writes(self, write: Callable[[], Any]) -> Any:
