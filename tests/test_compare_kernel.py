@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -1020,3 +1022,39 @@ def test_a_compare_holds_blas_on_one_thread_and_gives_the_setting_back():
         ce.compare_arrays(np.arange(10.0), np.arange(10.0) + 1, tuning=ce.Tuning(2))
         seen.append(blas_threads())
         assert seen == [{3}]
+    # another thread's share keeps the hold after this thread's compare ends
+    before = blas_threads()
+    entered, leave = threading.Event(), threading.Event()
+
+    def other():
+        with ce.ONE_THREAD_BLAS:
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert entered.wait(10)
+    with ce.ONE_THREAD_BLAS:
+        assert blas_threads() == {1}
+    assert blas_threads() == {1} and not ce.ONE_THREAD_BLAS.held_here
+    leave.set()
+    t.join(10)
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("blas_threads", [None, 1, 2, 4])
+def test_the_statistics_do_not_depend_on_blas_threads_or_workers(blas_threads):
+    """The float kernel's dot products on the worker threads too: the same cosine and
+    rel_l2 bits for every tuning and every BLAS setting the caller made beforehand."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(1_500_000)
+    b = a + rng.standard_normal(a.shape[0]) * 1e-3
+    want = ce.compare_arrays(a, b, tuning=ce.Tuning(1))
+    with contextlib.ExitStack() as stack:
+        if blas_threads is not None:
+            stack.enter_context(threadpool_limits(limits=blas_threads, user_api="blas"))
+        for workers in (1, 2, 3):
+            got = ce.compare_arrays(a, b, tuning=ce.Tuning(workers))
+            assert (got.cosine, got.rel_l2, got.max_abs_diff) == (want.cosine, want.rel_l2, want.max_abs_diff)

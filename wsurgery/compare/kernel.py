@@ -602,7 +602,9 @@ def parallel_map(fn: Callable[[int], Any], n: int, *, workers: int, min_items: i
     counter = itertools.count()  # next() is atomic: threads take items in turn
 
     def work() -> None:
-        with np.errstate(all="ignore"):  # thread-local
+        # errstate is thread-local; so is a share of the one-thread BLAS hold (taken once
+        # per thread here, not once per dot product)
+        with np.errstate(all="ignore"), ONE_THREAD_BLAS:
             while (k := next(counter)) < n:
                 out[k] = fn(k)
 
@@ -642,7 +644,8 @@ class _OneThreadBlas:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._depth = 0
+        self._depth = 0  # shares held, all threads together
+        self._mine = threading.local()  # .depth: the shares this thread holds
         self._limiter = None
         self._usable: bool | None = None
         self._controller = None
@@ -674,11 +677,14 @@ class _OneThreadBlas:
         return ok
 
     @property
-    def held(self) -> bool:
-        return self._depth > 0
+    def held_here(self) -> bool:
+        """Whether this thread holds a share (then the hold cannot end under it)."""
+        return getattr(self._mine, "depth", 0) > 0
 
     def __enter__(self) -> _OneThreadBlas:
-        if self.usable:
+        mine = getattr(self._mine, "depth", 0)
+        self._mine.depth = mine + 1
+        if mine == 0 and self.usable:  # a thread's first share: one count in the shared hold
             with self._lock:
                 if self._depth == 0:
                     self._limiter = self._controller.select(user_api="blas").limit(limits=1)
@@ -686,7 +692,8 @@ class _OneThreadBlas:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.usable:
+        self._mine.depth -= 1
+        if self._mine.depth == 0 and self.usable:
             with self._lock:
                 self._depth -= 1
                 if self._depth == 0 and self._limiter is not None:
@@ -709,16 +716,17 @@ def _with_one_blas_thread(fn):
 
 
 def _one_call_dot(x: np.ndarray, y: np.ndarray) -> float:
-    """Re sum conj(x) * y in one BLAS call, on one BLAS thread (``_OneThreadBlas``)."""
-    if x.dtype.kind == "c":
-        if ONE_THREAD_BLAS.held:
-            return float(np.vdot(x, y).real)
+    """Re sum conj(x) * y in one BLAS call, on one BLAS thread (``_OneThreadBlas``).
+
+    The calling thread holds a share of the hold for the call (compares and the kernel's
+    worker threads hold one already), so no other thread's compare can give BLAS its
+    threads back mid-call."""
+    if not ONE_THREAD_BLAS.held_here:
         with ONE_THREAD_BLAS:
-            return float(np.vdot(x, y).real)
-    if ONE_THREAD_BLAS.held:
-        return float(np.dot(x, y))
-    with ONE_THREAD_BLAS:
-        return float(np.dot(x, y))
+            return _one_call_dot(x, y)
+    if x.dtype.kind == "c":
+        return float(np.vdot(x, y).real)
+    return float(np.dot(x, y))
 
 
 def _piecewise_dot(x: np.ndarray, y: np.ndarray) -> float:
