@@ -34,7 +34,8 @@ def fixtures(tmp_path) -> Path:
 
 
 def run_module(*args, env=None, cwd=None, timeout=120, **kw) -> subprocess.CompletedProcess:
-    """Run `python -m wsurgery ARGS` in a subprocess, as a user would."""
+    """Run `python -m wsurgery ARGS` in a subprocess, as a user would. Output is captured,
+    unless ``stdout=`` says where standard output goes (then only stderr is captured)."""
     full_env = dict(os.environ)
     full_env.pop("WSURGERY_DEBUG", None)
     full_env["NO_COLOR"] = "1"
@@ -43,7 +44,7 @@ def run_module(*args, env=None, cwd=None, timeout=120, **kw) -> subprocess.Compl
         full_env.update(env)
     return subprocess.run(
         [sys.executable, "-m", "wsurgery", *map(str, args)],
-        capture_output=True,
+        **({"stderr": subprocess.PIPE} if "stdout" in kw else {"capture_output": True}),
         text=True,
         env=full_env,
         cwd=cwd,

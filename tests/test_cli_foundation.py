@@ -189,7 +189,6 @@ def test_inspect_safetensors_does_not_import_torch(fixtures):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok-no-torch', file=sys.stderr)\n"
     )
-    import subprocess
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -262,13 +261,7 @@ def test_a_reader_that_closes_the_pipe_early_fails_the_command_without_a_word(fi
     r, w = os.pipe()
     os.close(r)  # the reader is gone before the first write
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "wsurgery", *map(str, args)],
-            stdout=w,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=120,
-        )
+        proc = run_module(*args, stdout=w)
     finally:
         os.close(w)
     assert proc.returncode == 5 and proc.stderr == ""
@@ -288,13 +281,7 @@ def test_a_standard_output_that_cannot_be_written_is_exit_5_with_one_line(fixtur
     # a full disk under `wsurgery ... > report.json` must not pass CI as success, nor crash
     args = [fixtures / a if (fixtures / a).exists() else a for a in args]
     with open("/dev/full", "w") as full:
-        proc = subprocess.run(
-            [sys.executable, "-m", "wsurgery", *map(str, args)],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=120,
-        )
+        proc = run_module(*args, stdout=full)
     assert proc.returncode == 5, proc.stderr
     assert proc.stderr.count("\n") == 1 and "cannot write to standard output" in proc.stderr
 

@@ -991,12 +991,12 @@ def test_dot_products_never_depend_on_the_blas_thread_setting(n, one_call, monke
             want += float(np.dot(x[i : i + ce._DOT_PIECE], y[i : i + ce._DOT_PIECE]))
     for threads in (1, 2, 4):
         with threadpool_limits(limits=threads, user_api="blas"):
-            assert ce._piecewise_dot(x, y) == want
+            assert ce._float64_dot(x, y) == want
             cmp = ce._Cmp(np, ce._NumpyBackend(np, "cpu"), "float", "float64", "float64", 0.0, 0.0)
             kernel = ce._FloatKernel(cmp, np.float64, np.float64, n)
             kernel.A[:], kernel.B[:] = x, y
             assert kernel._dot(n, 0, 1) == want
-            assert kernel._dot(n, 1, 1) == ce._piecewise_dot(y, y)
+            assert kernel._dot(n, 1, 1) == ce._float64_dot(y, y)
 
 
 def test_a_compare_holds_blas_on_one_thread_and_gives_the_setting_back():

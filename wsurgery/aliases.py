@@ -181,7 +181,7 @@ class _Chains:
 
     def _compose(self, name: str) -> _Resolved:
         """``name``'s own steps after its source's resolution (a stored tensor's is itself)."""
-        from .transforms import parse
+        from .transforms import chain_text, parse
 
         rec = self.raw[name]
         base = self.done.get(rec.source)
@@ -197,8 +197,7 @@ class _Chains:
             raise InputError(f"{self.path}: alias {name!r} has a bad transform: {str(exc)[:120]}") from None
         specs = (*base.record.specs, *transform.specs())
         if not transform.is_view:
-            shown = " -> ".join(specs) or "same"
-            raise InputError(f"{self.path}: alias {name!r} has a transform that is not a view: {shown}")
+            raise InputError(f"{self.path}: alias {name!r} has a transform that is not a view: {chain_text(specs)}")
         if len(specs) > MAX_STEPS:
             raise InputError(
                 f"{self.path}: alias {name!r} composes a chain of {len(specs)} transform steps (at most {MAX_STEPS})"

@@ -633,6 +633,12 @@ def parse_step(text: str) -> Step:
     return _parse_one(text, None)
 
 
+def chain_text(specs: Iterable[str]) -> str:
+    """Step specs as ``str(transform)`` writes them: ``"transpose -> cast(bfloat16)"``, or
+    ``"same"`` for none (for chains already held as specs, e.g. in JSON or alias records)."""
+    return " -> ".join(specs) or "same"
+
+
 def parse(specs: Any) -> Transform:
     """Parse a chain: ``None``/``[]`` (identity), a string, or an iterable of strings (or
     ``Step`` objects), one step each. A string may also hold a whole chain written as
@@ -723,7 +729,7 @@ class Transform:
         return Transform(self.steps + parse(other).steps)
 
     def __str__(self) -> str:
-        return " -> ".join(self.specs()) or "same"
+        return chain_text(self.specs())
 
 
 IDENTITY = Transform(())

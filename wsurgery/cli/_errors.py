@@ -69,7 +69,6 @@ _OUTPUT_HINTS = {
     "no_space": "free some disk space or write elsewhere with -o",
     "permission": "choose a writable destination with -o",
     "stdout": "the output is incomplete; check the file or pipe it goes to",
-    "stdout_closed": "the reader of standard output closed it before the end",
 }
 
 # A refusal over many tensors shows this many problems, then a count.

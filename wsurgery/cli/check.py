@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..transforms import chain_text
 from ._errors import command
 from .common import (
     AtolOpt,
@@ -72,7 +73,7 @@ def check(
     if machine_output(report, quiet=quiet, json_out=json_out):
         return code
     con = console()
-    what = safe(f"{' -> '.join(report.transform) or 'same'}({src}) vs {dst}" + (f" in {other}" if other else ""))
+    what = safe(f"{chain_text(report.transform)}({src}) vs {dst}" + (f" in {other}" if other else ""))
     tol = criteria_text(report)
     n = len(report.pairs)
     pairs = f"{n} pair" + ("" if n == 1 else "s")

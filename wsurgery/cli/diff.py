@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..transforms import chain_text
 from ._errors import command, emit_json
 from .common import (
     AtolOpt,
@@ -155,7 +156,7 @@ def fmt_side(info: dict) -> str:
     text = f"{info['dtype']} {shape_text(info['shape'])}"
     alias = info.get("alias_of")
     if alias:
-        text += f" = {' -> '.join(alias['transform']) or 'same'}({alias['source']})"
+        text += f" = {chain_text(alias['transform'])}({alias['source']})"
     return text
 
 

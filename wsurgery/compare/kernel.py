@@ -348,7 +348,7 @@ class _NumpyBackend(_Backend):
     def dot(self, x, y) -> float:
         if x.shape[0] > _DOT_PIECE:
             return super().dot(x, y)
-        return _piecewise_dot(y, x)  # short: one BLAS call on the calling thread, no temporary
+        return _float64_dot(y, x)  # short: one BLAS call on the calling thread, no temporary
 
     def sumsq(self, x, wide) -> float:
         # The hot path for bit-identical blocks. One reused, cache-sized float64 buffer
@@ -365,7 +365,7 @@ class _NumpyBackend(_Backend):
             piece = x[i : i + step]
             w = self._f64[: piece.shape[0]]
             np.copyto(w, piece, casting="unsafe")  # exact: float dtypes fit float64 (ints round)
-            total += _piecewise_dot(w, w)
+            total += _float64_dot(w, w)
         return total
 
 
@@ -729,7 +729,7 @@ def _one_call_dot(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.dot(x, y))
 
 
-def _piecewise_dot(x: np.ndarray, y: np.ndarray) -> float:
+def _float64_dot(x: np.ndarray, y: np.ndarray) -> float:
     """Re sum conj(x) * y of two 1-D float64 / complex128 numpy arrays, never depending on
     BLAS's thread setting: one BLAS call on one BLAS thread where ``threadpoolctl`` can
     hold it there (``_OneThreadBlas``), else BLAS dots over pieces of ``_DOT_PIECE``
@@ -999,10 +999,11 @@ class _FloatKernel:
         self.size = max(1, int(size))
         self.A = np.empty(self.size, dtype=np.float64)
         self.B = np.empty(self.size, dtype=np.float64)
-        # A whole block's dot products: _piecewise_dot's matmul over reused views of the
-        # buffers (the same pieces, the same sums, fewer Python calls per block).
+        # Where BLAS cannot be held on one thread, a whole block's dot products: the pieces'
+        # matmul over reused views of the buffers (the same pieces, the same sums as
+        # _float64_dot, fewer Python calls per block).
         self._pieces = None
-        if self.size > _DOT_PIECE and self.size % _DOT_PIECE == 0:
+        if not ONE_THREAD_BLAS.usable and self.size > _DOT_PIECE and self.size % _DOT_PIECE == 0:
             k = self.size // _DOT_PIECE
             rows = tuple(buf.reshape(k, 1, _DOT_PIECE) for buf in (self.A, self.B))
             cols = tuple(buf.reshape(k, _DOT_PIECE, 1) for buf in (self.A, self.B))
@@ -1037,14 +1038,11 @@ class _FloatKernel:
 
     def _dot(self, m: int, i: int, j: int) -> float:
         """The dot product of buffers ``i`` and ``j`` (0: A, 1: B) over the first ``m`` elements."""
-        if ONE_THREAD_BLAS.usable:
-            bufs = (self.A, self.B)
-            return _one_call_dot(bufs[i][:m], bufs[j][:m])
         if m == self.size and self._pieces is not None:
             rows, cols, parts = self._pieces
             return _fold(np.matmul(rows[i], cols[j], out=parts))
         bufs = (self.A, self.B)
-        return _piecewise_dot(bufs[i][:m], bufs[j][:m])
+        return _float64_dot(bufs[i][:m], bufs[j][:m])
 
     def _block(self, a, b, acc: _Acc) -> None:
         cmp = self.cmp
@@ -1370,10 +1368,10 @@ _LOCAL = threading.local()  # per-thread scratch of the identical sums
 
 def _square_sum(w: np.ndarray) -> float:
     """Sum of |w|^2 over the finite values of a float64 / complex128 block."""
-    s = _piecewise_dot(w, w)
+    s = _float64_dot(w, w)
     if not math.isfinite(s):
         w = np.where(np.isfinite(w), w, 0)
-        s = _piecewise_dot(w, w)
+        s = _float64_dot(w, w)
     return s
 
 
@@ -1431,11 +1429,11 @@ def _sums_numpy(x: np.ndarray, y: np.ndarray | None, bufs: _Buffers) -> tuple[fl
                 continue
             B = wb[:m]
             np.copyto(B, ys, casting="unsafe")
-            d, sa, sb = _piecewise_dot(B, A), _piecewise_dot(A, A), _piecewise_dot(B, B)
+            d, sa, sb = _float64_dot(B, A), _float64_dot(A, A), _float64_dot(B, B)
             if not (math.isfinite(d) and math.isfinite(sa) and math.isfinite(sb)):
                 fin = np.isfinite(A) & np.isfinite(B)
                 A, B = np.where(fin, A, 0), np.where(fin, B, 0)
-                d, sa, sb = _piecewise_dot(B, A), _piecewise_dot(A, A), _piecewise_dot(B, B)
+                d, sa, sb = _float64_dot(B, A), _float64_dot(A, A), _float64_dot(B, B)
             dot, na, nb = dot + d, na + sa, nb + sb
     return dot, na, nb
 
@@ -1648,7 +1646,7 @@ def _scaled_square_sum(x, m: float) -> float:
         if isinstance(piece, np.ndarray):
             w = piece.astype(np.complex128 if piece.dtype.kind == "c" else np.float64)
             w = np.where(np.isfinite(w), w, 0) / m
-            total += _piecewise_dot(w, w)
+            total += _float64_dot(w, w)
         else:
             import torch
 

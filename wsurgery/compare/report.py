@@ -775,17 +775,10 @@ def diff(
             bool(ignore_ties),
             depth,
             modules,
-            _skipped(A, filter),
-            _skipped(B, filter),
+            # the non-tensor entries ("name: what") whose names pass the filter
+            [s for s in A.skipped if keep(s.split(": ", 1)[0])],
+            [s for s in B.skipped if keep(s.split(": ", 1)[0])],
         )
-
-
-def _skipped(ckpt: Checkpoint, filter: str | None) -> list[str]:  # noqa: A002
-    """A checkpoint's non-tensor entries (``"name: what"``) whose names pass ``filter``."""
-    items = getattr(ckpt, "skipped", None) or []
-    if filter is None:
-        return list(items)
-    return [s for s in items if fnmatch.fnmatchcase(s.split(": ", 1)[0], filter)]
 
 
 def _check_depth(by_module) -> int | str | None:
