@@ -28,6 +28,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check wsurgery tests fixtures fuzz benchmarks
+	$(BIN)/mypy wsurgery
 
 fixtures: $(STAMP)
 	$(BIN)/python fixtures/make_fixtures.py
