@@ -8,12 +8,10 @@ holds each command's place and one-line summary, so listing them imports none).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import os
 import signal
 import sys
-import textwrap
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -72,6 +70,8 @@ def command_function(name: str):
 def _help(fn) -> str:
     """A command's docstring as help: each paragraph one line, for the help screen to wrap
     to the terminal (a docstring's own line breaks would leave orphan words)."""
+    import inspect
+
     text = inspect.cleandoc(fn.__doc__ or "")
     return "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
 
@@ -125,6 +125,7 @@ def __getattr__(name: str) -> Any:
 def top_level_help(width: int | None = None) -> str:
     """The help of ``wsurgery`` itself, from the registry: no command is imported."""
     import shutil
+    import textwrap
 
     width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
     name_w = max(map(len, COMMANDS)) + 2

@@ -72,7 +72,7 @@ def check(
     code = 0 if report.equal else 1
     if machine_output(report, quiet=quiet, json_out=json_out):
         return code
-    con = console()
+    con = console(rich=True)
     what = safe(f"{chain_text(report.transform)}({src}) vs {dst}" + (f" in {other}" if other else ""))
     tol = criteria_text(report)
     n = len(report.pairs)

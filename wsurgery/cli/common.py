@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..show import shape_text  # noqa: F401 - the commands' import of it
+from .text import LONG, safe  # noqa: F401 - the commands' import of them
 
 # --- shared options ---------------------------------------------------------------------
 
@@ -157,7 +158,34 @@ MinCosineOpt = Annotated[
 # --- printing ---------------------------------------------------------------------------
 
 
-def console(stderr: bool = False):
+class PlainConsole:
+    """Plain lines on a stream, for output that has no styles (tables of names, summaries):
+    what rich's console offers those commands (``print``, ``width``, ``is_terminal``,
+    ``file``) without importing rich. Lines are never folded; a closed pipe raises
+    ``BrokenPipeError`` (exit 5, like any failed write)."""
+
+    def __init__(self, stderr: bool = False):
+        self.file = sys.stderr if stderr else sys.stdout
+        self.is_terminal = self.file.isatty()
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit() and int(columns) > 0:
+            self.width = int(columns)
+        elif self.is_terminal:
+            import shutil
+
+            self.width = shutil.get_terminal_size().columns
+        else:
+            self.width = 200  # piped into a log (CI): tables as wide as they need
+
+    def print(self, text: str = "", *, markup: bool = False) -> None:
+        self.file.write(f"{text}\n")
+
+
+def console(stderr: bool = False, rich: bool = False):
+    """Where a command prints: plain lines by default; rich's console (``rich=True``) for
+    styled tables and progress bars."""
+    if not rich:
+        return PlainConsole(stderr)
     from rich.console import Console
 
     class _Console(Console):
@@ -179,7 +207,13 @@ def console(stderr: bool = False):
     )
 
 
-from .text import LONG, safe  # noqa: E402, F401 - the commands' import of them
+def cell_len(text: str) -> int:
+    """Columns ``text`` takes on a terminal (wide characters count two)."""
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len as rich_cell_len
+
+    return rich_cell_len(text)
 
 
 def cell(text):
@@ -200,8 +234,6 @@ def print_table(
     or folded: it is as wide as the table. Drawn as plain lines, in time linear in the
     cells (a million rows are fine).
     """
-    from rich.cells import cell_len
-
     cells = [[safe(c) for c in row] for row in rows]
     widths = [cell_len(h) for h in headers]
     for row in cells:
@@ -305,7 +337,7 @@ class ByteProgress:
                 DownloadColumn(binary_units=True),  # MiB, as every size wsurgery prints
                 _speed_column(),
                 TimeRemainingColumn(),
-                console=console(stderr=True),
+                console=console(stderr=True, rich=True),
                 transient=True,
             )
             self._progress.__enter__()

@@ -349,7 +349,7 @@ def diff(
     code = 0 if report.equal else 1
     if machine_output(report, quiet=quiet, json_out=json_out):
         return code
-    con = console()
+    con = console(rich=True)
     tol = criteria_text(report)
     if report.equal:
         agree = "1 tensor agrees" if report.same == 1 else f"{report.same:,} tensors agree"
