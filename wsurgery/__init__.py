@@ -37,7 +37,28 @@ _WHERE = {
     "testing": "testing",  # wsurgery.testing.assert_checkpoint_equal
 }
 
-__all__ = sorted(n for n in _WHERE if n != "distributed")
+__all__ = [
+    "Checkpoint",
+    "Derived",
+    "InputError",
+    "OutputError",
+    "Problem",
+    "SaveResult",
+    "SurgeryError",
+    "TransformError",
+    "UnknownNameError",
+    "UsageError",
+    "WsurgeryError",
+    "apply",
+    "check",
+    "convert",
+    "diff",
+    "load",
+    "load_state_dict",
+    "open",
+    "save_state_dict",
+    "testing",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -56,7 +77,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from . import distributed, testing
+    from . import distributed, testing  # noqa: F401 - distributed is public, not in __all__ (as before)
     from .api import apply, check, convert, diff, load, load_state_dict, open, save_state_dict
     from .checkpoint import Checkpoint, Derived, SaveResult
     from .errors import (
