@@ -1,7 +1,7 @@
-"""What a checkpoint holds, as data: the library's side of ``wsurgery inspect``.
+"""What a checkpoint holds, as data: the library's side of the command line's inspect.
 
 :func:`inspect` reads headers only (safetensors is never decoded, torch is not imported)
-and returns an :class:`Inspection`, whose ``to_dict()`` is the ``inspect --json``
+and returns an :class:`Inspection`, whose ``to_dict()`` is the inspect command's JSON
 document, so the command line and Python agree by construction. The command line only
 renders it (a table, a tree, totals, warnings).
 """
@@ -102,7 +102,7 @@ class Inspection:
         return sum(1 for t in self.tensors if t.alias_of is not None)
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``inspect --json`` document (without its ``schema``)."""
+        """The inspect command's JSON document (without its ``schema``)."""
         out: dict[str, Any] = {
             "path": self.path,
             "format": self.format,
@@ -137,7 +137,7 @@ def inspect(source: str | os.PathLike[str] | Checkpoint, *, filter: str | None =
             selects are shown, and the totals are of those.
 
     Returns:
-        An :class:`Inspection`; ``to_dict()`` is the ``inspect --json`` document.
+        An :class:`Inspection`; ``to_dict()`` is the inspect command's JSON document.
 
     Raises:
         InputError: the checkpoint cannot be read.
@@ -231,3 +231,28 @@ def _describe(c: Checkpoint, path: str, selector: str | None) -> Inspection:
         ties=ties,
         warnings=warnings,
     )
+
+
+def plan_summary(ckpt: Checkpoint) -> dict[str, Any]:
+    """What a planned checkpoint holds and how it came to be (its ``changes``), as the
+    JSON-ready keys the writing commands print: ``stored`` (count), ``aliases``,
+    ``copied``, ``untied``, ``plan`` (every step) and ``skipped``."""
+    from .checkpoint import natural_key
+
+    ops = ckpt.changes
+    return {
+        "stored": len(ckpt.stored),
+        "aliases": [{"name": n, **ckpt.aliases[n].record()} for n in sorted(ckpt.aliases, key=natural_key)],
+        "copied": [
+            {"src": op.src, "dst": op.dst, "source": op.base, "from": op.origin, "transform": _specs(op)}
+            for op in ops
+            if op.kind == "copy"
+        ],
+        "untied": [{"name": op.dst, "source": op.base, "transform": _specs(op)} for op in ops if op.kind == "untie"],
+        "plan": [op.describe() for op in ops],
+        "skipped": list(ckpt.skipped),
+    }
+
+
+def _specs(op: Any) -> list[str]:
+    return list(op.value.specs) if op.value is not None else []

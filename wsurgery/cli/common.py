@@ -352,3 +352,32 @@ class ByteProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
         return False
+
+
+class LateProgress:
+    """A progress bar on stderr for a write whose size is known only inside the library
+    (a recipe): it appears once the bytes written pass :attr:`ByteProgress.THRESHOLD`."""
+
+    def __init__(self, description: str, enabled: bool = True):
+        self.enabled = enabled and not ByteProgress.suppressed
+        self.description = description
+        self.done = 0
+        self._bar: ByteProgress | None = None
+
+    def __enter__(self):
+        return self
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self._bar is None and self.enabled and self.done >= ByteProgress.THRESHOLD:
+            self._bar = ByteProgress(ByteProgress.THRESHOLD, self.description).__enter__()
+            if self._bar._progress is not None and self._bar._task is not None:
+                self._bar._progress.update(self._bar._task, total=None, completed=self.done)
+            return
+        if self._bar is not None:
+            self._bar.advance(nbytes)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False

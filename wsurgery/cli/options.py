@@ -2,7 +2,7 @@
 
 A command declares ``out: OutputOptions`` and decorates itself with :func:`output_options`;
 typer then sees the shared flags (``-o``, ``--format``, ``--force``, ``--in-place``,
-``--dry-run``, ``--max-shard-size``, ``--no-sync``, ``--json``) as parameters of the command, and the
+``--dry-run``, ``--max-shard-size``, ``--no-sync``, ``--json``, ``--quiet``) as parameters of the command, and the
 command receives them as one value. Adding a flag to every writing command is one edit
 here.
 """
@@ -62,6 +62,11 @@ NoSyncOpt = Annotated[
 ]
 
 
+WriteQuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print no plan and no summary, only errors; the exit code says it all.")
+]
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """Where and how a writing command writes its result."""
@@ -75,6 +80,7 @@ class OutputOptions:
     max_shard_size: str | None = None
     sync: bool = True
     json: bool = False
+    quiet: bool = False
 
 
 # (parameter name, annotation, default); dry_run only for commands that plan
@@ -87,6 +93,7 @@ _SHARED = [
     ("max_shard_size", MaxShardOpt, None),
     ("no_sync", NoSyncOpt, False),
     ("json_out", JsonOpt, False),
+    ("quiet", WriteQuietOpt, False),
 ]
 
 
@@ -115,6 +122,7 @@ def output_options(*, dry_run: bool = True):
                 max_shard_size=kwargs.pop("max_shard_size", None),
                 sync=not kwargs.pop("no_sync", False),
                 json=kwargs.pop("json_out", False),
+                quiet=kwargs.pop("quiet", False),
             )
             return fn(*args, out=out, **kwargs)
 
