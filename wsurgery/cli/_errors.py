@@ -320,8 +320,8 @@ def _reporting(name: str):
                 emit_error("interrupted")
                 raise typer.Exit(130) from None
             except MemoryError:
-                exc = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
-                raise typer.Exit(report_error(name, exc, json_out)) from None
+                oom = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
+                raise typer.Exit(report_error(name, oom, json_out)) from None
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
             except OSError as exc:

@@ -5,17 +5,13 @@ from __future__ import annotations
 from ..transforms import chain_text
 from ._errors import command
 from .common import (
-    AtolOpt,
     CheckDstOpt,
     CheckFromOpt,
     CheckSrcOpt,
     CkptArg,
     CompareDeviceOpt,
     JsonOpt,
-    MaxRelL2Opt,
-    MinCosineOpt,
     QuietOpt,
-    RtolOpt,
     TransformOpt,
     console,
     safe,
@@ -29,22 +25,22 @@ from .diff import (
     single_threaded_blas,
     stats_table,
 )
+from .options import Tolerances, tolerance_options
 
 
 @command("check")
+@tolerance_options()
 def check(
     ckpt: CkptArg,
     src: CheckSrcOpt,
     dst: CheckDstOpt,
     transform: TransformOpt = None,
     other: CheckFromOpt = None,
-    atol: AtolOpt = 0.0,
-    rtol: RtolOpt = 0.0,
-    max_rel_l2: MaxRelL2Opt = None,
-    min_cosine: MinCosineOpt = None,
     device: CompareDeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    *,
+    tol: Tolerances,
 ) -> int:
     """Assert that transform(SRC) equals DST, in CKPT or with DST taken from --from.
 
@@ -65,9 +61,7 @@ def check(
             dst,
             transform=transform or [],
             other=other,
-            **compare_options(
-                atol=atol, rtol=rtol, max_rel_l2=max_rel_l2, min_cosine=min_cosine, device=device, progress=bar
-            ),
+            **compare_options(tol, device=device, progress=bar),
         )
     code = 0 if report.equal else 1
     if machine_output(report, quiet=quiet, json_out=json_out):

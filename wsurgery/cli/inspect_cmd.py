@@ -25,7 +25,7 @@ class _Folder:
 
     __slots__ = ("children", "params")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.children: dict[tuple[bool, str], _Folder | TensorInfo] = {}  # (is a folder, key) -> child
         self.params = 0
 
