@@ -7,6 +7,7 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 import wsurgery
@@ -81,3 +82,17 @@ def test_rename_plan_shows_the_old_name_under_from(tmp_path, cli):
     assert code == 0
     row = next(line.split() for line in stdout.splitlines() if line.startswith("rename"))
     assert row[:3] == ["rename", "x.0.w", "a.0.w"]
+
+
+def test_a_problem_fix_is_data_in_the_library_and_flags_on_the_command_line(tmp_path, cli):
+    """One rendering path: the library's error says what is wrong and carries the fix as
+    data (``suggest``); only the command line words it, with its own flag."""
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path / "m.safetensors"
+    wsurgery.save_state_dict({"enc.weight": torch.randn(3, 4, generator=g), "dec.weight": torch.randn(4, 3)}, path)
+    with wsurgery.open(path) as c, pytest.raises(wsurgery.SurgeryError) as info:
+        c.tie("enc.weight", "dec.weight")
+    assert info.value.problems[0].suggest == ("transpose",)
+    assert "--" not in str(info.value) and "--" not in (info.value.hint or "")
+    code, _, err = cli("tie", path, "--src", "enc.weight", "--dst", "dec.weight", "-o", tmp_path / "o.safetensors")
+    assert code == 4 and err.count("\n") == 1 and err.count("(hint: try --transform transpose") == 1
