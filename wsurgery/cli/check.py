@@ -68,18 +68,18 @@ def check(
         return code
     con = console(rich=True)
     what = safe(f"{chain_text(report.transform)}({src}) vs {dst}" + (f" in {other}" if other else ""))
-    tol = criteria_text(report)
+    said = criteria_text(report)
     n = len(report.pairs)
     pairs = f"{n} pair" + ("" if n == 1 else "s")
     drift = f", rel l2 {fmt_float(report.rel_l2)}" if report.rel_l2 else ""
     if report.equal:
-        con.print(f"equal: {what}: {pairs}, {report.numel or 0:,} elements{drift} ({tol})", markup=False)
+        con.print(f"equal: {what}: {pairs}, {report.numel or 0:,} elements{drift} ({said})", markup=False)
         return code
     bad = [p for p in report.pairs if not p.equal]
     con.print(
         f"different: {what}: {len(bad)} of {pairs} differ; mismatched "
         f"{report.mismatched if report.mismatched is not None else '-'}, max |a-b| "
-        f"{fmt_float(report.max_abs_diff)}{drift} ({tol})",
+        f"{fmt_float(report.max_abs_diff)}{drift} ({said})",
         markup=False,
     )
     bad.sort(key=lambda p: p.severity())

@@ -341,16 +341,16 @@ def diff(
     if machine_output(report, quiet=quiet, json_out=json_out):
         return code
     con = console(rich=True)
-    tol = criteria_text(report)
+    said = criteria_text(report)
     if report.equal:
         agree = "1 tensor agrees" if report.same == 1 else f"{report.same:,} tensors agree"
-        con.print(f"equal: {agree} ({tol})", markup=False)
+        con.print(f"equal: {agree} ({said})", markup=False)
     else:
         parts = [f"{len(report.changed):,} changed"]
         parts.append(f"{len(report.only_in_a):,} only in A")
         parts.append(f"{len(report.only_in_b):,} only in B")
         parts.append(f"{report.same:,} same")
-        con.print(f"different: {', '.join(parts)} ({tol})", markup=False)
+        con.print(f"different: {', '.join(parts)} ({said})", markup=False)
     if report.changed:
         rows = [(c.name, c.reason, c.a, c.b, c.stats) for c in report.changed]
         con.print(stats_table(rows, "name", "A | B"))

@@ -163,7 +163,7 @@ def tolerance_options(*, thresholds: bool = True):
     ``thresholds``); it receives them as ``tol: Tolerances``."""
     from .common import AtolOpt, MaxRelL2Opt, MinCosineOpt, RtolOpt
 
-    shared = [("atol", AtolOpt, _TOL.atol), ("rtol", RtolOpt, _TOL.rtol)]
+    shared: list[tuple[str, object, object]] = [("atol", AtolOpt, _TOL.atol), ("rtol", RtolOpt, _TOL.rtol)]
     if thresholds:
         shared += [("max_rel_l2", MaxRelL2Opt, _TOL.max_rel_l2), ("min_cosine", MinCosineOpt, _TOL.min_cosine)]
 
