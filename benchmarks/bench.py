@@ -423,7 +423,7 @@ def main(argv=None) -> int:
         default="",
         help="comma-separated subset: diff,diff-all,tie,convert,tie-nosync,convert-nosync,copy-scale,recipe,"
         "recipe-nosync,recipe-20-renames-nosync,inspect,dcp-convert,dcp-convert-nosync,dcp-diff,dcp-write-nosync,"
-        "diff-all-2-ranks",
+        "diff-all-2-ranks,startup (--version, --help and inspect against python -c pass)",
     )
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")
@@ -444,7 +444,14 @@ def main(argv=None) -> int:
     results = []
     # A real install has byte-compiled modules; don't time compiling them.
     subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "wsurgery")], check=True, stdout=subprocess.DEVNULL)
-    for dtype in args.dtype.split(","):
+    if not only or "startup" in only:  # start-up against the interpreter's own (benchmarks/bench_startup.py)
+        from benchmarks.bench_startup import startup_rows
+
+        tree = baseline_tree(args.baseline, work) if args.baseline else None
+        results += startup_rows(work, max(args.rounds, 11), tree, args.baseline or "baseline")
+        for row in results:
+            print(_format_row(row), file=sys.stderr)
+    for dtype in ([] if only == {"startup"} else args.dtype.split(",")):
         print(f"generating {args.size} {dtype} checkpoints in {work} ...", file=sys.stderr)
         # in a child process, so this process stays small: a forked child's peak RSS starts at its parent's
         code = (

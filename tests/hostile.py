@@ -139,7 +139,7 @@ for line in sys.stdin:
         else:
             pickles.scan(path, zip_format=mode == "scan-zip")
     except wsurgery.WsurgeryError as exc:
-        out["outcome"], out["message"] = "refused", exc.one_line()
+        out["outcome"], out["message"] = "refused", f"{exc} (hint: {exc.hint})" if exc.hint else str(exc)
     except Hang:
         out["outcome"], out["message"] = "hang", f"no result after {per_case} s"
     except BaseException as exc:

@@ -190,8 +190,8 @@ def test_chart_on_a_terminal_by_default(drifted, monkeypatch, capsys):
     a, b = drifted
     real = common.console
 
-    def terminal(stderr=False):
-        con = real(stderr)
+    def terminal(stderr=False, rich=False):
+        con = real(stderr, rich=rich)
         con._force_terminal = True  # rich's own switch: is_terminal is then true
         return con
 

@@ -108,9 +108,13 @@ def test_an_input_click_thinks_unreadable_is_wsurgerys_to_judge(tmp_path, cli, m
         assert code == 3, (args, err)
 
 
-def test_inspect_filter_matching_nothing_is_a_usage_error_and_totals_are_of_what_is_shown(fixtures, cli):
+def test_inspect_filter_is_the_one_selector_and_totals_are_of_what_is_shown(fixtures, cli):
     code, _, err = cli("inspect", fixtures / "tiny_lm.safetensors", "--filter", "nope.*")
-    assert code == 2 and "--filter 'nope.*' matches no tensor" in err
+    assert code == 3 and "'nope.*' matches no tensor" in err  # selecting nothing: exit 3, as everywhere
+    code, _, err = cli("inspect", fixtures / "tiny_lm.safetensors", "--filter", "embeding.weight")
+    assert code == 3 and "did you mean embedding.weight" in err
+    code, out, _ = cli("inspect", fixtures / "tiny_lm.safetensors", "--filter", "layers.0", "--json")
+    assert len(json.loads(out)["tensors"]) == 6  # a module prefix
     code, out, _ = cli("inspect", fixtures / "tiny_lm.safetensors", "--filter", "layers.0.*", "--json")
     report = json.loads(out)
     shown = [t for t in report["tensors"] if t["alias_of"] is None]

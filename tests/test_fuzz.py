@@ -134,7 +134,7 @@ def exercise(path: Path) -> str:
             finally:
                 back.close()
     except WsurgeryError as exc:
-        assert "\n" not in str(exc) and "\n" not in exc.one_line(), repr(exc.one_line())
+        assert "\n" not in str(exc) and "\n" not in (exc.hint or ""), repr(exc)
         TRIED["refused"] += 1
         return "refused"
     TRIED["loaded"] += 1

@@ -218,7 +218,10 @@ def test_stack_refuses_gaps_and_templates_without_i(tmp_path):
 def test_a_new_destination_one_edit_away_is_refused_unless_new(tmp_path):
     with wsurgery.open(write(tmp_path)) as c:
         text = problem(c.copy, "module.layers.0.q.weight", "module.layers.0.q.wieght")
-        assert "module.layers.0.q.weight" in text and "new=True" in text
+        assert "module.layers.0.q.weight" in text
+        with pytest.raises(SurgeryError) as info:
+            c.copy("module.layers.0.q.weight", "module.layers.0.q.wieght")
+        assert info.value.problems[0].new_name  # the fix (new=True) is data; each front end words it
         assert "typo" in problem(c.copy, "module.norm.weight", "Module.Norm.Weight")
         c.copy("module.layers.0.q.weight", "module.layers.0.q.wieght", new=True)
         c.copy("module.layers.0", "module.layers.12")  # a new layer, not a typo

@@ -61,7 +61,7 @@ def test_disk_full_at_fsync_is_an_output_error(tmp_path, monkeypatch):
     dest = tmp_path / "out.safetensors"
     with pytest.raises(OutputError, match="No space left on device") as info:
         write_safetensors(dest, [WriteItem("a", "uint8", (3,), 3, lambda f: f.write(b"abc"))], None)
-    assert info.value.reason == "no_space" and "free some disk space" in info.value.one_line()
+    assert info.value.reason == "no_space" and "free some disk space" in (info.value.hint or "")
     assert not dest.exists() and leftovers(tmp_path) == []
 
 

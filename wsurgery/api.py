@@ -159,6 +159,9 @@ def apply(
     sync: bool = True,
     max_shard_size: int | str | None = None,
     progress: Callable[[int], None] | None = None,
+    format: str | None = None,  # noqa: A002 - as for convert
+    replace_input: bool = False,
+    default_out: Callable[[str | None], PathLike] | None = None,
 ) -> ApplyResult:
     """Run a recipe (schema ``wsurgery.recipe/1``): its steps in order on its first input,
     its expectations checked, the result written in one pass.
@@ -180,6 +183,10 @@ def apply(
         sync: fsync the output before renaming it into place; ``False`` is faster.
         max_shard_size: a folder of shards (``"5GB"``), in place of the recipe's.
         progress: called with the byte count of each piece written.
+        format: the output's format, as for :func:`convert`.
+        replace_input: let the output replace an input (see :meth:`Checkpoint.save`).
+        default_out: where to write when neither ``out`` nor the recipe says, given the
+            first input's path (a front end's default, such as a name beside the input).
 
     Returns:
         An ``ApplyResult``: ``checkpoint`` (the lazy result; its ``changes`` are the plan),
@@ -203,14 +210,22 @@ def apply(
 
     rec = recipes.load(recipe)
     target = os.fspath(out) if out is not None else rec.output
-    if target is None and not dry_run:
+    if target is None and not dry_run and default_out is None:
         raise UsageError("nowhere to write: the recipe has no output path and no out was given", param="out")
     shard_size = max_shard_size if max_shard_size is not None else rec.max_shard_size
     with recipes.prepare(rec, inputs) as run:
+        if target is None and default_out is not None:
+            target = os.fspath(default_out(next(iter(run.paths.values()), None)))
         saved = None
         if not dry_run:
             saved = run.result.save(
-                target, overwrite=overwrite, max_shard_size=shard_size, sync=sync, progress=progress
+                target,
+                overwrite=overwrite,
+                max_shard_size=shard_size,
+                sync=sync,
+                progress=progress,
+                format=format,
+                replace_input=replace_input,
             )
         info = run.describe()
         return recipes.ApplyResult(

@@ -387,6 +387,20 @@ class SaveResult:
     dropped_metadata: list[str] = field(default_factory=list)
     aliases_as_values: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict:
+        """The writers' JSON: ``output``, ``format``, ``stored`` (count), ``nbytes``,
+        ``aliases`` (``[{name, source, transform}]``), and what else was done when any."""
+        out: dict = {"output": self.path, "format": self.format, "stored": self.stored, "nbytes": self.nbytes}
+        out["aliases"] = [{"name": n, **r} for n, r in sorted(self.aliases.items(), key=lambda kv: natural_key(kv[0]))]
+        if self.shards is not None:
+            out["shards"] = list(self.shards)
+        if self.files is not None:  # a folder output: the files carried, what config.json changed
+            out["files"], out["config"] = list(self.files), dict(self.config or {})
+        for key in ("dropped_metadata", "aliases_as_values"):
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
+        return out
+
 
 @dataclass
 class Checkpoint:

@@ -5,8 +5,9 @@ the library's language: parameters, never command-line flags or exit codes. The 
 line (``wsurgery.cli._errors``) turns them into its one-line messages, flag-naming hints
 and exit codes, in one place.
 
-Every error's ``str()`` is one line. ``hint`` is a short suggestion for a library user;
-``one_line()`` is the message followed by the hint.
+Every error's ``str()`` is one line: the message, no hint. ``hint`` is a short suggestion
+for a library user (data: the command line replaces it with its own words where it has
+them).
 """
 
 from __future__ import annotations
@@ -38,12 +39,6 @@ class WsurgeryError(Exception):
         if self.path and self.path not in text:
             text = f"{self.path}: {text}"
         return " ".join(text.split("\n"))
-
-    def one_line(self) -> str:
-        line = str(self)
-        if self.hint:
-            line += f" (hint: {self.hint})"
-        return line
 
 
 class UsageError(WsurgeryError):
@@ -115,6 +110,8 @@ class Problem:
             data, ``"untie"`` for a tensor other aliases point at).
         new_name: a new name that looks like a typo; saying it is new creates it.
         names: the tensors the problem is about.
+        candidates: close matches of a name that does not exist (``names`` holds it).
+        step: the recipe step (from 1) the problem belongs to, when it comes from a recipe.
     """
 
     message: str
@@ -122,21 +119,11 @@ class Problem:
     use: str | None = None
     new_name: bool = False
     names: tuple[str, ...] = ()
-
-    def library_hint(self) -> str | None:
-        if self.new_name:
-            return "pass new=True if the name is meant to be new"
-        if self.suggest:
-            return f"try the transform {' -> '.join(self.suggest)}"
-        if self.use == "untie":
-            return "untie() them first"
-        if self.use:
-            return f"use {self.use}() instead"
-        return None
+    candidates: tuple[str, ...] = ()
+    step: int | None = None
 
     def __str__(self) -> str:
-        hint = self.library_hint()
-        return f"{self.message} ({hint})" if hint else self.message
+        return self.message
 
 
 def _as_problems(problems: Iterable[Problem | str]) -> list[Problem]:
@@ -165,9 +152,7 @@ class SurgeryError(WsurgeryError):
     ):
         self.problems = _as_problems(problems)
         if message is None:
-            message = summarize([str(p) for p in self.problems])
-        if len(self.problems) == 1 and self.problems[0].library_hint():
-            hint = self.problems[0].library_hint()
+            message = summarize([p.message for p in self.problems])
         super().__init__(message, hint=hint, path=path)
 
 

@@ -1,5 +1,7 @@
 """Library errors as the command line shows them: one line, a hint that names flags, and
-an exit code. The exit-code table lives here and nowhere else.
+an exit code. Library errors carry data (``problems``, ``candidates``, ``reason``,
+``param``); every error line and every JSON error object is made here, and the
+exit-code table lives here and nowhere else. typer is imported only where a command runs.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import os
 import shlex
 import sys
 import traceback
-
-import typer
+from typing import Any
 
 from ..errors import (
     DistributedError,
@@ -26,6 +27,7 @@ from ..errors import (
     WsurgeryError,
     summarize,
 )
+from .text import safe
 
 # The exit codes (the README's table).
 EXIT_OK = 0
@@ -93,6 +95,8 @@ def problem_hint(p: Problem) -> str | None:
         return "untie them first with `wsurgery untie`"
     if p.use:
         return f"use `wsurgery {p.use}`"
+    if p.candidates:
+        return f"did you mean {', '.join(p.candidates)}?"
     return None
 
 
@@ -118,8 +122,9 @@ def hint(exc: WsurgeryError) -> str | None:
     """The hint of ``exc`` for the command line: flags where the library names parameters."""
     if isinstance(exc, OutputError) and exc.reason in _OUTPUT_HINTS:
         return _OUTPUT_HINTS[exc.reason]
-    if isinstance(exc, SurgeryError) and len(exc.problems) == 1:
-        return problem_hint(exc.problems[0]) or exc.hint
+    if isinstance(exc, SurgeryError) and len(exc.problems) == 1:  # one hint: the problem's, then the error's
+        said = [h for h in (problem_hint(exc.problems[0]), exc.hint) if h]
+        return "; ".join(said) or None
     if isinstance(exc, SurgeryError) and exc.problems:
         return "nothing was written"
     if isinstance(exc, UnknownNameError) and exc.hint is None:
@@ -172,43 +177,89 @@ def emit_json(obj: dict) -> None:
         raise stdout_error(exc) from None
 
 
-def _emit_error_json(command: str, kind: str, text: str, hint_text: str | None, code: int) -> None:
+def emit_error(text: str, hint_text: str | None = None) -> None:
+    """The one place an error line is written: ``error: TEXT (hint: HINT)`` on stderr,
+    escaped and bounded (a hostile name can be megabytes)."""
+    line = f"{text} (hint: {hint_text})" if hint_text else text
+    sys.stderr.write(f"error: {safe(line, limit=ERROR_LIMIT)}\n")
+
+
+def problem_dicts(exc: WsurgeryError) -> list[dict[str, Any]]:
+    """Every problem of ``exc`` (none cut) as ``{step, name, message, hint}``."""
+    problems = exc.problems if isinstance(exc, SurgeryError) else []
+    return [
+        {
+            "step": p.step,
+            "name": p.names[0] if p.names else None,
+            "message": " ".join(p.message.split("\n")),
+            "hint": problem_hint(p),
+        }
+        for p in problems
+    ]
+
+
+def emit_error_json(
+    command: str,
+    kind: str,
+    text: str,
+    hint_text: str | None,
+    code: int,
+    problems: list[dict[str, Any]] | None = None,
+) -> None:
+    """The JSON error object of ``--json`` on stdout: ``{"schema", "error": {kind, message,
+    hint, exit_code, problems}}``."""
     with contextlib.suppress(OutputError):  # standard output itself may be what failed
         emit_json(
             {
                 "schema": f"wsurgery.{command}/1",
-                "error": {"kind": kind, "message": text, "hint": hint_text, "exit_code": code},
+                "error": {
+                    "kind": kind,
+                    "message": text,
+                    "hint": hint_text,
+                    "exit_code": code,
+                    "problems": problems or [],
+                },
             }
         )
 
 
 def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
-    """Print ``exc`` as one line on stderr (and a JSON object with ``--json``); its exit code."""
-    from .common import safe
-
+    """Print ``exc`` as one line on stderr (and a JSON object with every problem with
+    ``--json``); its exit code."""
     code = exit_code_for(exc)
     if debug():
         traceback.print_exc()
     if not says_nothing(exc):
-        sys.stderr.write(f"error: {safe(one_line(exc), limit=ERROR_LIMIT)}\n")
+        emit_error(message(exc), hint(exc))
     if isinstance(exc, OutputError) and exc.reason in ("stdout", "stdout_closed"):
         _STDOUT_FAILED.append(True)
     elif json_out:
-        _emit_error_json(command, exc.kind, message(exc), hint(exc), code)
+        if isinstance(exc, SurgeryError) and len(exc.problems) > 1:  # the terminal cuts at five; JSON never
+            whole_text = summarize([_problem_line(p) for p in exc.problems])
+        else:
+            whole_text = message(exc)
+        emit_error_json(command, exc.kind, whole_text, hint(exc), code, problem_dicts(exc))
     return code
 
 
-def _internal_error(name: str, exc: Exception, json_out: bool) -> typer.Exit:
+def report_stdout_failure(exc: OSError) -> OutputError:
+    """A failed flush of standard output at exit, reported like any failed write."""
+    err = stdout_error(exc)
+    if not says_nothing(err):
+        emit_error(message(err), hint(err))
+    return err
+
+
+def _internal_error(name: str, exc: Exception, json_out: bool) -> Any:
     """A bug in wsurgery: one line (a traceback only with WSURGERY_DEBUG), exit 70."""
+    import typer
+
     if debug():
         traceback.print_exc()
     first = str(exc).splitlines()[0] if str(exc) else ""
-    sys.stderr.write(
-        f"error: internal error: {type(exc).__name__}: {first} "
-        "(hint: set WSURGERY_DEBUG=1 for a traceback and report it)\n"
-    )
+    emit_error(f"internal error: {type(exc).__name__}: {first}", "set WSURGERY_DEBUG=1 for a traceback and report it")
     if json_out:
-        _emit_error_json(name, "internal", first, None, EXIT_INTERNAL)
+        emit_error_json(name, "internal", first, None, EXIT_INTERNAL)
     return typer.Exit(EXIT_INTERNAL)
 
 
@@ -226,6 +277,8 @@ def _as_rank(name: str):
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            import typer
+
             from .ranks import ranks, silent
 
             try:
@@ -242,23 +295,33 @@ def _as_rank(name: str):
     return deco
 
 
+def _json_of(kwargs: dict[str, Any]) -> bool:
+    """Whether the command was asked for JSON: its ``json_out`` flag, or ``out.json``."""
+    if "json_out" in kwargs:
+        return bool(kwargs["json_out"])
+    out = kwargs.get("out")
+    return bool(getattr(out, "json", False))
+
+
 def _reporting(name: str):
     """Library errors become one stderr line and the table's exit code."""
 
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            json_out = bool(kwargs.get("json_out", False))
+            import typer
+
+            json_out = _json_of(kwargs)
             try:
                 code = fn(*args, **kwargs)
             except WsurgeryError as exc:
                 raise typer.Exit(report_error(name, exc, json_out)) from None
             except KeyboardInterrupt:
-                sys.stderr.write("error: interrupted\n")
+                emit_error("interrupted")
                 raise typer.Exit(130) from None
             except MemoryError:
-                exc = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
-                raise typer.Exit(report_error(name, exc, json_out)) from None
+                oom = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
+                raise typer.Exit(report_error(name, oom, json_out)) from None
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
             except OSError as exc:

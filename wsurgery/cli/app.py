@@ -1,81 +1,150 @@
-"""The typer application: one module per command, registered here."""
+"""The console script: commands registered by name, each imported only when it runs.
+
+``wsurgery --version`` and the top-level help import neither typer nor any command; a
+command imports typer, its own module and what that module uses (the registry below
+holds each command's place and one-line summary, so listing them imports none).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy as _copy_module
-import inspect
 import io
 import os
 import signal
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Any
 
-import typer
+if TYPE_CHECKING:
+    import typer
 
-from . import apply, cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
-from ._errors import _emit_error_json, exit_code_for, one_line, says_nothing, stdout_error, stdout_failed
+# name -> (module under wsurgery.cli, function, summary: the first paragraph of its docstring)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "inspect": (
+        "inspect_cmd",
+        "inspect",
+        "List tensors (name, dtype, shape, parameters, bytes, alias of), totals and metadata.",
+    ),
+    "tie": ("tie", "tie", "Tie DST to SRC: store SRC once and record DST as its alias."),
+    "copy": ("copy", "copy", "Copy transform(SRC) into DST as a tensor of its own."),
+    "untie": ("untie", "untie", "Store the named aliases (every alias by default) as tensors of their own."),
+    "rename": ("rename", "rename", "Rename every tensor by a regular expression; aliases follow."),
+    "drop": ("drop", "drop", "Remove tensors by name, module prefix or glob."),
+    "keep": ("keep", "keep", "Keep only the tensors chosen by name, module prefix or glob."),
+    "cast": ("cast", "cast", "Cast floating tensors to DTYPE, keeping ties."),
+    "concat": ("concat", "concat", "Concatenate the SRC tensors along --dim into DST; the sources are gone."),
+    "split": ("split", "split", "Split SRC along --dim into the DST pieces of the given --sizes; SRC is gone."),
+    "stack": ("stack", "stack", "Stack per-layer tensors into one with a layer axis."),
+    "unstack": ("stack", "unstack", "Unstack a tensor with a layer axis into per-layer tensors."),
+    "apply": (
+        "apply",
+        "apply",
+        "Run a recipe: surgery steps in order on its first input, its expectations checked, one write.",
+    ),
+    "convert": (
+        "convert",
+        "convert",
+        "Convert a checkpoint to safetensors (shared storage recorded as aliases) or, with -o x.pt or --format "
+        "torch, to a torch.save file (aliases as shared storage), or with --format dcp to a "
+        "torch.distributed.checkpoint folder (aliases written as values).",
+    ),
+    "diff": (
+        "diff",
+        "diff",
+        "Compare two checkpoints of any formats: names only in A or B, and for names in both, shape, dtype, tie "
+        "(alias) and value differences with statistics (max |a-b|, max rel, rel l2 = ||a-b|| / ||a||, cosine).",
+    ),
+    "check": ("check", "check", "Assert that transform(SRC) equals DST, in CKPT or with DST taken from --from."),
+}
 
-app = typer.Typer(
-    name="wsurgery",
-    help="Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+ABOUT = "Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely."
+
+
+def command_function(name: str):
+    """The function of command ``name`` (imports its module, and only it)."""
+    import importlib
+
+    module, attr, _ = COMMANDS[name]
+    return getattr(importlib.import_module(f".{module}", __package__), attr)
+
+
+def _help(fn) -> str:
+    """A command's docstring as help: each paragraph one line, for the help screen to wrap
+    to the terminal (a docstring's own line breaks would leave orphan words)."""
+    import inspect
+
+    text = inspect.cleandoc(fn.__doc__ or "")
+    return "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
 
 
 def _version(value: bool) -> None:
     if value:
+        import typer
+
         from .. import __version__
 
         sys.stdout.write(f"wsurgery {__version__}\n")
         raise typer.Exit(0)
 
 
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
-    ] = False,
-) -> None:
-    """Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely."""
+def build_app(names: list[str] | None = None) -> typer.Typer:
+    """The typer application with the commands ``names`` (every command by default)."""
+    import typer
+
+    app = typer.Typer(
+        name="wsurgery",
+        help=ABOUT,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        pretty_exceptions_show_locals=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(  # noqa: B008 - typer's default-value form: no annotation to evaluate
+            False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ) -> None:
+        """Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely."""
+
+    for name in COMMANDS if names is None else names:
+        fn = command_function(name)
+        app.command(name, help=_help(fn))(fn)
+    return app
 
 
-def _help(fn) -> str:
-    """A command's docstring as help: each paragraph one line, for the help screen to wrap
-    to the terminal (a docstring's own line breaks would leave orphan words)."""
-    text = inspect.cleandoc(fn.__doc__ or "")
-    return "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+def __getattr__(name: str) -> Any:
+    """``app``: the whole application, built on first use (tests and embedders)."""
+    if name == "app":
+        built = globals()["app"] = build_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-for _name, _fn in [
-    ("inspect", inspect_cmd.inspect),
-    ("tie", tie.tie),
-    ("copy", copy.copy),
-    ("untie", untie.untie),
-    ("rename", rename.rename),
-    ("drop", drop.drop),
-    ("keep", keep.keep),
-    ("cast", cast.cast),
-    ("concat", concat.concat),
-    ("split", split.split),
-    ("stack", stack.stack),
-    ("unstack", stack.unstack),
-    ("apply", apply.apply),
-    ("convert", convert.convert),
-    ("diff", diff.diff),
-    ("check", check.check),
-]:
-    app.command(_name, help=_help(_fn))(_fn)
+def top_level_help(width: int | None = None) -> str:
+    """The help of ``wsurgery`` itself, from the registry: no command is imported."""
+    import shutil
+    import textwrap
 
-
-def _usage_error_line(exc) -> str:
-    """click's usage errors (missing option, bad value) as the one line every error gets."""
-    return f"error: {exc.format_message()} (hint: {_usage_hint(exc)})"
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
+    name_w = max(map(len, COMMANDS)) + 2
+    lines = ["Usage: wsurgery [OPTIONS] COMMAND [ARGS]...", ""]
+    lines += textwrap.wrap(ABOUT, width - 2, initial_indent="  ", subsequent_indent="  ")
+    lines += [
+        "",
+        "Options:",
+        "  -V, --version  Print the version and exit.",
+        "  -h, --help     Show this message and exit.",
+        "",
+        "Commands:",
+    ]
+    for name, (_, _, summary) in COMMANDS.items():
+        body = textwrap.wrap(summary, max(width - name_w - 2, 30))
+        lines.append(f"  {name.ljust(name_w)}{body[0]}")
+        lines += [" " * (name_w + 2) + more for more in body[1:]]
+    lines += ["", "Run `wsurgery COMMAND --help` for a command's options and an example."]
+    return "\n".join(lines) + "\n"
 
 
 def _usage_hint(exc) -> str:
@@ -84,22 +153,29 @@ def _usage_hint(exc) -> str:
     return f"run `{path} --help`"
 
 
-def _json_asked(argv: list[str] | None) -> bool:
+def _json_asked(args: list[str]) -> bool:
     """Whether ``--json`` is among the arguments (before a ``--``), parsed or not."""
-    args = sys.argv[1:] if argv is None else argv
     return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
 
 
-def _usage_error_json(exc) -> None:
-    """A usage error that click found, as the JSON error object every ``--json`` error is
-    (``wsurgery.<command>/1``; ``wsurgery.error/1`` when there is no command)."""
-    ctx = getattr(exc, "ctx", None)
-    command = ctx.info_name if ctx is not None and ctx.parent is not None else "error"
-    _emit_error_json(command, "usage", exc.format_message(), _usage_hint(exc), exc.exit_code)
+def _usage_error(exc, args: list[str]) -> int:
+    """A usage error that click found (missing option, bad value): the one error line, and
+    with ``--json`` the JSON error object (``wsurgery.<command>/1``; ``wsurgery.error/1``
+    when there is no command). Its exit code."""
+    from ._errors import emit_error, emit_error_json
+
+    emit_error(exc.format_message(), _usage_hint(exc))
+    if _json_asked(args):
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.info_name if ctx is not None and ctx.parent is not None else "error"
+        emit_error_json(command, "usage", exc.format_message(), _usage_hint(exc), exc.exit_code)
+    return int(exc.exit_code)
 
 
 def _terminate(signum, frame):
-    sys.stderr.write("error: terminated\n")
+    from ._errors import emit_error
+
+    emit_error("terminated")
     raise SystemExit(128 + signum)
 
 
@@ -124,49 +200,55 @@ def _whole_writes() -> None:
             )
 
 
-def _with_only_the_command_run(args: list[str]) -> typer.Typer:
-    """The app with only the command named first in ``args`` registered, when one is.
-
-    Building a command's options from its signature costs about 1.3 ms; building all of
-    them for every run was 20 ms of a 0.1 s ``inspect``. The command's own ``--help``,
-    errors and behaviour are those of the full app; without a command name first (the
-    top-level help, ``--version``, a typo) the full app is built.
-    """
-    name = args[0] if args else None
-    chosen = [c for c in app.registered_commands if c.name == name]
-    if not chosen:
-        return app
-    only = _copy_module.copy(app)
-    only.registered_commands = chosen
-    return only
-
-
 def main(argv: list[str] | None = None) -> None:
     """The console script: usage errors exit 2 with one line, like every other error."""
+    args = sys.argv[1:] if argv is None else list(argv)
     _whole_writes()
     # A file-size limit must surface as an error on write (EFBIG, exit 5), not kill us.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so temporary files are removed.
     signal.signal(signal.SIGTERM, _terminate)
-    cmd = typer.main.get_command(_with_only_the_command_run(sys.argv[1:] if argv is None else argv))
+    if args in (["--version"], ["-V"]):
+        from .. import __version__
+
+        sys.stdout.write(f"wsurgery {__version__}\n")
+        _finish(0, argv)
+    if args in ([], ["--help"], ["-h"]):
+        sys.stdout.write(top_level_help())
+        _finish(0, argv)
+    _finish(_run(args), argv)
+
+
+def _run(args: list[str]) -> int:
+    """Run the command named first in ``args`` from an app built with it alone (a typo or
+    an option first: the whole app, for click's own error); its exit code."""
+    import typer
+
+    from ._errors import emit_error
+
+    name = args[0]
+    cmd = typer.main.get_command(build_app([name] if name in COMMANDS else None))
     try:
-        code = cmd.main(args=argv, prog_name="wsurgery", standalone_mode=False)
+        code = cmd.main(args=args, prog_name="wsurgery", standalone_mode=False)
     except typer.Abort:
-        sys.stderr.write("error: aborted\n")
-        sys.exit(130)
+        emit_error("aborted")
+        return 130
     except Exception as exc:
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
             if type(exc).__name__ == "NoArgsIsHelpError":
-                sys.exit(0)  # the help was printed already
-            sys.stderr.write(_usage_error_line(exc) + "\n")
-            if _json_asked(argv):
-                _usage_error_json(exc)
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stdout.flush()
-            sys.exit(exc.exit_code)
+                return 0  # the help was printed already
+            code = _usage_error(exc, args)
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+            return code
         raise
-    code = code if isinstance(code, int) else 0
+    return code if isinstance(code, int) else 0
+
+
+def _finish(code: int, argv: list[str] | None) -> None:
+    """Leave with ``code``: ``sys.exit`` when called with arguments (tests, embedders),
+    else :func:`_exit_now`."""
     if argv is not None:
         sys.exit(code)
     _exit_now(code)
@@ -178,12 +260,12 @@ def _exit_now(code: int) -> None:
     costs 30-60 ms of a sub-second command. Every file wsurgery wrote is closed by now.
     Output that cannot be flushed (a full disk, a closed pipe) is exit 5, like any write."""
     try:
-        if not stdout_failed():  # already reported once: what is left unwritten stays so
-            sys.stdout.flush()
+        if "wsurgery.cli._errors" not in sys.modules or not sys.modules["wsurgery.cli._errors"].stdout_failed():
+            sys.stdout.flush()  # a failure already reported leaves what is unwritten so
     except (OSError, ValueError) as exc:
-        err = stdout_error(exc if isinstance(exc, OSError) else OSError(str(exc)))
-        if not says_nothing(err):
-            sys.stderr.write(f"error: {one_line(err)}\n")
+        from ._errors import exit_code_for, report_stdout_failure
+
+        err = report_stdout_failure(exc if isinstance(exc, OSError) else OSError(str(exc)))
         code = exit_code_for(err)
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ._errors import command
-from .common import console, safe
+from .common import LateProgress, console, safe
 from .options import OutputOptions, output_options
-from .output import write_result
+from .output import _target, report_write
 
 RecipeArg = Annotated[
     Path,
@@ -46,21 +45,38 @@ def apply(recipe: RecipeArg, ckpts: CkptsArg = None, *, out: OutputOptions) -> i
 
     Example: wsurgery apply examples/recipes/ddp_to_plain.yaml train.pt -o model.safetensors
     """
-    from ..surgery import recipe as recipes
+    from ..api import apply as run_recipe
 
-    rec = recipes.load(recipe)
-    with recipes.prepare(rec, list(ckpts or [])) as run:
-        first = Path(next(iter(run.paths.values())) or recipe)
-        options = dataclasses.replace(
-            out,
-            output=out.output if out.output is not None else (None if rec.output is None else Path(rec.output)),
-            max_shard_size=out.max_shard_size if out.max_shard_size is not None else rec.max_shard_size,
+    def beside_first_input(first: str | None) -> str:  # the default output of every command
+        return _target(Path(first or recipe), out)
+
+    bar = LateProgress("writing", enabled=not (out.json or out.quiet or out.dry_run))
+    with bar:
+        done = run_recipe(
+            recipe,
+            list(ckpts or []),
+            None if out.output is None else _target(recipe, out),
+            overwrite=out.force,
+            dry_run=out.dry_run,
+            sync=out.sync,
+            max_shard_size=out.max_shard_size,
+            progress=bar.advance,
+            format=out.format,
+            replace_input=out.in_place,
+            default_out=beside_first_input,
         )
-        info = run.describe()
-        code = write_result("apply", first, run.result, options, extra=info)
-        if not out.json:
-            said = [_count(info["steps"], "step"), _count(info["expectations"], "expectation") + " held"]
-            if info["verified"]:
-                said.append(_count(info["verified"], "tie") + " verified")
-            console().print(f"recipe {safe(recipe)}: {', '.join(said)}", markup=False)
-        return code
+    info = {
+        "recipe": str(recipe),
+        "inputs": dict(done.inputs),
+        "steps": done.steps,
+        "expectations": done.expectations,
+        "verified": done.verified,
+    }
+    target = done.output or beside_first_input(None)
+    code = report_write("apply", target, done.checkpoint, done.saved, out, extra=info)
+    if not (out.json or out.quiet):
+        said = [_count(done.steps, "step"), _count(done.expectations, "expectation") + " held"]
+        if done.verified:
+            said.append(_count(done.verified, "tie") + " verified")
+        console().print(f"recipe {safe(recipe)}: {', '.join(said)}", markup=False)
+    return code

@@ -5,17 +5,13 @@ from __future__ import annotations
 from ..transforms import chain_text
 from ._errors import command
 from .common import (
-    AtolOpt,
     CheckDstOpt,
     CheckFromOpt,
     CheckSrcOpt,
     CkptArg,
     CompareDeviceOpt,
     JsonOpt,
-    MaxRelL2Opt,
-    MinCosineOpt,
     QuietOpt,
-    RtolOpt,
     TransformOpt,
     console,
     safe,
@@ -29,22 +25,22 @@ from .diff import (
     single_threaded_blas,
     stats_table,
 )
+from .options import Tolerances, tolerance_options
 
 
 @command("check")
+@tolerance_options()
 def check(
     ckpt: CkptArg,
     src: CheckSrcOpt,
     dst: CheckDstOpt,
     transform: TransformOpt = None,
     other: CheckFromOpt = None,
-    atol: AtolOpt = 0.0,
-    rtol: RtolOpt = 0.0,
-    max_rel_l2: MaxRelL2Opt = None,
-    min_cosine: MinCosineOpt = None,
     device: CompareDeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    *,
+    tol: Tolerances,
 ) -> int:
     """Assert that transform(SRC) equals DST, in CKPT or with DST taken from --from.
 
@@ -65,27 +61,25 @@ def check(
             dst,
             transform=transform or [],
             other=other,
-            **compare_options(
-                atol=atol, rtol=rtol, max_rel_l2=max_rel_l2, min_cosine=min_cosine, device=device, progress=bar
-            ),
+            **compare_options(tol, device=device, progress=bar),
         )
     code = 0 if report.equal else 1
     if machine_output(report, quiet=quiet, json_out=json_out):
         return code
-    con = console()
+    con = console(rich=True)
     what = safe(f"{chain_text(report.transform)}({src}) vs {dst}" + (f" in {other}" if other else ""))
-    tol = criteria_text(report)
+    said = criteria_text(report)
     n = len(report.pairs)
     pairs = f"{n} pair" + ("" if n == 1 else "s")
     drift = f", rel l2 {fmt_float(report.rel_l2)}" if report.rel_l2 else ""
     if report.equal:
-        con.print(f"equal: {what}: {pairs}, {report.numel or 0:,} elements{drift} ({tol})", markup=False)
+        con.print(f"equal: {what}: {pairs}, {report.numel or 0:,} elements{drift} ({said})", markup=False)
         return code
     bad = [p for p in report.pairs if not p.equal]
     con.print(
         f"different: {what}: {len(bad)} of {pairs} differ; mismatched "
         f"{report.mismatched if report.mismatched is not None else '-'}, max |a-b| "
-        f"{fmt_float(report.max_abs_diff)}{drift} ({tol})",
+        f"{fmt_float(report.max_abs_diff)}{drift} ({said})",
         markup=False,
     )
     bad.sort(key=lambda p: p.severity())

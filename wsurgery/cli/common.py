@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..show import shape_text  # noqa: F401 - the commands' import of it
+from .text import LONG, safe  # noqa: F401 - the commands' import of them
 
 # --- shared options ---------------------------------------------------------------------
 
@@ -158,7 +158,34 @@ MinCosineOpt = Annotated[
 # --- printing ---------------------------------------------------------------------------
 
 
-def console(stderr: bool = False):
+class PlainConsole:
+    """Plain lines on a stream, for output that has no styles (tables of names, summaries):
+    what rich's console offers those commands (``print``, ``width``, ``is_terminal``,
+    ``file``) without importing rich. Lines are never folded; a closed pipe raises
+    ``BrokenPipeError`` (exit 5, like any failed write)."""
+
+    def __init__(self, stderr: bool = False):
+        self.file = sys.stderr if stderr else sys.stdout
+        self.is_terminal = self.file.isatty()
+        columns = os.environ.get("COLUMNS", "")
+        if columns.isdigit() and int(columns) > 0:
+            self.width = int(columns)
+        elif self.is_terminal:
+            import shutil
+
+            self.width = shutil.get_terminal_size().columns
+        else:
+            self.width = 200  # piped into a log (CI): tables as wide as they need
+
+    def print(self, text: str = "", *, markup: bool = False) -> None:
+        self.file.write(f"{text}\n")
+
+
+def console(stderr: bool = False, rich: bool = False):
+    """Where a command prints: plain lines by default; rich's console (``rich=True``) for
+    styled tables and progress bars."""
+    if not rich:
+        return PlainConsole(stderr)
     from rich.console import Console
 
     class _Console(Console):
@@ -180,28 +207,13 @@ def console(stderr: bool = False):
     )
 
 
-# C0 and C1 controls, and the characters that reorder or break lines on a terminal:
-# bidirectional overrides and isolates (U+202A-U+202E, U+2066-U+2069), marks (U+200E,
-# U+200F, U+061C) and the Unicode line and paragraph separators.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-LONG = 400  # characters of a name or value shown in human output; longer ones are cut in the middle
+def cell_len(text: str) -> int:
+    """Columns ``text`` takes on a terminal (wide characters count two)."""
+    if text.isascii():
+        return len(text)
+    from rich.cells import cell_len as rich_cell_len
 
-
-def _escape(m) -> str:
-    c = ord(m.group())
-    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-
-
-def safe(text, limit: int = LONG) -> str:
-    """Names and metadata come from files: escape control and bidirectional characters (a
-    hostile name must not send escape sequences to the terminal or reorder what it shows),
-    and shorten absurdly long text (over ``limit`` characters) in the middle, with a
-    marker, in linear time."""
-    text = str(text)
-    if len(text) > limit:
-        cut = len(text) - limit
-        text = f"{text[: limit // 2]}...[{cut:,} characters]...{text[-limit // 2 :]}"
-    return _CONTROL.sub(_escape, text)
+    return rich_cell_len(text)
 
 
 def cell(text):
@@ -222,8 +234,6 @@ def print_table(
     or folded: it is as wide as the table. Drawn as plain lines, in time linear in the
     cells (a million rows are fine).
     """
-    from rich.cells import cell_len
-
     cells = [[safe(c) for c in row] for row in rows]
     widths = [cell_len(h) for h in headers]
     for row in cells:
@@ -327,7 +337,7 @@ class ByteProgress:
                 DownloadColumn(binary_units=True),  # MiB, as every size wsurgery prints
                 _speed_column(),
                 TimeRemainingColumn(),
-                console=console(stderr=True),
+                console=console(stderr=True, rich=True),
                 transient=True,
             )
             self._progress.__enter__()
@@ -341,4 +351,33 @@ class ByteProgress:
     def __exit__(self, *exc):
         if self._progress is not None:
             self._progress.__exit__(*exc)
+        return False
+
+
+class LateProgress:
+    """A progress bar on stderr for a write whose size is known only inside the library
+    (a recipe): it appears once the bytes written pass :attr:`ByteProgress.THRESHOLD`."""
+
+    def __init__(self, description: str, enabled: bool = True):
+        self.enabled = enabled and not ByteProgress.suppressed
+        self.description = description
+        self.done = 0
+        self._bar: ByteProgress | None = None
+
+    def __enter__(self):
+        return self
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self._bar is None and self.enabled and self.done >= ByteProgress.THRESHOLD:
+            self._bar = ByteProgress(ByteProgress.THRESHOLD, self.description).__enter__()
+            if self._bar._progress is not None and self._bar._task is not None:
+                self._bar._progress.update(self._bar._task, total=None, completed=self.done)
+            return
+        if self._bar is not None:
+            self._bar.advance(nbytes)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
         return False

@@ -13,15 +13,11 @@ import typer
 from ..transforms import chain_text
 from ._errors import command, emit_json
 from .common import (
-    AtolOpt,
     ByteProgress,
     CompareDeviceOpt,
     FilterOpt,
     JsonOpt,
-    MaxRelL2Opt,
-    MinCosineOpt,
     QuietOpt,
-    RtolOpt,
     cell,
     console,
     print_skipped,
@@ -29,6 +25,7 @@ from .common import (
     safe,
     shape_text,
 )
+from .options import Tolerances, tolerance_options
 
 DiffArgA = Annotated[
     Path, typer.Argument(metavar="A", help="First checkpoint, any readable format.", show_default=False, readable=False)
@@ -88,13 +85,10 @@ def single_threaded_blas() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-def compare_options(*, atol, rtol, max_rel_l2, min_cosine, device, progress) -> dict:
+def compare_options(tol: Tolerances, *, device, progress) -> dict:
     """The keyword arguments ``diff`` and ``check`` share, with the tuning they run with."""
     return {
-        "atol": atol,
-        "rtol": rtol,
-        "max_rel_l2": max_rel_l2,
-        "min_cosine": min_cosine,
+        **tol.kwargs(),
         "device": device,
         "progress": progress,
         "tuning": compare_tuning(),
@@ -296,13 +290,10 @@ def criteria_text(report) -> str:
 
 
 @command("diff")
+@tolerance_options()
 def diff(
     a: DiffArgA,
     b: DiffArgB,
-    atol: AtolOpt = 0.0,
-    rtol: RtolOpt = 0.0,
-    max_rel_l2: MaxRelL2Opt = None,
-    min_cosine: MinCosineOpt = None,
     ignore_ties: IgnoreTiesOpt = False,
     by_module: ByModuleOpt = None,
     filter: FilterOpt = None,  # noqa: A002
@@ -311,6 +302,8 @@ def diff(
     chart: ChartOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    *,
+    tol: Tolerances,
 ) -> int:
     """Compare two checkpoints of any formats: names only in A or B, and for names in both,
     shape, dtype, tie (alias) and value differences with statistics (max |a-b|, max rel,
@@ -340,34 +333,33 @@ def diff(
             ignore_ties=ignore_ties,
             by_module=depth,
             by_module_min_changed=min_changed,
-            **compare_options(
-                atol=atol, rtol=rtol, max_rel_l2=max_rel_l2, min_cosine=min_cosine, device=device, progress=bar
-            ),
+            **compare_options(tol, device=device, progress=bar),
         )
     if html is not None:
         report.save_html(html)
     code = 0 if report.equal else 1
     if machine_output(report, quiet=quiet, json_out=json_out):
         return code
-    con = console()
-    tol = criteria_text(report)
+    con = console(rich=True)
+    said = criteria_text(report)
     if report.equal:
         agree = "1 tensor agrees" if report.same == 1 else f"{report.same:,} tensors agree"
-        con.print(f"equal: {agree} ({tol})", markup=False)
+        con.print(f"equal: {agree} ({said})", markup=False)
     else:
         parts = [f"{len(report.changed):,} changed"]
         parts.append(f"{len(report.only_in_a):,} only in A")
         parts.append(f"{len(report.only_in_b):,} only in B")
         parts.append(f"{report.same:,} same")
-        con.print(f"different: {', '.join(parts)} ({tol})", markup=False)
+        con.print(f"different: {', '.join(parts)} ({said})", markup=False)
     if report.changed:
         rows = [(c.name, c.reason, c.a, c.b, c.stats) for c in report.changed]
         con.print(stats_table(rows, "name", "A | B"))
     if report.modules is not None and (by_module is not None or chart or not report.equal):
-        modules_table(con, report.modules, report.depth)
+        depth = report.depth or 0  # set whenever there are modules
+        modules_table(con, report.modules, depth)
         helps = len(report.modules) > 1 and any(m.rel_l2 for m in report.modules)
         if chart or (chart is None and helps and con.is_terminal):
-            print_chart(con, report.modules, report.depth)
+            print_chart(con, report.modules, depth)
     _names_block(con, f"only in A: {a}", report.only_in_a)
     _names_block(con, f"only in B: {b}", report.only_in_b)
     print_skipped(con, report.skipped_a, f"not tensors, not compared, in A: {safe(a)}")

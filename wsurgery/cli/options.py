@@ -2,7 +2,7 @@
 
 A command declares ``out: OutputOptions`` and decorates itself with :func:`output_options`;
 typer then sees the shared flags (``-o``, ``--format``, ``--force``, ``--in-place``,
-``--dry-run``, ``--max-shard-size``, ``--no-sync``, ``--json``) as parameters of the command, and the
+``--dry-run``, ``--max-shard-size``, ``--no-sync``, ``--json``, ``--quiet``) as parameters of the command, and the
 command receives them as one value. Adding a flag to every writing command is one edit
 here.
 """
@@ -62,6 +62,11 @@ NoSyncOpt = Annotated[
 ]
 
 
+WriteQuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print no plan and no summary, only errors; the exit code says it all.")
+]
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """Where and how a writing command writes its result."""
@@ -75,50 +80,99 @@ class OutputOptions:
     max_shard_size: str | None = None
     sync: bool = True
     json: bool = False
+    quiet: bool = False
 
+
+_WRITE = OutputOptions()  # every output flag's default, from the options object (declared once)
 
 # (parameter name, annotation, default); dry_run only for commands that plan
 _SHARED = [
-    ("output", OutOpt, None),
-    ("format", FormatOpt, None),
-    ("force", ForceOpt, False),
-    ("in_place", InPlaceOpt, False),
-    ("dry_run", DryRunOpt, False),
-    ("max_shard_size", MaxShardOpt, None),
-    ("no_sync", NoSyncOpt, False),
-    ("json_out", JsonOpt, False),
+    ("output", OutOpt, _WRITE.output),
+    ("format", FormatOpt, _WRITE.format),
+    ("force", ForceOpt, _WRITE.force),
+    ("in_place", InPlaceOpt, _WRITE.in_place),
+    ("dry_run", DryRunOpt, _WRITE.dry_run),
+    ("max_shard_size", MaxShardOpt, _WRITE.max_shard_size),
+    ("no_sync", NoSyncOpt, not _WRITE.sync),
+    ("json_out", JsonOpt, _WRITE.json),
+    ("quiet", WriteQuietOpt, _WRITE.quiet),
 ]
+
+
+def _bundled(fn, name: str, shared: list, build):
+    """``fn`` with the flags ``shared`` in place of its parameter ``name``: typer sees each
+    flag; ``fn`` receives ``build(kwargs)`` (which pops the flags it reads) as ``name``."""
+    sig = inspect.signature(fn, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != name]
+    keyword = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    positional = [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d) for n, a, d in shared]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bundle = build(kwargs)
+        return fn(*args, **{name: bundle}, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=positional + keyword + added)  # type: ignore[attr-defined]
+    return wrapper
 
 
 def output_options(*, dry_run: bool = True):
     """Give a command the shared output flags; it receives them as ``out: OutputOptions``."""
     shared = [s for s in _SHARED if dry_run or s[0] != "dry_run"]
 
-    def deco(fn):
-        sig = inspect.signature(fn, eval_str=True)
-        params = [p for p in sig.parameters.values() if p.name != "out"]
-        params += [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default)
-            for name, ann, default in shared
-        ]
+    def build(kwargs: dict) -> OutputOptions:
+        raw = kwargs.pop("output", _WRITE.output)
+        return OutputOptions(
+            output=None if raw is None else Path(raw),
+            output_folder=raw is not None and str(raw).endswith(("/", os.sep)),
+            format=kwargs.pop("format", _WRITE.format),
+            force=kwargs.pop("force", _WRITE.force),
+            in_place=kwargs.pop("in_place", _WRITE.in_place),
+            dry_run=kwargs.pop("dry_run", _WRITE.dry_run),
+            max_shard_size=kwargs.pop("max_shard_size", _WRITE.max_shard_size),
+            sync=not kwargs.pop("no_sync", not _WRITE.sync),
+            json=kwargs.pop("json_out", _WRITE.json),
+            quiet=kwargs.pop("quiet", _WRITE.quiet),
+        )
 
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            raw = kwargs.pop("output", None)
-            out = OutputOptions(
-                output=None if raw is None else Path(raw),
-                output_folder=raw is not None and raw.endswith(("/", os.sep)),
-                format=kwargs.pop("format", None),
-                force=kwargs.pop("force", False),
-                in_place=kwargs.pop("in_place", False),
-                dry_run=kwargs.pop("dry_run", False),
-                max_shard_size=kwargs.pop("max_shard_size", None),
-                sync=not kwargs.pop("no_sync", False),
-                json=kwargs.pop("json_out", False),
-            )
-            return fn(*args, out=out, **kwargs)
+    return lambda fn: _bundled(fn, "out", shared, build)
 
-        wrapper.__signature__ = sig.replace(parameters=params)
-        return wrapper
 
-    return deco
+@dataclass(frozen=True)
+class Tolerances:
+    """When two tensors count as equal (``diff``, ``check``, ``tie --verify``): each element
+    within ``atol + rtol * |b|``, and, when stated, ``rel_l2 <= max_rel_l2`` and
+    ``cosine >= min_cosine``. The defaults (bitwise) are declared here once."""
+
+    atol: float = 0.0
+    rtol: float = 0.0
+    max_rel_l2: float | None = None
+    min_cosine: float | None = None
+
+    def kwargs(self) -> dict:
+        """As the library's keyword arguments."""
+        return {"atol": self.atol, "rtol": self.rtol, "max_rel_l2": self.max_rel_l2, "min_cosine": self.min_cosine}
+
+
+_TOL = Tolerances()
+
+
+def tolerance_options(*, thresholds: bool = True):
+    """Give a command ``--atol``/``--rtol`` (and ``--max-rel-l2``/``--min-cosine`` with
+    ``thresholds``); it receives them as ``tol: Tolerances``."""
+    from .common import AtolOpt, MaxRelL2Opt, MinCosineOpt, RtolOpt
+
+    shared: list[tuple[str, object, object]] = [("atol", AtolOpt, _TOL.atol), ("rtol", RtolOpt, _TOL.rtol)]
+    if thresholds:
+        shared += [("max_rel_l2", MaxRelL2Opt, _TOL.max_rel_l2), ("min_cosine", MinCosineOpt, _TOL.min_cosine)]
+
+    def build(kwargs: dict) -> Tolerances:
+        return Tolerances(
+            atol=kwargs.pop("atol", _TOL.atol),
+            rtol=kwargs.pop("rtol", _TOL.rtol),
+            max_rel_l2=kwargs.pop("max_rel_l2", _TOL.max_rel_l2),
+            min_cosine=kwargs.pop("min_cosine", _TOL.min_cosine),
+        )
+
+    return lambda fn: _bundled(fn, "tol", shared, build)

@@ -6,29 +6,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, natural_key
+from ..checkpoint import Checkpoint, SaveResult, natural_key
 from ._errors import emit_json
 from .common import ByteProgress, console, default_output, human_bytes, print_skipped, print_table, safe, shape_text
 from .options import OutputOptions
 
 
 def summary(result: Checkpoint) -> dict:
-    """What the result holds and how it came to be (its ``changes``), as JSON-ready lists."""
-    ops = result.changes
-    return {
-        "stored": len(result.stored),
-        "aliases": [{"name": n, **result.aliases[n].record()} for n in sorted(result.aliases, key=natural_key)],
-        "copied": [
-            {"src": op.src, "dst": op.dst, "source": op.base, "from": op.origin, "transform": op.value.specs}
-            for op in ops
-            if op.kind == "copy"
-        ],
-        "untied": [
-            {"name": op.dst, "source": op.base, "transform": op.value.specs} for op in ops if op.kind == "untie"
-        ],
-        "plan": [op.describe() for op in ops],
-        "skipped": list(result.skipped),
-    }
+    """What the result holds and how it came to be: :func:`wsurgery.inspection.plan_summary`."""
+    from ..inspection import plan_summary
+
+    return plan_summary(result)
 
 
 def _target(ckpt_path: Path, out: OutputOptions) -> str:
@@ -63,13 +51,14 @@ def _plan_table(con, ops, dry_run: bool) -> None:
     rows = []
     for op in ops:
         origin = f"{Path(op.origin).name}:" if op.origin else ""
+        source = op.src if op.kind == "rename" else op.base  # a rename comes from its old name
         state = (" (replaced)" if op.replaces else " (new)") if op.kind in _MAKES else ""
         v = op.value
         rows.append(
             [
                 op.kind,
                 op.dst + state,
-                origin + op.base,
+                origin + source,
                 op.how,
                 "-" if v is None else v.dtype,
                 "-" if v is None else shape_text(v.shape),
@@ -84,49 +73,60 @@ def write_result(
 ) -> int:
     """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
     ``extra``: the command's own keys for its JSON object."""
-    from ..formats.sharded_writer import parse_size
-    from ..outputs import plan_output
-
     target = _target(ckpt_path, out)
-    shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
-    plan = plan_output(
-        target, format=out.format, max_shard_size=shard_size, folder_input=result.model_folder is not None
-    )
-    info = summary(result)
     saved = None
     if not out.dry_run:
         name = os.path.basename(target.rstrip(os.sep))
-        with ByteProgress(result.total_bytes, f"writing {name}", enabled=not out.json) as bar:
+        with ByteProgress(result.total_bytes, f"writing {name}", enabled=not (out.json or out.quiet)) as bar:
             saved = result.save(
                 target,
                 overwrite=out.force,
                 replace_input=out.in_place,
-                max_shard_size=shard_size,
+                max_shard_size=out.max_shard_size,
                 progress=bar.advance,
                 sync=out.sync,
-                format=plan.format,
+                format=out.format,
             )
-    written = _written(saved)
+    return report_write(command, target, result, saved, out, extra)
+
+
+def report_write(
+    command: str,
+    target: str,
+    result: Checkpoint,
+    saved: SaveResult | None,
+    out: OutputOptions,
+    extra: dict | None = None,
+) -> int:
+    """Tell what a write did (or, on a dry run, would do): the JSON object, nothing with
+    ``--quiet``, else the plan table and a summary. The exit code."""
+    from ..formats.sharded_writer import parse_size
+    from ..outputs import plan_output
+
+    shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
+    plan = plan_output(
+        target,
+        format=saved.format if saved is not None else out.format,
+        max_shard_size=shard_size,
+        folder_input=result.model_folder is not None,
+    )
+    folder = plan.folder or (saved is not None and saved.shards is not None)
+    info = summary(result)
     if out.json:
-        emit_json(
-            {
-                "schema": f"wsurgery.{command}/1",
-                "output": target,
-                "format": plan.format,
-                "folder": plan.folder,
-                "dry_run": out.dry_run,
-                **info,
-                **written,
-                **(extra or {}),
-            }
-        )
+        head = {"output": target, "format": plan.format, "folder": folder, "dry_run": out.dry_run}
+        written = {} if saved is None else {k: v for k, v in saved.to_dict().items() if k != "output"}
+        emit_json({"schema": f"wsurgery.{command}/1", **head, **info, **written, **(extra or {})})
         return 0
+    if out.quiet:
+        return 0
+    written = _written(saved)
     con = console()
     if result.changes:
         _plan_table(con, result.changes, out.dry_run)
     verb = "would write" if out.dry_run else "wrote"
     n_alias = len(info["aliases"])
-    kind = "" if plan.format == "safetensors" and not plan.folder else f" ({_kind(plan)})"
+    sharded = saved is not None and saved.shards is not None
+    kind = "" if plan.format == "safetensors" and not folder else f" ({_kind(plan, sharded)})"
     con.print(
         f"{verb} {safe(target)}{kind}: {info['stored']} stored tensor{'s' if info['stored'] != 1 else ''} "
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
@@ -143,15 +143,15 @@ def write_result(
     return 0
 
 
-def _kind(plan) -> str:
+def _kind(plan, sharded: bool = False) -> str:
     from ..outputs import FORMATS
 
-    if not plan.folder:
-        return plan.format
     if FORMATS[plan.format].folder_format:
         return f"a {plan.format.upper()} folder"
-    if plan.max_shard_size is not None:
+    if plan.max_shard_size is not None or sharded:
         return "a folder of safetensors shards"
+    if not plan.folder:
+        return plan.format
     return f"a folder with {plan.weights_file}"
 
 

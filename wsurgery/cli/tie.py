@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from ._errors import command
-from .common import AtolOpt, CkptArg, DstOpt, NewOpt, RtolOpt, SrcOpt, TieTransformOpt
-from .options import OutputOptions, output_options
+from .common import CkptArg, DstOpt, NewOpt, SrcOpt, TieTransformOpt
+from .options import OutputOptions, Tolerances, output_options, tolerance_options
 from .output import write_result
 
 VerifyOpt = Annotated[
@@ -19,6 +19,7 @@ VerifyOpt = Annotated[
 
 @command("tie")
 @output_options()
+@tolerance_options(thresholds=False)
 def tie(
     ckpt: CkptArg,
     src: SrcOpt,
@@ -26,9 +27,8 @@ def tie(
     transform: TieTransformOpt = None,
     new: NewOpt = False,
     verify: VerifyOpt = False,
-    atol: AtolOpt = 0.0,
-    rtol: RtolOpt = 0.0,
     *,
+    tol: Tolerances,
     out: OutputOptions,
 ) -> int:
     """Tie DST to SRC: store SRC once and record DST as its alias.
@@ -42,5 +42,5 @@ def tie(
     from ..api import open as open_checkpoint
 
     with open_checkpoint(ckpt) as c:
-        result = c.tie(src, dst, transform, new=new, verify=verify, atol=atol, rtol=rtol)
+        result = c.tie(src, dst, transform, new=new, verify=verify, atol=tol.atol, rtol=tol.rtol)
         return write_result("tie", ckpt, result, out)

@@ -873,7 +873,7 @@ def _label(value: Input) -> str | None:
 # --- planning ---------------------------------------------------------------------------
 
 
-def _recipe_problem(p: Problem, where: str) -> Problem:
+def _recipe_problem(p: Problem, where: str, number: int | None = None) -> Problem:
     """A verb's problem, located in the recipe, its fix said in recipe words."""
     text = p.message
     if p.new_name:
@@ -884,15 +884,18 @@ def _recipe_problem(p: Problem, where: str) -> Problem:
         text += " (add an untie step before it)"
     elif p.use:
         text += f" (use a {p.use} step instead)"
-    return Problem(f"{where}: {text}", names=p.names)
+    return Problem(f"{where}: {text}", names=p.names, step=number)
 
 
 def _step_error(step: Step, exc: Exception, later: int) -> SurgeryError:
     if isinstance(exc, SurgeryError) and exc.problems:
-        problems = [_recipe_problem(p, step.where) for p in exc.problems]
+        problems = [_recipe_problem(p, step.where, step.number) for p in exc.problems]
+    elif isinstance(exc, UnknownNameError):
+        found = Problem(f"{step.where}: {exc}", names=(exc.name,), candidates=tuple(exc.candidates), step=step.number)
+        problems = [found]
     else:
-        text = exc.one_line() if isinstance(exc, (UnknownNameError, UsageError)) else str(exc)
-        problems = [Problem(f"{step.where}: {text}")]
+        text = f"{exc} ({exc.hint})" if isinstance(exc, UsageError) and exc.hint else str(exc)
+        problems = [Problem(f"{step.where}: {text}", step=step.number)]
     after = "; the step after it was not checked" if later == 1 else f"; the {later} steps after it were not checked"
     return SurgeryError(problems=problems, hint="nothing was written" + (after if later else ""))
 
@@ -932,7 +935,7 @@ def plan(recipe: Recipe, inputs: Mapping[str, Checkpoint]) -> Checkpoint:
         try:
             verify_ties(before, a["src"], a["dst"], a["transform"], **step.verify)
         except SurgeryError as exc:
-            problems += [_recipe_problem(p, step.where) for p in exc.problems or [Problem(str(exc))]]
+            problems += [_recipe_problem(p, step.where, step.number) for p in exc.problems or [Problem(str(exc))]]
     if problems:
         raise SurgeryError(problems=problems, hint="nothing was written")
     files = [f for c in inputs.values() for f in c.input_files]

@@ -1,0 +1,73 @@
+"""Start-up: a command imports only its own module and what it uses; ``--version`` and the
+top-level help import no command and not typer; none of them imports torch or rich."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wsurgery
+from wsurgery.cli.app import COMMANDS
+
+# Runs the console script's main() in a fresh interpreter, then prints what it imported.
+_PROBE = """
+import json, sys
+from wsurgery.cli.app import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+sys.__stderr__.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
+"""
+
+
+def _imported(*args) -> tuple[set[str], str]:
+    r = subprocess.run([sys.executable, "-c", _PROBE, *map(str, args)], capture_output=True, text=True, timeout=120)
+    line = next(line for line in r.stderr.splitlines() if line.startswith("MODULES "))
+    return set(json.loads(line[len("MODULES ") :])), r.stdout
+
+
+def _command_modules(modules: set[str]) -> set[str]:
+    ours = {f"wsurgery.cli.{module}" for module, _, _ in COMMANDS.values()}
+    return modules & ours
+
+
+@pytest.mark.parametrize("args", [["--version"], ["-V"], ["--help"], []])
+def test_version_and_help_import_no_command_and_not_typer(args):
+    modules, out = _imported(*args)
+    assert out.strip()  # they did print
+    assert not _command_modules(modules), _command_modules(modules)
+    heavy = {"torch", "typer", "rich", "numpy", "wsurgery.checkpoint", "wsurgery.api"} & modules
+    assert not heavy, heavy
+
+
+def test_inspect_of_safetensors_imports_only_its_own_command_and_neither_torch_nor_rich(tmp_path):
+    path = tmp_path / "m.safetensors"
+    wsurgery.save_state_dict({"a.weight": torch.zeros(2, 3), "b": torch.ones(4)}, path)
+    modules, out = _imported("inspect", path)
+    assert "a.weight" in out and "(2, 3)" in out
+    assert _command_modules(modules) == {"wsurgery.cli.inspect_cmd"}
+    assert not {"torch", "rich"} & modules, {"torch", "rich"} & modules
+
+
+def test_the_registry_says_what_each_command_docstring_says():
+    """The top-level help lists commands from the registry without importing them: each
+    summary there is its command's first docstring paragraph, so the two cannot drift."""
+    from wsurgery.cli.app import command_function, top_level_help
+
+    for name, (_, _, summary) in COMMANDS.items():
+        doc = inspect.cleandoc(command_function(name).__doc__ or "")
+        assert " ".join(doc.split("\n\n")[0].split()) == summary, name
+    text = " ".join(top_level_help(width=100).split())
+    for name, (_, _, summary) in COMMANDS.items():
+        assert f"{name} {summary}" in text, name
+
+
+def test_version_prints_the_package_version():
+    _, out = _imported("--version")
+    assert out == f"wsurgery {wsurgery.__version__}\n"
