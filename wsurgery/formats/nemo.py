@@ -179,7 +179,7 @@ def _wanted(name: str, rank: str | None) -> bool:
         parts = parts[1:]
     elif RANK_RE.match(parts[0]):
         return False
-    return parts in ([CONFIG], [WEIGHTS]) or parts[0] == DIST_WEIGHTS
+    return parts in ([CONFIG], [WEIGHTS]) or (len(parts) == 2 and parts[0] == DIST_WEIGHTS)  # a flat DCP folder
 
 
 def open_archive(path: str, rank: str | None = None) -> Archive:
