@@ -33,8 +33,14 @@ def launch_in(folders: list[Path], *args) -> list[dict]:
     port = free_port()
     argv = [sys.executable, "-m", "wsurgery", *map(str, args)]
     procs = [
-        subprocess.Popen(argv, env=rank_env(r, len(folders), port, 60), cwd=folder, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            argv,
+            env=rank_env(r, len(folders), port, 60),
+            cwd=folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for r, folder in enumerate(folders)
     ]
     out = []

@@ -56,7 +56,7 @@ class ChunkedStored(Stored):
     def raw(self) -> memoryview:
         """The tensor's bytes, without torch: viewed in place when one chunk holds them
         verbatim, else assembled from the chunks."""
-        return memoryview(self.plan.array()).cast("B")
+        return memoryview(self.plan.array()).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
 
     def release(self, start: int = 0, stop: int | None = None) -> None:
         """Unmap the pages of bytes ``[start, stop)`` of a tensor viewed in place."""

@@ -81,7 +81,7 @@ class TorchChunk(ChunkSource):
     sizes: tuple[int, ...]
     transforms: tuple[str, ...] = ()
     maps: FileMaps | None = None
-    _raw: tuple | None = field(default=None, repr=False)
+    _raw: tuple[str, int, int] | None = field(default=None, repr=False)
     _probed: bool = field(default=False, repr=False)
     _plain: PlainTensor | None = field(default=None, repr=False)
 
@@ -142,7 +142,8 @@ class TorchChunk(ChunkSource):
     def write_to(self, f) -> None:
         self._probe()
         if self._raw is not None:
-            copy_range(*self._raw, f)
+            path, offset, nbytes = self._raw
+            copy_range(path, offset, nbytes, f)
         else:
             write_all(f, np.ascontiguousarray(self.array()).reshape(-1))
 
@@ -312,7 +313,7 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
     for name, entry in meta.tensors.items():
         if name not in pieces:
             continue
-        chunks = []
+        chunks: list[tuple[Chunk, ChunkSource]] = []
         for p in pieces[name]:
             if p.file not in located:
                 located[p.file] = folder.locate(p.file)

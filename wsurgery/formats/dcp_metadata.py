@@ -191,16 +191,15 @@ class _Reader:
             raise self.bad(f"{what} has state {short(s)}")
         return s
 
-    def integer(self, x, what: str, *, none: bool = False) -> int | None:
-        if x is None and none:
-            return None
+    def integer(self, x, what: str) -> int:
         if not isinstance(x, int) or isinstance(x, bool) or x < 0 or x.bit_length() > 62:
             raise self.bad(f"{what} is {short(x)}, not a non-negative integer below 2**62")
         return x
 
-    def text(self, x, what: str, *, none: bool = False) -> str | None:
-        if x is None and none:
-            return None
+    def optional_text(self, x, what: str) -> str | None:
+        return None if x is None else self.text(x, what)
+
+    def text(self, x, what: str) -> str:
         if not isinstance(x, str):
             raise self.bad(f"{what} is {short(x)}, not a string")
         try:
@@ -328,11 +327,11 @@ class _Reader:
             if idx in meta.storage:
                 raise self.bad(f"two storage records for {printable(idx[0])!r} at {idx[1]}")
             meta.storage[idx] = self.storage_info(info, f"storage record of {printable(idx[0])!r}")
-        meta.version = self.text(s.get("version"), "version", none=True)
+        meta.version = self.optional_text(s.get("version"), "version")
         sm = s.get("storage_meta")
         if sm is not None:
             sms = self.state(self.kind(sm, "storage_meta", "storage_meta"), "storage_meta")
-            meta.save_id = self.text(sms.get("save_id"), "save_id", none=True)
+            meta.save_id = self.optional_text(sms.get("save_id"), "save_id")
         return meta
 
 
@@ -553,14 +552,14 @@ def validate(meta: DcpMetadata, where: str) -> tuple[dict[str, list[Piece]], lis
                              hint="the checkpoint is corrupt or hostile")  # fmt: skip
         mine = []
         for c in t.chunks:
-            info = meta.storage.get((name, c.offsets))
-            if info is None:
+            found = meta.storage.get((name, c.offsets))
+            if found is None:
                 if c.numel == 0:
                     continue
                 raise InputError(
                     f"{where}: invalid DCP metadata: chunk at {list(c.offsets)} of {label!r} has no storage record"
                 )
-            rel = safe_relative(info.relative_path, where)
-            mine.append(Piece(c, rel, info.offset, info.length, info.transforms))
+            rel = safe_relative(found.relative_path, where)
+            mine.append(Piece(c, rel, found.offset, found.length, found.transforms))
         pieces[name] = mine
     return pieces, skipped

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from ...errors import UnsafePickleError
 from .interpreter import Malformed, Placeholder, Safe, StorageType, TypeRef, canonical, printable, short
@@ -451,7 +452,7 @@ class _ScanChecks:
         self.file_size = file_size
 
     def table(self) -> dict:
-        table = {name: self.rebuild for name in _REBUILDS}
+        table: dict[str, Callable] = {name: self.rebuild for name in _REBUILDS}
         table["torch._utils._rebuild_tensor_v3"] = self.rebuild_v3
         table["torch._utils._rebuild_qtensor"] = self.rebuild_qtensor
         table["torch._utils._rebuild_device_tensor_from_cpu_tensor"] = self.from_cpu
@@ -528,6 +529,8 @@ class _ScanChecks:
             return
         storage = state[0]
         itemsize = inst.itemsize if isinstance(inst, ScannedTensor) else storage.itemsize
+        size: tuple[int, ...]
+        stride: tuple[int, ...]
         if len(state) == 1:
             size, stride, offset = (storage.nbytes // itemsize,), (1,), 0
         elif len(state) in (3, 4):
