@@ -139,3 +139,31 @@ def test_the_storage_class_tables_are_torchs():
         f"{c.__module__}.{c.__name__}": getattr(c, "dtype", torch.float32).itemsize for c in torch._tensor_classes
     }
     assert {k: v for k, v in _constructors().items() if k in theirs} == theirs
+
+
+def _tensorless_common(folder: Path) -> None:
+    """Megatron's common.pt as training writes it: arguments and counters, no tensor."""
+    import argparse
+
+    torch.save({"args": argparse.Namespace(lr=0.1), "checkpoint_version": 3.0, "iteration": 7}, folder / "common.pt")
+
+
+@pytest.mark.parametrize(("name", "weights"), [("megatron_tiny", "."), ("nemo2_tiny", "weights")])
+def test_megatron_and_nemo2_folders_import_no_torch_when_common_pt_holds_no_tensor(tmp_path, name, weights):
+    import shutil
+
+    src = tmp_path / name
+    shutil.copytree(FIXTURES / name, src)
+    _tensorless_common(src / weights)
+    ref = tmp_path / "ref.safetensors"
+    with wsurgery.open(FIXTURES / name) as c:  # the fixture's own common.pt holds a tensor: read through torch
+        wsurgery.save_state_dict({k: v for k, v in c.state_dict().items() if k != "rng_state_seed"}, ref)
+    commands = [f"inspect|{src}|--json", f"diff|{src}|{ref}|--quiet", f"convert|{src}|-o|{tmp_path / 'c.safetensors'}"]
+    proc = subprocess.run([sys.executable, "-c", RUN_ALL, *commands], capture_output=True, text=True, cwd=ROOT,
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with wsurgery.open(src) as c:
+        assert "common.pt: args: placeholder for argparse.Namespace" in c.skipped
+        assert "common.pt: iteration: int" in c.skipped
+    got = wsurgery.load_state_dict(tmp_path / "c.safetensors")
+    assert sorted(got) == sorted(wsurgery.load_state_dict(ref))

@@ -95,9 +95,12 @@ def _checkpoint(layout: Layout, path: str, fmt: str) -> Checkpoint:
 def _torch_file(folder: Folder, name: str):
     """A torch checkpoint inside a folder (a file, or an archive member), safely loaded."""
     from .formats.pickles import load_pickle
-    from .formats.ranges import ByteRange, load_state_dict
+    from .formats.ranges import ByteRange, load_state_dict, tensorless_state
 
     loc = folder.locate(name)
+    tensorless = tensorless_state(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
+    if tensorless is not None:  # no tensor in it: read without torch
+        return tensorless
     with open(loc.path, "rb") as f:
         f.seek(loc.offset)
         head = f.read(2)

@@ -364,6 +364,65 @@ def plain_tensor(rng: ByteRange) -> PlainTensor | None:
     return PlainTensor(storage.dtype_name, rng.path, rng.offset + start, nbytes, offset, size, stride, storage.itemsize)
 
 
+def tensorless_state(rng: ByteRange):
+    """Read a torch checkpoint that holds no tensor (Megatron's ``common.pt``: arguments,
+    the iteration, optimizer groups) without torch, when the inert scan shows it holds none.
+
+    Args:
+        rng: where the checkpoint lies (a whole file, or a range of one).
+
+    Returns:
+        A :class:`~wsurgery.formats.pickles.PickleResult` with no tensors and one skipped
+        line per top-level entry (unknown classes are inert placeholders, as the restricted
+        unpickler makes them), or None when the file may hold a tensor (any storage, any
+        tensor-making global), is not a zip, or is not a dict of string keys: the caller
+        then reads it through the safe torch path.
+
+    Raises:
+        UnsafePickleError: the pickle names a dangerous global.
+        InputError: the file is malformed.
+
+    Example:
+        >>> tensorless_state(ByteRange("ckpt/common.pt", 0, 1363, "ckpt/common.pt")).skipped  # doctest: +SKIP
+        ['iteration: int', 'args: placeholder for argparse.Namespace']
+    """
+    from .pickles.allowlist import _ScanChecks
+    from .pickles.layout import scan_zip
+    from .pickles.state_dict import PickleResult, describe
+
+    try:
+        fd = os.open(rng.path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if rng.offset + rng.length > os.fstat(fd).st_size:
+            raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
+        if os.pread(fd, 2, rng.offset) != b"PK":
+            return None
+        layout = scan_zip(rng.what, _View(fd, rng.offset, rng.length), rng.length)
+    finally:
+        os.close(fd)
+    makers = set(_ScanChecks(0).table()) - {"builtins.bytearray", "_codecs.encode"}
+    value = layout.value
+    if layout.claims or layout.named & makers or not isinstance(value, dict):
+        return None
+    if not all(isinstance(k, str) for k in value):
+        return None
+    skipped = [f"{printable_key(k)}: {describe(v)}" for k, v in value.items()]
+    if layout.placeholders:
+        shown = ", ".join(layout.placeholders[:5]) + (
+            f" and {len(layout.placeholders) - 5} more" if len(layout.placeholders) > 5 else ""
+        )
+        skipped.insert(0, f"(no tensors: read by wsurgery's scan without torch; inert placeholders for {shown})")
+    return PickleResult({}, skipped, None, "wsurgery's scan (no tensors)")
+
+
+def printable_key(key: str) -> str:
+    from .pickles.interpreter import printable
+
+    return printable(key.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
 class FileMaps:
     """Read-only maps of whole files, one per path, shared by the chunks of a checkpoint:
     a chunk's bytes are viewed in place (the page cache), never copied to read them."""
