@@ -394,6 +394,8 @@ def cases(a: Path, b: Path, out: Path):
     plain_dcp = [PY, "-c", PLAIN_DCP_CONVERT, str(folder), str(out)]
     yield ("dcp-convert", dcp_convert, plain_dcp, a.stat().st_size, 0.5)
     yield ("dcp-convert-nosync", [*dcp_convert, "--no-sync"], plain_dcp, a.stat().st_size, 0.5)
+    # the limit: a copy of the same bytes (contiguous chunks are copied in the kernel)
+    yield ("dcp-convert-nosync-vs-cp", [*dcp_convert, "--no-sync"], ["cp", str(a), str(out)], a.stat().st_size, 1.5)
     yield (
         "dcp-diff",
         ws + ["diff", str(folder), str(a), "--quiet"],
@@ -422,8 +424,8 @@ def main(argv=None) -> int:
         "--only",
         default="",
         help="comma-separated subset: diff,diff-all,tie,convert,tie-nosync,convert-nosync,copy-scale,recipe,"
-        "recipe-nosync,recipe-20-renames-nosync,inspect,dcp-convert,dcp-convert-nosync,dcp-diff,dcp-write-nosync,"
-        "diff-all-2-ranks,startup (--version, --help and inspect against python -c pass)",
+        "recipe-nosync,recipe-20-renames-nosync,inspect,dcp-convert,dcp-convert-nosync,dcp-convert-nosync-vs-cp,dcp-diff,"
+        "dcp-write-nosync,diff-all-2-ranks,startup (--version, --help and inspect against python -c pass)",
     )
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--json", default=None, help="where to write results (default WORKDIR/results.json)")

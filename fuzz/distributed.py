@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import math
 import pickle
@@ -233,6 +234,134 @@ def structural_nemo(case) -> None:
     _no_marker()
 
 
+# ----------------------------------------------------------------------------- chunk grids
+
+
+def _cells_oracle(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether ``boxes`` tile ``shape`` exactly, by counting every element (small shapes)."""
+    import numpy as np
+
+    count = np.zeros(shape, dtype=np.int64)
+    for o, s in boxes:
+        if any(a + b > n for a, b, n in zip(o, s, shape, strict=True)):
+            return False
+        count[tuple(slice(a, a + b) for a, b in zip(o, s, strict=True))] += 1
+    return bool(np.all(count == 1))
+
+
+@st.composite
+def chunk_grid(draw):
+    """A tensor of 1-4 dims cut into many chunks: a regular grid (down to 1x1x1x1), a
+    brick wall (each row cut at its own points), or random cuts; then perhaps broken (a
+    chunk duplicated, dropped, shifted or grown, an empty chunk added, the list shuffled)."""
+    ndim = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 12), min_size=ndim, max_size=ndim)))
+    kind = draw(st.sampled_from(["unit", "grid", "bricks"]))
+    boxes: list = []
+    if kind == "bricks" and ndim >= 2:
+        for r in range(shape[0]):
+            inner = sorted(draw(st.sets(st.integers(1, max(1, shape[1] - 1)), max_size=3)) if shape[1] > 1 else set())
+            cuts = [0, *inner, shape[1]]
+            rest = tuple(shape[2:])
+            boxes += [((r, a, *(0,) * len(rest)), (1, b - a, *rest)) for a, b in zip(cuts, cuts[1:], strict=False)]
+    else:
+        step = [1 if kind == "unit" else draw(st.integers(1, n)) for n in shape]
+        for o in itertools.product(*[range(0, n, k) for n, k in zip(shape, step, strict=True)]):
+            boxes.append((tuple(o), tuple(min(k, n - a) for a, k, n in zip(o, step, shape, strict=True))))
+    edit = draw(st.sampled_from(["none", "none", "duplicate", "drop", "shift", "grow", "empty", "shuffle"]))
+    i = draw(st.integers(0, len(boxes) - 1))
+    o, s = boxes[i]
+    d = draw(st.integers(0, ndim - 1))
+    if edit == "duplicate":
+        boxes.append(boxes[i])
+    elif edit == "drop" and len(boxes) > 1:
+        del boxes[i]
+    elif edit == "shift":
+        boxes[i] = (o[:d] + (max(0, o[d] + draw(st.sampled_from([-1, 1]))),) + o[d + 1 :], s)
+    elif edit == "grow":
+        boxes[i] = (o, s[:d] + (s[d] + 1,) + s[d + 1 :])
+    elif edit == "empty":
+        boxes.append((o, s[:d] + (0,) + s[d + 1 :]))
+    if edit == "shuffle" or draw(st.booleans()):
+        draw(st.randoms(use_true_random=False)).shuffle(boxes)
+    return shape, boxes
+
+
+def dcp_chunk_grid(case) -> None:
+    """The tiling check agrees with an element count on every layout, in bounded time,
+    and a metadata file of the layout parses and validates to the same verdict."""
+    import time
+
+    from tests.test_fuzz import TRIED
+    from wsurgery.errors import InputError
+    from wsurgery.formats.dcp_metadata import Chunk, parse_metadata, tiling_problem, validate
+
+    shape, boxes = case
+    TRIED["inputs"] += 1
+    start = time.perf_counter()
+    why = tiling_problem(shape, [Chunk(o, s) for o, s in boxes])
+    assert time.perf_counter() - start < 5, "the tiling check is slow"
+    assert (why is None) == _cells_oracle(shape, boxes), why
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes]
+    storage = {MetadataIndex("w", torch.Size(o), i): _StorageInfo("__0_0.distcp", 0, 4 * math.prod(s))
+               for i, (o, s) in enumerate(boxes)}  # fmt: skip
+    md = Metadata({"w": TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape), chunks)},
+                  storage_data=storage)  # fmt: skip
+    try:
+        pieces, _ = validate(parse_metadata(pickle.dumps(md), "grid/.metadata"), "grid/.metadata")
+    except InputError as exc:
+        assert "\n" not in str(exc)
+        assert why is not None or "storage record" in str(exc) or "chunks" in str(exc), str(exc)
+        TRIED["refused"] += 1
+        return
+    assert why is None, f"validate accepted a layout the tiling check refuses: {why}"
+    assert len(pieces["w"]) == len(boxes)
+    TRIED["loaded"] += 1
+
+
+# ----------------------------------------------------------------------------- .nemo member paths
+
+_COMPONENTS = ["a", "model_weights", ".", "..", "", "mp_rank_00", "x" * 255, "é", "model_weights.ckpt"]
+
+
+@st.composite
+def nemo_member_path(draw):
+    """A ``.nemo`` holding the real weights and one member (file or folder) whose path is
+    drawn: deep (up to 2,000 folders), long, with ``.``, ``..`` and empty components."""
+    depth = draw(st.sampled_from([1, 2, 3, 31, 32, 33, 64, 1400, 2000]))
+    part = draw(st.sampled_from(_COMPONENTS))
+    mixed = draw(st.booleans())
+    parts = [draw(st.sampled_from(_COMPONENTS)) if mixed else part for _ in range(depth)]
+    under = draw(st.sampled_from(["", "model_weights/", "mp_rank_00/", "./"]))
+    return under + "/".join(parts), draw(st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE])), draw(st.booleans())
+
+
+def nemo_member_paths(case) -> None:
+    name, kind, gz = case
+    weights = (FIXTURES / "tiny_lm.pt").read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:", format=tarfile.GNU_FORMAT) as tar:
+        for n, body, k in (("model_weights.ckpt", weights, tarfile.REGTYPE), (name, b"x", kind)):
+            info = tarfile.TarInfo(n)
+            info.type = k
+            info.size = len(body) if k == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(body) if k == tarfile.REGTYPE else None)
+    raw = buf.getvalue()
+    path = workdir() / "p.nemo"
+    path.write_bytes(gzip.compress(raw, mtime=0) if gz else raw)
+    exercise(path)
+    _no_marker()
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -259,4 +388,6 @@ TARGETS = {
         mutated_nemo,
     ),
     "structural_nemo": (nemo_members(), structural_nemo),
+    "dcp_chunk_grid": (chunk_grid(), dcp_chunk_grid),
+    "nemo_member_paths": (nemo_member_path(), nemo_member_paths),
 }

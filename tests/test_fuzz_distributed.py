@@ -27,6 +27,8 @@ test_structural_dcp = _property("structural_dcp")
 test_dcp_safetensors_offsets = _property("dcp_safetensors_offsets")
 test_mutated_nemo = _property("mutated_nemo")
 test_structural_nemo = _property("structural_nemo")
+test_dcp_chunk_grid = _property("dcp_chunk_grid")
+test_nemo_member_paths = _property("nemo_member_paths")
 
 
 def test_the_seeds_themselves_load():

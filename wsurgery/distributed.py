@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import DistributedError
+from .partition import node_share, split_by_bytes, usable_cores
 
 ENV_TIMEOUT = "WSURGERY_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0
@@ -93,21 +94,24 @@ def _timeout(value: float | None) -> float:
 # --------------------------------------------------------------------------- the split
 
 
-def split_by_bytes(sizes: Sequence[int], world_size: int) -> list[int]:
-    """The rank that owns each item: the largest first, each to the least-loaded rank (the
-    lowest on a tie). The same on every rank, so no rank has to be told.
+def local_workers() -> int:
+    """The threads one process may take for its own work (a compare's workers): the node's
+    cores shared among the processes ``torchrun`` started on it (``LOCAL_WORLD_SIZE``), so
+    that two ranks on one node do not each take every core.
+
+    Returns:
+        ``max(1, cores // LOCAL_WORLD_SIZE)``; all usable cores outside ``torchrun``.
 
     Example:
-        >>> split_by_bytes([10, 1, 7, 3], 2)
-        [0, 1, 1, 1]
+        >>> import os; os.environ["LOCAL_WORLD_SIZE"] = "2"   # doctest: +SKIP
+        >>> local_workers()                                    # doctest: +SKIP
+        8
     """
-    load = [0] * world_size
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        owner[i] = r
-        load[r] += sizes[i]
-    return owner
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local = 1
+    return node_share(usable_cores(), local)
 
 
 def map_by_bytes(
@@ -152,6 +156,67 @@ def map_by_bytes(
             if owner[i] != s.rank:
                 skipped(n)
     return [merged[i] for i in range(len(items))]
+
+
+# --------------------------------------------------------------------------- inputs every rank sees
+
+
+def first_difference(a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]]) -> str | None:
+    """The first fact (in ``a``'s order, then ``b``'s) on which two lists of ``(what,
+    value)`` facts differ, as one line; None when they agree.
+
+    Example:
+        >>> first_difference([("w", "float32 [2]")], [("w", "float16 [2]")])
+        'w: float32 [2] on rank 0, float16 [2] here'
+    """
+    theirs = dict(b)
+    for what, value in a:
+        if what not in theirs:
+            return f"{what}: {value} on rank 0, absent here"
+        if theirs[what] != value:
+            return f"{what}: {value} on rank 0, {theirs[what]} here"
+    mine = dict(a)
+    for what, value in b:
+        if what not in mine:
+            return f"{what}: absent on rank 0, {value} here"
+    return None
+
+
+def agree_inputs(facts: Sequence[tuple[str, str]]) -> None:
+    """Check, before any work, that every rank sees the same inputs.
+
+    Each rank describes what it sees as ``(what, value)`` facts (names, dtypes, shapes,
+    file sizes, header digests: the caller's choice); the ranks exchange a digest of
+    them, and only when the digests differ the facts themselves. Every rank then raises
+    the same error, naming the first rank that differs from rank 0 and the first fact.
+
+    Args:
+        facts: this rank's view of its inputs, in a deterministic order.
+
+    Raises:
+        DistributedError: some rank sees other inputs than rank 0 (on every rank).
+    """
+    import hashlib
+
+    s = current()
+    if s is None or s.world_size < 2:
+        return
+    facts = [(str(w), str(v)) for w, v in facts]
+    digest = hashlib.sha256(repr(facts).encode("utf-8", "backslashreplace")).hexdigest()
+    digests = s.exchange("inputs", digest)
+    if len(set(digests)) == 1:
+        return
+    every = s.exchange("input facts", facts)
+    for rank, theirs in enumerate(every):
+        why = first_difference(every[0], theirs)
+        if rank and why is not None:
+            err = DistributedError(
+                f"rank {rank} sees other inputs than rank 0: {why.replace(' here', f' on rank {rank}')}",
+                hint="every rank must read the same checkpoint (copy it to each node, or use a shared file system)",
+            )
+            setattr(err, _AGREED, 0)  # every rank raises this very error: rank 0 reports it
+            raise err
+    raise DistributedError("the ranks' inputs differ in order only (a bug: please report it)")
 
 
 # --------------------------------------------------------------------------- errors across ranks
@@ -498,10 +563,12 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ENV_TIMEOUT",
     "Session",
+    "agree_inputs",
     "agreed_rank",
     "carry",
     "current",
     "launched",
+    "local_workers",
     "map_by_bytes",
     "rebuild",
     "session",

@@ -53,6 +53,20 @@ class ChunkedStored(Stored):
         one = self.plan.whole()
         return None if one is None else one.raw_location()
 
+    def raw(self) -> memoryview:
+        """The tensor's bytes, without torch: viewed in place when one chunk holds them
+        verbatim, else assembled from the chunks."""
+        return memoryview(self.plan.array()).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
+
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Unmap the pages of bytes ``[start, stop)`` of a tensor viewed in place."""
+        one = self.plan.whole()
+        loc = None if one is None else one.raw_location()
+        maps = getattr(one, "maps", None)
+        if loc is not None and maps is not None:
+            end = loc[2] if stop is None else min(stop, loc[2])
+            maps.release(loc[0], loc[1] + max(0, start), loc[1] + end)
+
     def tensor(self, device="cpu"):
         t = self.plan.tensor()
         return t if str(device) == "cpu" else t.to(device)
@@ -81,9 +95,12 @@ def _checkpoint(layout: Layout, path: str, fmt: str) -> Checkpoint:
 def _torch_file(folder: Folder, name: str):
     """A torch checkpoint inside a folder (a file, or an archive member), safely loaded."""
     from .formats.pickles import load_pickle
-    from .formats.ranges import ByteRange, load_state_dict
+    from .formats.ranges import ByteRange, load_state_dict, tensorless_state
 
     loc = folder.locate(name)
+    tensorless = tensorless_state(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
+    if tensorless is not None:  # no tensor in it: read without torch
+        return tensorless
     with open(loc.path, "rb") as f:
         f.seek(loc.offset)
         head = f.read(2)

@@ -57,6 +57,80 @@ def silent(exc: BaseException) -> bool:
 
 _RANK: list[int | None] = [None]  # this process's rank while a launched command runs
 
+# The command arguments that name inputs (checkpoints, recipes), in this order.
+_INPUTS = ("recipe", "a", "b", "ckpt", "ckpts", "other", "from_ckpt", "base", "models")
+_HEAD = 64 << 10  # bytes hashed at each end of an input file: headers, zip directories
+
+
+def _ends_digest(path: str, size: int) -> str:
+    """sha256 of a file's first and last 64 KiB: the header of a safetensors file, a torch
+    zip's central directory, a whole small metadata file. Not the tensor data between."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_HEAD))
+        if size > 2 * _HEAD:
+            f.seek(size - _HEAD)
+            h.update(f.read(_HEAD))
+        elif size > _HEAD:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _paths(kwargs: dict) -> list[str]:
+    import os
+
+    out = []
+    for key in _INPUTS:
+        value = kwargs.get(key)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)):
+                out.append(os.fspath(v))
+    return out
+
+
+def input_facts(kwargs: dict) -> list[tuple[str, str]]:
+    """What this rank sees of a command's inputs, as ``(what, value)`` facts: each
+    checkpoint's format, tensor names with dtype and shape, aliases, and each file it
+    reads (relative to the input) with its size and a digest of its two ends. Paths are
+    named as the command line gave them, so two nodes that hold the same checkpoint
+    under the same relative path agree. A checkpoint that cannot be opened is one fact
+    (the command then meets the error itself)."""
+    import os
+
+    import wsurgery
+    from wsurgery.errors import WsurgeryError
+
+    facts: list[tuple[str, str]] = []
+    for i, p in enumerate(_paths(kwargs)):
+        facts.append((f"input {i + 1}", p))
+        if not os.path.exists(p):
+            facts.append((p, "missing"))
+            continue
+        if os.path.isfile(p) and p.endswith((".yaml", ".yml", ".json")):
+            size = os.path.getsize(p)
+            facts.append((p, f"{size} bytes, digest {_ends_digest(p, size)}"))
+            continue
+        try:
+            ckpt = wsurgery.open(p)
+        except (WsurgeryError, OSError) as exc:
+            facts.append((p, f"unreadable ({type(exc).__name__})"))
+            continue
+        with ckpt:
+            facts.append((f"{p}: format", str(ckpt.format)))
+            for name in sorted(ckpt.stored):
+                s = ckpt.stored[name]
+                facts.append((f"{p}: tensor {name!r}", f"{s.dtype} {list(s.shape)}"))
+            for name in sorted(ckpt.aliases):
+                facts.append((f"{p}: alias {name!r}", "alias"))
+            base = p if os.path.isdir(p) else os.path.dirname(p)
+            for f in sorted(ckpt.input_files):
+                size = os.path.getsize(f)
+                rel = os.path.relpath(f, os.path.abspath(base) or ".")
+                facts.append((f"{p}: file {rel}", f"{size} bytes, header digest {_ends_digest(f, size)}"))
+    return facts
+
 
 @contextlib.contextmanager
 def ranks(command: str, kwargs: dict):
@@ -79,6 +153,7 @@ def ranks(command: str, kwargs: dict):
             else:
                 sys.stdout = _Null()
                 ByteProgress.suppressed = True
+            distributed.agree_inputs(input_facts(kwargs))
             if device is not None and s.backend == "nccl" and str(device) == "cuda":
                 kwargs["device"] = f"cuda:{s.local_rank}"
             try:

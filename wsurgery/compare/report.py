@@ -358,7 +358,7 @@ def _flat(v: Derived, dev: str | None):
     An untransformed stored tensor is viewed in place; anything else is materialised.
     """
     s = v.base
-    if v.transform.is_identity and isinstance(s, FileStored):
+    if v.transform.is_identity and (isinstance(s, FileStored) or callable(getattr(s, "raw", None))):
         return numpy_apply.numpy_view(s.raw(), s.dtype, s.shape).reshape(-1), s.release
     if v.transform.is_identity and isinstance(s, TensorStored):
         return (_cpu_flat(s.t) if dev is None else s.t.detach().reshape(-1)), None

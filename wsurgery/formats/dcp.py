@@ -30,7 +30,7 @@ from ..errors import InputError
 from .dcp_metadata import MAX_METADATA_BYTES, METADATA_FILE, Chunk, parse_metadata, tiling_problem, validate
 from .folders import Folder, Located
 from .pickles.interpreter import printable
-from .ranges import ByteRange, load_tensor
+from .ranges import ByteRange, FileMaps, PlainTensor, load_tensor, plain_tensor
 from .safetensors import SafetensorsFile
 from .writer import copy_range, write_all
 
@@ -69,52 +69,98 @@ class ChunkSource:
 
 @dataclass
 class TorchChunk(ChunkSource):
-    """A ``torch.save(tensor)`` blob: ``rng`` of a ``.distcp`` file."""
+    """A ``torch.save(tensor)`` blob: ``rng`` of a ``.distcp`` file.
+
+    A plain dense tensor (what DCP writes) is read without torch: its layout by the
+    pickles package's inert scan (:func:`.ranges.plain_tensor`), its values viewed in
+    place through ``maps``. Anything else goes through ``torch.load(weights_only=True)``.
+    """
 
     rng: ByteRange
     dtype: str
     sizes: tuple[int, ...]
     transforms: tuple[str, ...] = ()
-    _raw: tuple | None = field(default=None, repr=False)
+    maps: FileMaps | None = None
+    _raw: tuple[str, int, int] | None = field(default=None, repr=False)
     _probed: bool = field(default=False, repr=False)
+    _plain: PlainTensor | None = field(default=None, repr=False)
 
-    def _load(self):
+    def _refuse_transforms(self) -> None:
         if self.transforms:
             raise InputError(
                 f"{self.rng.what}: stored through DCP stream transform {', '.join(self.transforms)}, "
                 "which wsurgery does not read",
                 hint="re-save the checkpoint without _extensions",
             )
+
+    def _mismatch(self, dtype: str, shape) -> InputError:
+        return InputError(
+            f"{self.rng.what}: the chunk holds a {dtype} tensor of shape {list(shape)}, "
+            f"the metadata says {self.dtype} {list(self.sizes)}"
+        )
+
+    def _probe(self) -> None:
+        """Find the chunk's layout without torch when it is a plain tensor; checked."""
+        if self._probed:
+            return
+        self._refuse_transforms()
+        plain = plain_tensor(self.rng)
+        if plain is None:
+            self._load()
+            return
+        if plain.numel * plain.itemsize > plain.nbytes:
+            raise InputError(f"{self.rng.what}: the chunk is a view larger than its storage (an expanded tensor)")
+        if plain.dtype != self.dtype or plain.size != self.sizes:
+            raise self._mismatch(plain.dtype, plain.size)
+        self._plain, self._raw, self._probed = plain, plain.raw(), True
+
+    def _load(self):
+        self._refuse_transforms()
         got = load_tensor(self.rng)
         t = got.tensor
         if t.numel() * t.element_size() > t.untyped_storage().nbytes():
             raise InputError(f"{self.rng.what}: the chunk is a view larger than its storage (an expanded tensor)")
         name = str(t.dtype).removeprefix("torch.")
         if name != self.dtype or tuple(t.shape) != self.sizes:
-            raise InputError(
-                f"{self.rng.what}: the chunk holds a {name} tensor of shape {list(t.shape)}, "
-                f"the metadata says {self.dtype} {list(self.sizes)}"
-            )
+            raise self._mismatch(name, t.shape)
         self._raw, self._probed = got.raw, True
         return t
 
     def raw_location(self):
-        if not self._probed:
-            self._load()
+        self._probe()
         return self._raw
 
     def tensor(self):
-        return self._load()
+        self._probe()
+        if self._plain is None:
+            return self._load()
+        import torch
+
+        flat = torch.from_numpy(np.array(self.array()).reshape(-1))
+        return flat.view(getattr(torch, self.dtype)).reshape(self.sizes)
 
     def write_to(self, f) -> None:
-        t = self._load()  # one load: its raw location, or its bytes
+        self._probe()
         if self._raw is not None:
-            copy_range(*self._raw, f)
+            path, offset, nbytes = self._raw
+            copy_range(path, offset, nbytes, f)
         else:
-            write_all(f, _uint8(t).numpy())
+            write_all(f, np.ascontiguousarray(self.array()).reshape(-1))
 
     def array(self) -> np.ndarray:
-        return _uint8(self._load()).numpy().reshape(*self.sizes, BY_NAME[self.dtype].itemsize)
+        self._probe()
+        p = self._plain
+        if p is None:
+            return _uint8(self._load()).numpy().reshape(*self.sizes, BY_NAME[self.dtype].itemsize)
+        maps = self.maps if self.maps is not None else FileMaps()
+        storage = np.frombuffer(maps.view(p.path, p.start, p.nbytes), dtype=np.uint8)
+        if self._raw is not None:
+            return storage.reshape(*self.sizes, p.itemsize)
+        strides = (*(st * p.itemsize for st in p.stride), 1)
+        view = np.lib.stride_tricks.as_strided(
+            storage[p.offset * p.itemsize :], shape=(*p.size, p.itemsize), strides=strides, writeable=False
+        )
+        return np.array(view)
 
 
 def _uint8(t):
@@ -256,6 +302,8 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
         (32000, 4096)
     """
     res = resources or Resources()
+    maps = FileMaps()
+    res.files.append(maps)
     where = folder.shown(METADATA_FILE)
     meta = parse_metadata(folder.read(METADATA_FILE, MAX_METADATA_BYTES), where)
     pieces, skipped = validate(meta, where)
@@ -265,7 +313,7 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
     for name, entry in meta.tensors.items():
         if name not in pieces:
             continue
-        chunks = []
+        chunks: list[tuple[Chunk, ChunkSource]] = []
         for p in pieces[name]:
             if p.file not in located:
                 located[p.file] = folder.locate(p.file)
@@ -285,7 +333,7 @@ def open_dcp(folder: Folder, resources: Resources | None = None) -> Layout:
                 )
             what = f"{folder.shown(p.file)}[{p.offset}:{p.offset + p.length}] ({label})"
             rng = ByteRange(loc.path, loc.offset + p.offset, p.length, what)
-            chunks.append((p.chunk, TorchChunk(rng, entry.dtype, p.chunk.sizes, p.transforms)))
+            chunks.append((p.chunk, TorchChunk(rng, entry.dtype, p.chunk.sizes, p.transforms, maps)))
         tensors[name] = TensorPlan(name, entry.dtype, entry.shape, chunks)
     metadata = {"dcp.version": meta.version} if meta.version else {}
     files = {folder.locate(METADATA_FILE).path, *(loc.path for loc in located.values())}

@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..show import short
 
 MAX_NAME = 4096
+MAX_DEPTH = 32  # folders in a relative path: checkpoint layouts nest a few; more is an attack
 
 
 def safe_relative(name, where: str, what: str = "file name") -> str:
@@ -57,6 +58,12 @@ def safe_relative(name, where: str, what: str = "file name") -> str:
         )
     if not parts:
         raise InputError(f"{where}: {what} {short(name)} names no file")
+    if len(parts) > MAX_DEPTH:
+        raise InputError(
+            f"{where}: {what} {short(name)} lies {len(parts) - 1} folders deep, more than the {MAX_DEPTH} a "
+            "checkpoint needs",
+            hint="the checkpoint is corrupt or hostile",
+        )
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:

@@ -179,7 +179,7 @@ def _wanted(name: str, rank: str | None) -> bool:
         parts = parts[1:]
     elif RANK_RE.match(parts[0]):
         return False
-    return parts in ([CONFIG], [WEIGHTS]) or parts[0] == DIST_WEIGHTS
+    return parts in ([CONFIG], [WEIGHTS]) or (len(parts) == 2 and parts[0] == DIST_WEIGHTS)  # a flat DCP folder
 
 
 def open_archive(path: str, rank: str | None = None) -> Archive:
@@ -240,6 +240,8 @@ def _open_gz(path: str, raw, size: int, rank: str | None) -> Archive:
                 target = os.path.join(tmp, *name.split("/"))
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 src = tf.extractfile(ti)
+                if src is None:  # a regular member always has a reader
+                    raise InputError(f"{path}: member {name!r:.80} cannot be read")
                 fd = os.open(
                     target,
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),

@@ -271,6 +271,199 @@ def load_tensor(rng: ByteRange) -> RangeTensor:
     return RangeTensor(t, raw)
 
 
+@dataclass(frozen=True)
+class PlainTensor:
+    """Where a plain ``torch.save(tensor)`` blob's values lie, found without torch: the
+    storage's bytes in the original file and the strided view over them (elements)."""
+
+    dtype: str
+    path: str
+    start: int  # absolute offset of the storage's bytes in ``path``
+    nbytes: int  # the storage's bytes
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    itemsize: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.size:
+            n *= d
+        return n
+
+    def raw(self) -> tuple[str, int, int] | None:
+        """``(path, offset, nbytes)`` when the values are the whole storage, in order."""
+        expect, contiguous = 1, True
+        for n, st in zip(reversed(self.size), reversed(self.stride), strict=True):
+            if n != 1 and st != expect:
+                contiguous = False
+            expect *= n
+        if contiguous and self.offset == 0 and self.numel * self.itemsize == self.nbytes:
+            return self.path, self.start, self.nbytes
+        return None
+
+
+def _plain_globals() -> frozenset[str]:
+    from ..dtypes import BY_NAME
+    from .pickles.allowlist import _storage_types
+
+    typed = (k for k, v in _storage_types().items() if "Untyped" not in k and v.dtype_name in BY_NAME)
+    return frozenset({"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "collections.OrderedDict",
+                      *typed})  # fmt: skip
+
+
+def plain_tensor(rng: ByteRange) -> PlainTensor | None:
+    """Read a ``torch.save(tensor)`` blob's layout without torch, as DCP writes each chunk.
+
+    The zip archive and its pickle go through the same checks as any torch file (the
+    pickles package's inert scan: refused globals, storages backed by their zip entries,
+    views inside their storages); the values are never decoded here.
+
+    Args:
+        rng: where the blob lies.
+
+    Returns:
+        The tensor's layout, or None when the blob is anything but one plain dense tensor
+        of a typed storage in little-endian order (a Parameter subclass, flags, a
+        quantized tensor, another container, a legacy file): the caller then loads it
+        through torch's weights-only loader, whose verdict stands.
+
+    Raises:
+        UnsafePickleError: the blob names a dangerous global.
+        InputError: the blob is malformed.
+
+    Example:
+        >>> plain_tensor(ByteRange("ck/__0_0.distcp", 2522, 1577, "ck/__0_0.distcp[2522:4099]"))  # doctest: +SKIP
+        PlainTensor(dtype='float32', path='ck/__0_0.distcp', start=3226, nbytes=24, ...)
+    """
+    from .pickles.allowlist import ScannedTensor
+    from .pickles.layout import scan_zip
+
+    try:
+        fd = os.open(rng.path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if rng.offset + rng.length > os.fstat(fd).st_size:
+            raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
+        if os.pread(fd, 2, rng.offset) != b"PK":
+            return None
+        layout = scan_zip(rng.what, _View(fd, rng.offset, rng.length), rng.length)
+    finally:
+        os.close(fd)
+    value = layout.value
+    if layout.big_endian or not isinstance(value, ScannedTensor) or value.plain is None:
+        return None
+    if not layout.named <= _plain_globals():
+        return None
+    storage, offset, size, stride = value.plain
+    if not storage.key or storage.key not in layout.records:
+        return None
+    start, nbytes = layout.records[storage.key]
+    return PlainTensor(storage.dtype_name, rng.path, rng.offset + start, nbytes, offset, size, stride, storage.itemsize)
+
+
+def tensorless_state(rng: ByteRange):
+    """Read a torch checkpoint that holds no tensor (Megatron's ``common.pt``: arguments,
+    the iteration, optimizer groups) without torch, when the inert scan shows it holds none.
+
+    Args:
+        rng: where the checkpoint lies (a whole file, or a range of one).
+
+    Returns:
+        A :class:`~wsurgery.formats.pickles.PickleResult` with no tensors and one skipped
+        line per top-level entry (unknown classes are inert placeholders, as the restricted
+        unpickler makes them), or None when the file may hold a tensor (any storage, any
+        tensor-making global), is not a zip, or is not a dict of string keys: the caller
+        then reads it through the safe torch path.
+
+    Raises:
+        UnsafePickleError: the pickle names a dangerous global.
+        InputError: the file is malformed.
+
+    Example:
+        >>> tensorless_state(ByteRange("ckpt/common.pt", 0, 1363, "ckpt/common.pt")).skipped  # doctest: +SKIP
+        ['iteration: int', 'args: placeholder for argparse.Namespace']
+    """
+    from .pickles.allowlist import _ScanChecks
+    from .pickles.layout import scan_zip
+    from .pickles.state_dict import PickleResult, describe
+
+    try:
+        fd = os.open(rng.path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if rng.offset + rng.length > os.fstat(fd).st_size:
+            raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
+        if os.pread(fd, 2, rng.offset) != b"PK":
+            return None
+        layout = scan_zip(rng.what, _View(fd, rng.offset, rng.length), rng.length)
+    finally:
+        os.close(fd)
+    makers = set(_ScanChecks(0).table()) - {"builtins.bytearray", "_codecs.encode"}
+    value = layout.value
+    if layout.claims or layout.named & makers or not isinstance(value, dict):
+        return None
+    if not all(isinstance(k, str) for k in value):
+        return None
+    skipped = [f"{printable_key(k)}: {describe(v)}" for k, v in value.items()]
+    if layout.placeholders:
+        shown = ", ".join(layout.placeholders[:5]) + (
+            f" and {len(layout.placeholders) - 5} more" if len(layout.placeholders) > 5 else ""
+        )
+        skipped.insert(0, f"(no tensors: read by wsurgery's scan without torch; inert placeholders for {shown})")
+    return PickleResult({}, skipped, None, "wsurgery's scan (no tensors)")
+
+
+def printable_key(key: str) -> str:
+    from .pickles.interpreter import printable
+
+    return printable(key.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+class FileMaps:
+    """Read-only maps of whole files, one per path, shared by the chunks of a checkpoint:
+    a chunk's bytes are viewed in place (the page cache), never copied to read them."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, object] = {}
+
+    def view(self, path: str, start: int, nbytes: int) -> memoryview:
+        """``nbytes`` bytes of ``path`` from ``start``, read-only."""
+        import mmap
+
+        if nbytes == 0:
+            return memoryview(b"")
+        m = self._maps.get(path)
+        if m is None:
+            with open(path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = m
+        if start + nbytes > len(m):  # type: ignore[arg-type]
+            raise InputError(f"{path}: the file shrank while it was read")
+        return memoryview(m)[start : start + nbytes]  # type: ignore[arg-type]
+
+    def release(self, path: str, start: int, stop: int) -> None:
+        """Unmap the pages of bytes ``[start, stop)`` of ``path`` (they stay cached)."""
+        import mmap
+
+        m = self._maps.get(path)
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(stop, len(m)) // mmap.PAGESIZE * mmap.PAGESIZE  # type: ignore[arg-type]
+        if hi > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            with contextlib.suppress(BufferError, ValueError):
+                m.close()  # type: ignore[attr-defined]
+        self._maps.clear()
+
+
 def load_state_dict(rng: ByteRange):
     """Load a torch checkpoint (a state dict) that lies in a byte range, as
     :func:`~wsurgery.formats.pickles.load_pickle` loads a file.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from ...errors import UnsafePickleError
 from .interpreter import Malformed, Placeholder, Safe, StorageType, TypeRef, canonical, printable, short
@@ -349,14 +350,22 @@ _SAFE_FUNCTIONS = {
 }
 
 
+# torch's typed storage classes -> (dtype name, element size); a fixed set since torch 2.0
+# (``torch.storage._dtype_to_storage_type_map``; a test keeps the two equal). Static, so
+# that the scan never imports torch.
+_STORAGE_CLASSES = {
+    "DoubleStorage": ("float64", 8), "FloatStorage": ("float32", 4), "HalfStorage": ("float16", 2),
+    "LongStorage": ("int64", 8), "IntStorage": ("int32", 4), "ShortStorage": ("int16", 2),
+    "CharStorage": ("int8", 1), "ByteStorage": ("uint8", 1), "BoolStorage": ("bool", 1),
+    "BFloat16Storage": ("bfloat16", 2), "ComplexDoubleStorage": ("complex128", 16),
+    "ComplexFloatStorage": ("complex64", 8), "QInt8Storage": ("qint8", 1), "QInt32Storage": ("qint32", 4),
+    "QUInt8Storage": ("quint8", 1), "QUInt4x2Storage": ("quint4x2", 1), "QUInt2x4Storage": ("quint2x4", 1),
+}  # fmt: skip
+
+
 @functools.lru_cache(maxsize=1)
 def _storage_types() -> dict[str, StorageType]:
-    import torch
-
-    out = {}
-    for dtype, cls in torch.storage._dtype_to_storage_type_map().items():
-        name = str(dtype).removeprefix("torch.")
-        out[f"torch.{cls}"] = StorageType(f"torch.{cls}", name, torch._utils._element_size(dtype))
+    out = {f"torch.{cls}": StorageType(f"torch.{cls}", name, size) for cls, (name, size) in _STORAGE_CLASSES.items()}
     for qualname in ("torch.storage.UntypedStorage", "torch.UntypedStorage"):
         out[qualname] = StorageType(qualname, "uint8", 1)
     return out
@@ -383,25 +392,30 @@ class ClaimedStorage(Placeholder):
     """A storage as the scan sees it: inert, with the bytes the file holds for it (a legacy
     storage view: the bytes of the view)."""
 
-    __slots__ = ("nbytes", "itemsize")
+    __slots__ = ("nbytes", "itemsize", "key", "dtype_name")
 
-    def __init__(self, nbytes: int, itemsize: int):
+    def __init__(self, nbytes: int, itemsize: int, key: str = "", dtype_name: str = ""):
         super().__init__("a storage")
         self.nbytes = nbytes
         self.itemsize = itemsize
+        self.key = key
+        self.dtype_name = dtype_name
 
 
 class ScannedTensor(Placeholder):
     """A tensor as the scan sees it: inert, with its element count, element size and the
     bytes of the storage under it, which is what ``torch.load`` will allocate or view."""
 
-    __slots__ = ("numel", "itemsize", "held")
+    __slots__ = ("numel", "itemsize", "held", "plain")
 
     def __init__(self, of: str, numel: int, itemsize: int, held: int, args=()):
         super().__init__(of, called=True, args=args)
         self.numel = numel
         self.itemsize = itemsize
         self.held = held
+        # A plain dense tensor rebuilt by ``_rebuild_tensor(_v2)`` over a typed storage,
+        # with no metadata flags: ``(storage, offset, size, stride)``, read without torch.
+        self.plain: tuple | None = None
 
 
 _REBUILDS = ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2")
@@ -409,14 +423,24 @@ _PARAMETERS = ("torch.nn.parameter.Parameter", "torch._utils._rebuild_parameter"
                "torch._utils._rebuild_parameter_with_state")  # fmt: skip
 
 
+# torch's legacy tensor classes (``torch._tensor_classes``) -> element size; static like
+# the storage classes (a test keeps them equal to torch's).
+_TENSOR_CLASSES = {
+    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1, "Byte": 1,
+    "Bool": 1,
+}  # fmt: skip
+
+
 @functools.lru_cache(maxsize=1)
 def _constructors() -> dict[str, int]:
     """Types torch.load may call that allocate what their arguments ask for -> element size."""
-    import torch
-
-    out = {f"{c.__module__}.{c.__name__}": getattr(c, "dtype", torch.float32).itemsize for c in torch._tensor_classes}
+    out = {}
+    for prefix in ("torch.", "torch.cuda.", "torch.sparse.", "torch.cuda.sparse."):
+        for kind, itemsize in _TENSOR_CLASSES.items():
+            if not (kind == "Bool" and "sparse" in prefix):
+                out[f"{prefix}{kind}Tensor"] = itemsize
     for name in ("torch.Tensor", "torch._tensor.Tensor", "torch.storage.TypedStorage", "torch.TypedStorage"):
-        out[name] = torch.float32.itemsize
+        out[name] = 4
     return out
 
 
@@ -428,7 +452,7 @@ class _ScanChecks:
         self.file_size = file_size
 
     def table(self) -> dict:
-        table = {name: self.rebuild for name in _REBUILDS}
+        table: dict[str, Callable] = {name: self.rebuild for name in _REBUILDS}
         table["torch._utils._rebuild_tensor_v3"] = self.rebuild_v3
         table["torch._utils._rebuild_qtensor"] = self.rebuild_qtensor
         table["torch._utils._rebuild_device_tensor_from_cpu_tensor"] = self.from_cpu
@@ -465,13 +489,18 @@ class _ScanChecks:
             )
 
     def rebuild(self, interp, storage, offset, size, stride, *rest):
-        return self._tensor("a tensor", storage, offset, size, stride, self._storage(storage).itemsize)
+        t = self._tensor("a tensor", storage, offset, size, stride, self._storage(storage).itemsize)
+        flags = rest[2] if len(rest) > 2 else None  # _rebuild_tensor_v2's metadata
+        if len(rest) <= 3 and not flags:
+            t.plain = (storage, *_view(offset, size, stride))
+        return t
 
     def rebuild_v3(self, interp, storage, offset, size, stride, requires_grad=False, hooks=None, dtype=None, *rest):
         return self._tensor("a tensor", storage, offset, size, stride, _itemsize(dtype))
 
     def rebuild_qtensor(self, interp, storage, offset, size, stride, *rest):
         t = self.rebuild(interp, storage, offset, size, stride)
+        t.plain = None
         self._fits(t, t.itemsize)  # torch allocates the whole tensor, then views the storage
         return t
 
@@ -500,6 +529,8 @@ class _ScanChecks:
             return
         storage = state[0]
         itemsize = inst.itemsize if isinstance(inst, ScannedTensor) else storage.itemsize
+        size: tuple[int, ...]
+        stride: tuple[int, ...]
         if len(state) == 1:
             size, stride, offset = (storage.nbytes // itemsize,), (1,), 0
         elif len(state) in (3, 4):
@@ -522,10 +553,15 @@ def _contiguous(size) -> tuple[int, ...]:
 
 
 def _itemsize(dtype) -> int:
+    if isinstance(dtype, Placeholder):  # the scan names dtypes without resolving them
+        from ...dtypes import BY_NAME
+
+        known = BY_NAME.get(dtype.of.removeprefix("torch.")) if dtype.of.startswith("torch.") else None
+        if known is not None:
+            return known.itemsize
+        dtype = _values().get(dtype.of)
     import torch
 
-    if isinstance(dtype, Placeholder):  # the scan names dtypes without resolving them
-        dtype = _values().get(dtype.of)
     if not isinstance(dtype, torch.dtype):
         raise Malformed(f"a tensor's dtype is {short(dtype)}")
     return dtype.itemsize
@@ -544,9 +580,11 @@ class Resolver:
         self.checks = {} if scan is None else scan.table()
         self.on_build = None if scan is None else scan.on_build
         self.placeholders: dict[str, Placeholder] = {}
+        self.named: set[str] = set()  # every global the pickle named
 
     def __call__(self, module: str, name: str):
         qualname = printable(f"{module}.{name}")
+        self.named.add(qualname)
         if refused_global(module, name):
             raise _unsafe(self.path, qualname)
         if qualname in self.storage_types:

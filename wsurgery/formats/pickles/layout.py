@@ -98,7 +98,8 @@ class _Claims:
         if seen is not None and (seen.nbytes, seen.dtype_name) != (claim.nbytes, claim.dtype_name):
             raise Malformed(f"storage {claim.key!r} is claimed twice with different sizes or types")
         self.by_key.setdefault(claim.key, claim)
-        return ClaimedStorage(claim.seen_bytes, claim.itemsize)
+        return ClaimedStorage(claim.seen_bytes, claim.itemsize, claim.key if claim.view is None else "",
+                              claim.dtype_name)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- archives
@@ -117,6 +118,8 @@ class Layout:
     claims: dict[str, _Claim]
     big_endian: bool
     placeholders: list[str]  # globals the scan saw that are not allow-listed by torch
+    value: object = None  # what the (zip) pickle scanned to: inert placeholders, ScannedTensors
+    named: frozenset[str] = frozenset()  # every global the (zip) pickle names
 
 
 def bad(path, rule: str) -> InputError:
@@ -148,8 +151,11 @@ def _local_data_offset(f, info: zipfile.ZipInfo, size: int, path) -> int:
     return info.header_offset + 30 + n + m
 
 
-def _zip_layout(path: str, f) -> Layout:
-    size = os.fstat(f.fileno()).st_size
+def _zip_layout(path: str, f, size: int | None = None, torch_reader: bool = True) -> Layout:
+    """Validate a zip-format torch file read through ``f`` (``size`` bytes; the file's
+    own size when None). ``torch_reader=False`` reads data.pkl with Python's zip reader
+    alone: for a caller that will read the storages itself, never through torch."""
+    size = os.fstat(f.fileno()).st_size if size is None else size
     try:
         zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error,
@@ -209,9 +215,12 @@ def _zip_layout(path: str, f) -> Layout:
                 raise bad(path, f"unknown byte order {short(order)}")
             big_endian = order == b"big"
 
-    pickle_bytes = _torch_reader_agrees(path, rel)
+        if not torch_reader:
+            pickle_bytes = _read_pickle(zf, rel["data.pkl"][2], path)
+    if torch_reader:
+        pickle_bytes = _torch_reader_agrees(path, rel)
     claims = _Claims(legacy=False)
-    _, resolver = _scan(path, Source(pickle_bytes), claims, size)
+    value, resolver = _scan(path, Source(pickle_bytes), claims, size)
     records: dict[str, tuple[int, int]] = {}
     for key, claim in claims.by_key.items():
         entry = rel.get(f"data/{key}")
@@ -228,7 +237,32 @@ def _zip_layout(path: str, f) -> Layout:
             )
         records[key] = (start, nbytes)
     return Layout(path, size, True, pickle_bytes, (0, 0), records, claims.by_key, big_endian,
-                   sorted(resolver.placeholders))  # fmt: skip
+                  sorted(resolver.placeholders), value, frozenset(resolver.named))  # fmt: skip
+
+
+def _read_pickle(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> bytes:
+    if info.file_size > MAX_INFLATED_RECORD:
+        raise bad(path, f"data.pkl claims {info.file_size} bytes")
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise bad(path, f"data.pkl is unreadable ({first_line(exc)})") from None
+
+
+def scan_zip(path: str, f, size: int) -> Layout:
+    """Validate a zip-format torch file that ``f`` reads (``size`` bytes), without torch.
+
+    For a caller that reads the storages itself (a DCP chunk): the same checks as
+    :func:`scan`, except that torch's zip reader is not consulted, since torch will not
+    read the file. ``path`` names the file in messages.
+
+    Example:
+        >>> layout = scan_zip("ckpt/__0_0.distcp[2522:4099]", view, 1577)  # doctest: +SKIP
+    """
+    try:
+        return _zip_layout(path, f, size, torch_reader=False)
+    except (ValueError, struct.error, OSError):
+        raise InputError(f"{path}: the file changed while it was read") from None
 
 
 def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> bytes:
@@ -253,7 +287,8 @@ def _torch_reader_agrees(path: str, rel: dict) -> bytes:
             raise bad(path, f"zip readers disagree about entry {short(odd)}")
         for name, (start, nbytes, info) in rel.items():
             if info.compress_type == zipfile.ZIP_STORED and (
-                reader.get_record_offset(name) != start or reader.get_record_size(name) != nbytes
+                reader.get_record_offset(name) != start  # type: ignore[attr-defined]  # missing from torch's stubs
+                or reader.get_record_size(name) != nbytes
             ):
                 raise bad(path, f"zip readers disagree about where entry {short(name)} lies")
         if reader.get_record_size("data.pkl") != rel["data.pkl"][1]:
