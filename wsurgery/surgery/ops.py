@@ -1,5 +1,6 @@
 """What every verb shares: the planned step (``Op``), building the new checkpoint, choosing
-names by name / module prefix / glob, and refusing new names that look like typos.
+names (and non-tensor entries) with the one selector, and refusing new names that look
+like typos.
 
 Invariants every verb keeps (``Checkpoint.check_invariants`` checks them on the result):
 a name is stored or an alias, never both; every alias's base is the stored tensor of its
@@ -8,12 +9,13 @@ source name. A verb never reads tensor data: it only builds lazy entries.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem, SurgeryError
+from ..selectors import matches as selectors_matches
+from ..selectors import unknown
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,11 @@ def derive(
     ops: Sequence[Op],
     *,
     other: Checkpoint | None = None,
+    skipped: Sequence[str] | None = None,
 ) -> Checkpoint:
     """A new checkpoint: ``ckpt``'s metadata and provenance, these entries, ``ops`` appended
-    to its changes. Checks the invariants."""
+    to its changes (``skipped``: its non-tensor entries, by default ``ckpt``'s). Checks the
+    invariants."""
     files = list(ckpt.input_files)
     if other is not None:
         files += [f for f in other.input_files if f not in files]
@@ -93,7 +97,7 @@ def derive(
         metadata=dict(ckpt.metadata),
         path=ckpt.path,
         format=ckpt.format,
-        skipped=list(ckpt.skipped),
+        skipped=list(ckpt.skipped if skipped is None else skipped),
         container=ckpt.container,
         input_files=files,
         changes=[*ckpt.changes, *ops],
@@ -126,30 +130,34 @@ def check_orphans(ckpt: Checkpoint, leaving: Iterable[str], verb: str, problems:
             )
 
 
-def matches(ckpt: Checkpoint, pattern: str) -> list[str]:
-    """The names ``pattern`` selects: itself if it is a name, else every name under it as a
-    module prefix, else every name it matches as a glob (``*``, ``?``, ``[...]``)."""
-    if pattern in ckpt:
-        return [pattern]
-    prefix = pattern.rstrip(".") + "."
-    under = [n for n in ckpt.names() if n.startswith(prefix)]
-    if under:
-        return under
-    if any(c in pattern for c in "*?["):
-        return [n for n in ckpt.names() if fnmatch.fnmatchcase(n, pattern)]
-    return []
+def skipped_name(entry: str) -> str:
+    """The name of a non-tensor entry (``ckpt.skipped`` holds ``"name: what"``)."""
+    return entry.split(": ", 1)[0]
 
 
-def select(ckpt: Checkpoint, patterns: Iterable[str], verb: str, problems: list) -> list[str]:
-    """Every name the patterns select, in natural order; a pattern that selects nothing is
-    a problem."""
+def select_entries(ckpt: Checkpoint, selectors: Iterable[str]) -> tuple[list[str], set[str]]:
+    """The tensor names ``selectors`` select (in the checkpoint's order) and the non-tensor
+    entries (``ckpt.skipped`` items) they select, by the one rule of
+    :mod:`wsurgery.selectors`.
+
+    Raises:
+        UnknownNameError: for the first selector that selects neither (close matches
+            among the tensor names).
+    """
+    names = ckpt.names()
+    known = set(names)
+    skipped = {skipped_name(s): s for s in ckpt.skipped}
+    skipped_names = list(skipped)
     chosen: set[str] = set()
-    for pattern in patterns:
-        found = matches(ckpt, pattern)
-        if not found:
-            problems.append(Problem(f"{verb}: {pattern!r} matches no tensor name, module prefix or glob"))
+    left_out: set[str] = set()
+    for selector in selectors:
+        found = selectors_matches(names, selector, known=known)
+        extra = selectors_matches(skipped_names, selector) if skipped_names else []
+        if not found and not extra:
+            raise unknown(names, selector, path=ckpt.path)
         chosen.update(found)
-    return sorted(chosen, key=natural_key)
+        left_out.update(skipped[n] for n in extra)
+    return [n for n in names if n in chosen], left_out
 
 
 # --- new names that look like typos ----------------------------------------------------
