@@ -71,9 +71,10 @@ class Op:
 
 
 def refuse(problems: Sequence[Problem | str]) -> None:
-    """Raise every problem at once, if there is one."""
+    """Raise every problem at once (each distinct one once), if there is one."""
     if problems:
-        raise SurgeryError(problems=problems, hint="nothing was written")
+        distinct = list({str(p): p for p in problems}.values())
+        raise SurgeryError(problems=distinct, hint="nothing was written")
 
 
 def derive(

@@ -669,7 +669,7 @@ def _top(
         got = _mapping(_Ctx(chk, "output", None, ("output",), ""), data["output"], fields)
         if got is not _BAD:
             refused = _output_refused(got["path"], base)
-            output = None if got["path"] is None else os.path.join(base, got["path"]) if base else got["path"]
+            output = None if got["path"] is None else os.path.normpath(os.path.join(base or "", got["path"]))
             max_shard = got["max_shard_size"]
     return inputs, output, max_shard, refused
 

@@ -83,7 +83,8 @@ def _count_events(text: str, label: str) -> None:
 
 def _int_problem(node: Any) -> str | None:
     """Why an integer scalar is too long to read, or None."""
-    digits = sum(c.isalnum() for c in node.value)
+    text = node.value.lower().lstrip("+-")
+    digits = sum(c.isalnum() for c in (text[2:] if text[:2] in ("0x", "0o", "0b") else text))
     if digits <= MAX_INT_DIGITS:
         return None
     line = node.start_mark.line + 1
