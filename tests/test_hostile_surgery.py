@@ -54,7 +54,8 @@ def test_a_layer_index_of_5001_digits_is_a_clear_error(tmp_path):
 
 
 def test_stack_out_of_range_dim_names_each_tensor_and_the_results_rank(tmp_path):
-    sd = {f"layers.{i}.{k}": torch.ones((2, 2) if k == "weight" else (2,)) for i in range(2) for k in ("weight", "bias")}
+    sd = {f"layers.{i}.weight": torch.ones(2, 2) for i in range(2)}
+    sd |= {f"layers.{i}.bias": torch.ones(2) for i in range(2)}
     sd |= {f"layers.{i}.norm.bias": torch.ones(2) for i in range(2)}
     save_file(sd, tmp_path / "m.safetensors")
     with wsurgery.open(tmp_path / "m.safetensors") as c, pytest.raises(SurgeryError) as info:
