@@ -13,6 +13,7 @@ from ..transforms import parse as parse_transform
 from .slots import (
     _PARAM,
     _PARAMETRIZED,
+    _buffer,
     _describe,
     _raise_problems,
     _require_module,
@@ -61,7 +62,7 @@ def save_module(
     aliases: dict[str, tuple[str, list[str]]] = dict(ties)
     seen: dict[int, str] = {}
     for slot in _walk_buffers(module):
-        buf = slot.owner._buffers[slot.attr]
+        buf = _buffer(slot.owner, slot.attr)
         first = seen.setdefault(id(buf), slot.name)
         if first != slot.name:
             aliases[slot.name] = (first, [])
@@ -126,7 +127,7 @@ def _load_into(module: nn.Module, ckpt: Any, strict: bool) -> LoadResult:
     for name in values:
         target = slots.get(name) or buffers[name]
         shape, _ = ckpt.shape_dtype(name)
-        current = target.owner._buffers[target.attr] if target.kind == "buffer" else target.value()
+        current = _buffer(target.owner, target.attr) if target.kind == "buffer" else target.value()
         if tuple(shape) != _shape(current):
             misfit.append(
                 f"{name!r}: shape misfit, the module's has shape {_shape(current)}, {where} has shape {tuple(shape)}"
@@ -134,7 +135,7 @@ def _load_into(module: nn.Module, ckpt: Any, strict: bool) -> LoadResult:
         elif target.kind == _PARAMETRIZED:
             _check_value(name, target, current, misfit)
     for name, source in buffer_ties.items():
-        a, b = buffers[name].owner._buffers[buffers[name].attr], buffers[source].owner._buffers[buffers[source].attr]
+        a, b = _buffer(buffers[name].owner, buffers[name].attr), _buffer(buffers[source].owner, buffers[source].attr)
         if (_shape(a), a.dtype) != (_shape(b), b.dtype):
             misfit.append(f"buffer {name!r} ({_shape(a)}) cannot share {source!r} ({_shape(b)})")
     misfit.extend(_untracked_ties(module, ckpt, where))
@@ -145,7 +146,7 @@ def _load_into(module: nn.Module, ckpt: Any, strict: bool) -> LoadResult:
         _apply_tie(plan.slot.owner, plan.slot.attr, plan.root, plan.transform, plan.source_name)
     for name, source in buffer_ties.items():
         src = buffers[source]
-        buffers[name].owner.register_buffer(buffers[name].attr, src.owner._buffers[src.attr])
+        buffers[name].owner.register_buffer(buffers[name].attr, _buffer(src.owner, src.attr))
     slots = _slots(module)
     done: set[tuple[int, str]] = set()
     for name in values:
@@ -154,7 +155,7 @@ def _load_into(module: nn.Module, ckpt: Any, strict: bool) -> LoadResult:
             continue
         done.add(target.key)
         if target.kind == "buffer":
-            buf = target.owner._buffers[target.attr]
+            buf = _buffer(target.owner, target.attr)
             with torch.no_grad():
                 buf.copy_(ckpt.tensor(name, device=buf.device))
         else:

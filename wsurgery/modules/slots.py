@@ -8,7 +8,7 @@ import difflib
 import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -145,13 +145,15 @@ class _Slot:
 
     @property
     def plist(self) -> Any:
-        return self.owner.parametrizations[self.attr]
+        return plist_of(self.owner, self.attr)
 
     @property
     def param(self) -> nn.Parameter:
         """The Parameter of a plain slot, or the source of a tied one."""
         if self.kind == _PARAM:
-            return self.owner._parameters[self.attr]
+            param = self.owner._parameters[self.attr]
+            assert param is not None  # a plain slot holds a Parameter (see _walk)
+            return param
         if self.kind == _TIE:
             return self.plist.original
         raise AssertionError(self.kind)
@@ -184,8 +186,28 @@ class _Slot:
         return [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
 
 
+def _param(owner: nn.Module, attr: str) -> nn.Parameter:
+    """``owner``'s Parameter ``attr``, which the caller knows is there."""
+    param = owner._parameters[attr]
+    assert param is not None
+    return param
+
+
+def _buffer(owner: nn.Module, attr: str) -> torch.Tensor:
+    """``owner``'s buffer ``attr``, which the caller knows is there."""
+    buf = owner._buffers[attr]
+    assert buf is not None
+    return buf
+
+
+def plist_of(owner: nn.Module, attr: str) -> Any:
+    """``owner.parametrizations[attr]`` (a ``ParametrizationList``), typed loosely: torch
+    types ``parametrizations`` through ``Module.__getattr__``."""
+    return cast(Any, owner).parametrizations[attr]
+
+
 def _is_tie(owner: nn.Module, attr: str) -> bool:
-    plist = owner.parametrizations[attr]
+    plist = plist_of(owner, attr)
     return len(plist) == 1 and isinstance(plist[0], TiedView) and plist.is_tensor
 
 
@@ -196,7 +218,7 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[_Slot]:
             yield _Slot(prefix + attr, module, attr, _PARAM)
     parametrized = parametrize.is_parametrized(module)
     if parametrized:
-        for attr in module.parametrizations:
+        for attr in cast(Any, module).parametrizations:
             kind = _TIE if _is_tie(module, attr) else _PARAMETRIZED
             yield _Slot(prefix + attr, module, attr, kind)
     for child_name, child in module._modules.items():

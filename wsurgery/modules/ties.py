@@ -24,6 +24,7 @@ from .slots import (
     _as_transform,
     _describe,
     _dtype,
+    _param,
     _raise_problems,
     _require_module,
     _same_storage,
@@ -31,6 +32,7 @@ from .slots import (
     _Slot,
     _slots,
     _unknown,
+    plist_of,
 )
 
 # ----------------------------------------------------------------------------- ties
@@ -40,7 +42,7 @@ def _install_tie(
     slot_owner: nn.Module, attr: str, source: nn.Parameter, transform: Transform, source_name: str
 ) -> None:
     """Tie ``owner.<attr>`` (a plain Parameter now) to ``transform(source)``."""
-    current = slot_owner._parameters[attr]
+    current = _param(slot_owner, attr)
     view = TiedView(transform, source_name, _shape(current))
     # unsafe=True: the parametrization maps the *source's* shape to the alias's, so torch's
     # registration check (forward(current) keeps current's shape) does not apply. Our own
@@ -48,13 +50,13 @@ def _install_tie(
     parametrize.register_parametrization(slot_owner, attr, view, unsafe=True)
     # Invariant 2: the source Parameter itself becomes ``original``; the alias's old
     # Parameter is dropped untouched (torch only ever ``set_``s it to itself).
-    slot_owner.parametrizations[attr].register_parameter("original", source)
+    plist_of(slot_owner, attr).register_parameter("original", source)
     _check_tie(slot_owner, attr, attr)
 
 
 def _check_tie(owner: nn.Module, attr: str, name: str) -> None:
     """Enforce the invariants of a tied view (module docstring); raise printing both values."""
-    plist = owner.parametrizations[attr]
+    plist = plist_of(owner, attr)
     if len(plist) != 1 or not isinstance(plist[0], TiedView):
         raise SurgeryError(
             f"tied weight {name!r} is broken: expected exactly one TiedView parametrization.\n"
@@ -280,8 +282,8 @@ def _conflicts(module: nn.Module, slots: dict[str, _Slot], plans: list[_TiePlan]
 
 def _apply_tie(owner: nn.Module, attr: str, root: nn.Parameter, transform: Transform, source_name: str) -> None:
     if parametrize.is_parametrized(owner, attr):
-        view = owner.parametrizations[attr][0]
-        if owner.parametrizations[attr].original is root and view.specs() == transform.specs():
+        view = plist_of(owner, attr)[0]
+        if plist_of(owner, attr).original is root and view.specs() == transform.specs():
             return  # the same (owner, attr) reached by two names
         _drop_tie(owner, attr)
     if transform.is_identity:
@@ -295,7 +297,7 @@ def _drop_tie(owner: nn.Module, attr: str) -> None:
 
     The source is swapped out of ``original`` first, so that torch's removal never
     touches it (``remove_parametrizations`` would ``set_`` it otherwise)."""
-    plist = owner.parametrizations[attr]
+    plist = plist_of(owner, attr)
     source = plist.original
     with torch.no_grad():
         value = getattr(owner, attr).detach().clone()
@@ -334,7 +336,7 @@ def untie_weights(module: nn.Module, names: Iterable[str] | str | None = None) -
         if parametrize.is_parametrized(slot.owner, slot.attr):
             _drop_tie(slot.owner, slot.attr)
         else:
-            p = slot.owner._parameters[slot.attr]
+            p = _param(slot.owner, slot.attr)
             with torch.no_grad():
                 fresh = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
             slot.owner.register_parameter(slot.attr, fresh)

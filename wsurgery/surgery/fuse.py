@@ -10,13 +10,13 @@ is refused: untie those first. The results are lazy entries, computed when writt
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..checkpoint import Checkpoint, ComputedStored, Derived, Joined, Stored, natural_key
 from ..errors import Problem, UsageError
 from ..show import shape_text
 from ..transforms import Reshape, Slice, Transform
-from .ops import Op, check_new_names, check_orphans, derive, refuse
+from .ops import Op, check_new_names, check_orphans, derive, refuse, select_under
 
 
 def _dim(rank: int, dim: int, verb: str, problems: list, what: str = "", result: bool = False) -> int | None:
@@ -31,7 +31,7 @@ def _dim(rank: int, dim: int, verb: str, problems: list, what: str = "", result:
 
 
 def _move(
-    ckpt: Checkpoint, sources: Sequence[str], made: dict[str, Stored], verb: str, problems: list, new: bool
+    ckpt: Checkpoint, sources: Sequence[str], made: Mapping[str, Stored], verb: str, problems: list, new: bool
 ) -> tuple[dict[str, Stored], dict[str, Derived], list[str]]:
     """Entries of the result: ``sources`` removed, ``made`` added; which names ``made``
     replaces. Aliases left without their source, or over a replaced tensor, are problems."""
@@ -85,6 +85,7 @@ def concat(ckpt: Checkpoint, srcs: Sequence[str], dst: str, dim: int = 0, *, new
     if d is not None:
         _agree(parts, srcs, d, "concat", problems)
     refuse(problems)
+    assert d is not None  # refused above otherwise
     joined = Joined(dst, parts, d)
     stored, aliases, replaced = _move(ckpt, srcs, {dst: joined}, "concat", problems, new)
     op = Op("concat", ", ".join(srcs), dst, joined, replaces=dst in replaced)
@@ -114,7 +115,8 @@ def split(
     if len(set(dsts)) != len(dsts):
         problems.append(Problem(f"split: a destination is named twice in {dsts}"))
     refuse(problems)
-    made: dict[str, Stored] = {}
+    assert d is not None  # refused above otherwise
+    made: dict[str, ComputedStored] = {}
     offset = 0
     for name, size in zip(dsts, sizes, strict=True):
         piece = Transform((Slice(d, offset, offset + size),))
@@ -211,9 +213,9 @@ def unstack(ckpt: Checkpoint, src: str, template: str, dim: int = 0, *, new: boo
     tensor under it into ``<template>.<suffix>``. ``src`` is gone."""
     _template(template, "unstack")
     problems: list[Problem | str] = []
-    made: dict[str, Stored] = {}
+    made: dict[str, ComputedStored] = {}
     sources: list[str] = []
-    for name, suffix in ckpt.resolve(src):  # UnknownNameError for a name it does not hold
+    for name, suffix in select_under(ckpt, src):  # UnknownNameError when it selects nothing
         value = ckpt.value(name)
         d = _dim(len(value.shape), dim, "unstack", problems, name)
         if d is None:

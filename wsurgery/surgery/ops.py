@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..checkpoint import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem, SurgeryError
 from ..selectors import matches as selectors_matches
+from ..selectors import select as selectors_select
 from ..selectors import unknown
 
 
@@ -159,6 +160,29 @@ def select_entries(ckpt: Checkpoint, selectors: Iterable[str]) -> tuple[list[str
         chosen.update(found)
         left_out.update(skipped[n] for n in extra)
     return [n for n in names if n in chosen], left_out
+
+
+def select_under(ckpt: Checkpoint, selector: str) -> list[tuple[str, str]]:
+    """``[(name, suffix)]`` for what ``selector`` selects: an exact name (suffix ``""``),
+    every tensor under a module prefix (the part after it), or a glob's one tensor.
+
+    Raises:
+        UnknownNameError: it selects nothing (with close matches).
+        SurgeryError: a glob that selects several tensors (nothing to map them by).
+    """
+    names = ckpt.names()
+    found = selectors_select(names, selector, path=ckpt.path)
+    if found == [selector]:
+        return [(selector, "")]
+    prefix = selector.rstrip(".") + "."
+    if all(n.startswith(prefix) for n in found):
+        return [(n, n[len(prefix) :]) for n in found]
+    if len(found) == 1:
+        return [(found[0], "")]
+    raise SurgeryError(
+        f"{selector!r} is a glob that selects {len(found)} tensors; it can pair with one destination only",
+        hint="name a module prefix to map several tensors",
+    )
 
 
 # --- new names that look like typos ----------------------------------------------------

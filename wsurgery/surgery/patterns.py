@@ -46,7 +46,7 @@ def compile_pattern(pattern: str) -> Any:
     Raises:
         PatternError: it does not compile, or needs a feature RE2 does not have.
     """
-    import re2
+    import re2  # type: ignore[import-untyped]
 
     options = re2.Options()
     options.log_errors = False  # RE2 would print its own message on standard error

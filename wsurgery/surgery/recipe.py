@@ -271,4 +271,3 @@ __all__ = [
     "prepare",
     "resolve_inputs",
 ]
-

@@ -284,7 +284,7 @@ def _mapping(c: _Ctx, value: Any, fields: Mapping[str, _Field]):
             c.chk.add(
                 c.head,
                 c.path + (key,),
-                (f"{c.key}: " if c.key else "") + _unknown("key", key, fields),
+                (f"{c.key}: " if c.key else "") + _unknown("key", key, list(fields)),
                 c.kind,
             )
             ok = False
@@ -738,4 +738,3 @@ def load(recipe: Recipe | Mapping | PathLike) -> Recipe:
     path = os.fspath(recipe)
     data, lines, dups = parse_text(read(path), path)
     return _validate(data, lines, dups, path)
-

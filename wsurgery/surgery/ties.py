@@ -52,7 +52,7 @@ from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, Us
 from ..selectors import is_glob, select
 from ..show import shape_text
 from ..transforms import Reshape, Transform, parse
-from .ops import Op, check_new_names, dependents, derive, refuse
+from .ops import Op, check_new_names, dependents, derive, refuse, select_under
 
 KINDS = ("tie", "copy", "untie")
 
@@ -132,25 +132,18 @@ def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -
         UnknownNameError: ``src`` selects nothing (with close matches).
         SurgeryError: a prefix or a glob of several tensors onto one tensor name.
     """
-    names = src_ckpt.names()
-    found = select(names, src, path=src_ckpt.path)
-    if found == [src]:
+    found = select_under(src_ckpt, src)
+    if found == [(src, "")]:
         return [(src, dst)]
-    prefix = src.rstrip(".") + "."
-    if not all(n.startswith(prefix) for n in found):  # a glob
-        if len(found) == 1:
-            return [(found[0], dst)]
-        raise SurgeryError(
-            f"{src!r} is a glob that selects {len(found)} tensors; it can pair with one destination only",
-            hint="name a module prefix as the source to map several tensors",
-        )
-    if dst in dst_ckpt and dst not in found:
+    if len(found) == 1 and found[0][1] == "" and is_glob(src):
+        return [(found[0][0], dst)]
+    if dst in dst_ckpt and dst not in {n for n, _ in found}:
         raise SurgeryError(
             f"{src!r} is a module prefix ({len(found)} tensors) but {dst!r} is a single tensor",
             hint="name a module prefix as the destination",
         )
     base = dst.rstrip(".")
-    return [(name, f"{base}.{name[len(prefix):]}" if base else name[len(prefix) :]) for name in found]
+    return [(name, f"{base}.{suffix}" if base else suffix) for name, suffix in found]
 
 
 def _is_module_prefix(ckpt: Checkpoint, name: str) -> bool:
@@ -222,7 +215,8 @@ def plan(
             problems.append(Problem(f"tie {src} -> {dst}: {why_not}", use="copy", names=(dst,)))
             continue
         from_other = kind == "copy" and other is not None
-        source_ckpt = other if from_other else ckpt
+        source_ckpt = other if other is not None and kind == "copy" else ckpt
+        assert src is not None  # only an untie has no source
         try:
             pairs = pair_names(source_ckpt, src, ckpt, dst)
         except UnknownNameError:
@@ -351,8 +345,8 @@ def _implied_unties(ckpt: Checkpoint, ops: list[Op]) -> list[Op]:
     return out
 
 
-def _conflicts(ckpt: Checkpoint, ops: list[Op]) -> list[str]:
-    problems = []
+def _conflicts(ckpt: Checkpoint, ops: list[Op]) -> list[Problem | str]:
+    problems: list[Problem | str] = []
     seen: dict[str, Op] = {}
     for op in ops:
         if op.dst in seen:
@@ -394,10 +388,12 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None, device) ->
         stored.pop(op.dst, None)
         aliases.pop(op.dst, None)
     for op in ops:
+        value = op.value
+        assert isinstance(value, Derived)  # a tie, copy or untie is planned over one stored tensor
         if op.kind == "tie":
-            aliases[op.dst] = op.value
+            aliases[op.dst] = value
         else:
-            stored[op.dst] = ComputedStored(op.dst, op.value.base, op.value.transform, device=device)
+            stored[op.dst] = ComputedStored(op.dst, value.base, value.transform, device=device)
     return derive(ckpt, stored, aliases, ops, other=other)
 
 

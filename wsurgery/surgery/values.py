@@ -44,6 +44,7 @@ def cast(
     if entry is None or entry.kind != "float":
         valid = ", ".join(d for d, e in dtypes.BY_NAME.items() if e.kind == "float")
         refuse([Problem(f"cast: {dtype!r} is not a floating dtype; cast takes one of {valid}")])
+    assert entry is not None  # refused above otherwise
     target = entry.name
     step = Transform((Cast(target),))
     stored: dict[str, Stored] = dict(ckpt.stored)
@@ -65,8 +66,9 @@ def cast(
             )
             continue
         if chosen and s.dtype != target:
-            stored[name] = ComputedStored(name, s, step, device=device)
-            ops.append(Op("cast", name, name, stored[name].value, replaces=True, note=f"was {s.dtype}"))
+            computed = ComputedStored(name, s, step, device=device)
+            stored[name] = computed
+            ops.append(Op("cast", name, name, computed.value, replaces=True, note=f"was {s.dtype}"))
     refuse(problems)
     aliases = {
         n: (a if stored[a.source] is a.base else Derived.of(stored[a.source], a.transform))
