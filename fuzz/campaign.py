@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from fuzz.distributed import TARGETS as DISTRIBUTED_TARGETS
 
     fuzz.TARGETS.update(DISTRIBUTED_TARGETS)  # DCP, Megatron and .nemo layouts (fuzz/distributed.py)
+    from fuzz.recipes import TARGETS as RECIPE_TARGETS
+
+    fuzz.TARGETS.update(RECIPE_TARGETS)  # recipes: YAML, rename patterns, integers (fuzz/recipes.py)
 
     names = args.target or list(fuzz.TARGETS)
     unknown = [n for n in names if n not in fuzz.TARGETS]

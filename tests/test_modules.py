@@ -767,3 +767,20 @@ def test_ties_on_cuda(tmp_path):
     load_module(fresh, path)
     assert fresh.head.weight is fresh.emb.weight and fresh.emb.weight.is_cuda
     assert torch.equal(fresh.down.weight, m.down.weight)
+
+
+def test_a_tie_of_a_live_module_and_of_a_file_refuse_a_non_view_by_the_same_rule(tmp_path):
+    from safetensors.torch import save_file
+
+    import wsurgery
+    from wsurgery.transforms import parse
+
+    rule = parse("scale(2)").tie_problem()
+    assert rule is not None and rule.startswith("a tie takes view steps only")
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    with pytest.raises(SurgeryError) as live:
+        tie_weights(a, b, "weight", {"weight": ("weight", "scale(2)")})
+    save_file({"a": torch.ones(3, 3), "b": torch.ones(3, 3)}, tmp_path / "m.safetensors")
+    with wsurgery.open(tmp_path / "m.safetensors") as c, pytest.raises(SurgeryError) as file:
+        c.tie("a", "b", "scale(2)")
+    assert rule in str(live.value) and rule in str(file.value)

@@ -196,8 +196,9 @@ class _Chains:
         except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a 5000-digit integer in a step
             raise InputError(f"{self.path}: alias {name!r} has a bad transform: {str(exc)[:120]}") from None
         specs = (*base.record.specs, *transform.specs())
-        if not transform.is_view:
-            raise InputError(f"{self.path}: alias {name!r} has a transform that is not a view: {chain_text(specs)}")
+        why_not = transform.tie_problem()
+        if why_not is not None:
+            raise InputError(f"{self.path}: alias {name!r} ({chain_text(specs)}): {why_not}")
         if len(specs) > MAX_STEPS:
             raise InputError(
                 f"{self.path}: alias {name!r} composes a chain of {len(specs)} transform steps (at most {MAX_STEPS})"

@@ -72,6 +72,8 @@ __all__ = [
 Shape = tuple[int, ...]
 
 
+VIEW_STEPS = "same, transpose, permute, reshape, slice"  # the steps a tie may take
+
 class _StepError(Exception):
     """Internal: a step that does not fit; turned into a ``TransformError`` with context."""
 
@@ -691,6 +693,14 @@ class Transform:
     def is_view(self) -> bool:
         """True when every step is a view step (a tie may use it)."""
         return all(s.is_view for s in self.steps)
+
+    def tie_problem(self) -> str | None:
+        """Why a tie cannot take this chain, or None: THE rule "a tie takes view steps only"
+        (files, recipes and live modules all ask it here)."""
+        if self.is_view:
+            return None
+        bad = ", ".join(s.spec() for s in self.steps if not s.is_view)
+        return f"a tie takes view steps only ({VIEW_STEPS}); {bad} would need a copy"
 
     def infer(self, shape: tuple[int, ...], dtype: str) -> tuple[tuple[int, ...], str]:
         """Output shape and dtype of the whole chain; no data touched."""

@@ -10,24 +10,28 @@ is refused: untie those first. The results are lazy entries, computed when writt
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..checkpoint import Checkpoint, ComputedStored, Derived, Joined, Stored, natural_key
 from ..errors import Problem, UsageError
 from ..show import shape_text
 from ..transforms import Reshape, Slice, Transform
-from .ops import Op, check_new_names, check_orphans, derive, refuse
+from .ops import Op, check_new_names, check_orphans, derive, refuse, select_under
 
 
-def _dim(rank: int, dim: int, verb: str, problems: list) -> int | None:
+def _dim(rank: int, dim: int, verb: str, problems: list, what: str = "", result: bool = False) -> int | None:
+    """``dim`` in ``range(rank)`` (negative counts from the end), or None with a problem
+    naming ``what`` and whether ``rank`` is the result's (stack adds an axis)."""
     if not -rank <= dim < max(rank, 1):
-        problems.append(Problem(f"{verb}: dim {dim} is out of range for {rank}-d tensors"))
+        whose = f"the result {what}" if result else what
+        text = f"{verb}: dim {dim} is out of range for {whose} ({rank}-d; dims {-rank} .. {rank - 1})"
+        problems.append(Problem(text, names=(what,) if what else ()))
         return None
     return dim % rank if rank else 0
 
 
 def _move(
-    ckpt: Checkpoint, sources: Sequence[str], made: dict[str, Stored], verb: str, problems: list, new: bool
+    ckpt: Checkpoint, sources: Sequence[str], made: Mapping[str, Stored], verb: str, problems: list, new: bool
 ) -> tuple[dict[str, Stored], dict[str, Derived], list[str]]:
     """Entries of the result: ``sources`` removed, ``made`` added; which names ``made``
     replaces. Aliases left without their source, or over a replaced tensor, are problems."""
@@ -77,10 +81,11 @@ def concat(ckpt: Checkpoint, srcs: Sequence[str], dst: str, dim: int = 0, *, new
     if len(srcs) < 2:
         raise UsageError(f"concat takes at least two sources, got {len(srcs)}", param="src")
     parts = _values(ckpt, srcs)
-    d = _dim(len(parts[0].shape), dim, "concat", problems)
+    d = _dim(len(parts[0].shape), dim, "concat", problems, srcs[0])
     if d is not None:
         _agree(parts, srcs, d, "concat", problems)
     refuse(problems)
+    assert d is not None  # refused above otherwise
     joined = Joined(dst, parts, d)
     stored, aliases, replaced = _move(ckpt, srcs, {dst: joined}, "concat", problems, new)
     op = Op("concat", ", ".join(srcs), dst, joined, replaces=dst in replaced)
@@ -99,7 +104,7 @@ def split(
         problems.append(Problem(f"split: {len(dsts)} destinations but {len(sizes)} sizes"))
     if any(s < 0 for s in sizes):
         problems.append(Problem(f"split: sizes must be >= 0, got {sizes}"))
-    d = _dim(len(value.shape), dim, "split", problems)
+    d = _dim(len(value.shape), dim, "split", problems, src)
     if d is not None and not problems and sum(sizes) != value.shape[d]:
         problems.append(
             Problem(
@@ -110,7 +115,8 @@ def split(
     if len(set(dsts)) != len(dsts):
         problems.append(Problem(f"split: a destination is named twice in {dsts}"))
     refuse(problems)
-    made: dict[str, Stored] = {}
+    assert d is not None  # refused above otherwise
+    made: dict[str, ComputedStored] = {}
     offset = 0
     for name, size in zip(dsts, sizes, strict=True):
         piece = Transform((Slice(d, offset, offset + size),))
@@ -128,30 +134,46 @@ def _template(template: str, verb: str) -> tuple[str, str]:
     return before, after
 
 
+def _short_index(digits: str) -> str:
+    return digits if len(digits) <= 24 else f"{digits[:10]}...{digits[-6:]} ({len(digits):,} digits)"
+
+
 def _indexed(ckpt: Checkpoint, template: str, verb: str, problems: list) -> dict[str, list[str]]:
     """``{suffix: [name for i = 0, 1, ...]}`` for the names the template matches: the
-    template names tensors (suffix ``""``), or module prefixes (every tensor under them)."""
+    template names tensors (suffix ``""``), or module prefixes (every tensor under them).
+
+    Indices are bounded by the names present, never by the largest index: the ``n``
+    names of a group must hold exactly ``i = 0 .. n-1``; any other index (a gap, a
+    5,000-digit number) is a problem naming it, found before anything is allocated.
+    """
     before, after = _template(template, verb)
     whole = re.compile(re.escape(before) + r"(0|[1-9][0-9]*)" + re.escape(after) + r"(\..+)?")
-    found: dict[str, dict[int, str]] = {}
+    found: dict[str, dict[str, str]] = {}
     for name in ckpt.names():
         m = whole.fullmatch(name)
         if m:
-            found.setdefault((m.group(2) or "").lstrip("."), {})[int(m.group(1))] = name
+            found.setdefault((m.group(2) or "").lstrip("."), {})[m.group(1)] = name
     exact = found.pop("", None)
     groups = {"": exact} if exact else found
     if not groups:
         problems.append(Problem(f"{verb}: the template {template!r} matches no tensor name or module prefix"))
         return {}
     out: dict[str, list[str]] = {}
-    for suffix, by_index in sorted(groups.items(), key=lambda kv: natural_key(kv[0])):
-        n = max(by_index) + 1
-        missing = [i for i in range(n) if i not in by_index]
-        if missing:
-            where = f" for .{suffix}" if suffix else ""
-            problems.append(Problem(f"{verb}: {template!r} has no i = {', '.join(map(str, missing[:10]))}{where}"))
+    for suffix, by_digits in sorted(groups.items(), key=lambda kv: natural_key(kv[0])):
+        n = len(by_digits)
+        where = f" for .{suffix}" if suffix else ""
+        beyond = sorted((d for d in by_digits if len(d) > len(str(n - 1)) or int(d) >= n), key=lambda d: (len(d), d))
+        if beyond:
+            missing = [i for i in range(n) if str(i) not in by_digits]
+            problems.append(
+                Problem(
+                    f"{verb}: {template!r} has no i = {', '.join(map(str, missing[:10]))}{where} but has "
+                    f"i = {_short_index(beyond[0])} ({n} names; the indices must run 0 .. {n - 1} without gaps)",
+                    names=(by_digits[beyond[0]],),
+                )
+            )
             continue
-        out[suffix] = [by_index[i] for i in range(n)]
+        out[suffix] = [by_digits[str(i)] for i in range(n)]
     counts = {len(v) for v in out.values()}
     if len(counts) > 1:
         problems.append(
@@ -174,7 +196,8 @@ def stack(ckpt: Checkpoint, template: str, dst: str, dim: int = 0, *, new: bool 
     sources: list[str] = []
     for suffix, names in groups.items():
         parts = _values(ckpt, names)
-        d = _dim(len(parts[0].shape) + 1, dim, "stack", problems)
+        made_name = _join(dst, suffix)
+        d = _dim(len(parts[0].shape) + 1, dim, "stack", problems, made_name, result=True)
         if d is not None and _agree(parts, names, None, "stack", problems):
             made[_join(dst, suffix)] = Joined(_join(dst, suffix), parts, d, new_axis=True)
         sources += names
@@ -190,11 +213,11 @@ def unstack(ckpt: Checkpoint, src: str, template: str, dim: int = 0, *, new: boo
     tensor under it into ``<template>.<suffix>``. ``src`` is gone."""
     _template(template, "unstack")
     problems: list[Problem | str] = []
-    made: dict[str, Stored] = {}
+    made: dict[str, ComputedStored] = {}
     sources: list[str] = []
-    for name, suffix in ckpt.resolve(src):  # UnknownNameError for a name it does not hold
+    for name, suffix in select_under(ckpt, src):  # UnknownNameError when it selects nothing
         value = ckpt.value(name)
-        d = _dim(len(value.shape), dim, "unstack", problems)
+        d = _dim(len(value.shape), dim, "unstack", problems, name)
         if d is None:
             continue
         rest = value.shape[:d] + value.shape[d + 1 :]

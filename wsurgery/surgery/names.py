@@ -1,41 +1,42 @@
-"""Verbs over names: ``rename`` (a regex over every name), ``drop`` and ``keep`` (by name,
+"""Verbs over names: ``rename`` (a regex over every name, RE2), ``drop`` and ``keep`` (by name,
 module prefix or glob). Ties follow: a renamed source renames its aliases' source, and a
 source cannot be dropped while an alias that stays uses it."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from ..checkpoint import Checkpoint, Derived, Stored, natural_key
-from ..errors import Problem
-from .ops import Op, check_orphans, derive, refuse, select
+from ..errors import Problem, UnknownNameError
+from ..selectors import close_matches
+from .ops import Op, check_orphans, derive, refuse, select_entries
+from .patterns import NameTooLong, PatternError, rename_all
 
 
 def rename(ckpt: Checkpoint, pattern: str, to: str) -> Checkpoint:
-    """Every name ``n`` becomes ``re.sub(pattern, to, n)`` (``\\1`` refers to groups).
+    """Every name ``n`` becomes ``re.sub(pattern, to, n)`` (``\\1`` refers to groups), the
+    pattern matched by RE2 in linear time (see :mod:`.patterns`).
 
-    Refused (every problem at once): a pattern that does not compile or matches no name,
-    a replacement that fails, an empty result, two names onto one.
+    Refused (every problem at once): a pattern that does not compile or needs
+    backtracking, a replacement that fails, a pattern that matches no name (an
+    ``UnknownNameError``), an empty result, two names onto one, a name longer than
+    ``limits.MAX_NAME_LENGTH`` or names past ``limits.MAX_NAMES_BYTES`` in all.
     """
     problems: list[Problem | str] = []
     try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        refuse([Problem(f"rename: pattern {pattern!r} is not a valid regular expression: {exc}")])
-    new_names: dict[str, str] = {}
-    matched = False
-    for name in ckpt.names():
-        try:
-            new, count = regex.subn(to, name)
-        except (re.error, IndexError) as exc:
-            refuse([Problem(f"rename: replacement {to!r} fails on {name!r}: {exc}")])
-        matched = matched or count > 0
+        new_names, matched = rename_all(ckpt.names(), pattern, to)
+    except (PatternError, NameTooLong) as exc:
+        refuse([Problem(f"rename: {exc}")])
+    if not matched:
+        raise UnknownNameError(
+            pattern,
+            path=ckpt.path,
+            message=f"the rename pattern {pattern!r} matches no name" + (f" in {ckpt.path}" if ckpt.path else ""),
+            candidates=close_matches(ckpt.names(), pattern),
+        )
+    for name, new in new_names.items():
         if not new:
             problems.append(Problem(f"rename: {name!r} would become an empty name", names=(name,)))
-        new_names[name] = new
-    if not matched:
-        problems.append(Problem(f"rename: pattern {pattern!r} matches no name"))
     onto: dict[str, list[str]] = {}
     for old, new in new_names.items():
         onto.setdefault(new, []).append(old)
@@ -61,25 +62,38 @@ def rename(ckpt: Checkpoint, pattern: str, to: str) -> Checkpoint:
     return derive(ckpt, ordered, aliases, ops)
 
 
-def _without(ckpt: Checkpoint, gone: Sequence[str], verb: str, problems: list) -> Checkpoint:
-    """``ckpt`` without the names ``gone``; dropping a source that a kept alias uses is a problem."""
+def _without(ckpt: Checkpoint, gone: Sequence[str], verb: str, skipped: list[str]) -> Checkpoint:
+    """``ckpt`` without the names ``gone`` (its non-tensor entries: ``skipped``); dropping
+    a source that a kept alias uses is refused."""
+    problems: list[Problem | str] = []
     gone_set = set(gone)
     check_orphans(ckpt, gone, verb, problems)
     refuse(problems)
     stored = {n: s for n, s in ckpt.stored.items() if n not in gone_set}
     aliases = {n: a for n, a in ckpt.aliases.items() if n not in gone_set}
-    return derive(ckpt, stored, aliases, [Op("drop", n, n, None) for n in gone])
+    return derive(ckpt, stored, aliases, [Op("drop", n, n, None) for n in gone], skipped=skipped)
 
 
 def drop(ckpt: Checkpoint, names: Sequence[str]) -> Checkpoint:
-    """Remove the tensors ``names`` select (a name, a module prefix or a glob each)."""
-    problems: list[Problem | str] = []
-    gone = select(ckpt, names, "drop", problems)
-    return _without(ckpt, gone, "drop", problems)
+    """Remove the tensors ``names`` select (a name, a module prefix or a glob each; see
+    :mod:`wsurgery.selectors`), and the non-tensor entries they select, so they are no
+    longer listed as left out.
+
+    Raises:
+        UnknownNameError: a selector that selects nothing (with close matches).
+    """
+    gone, left_out = select_entries(ckpt, names)
+    return _without(ckpt, gone, "drop", [s for s in ckpt.skipped if s not in left_out])
 
 
 def keep(ckpt: Checkpoint, names: Sequence[str]) -> Checkpoint:
-    """Keep only the tensors ``names`` select (a name, a module prefix or a glob each)."""
-    problems: list[Problem | str] = []
-    kept = set(select(ckpt, names, "keep", problems))
-    return _without(ckpt, [n for n in ckpt.names() if n not in kept], "keep", problems)
+    """Keep only the tensors (and non-tensor entries) ``names`` select (a name, a module
+    prefix or a glob each; see :mod:`wsurgery.selectors`).
+
+    Raises:
+        UnknownNameError: a selector that selects nothing (with close matches).
+    """
+    kept, left_out = select_entries(ckpt, names)
+    chosen = set(kept)
+    gone = [n for n in ckpt.names() if n not in chosen]
+    return _without(ckpt, gone, "keep", [s for s in ckpt.skipped if s in left_out])

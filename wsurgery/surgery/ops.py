@@ -1,5 +1,6 @@
 """What every verb shares: the planned step (``Op``), building the new checkpoint, choosing
-names by name / module prefix / glob, and refusing new names that look like typos.
+names (and non-tensor entries) with the one selector, and refusing new names that look
+like typos.
 
 Invariants every verb keeps (``Checkpoint.check_invariants`` checks them on the result):
 a name is stored or an alias, never both; every alias's base is the stored tensor of its
@@ -8,12 +9,14 @@ source name. A verb never reads tensor data: it only builds lazy entries.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem, SurgeryError
+from ..selectors import matches as selectors_matches
+from ..selectors import select as selectors_select
+from ..selectors import unknown
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,10 @@ class Op:
 
 
 def refuse(problems: Sequence[Problem | str]) -> None:
-    """Raise every problem at once, if there is one."""
+    """Raise every problem at once (each distinct one once), if there is one."""
     if problems:
-        raise SurgeryError(problems=problems, hint="nothing was written")
+        distinct = list({str(p): p for p in problems}.values())
+        raise SurgeryError(problems=distinct, hint="nothing was written")
 
 
 def derive(
@@ -81,9 +85,11 @@ def derive(
     ops: Sequence[Op],
     *,
     other: Checkpoint | None = None,
+    skipped: Sequence[str] | None = None,
 ) -> Checkpoint:
     """A new checkpoint: ``ckpt``'s metadata and provenance, these entries, ``ops`` appended
-    to its changes. Checks the invariants."""
+    to its changes (``skipped``: its non-tensor entries, by default ``ckpt``'s). Checks the
+    invariants."""
     files = list(ckpt.input_files)
     if other is not None:
         files += [f for f in other.input_files if f not in files]
@@ -93,7 +99,7 @@ def derive(
         metadata=dict(ckpt.metadata),
         path=ckpt.path,
         format=ckpt.format,
-        skipped=list(ckpt.skipped),
+        skipped=list(ckpt.skipped if skipped is None else skipped),
         container=ckpt.container,
         input_files=files,
         changes=[*ckpt.changes, *ops],
@@ -126,30 +132,57 @@ def check_orphans(ckpt: Checkpoint, leaving: Iterable[str], verb: str, problems:
             )
 
 
-def matches(ckpt: Checkpoint, pattern: str) -> list[str]:
-    """The names ``pattern`` selects: itself if it is a name, else every name under it as a
-    module prefix, else every name it matches as a glob (``*``, ``?``, ``[...]``)."""
-    if pattern in ckpt:
-        return [pattern]
-    prefix = pattern.rstrip(".") + "."
-    under = [n for n in ckpt.names() if n.startswith(prefix)]
-    if under:
-        return under
-    if any(c in pattern for c in "*?["):
-        return [n for n in ckpt.names() if fnmatch.fnmatchcase(n, pattern)]
-    return []
+def skipped_name(entry: str) -> str:
+    """The name of a non-tensor entry (``ckpt.skipped`` holds ``"name: what"``)."""
+    return entry.split(": ", 1)[0]
 
 
-def select(ckpt: Checkpoint, patterns: Iterable[str], verb: str, problems: list) -> list[str]:
-    """Every name the patterns select, in natural order; a pattern that selects nothing is
-    a problem."""
+def select_entries(ckpt: Checkpoint, selectors: Iterable[str]) -> tuple[list[str], set[str]]:
+    """The tensor names ``selectors`` select (in the checkpoint's order) and the non-tensor
+    entries (``ckpt.skipped`` items) they select, by the one rule of
+    :mod:`wsurgery.selectors`.
+
+    Raises:
+        UnknownNameError: for the first selector that selects neither (close matches
+            among the tensor names).
+    """
+    names = ckpt.names()
+    known = set(names)
+    skipped = {skipped_name(s): s for s in ckpt.skipped}
+    skipped_names = list(skipped)
     chosen: set[str] = set()
-    for pattern in patterns:
-        found = matches(ckpt, pattern)
-        if not found:
-            problems.append(Problem(f"{verb}: {pattern!r} matches no tensor name, module prefix or glob"))
+    left_out: set[str] = set()
+    for selector in selectors:
+        found = selectors_matches(names, selector, known=known)
+        extra = selectors_matches(skipped_names, selector) if skipped_names else []
+        if not found and not extra:
+            raise unknown(names, selector, path=ckpt.path)
         chosen.update(found)
-    return sorted(chosen, key=natural_key)
+        left_out.update(skipped[n] for n in extra)
+    return [n for n in names if n in chosen], left_out
+
+
+def select_under(ckpt: Checkpoint, selector: str) -> list[tuple[str, str]]:
+    """``[(name, suffix)]`` for what ``selector`` selects: an exact name (suffix ``""``),
+    every tensor under a module prefix (the part after it), or a glob's one tensor.
+
+    Raises:
+        UnknownNameError: it selects nothing (with close matches).
+        SurgeryError: a glob that selects several tensors (nothing to map them by).
+    """
+    names = ckpt.names()
+    found = selectors_select(names, selector, path=ckpt.path)
+    if found == [selector]:
+        return [(selector, "")]
+    prefix = selector.rstrip(".") + "."
+    if all(n.startswith(prefix) for n in found):
+        return [(n, n[len(prefix) :]) for n in found]
+    if len(found) == 1:
+        return [(found[0], "")]
+    raise SurgeryError(
+        f"{selector!r} is a glob that selects {len(found)} tensors; it can pair with one destination only",
+        hint="name a module prefix to map several tensors",
+    )
 
 
 # --- new names that look like typos ----------------------------------------------------

@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored, natural_key
 from ..devices import check_device
 from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
+from ..selectors import is_glob, select
 from ..show import shape_text
 from ..transforms import Reshape, Transform, parse
-from .ops import Op, check_new_names, dependents, derive, refuse
+from .ops import Op, check_new_names, dependents, derive, refuse, select_under
 
 KINDS = ("tie", "copy", "untie")
 
@@ -121,14 +122,21 @@ def _misfit(label: str, shape, dtype: str, d: str, dshape, ddtype: str, source=N
 
 
 def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -> list[tuple[str, str]]:
-    """Pair ``src`` with ``dst``: one tensor with one name, or a module prefix with a prefix.
+    """Pair the names ``src`` selects (:mod:`wsurgery.selectors`) with names under ``dst``.
 
-    A name that is a tensor wins over a module prefix of the same spelling. Unknown
-    names raise ``UnknownNameError`` (exit 3) with close matches.
+    An exact tensor name pairs with ``dst`` itself (a name that is a tensor wins over a
+    module prefix of the same spelling); a module prefix maps every tensor under it to
+    the same suffix under ``dst``; a glob pairs with ``dst`` when it selects one tensor.
+
+    Raises:
+        UnknownNameError: ``src`` selects nothing (with close matches).
+        SurgeryError: a prefix or a glob of several tensors onto one tensor name.
     """
-    found = src_ckpt.resolve(src)
-    if len(found) == 1 and found[0][1] == "" and found[0][0] == src:
+    found = select_under(src_ckpt, src)
+    if found == [(src, "")]:
         return [(src, dst)]
+    if len(found) == 1 and found[0][1] == "" and is_glob(src):
+        return [(found[0][0], dst)]
     if dst in dst_ckpt and dst not in {n for n, _ in found}:
         raise SurgeryError(
             f"{src!r} is a module prefix ({len(found)} tensors) but {dst!r} is a single tensor",
@@ -202,19 +210,13 @@ def plan(
         except TransformError as exc:
             problems.append(f"{kind} {src} -> {dst}: {exc}")
             continue
-        if kind == "tie" and not user_t.is_view:
-            bad = [s for s in user_t.steps if not s.is_view]
-            problems.append(
-                Problem(
-                    f"tie {src} -> {dst}: a tie takes view steps only (same, transpose, permute, reshape, slice); "
-                    f"{', '.join(s.spec() for s in bad)} would need a copy",
-                    use="copy",
-                    names=(dst,),
-                )
-            )
+        why_not = user_t.tie_problem() if kind == "tie" else None
+        if why_not is not None:
+            problems.append(Problem(f"tie {src} -> {dst}: {why_not}", use="copy", names=(dst,)))
             continue
         from_other = kind == "copy" and other is not None
-        source_ckpt = other if from_other else ckpt
+        source_ckpt = other if other is not None and kind == "copy" else ckpt
+        assert src is not None  # only an untie has no source
         try:
             pairs = pair_names(source_ckpt, src, ckpt, dst)
         except UnknownNameError:
@@ -297,19 +299,22 @@ def _untie_op(ckpt: Checkpoint, name: str, note: str = "") -> Op:
 
 
 def _untie_ops(ckpt: Checkpoint, name: str, problems: list[Problem | str]) -> list[Op]:
-    """Untie ``name``: an alias; every alias of a stored tensor; every tie under a module prefix."""
-    found = ckpt.resolve(name)  # UnknownNameError (exit 3) for an unknown name
+    """Untie what the selector ``name`` selects: an alias; every alias of a stored tensor;
+    every tie under a module prefix or among a glob's names."""
+    found = select(ckpt.names(), name, path=ckpt.path)  # UnknownNameError (exit 3) for an unknown name
     targets: list[tuple[str, str]] = []
-    for n, _ in found:
+    for n in found:
         if n in ckpt.aliases:
             targets.append((n, ""))
         else:
             targets.extend((a, f"tied to {n}") for a in dependents(ckpt, n))
     if not targets:
-        if found == [(name, "")]:
+        if found == [name]:
             problems.append(f"untie {name}: {name} is a stored tensor and no alias points at it; nothing to untie")
         else:
-            problems.append(f"untie {name}: no tensor under the module prefix {name!r} is tied; nothing to untie")
+            prefixed = found[0].startswith(name.rstrip(".") + ".")
+            what = "under the module prefix" if prefixed or not is_glob(name) else "among the names of the glob"
+            problems.append(f"untie {name}: no tensor {what} {name!r} is tied; nothing to untie")
     return [_untie_op(ckpt, n, note) for n, note in targets]
 
 
@@ -340,8 +345,8 @@ def _implied_unties(ckpt: Checkpoint, ops: list[Op]) -> list[Op]:
     return out
 
 
-def _conflicts(ckpt: Checkpoint, ops: list[Op]) -> list[str]:
-    problems = []
+def _conflicts(ckpt: Checkpoint, ops: list[Op]) -> list[Problem | str]:
+    problems: list[Problem | str] = []
     seen: dict[str, Op] = {}
     for op in ops:
         if op.dst in seen:
@@ -383,35 +388,68 @@ def _apply(ckpt: Checkpoint, ops: list[Op], other: Checkpoint | None, device) ->
         stored.pop(op.dst, None)
         aliases.pop(op.dst, None)
     for op in ops:
+        value = op.value
+        assert isinstance(value, Derived)  # a tie, copy or untie is planned over one stored tensor
         if op.kind == "tie":
-            aliases[op.dst] = op.value
+            aliases[op.dst] = value
         else:
-            stored[op.dst] = ComputedStored(op.dst, op.value.base, op.value.transform, device=device)
+            stored[op.dst] = ComputedStored(op.dst, value.base, value.transform, device=device)
     return derive(ckpt, stored, aliases, ops, other=other)
 
 
 def verify_ties(ckpt: Checkpoint, src, dst, transform=None, *, atol: float = 0.0, rtol: float = 0.0) -> None:
-    """Refuse (``SurgeryError``) unless every ``dst`` already holds ``transform(src)`` within
-    ``atol``/``rtol``: a tie replaces the destination's values, and this proves none is lost."""
-    from ..compare import check
+    """Refuse (``SurgeryError``) unless every ``dst`` already holds ``transform(src)``: a tie
+    replaces the destination's values, and this proves none is lost.
 
+    Equality is ``torch.isclose``'s: ``|a - b| <= atol + rtol * |b|`` elementwise, NaN
+    equal to NaN at the same place, an infinity equal only to itself; integers and bools
+    exactly. Shapes and dtypes must match. Tensors are compared a slab of rows at a time.
+    """
     problems: list[Problem | str] = []
     for req in requests("tie", src, dst, transform):
-        missing = [d for _, d in pair_names(ckpt, req.src, ckpt, req.dst) if d not in ckpt]
+        pairs = pair_names(ckpt, req.src or "", ckpt, req.dst)
+        missing = [d for _, d in pairs if d not in ckpt]
         if missing:
             problems.append(Problem(f"tie {req.src} -> {req.dst}: nothing to verify, {', '.join(missing)} is new"))
             continue
-        report = check(ckpt, req.src, req.dst, transform=req.transform, atol=atol, rtol=rtol)
-        for pair in report.pairs:
-            if pair.equal:
-                continue
-            stats = pair.stats
-            detail = (
-                pair.reason
-                if stats is None
-                else (f"{stats.mismatched:,} of {stats.numel:,} elements differ, max |a-b| {stats.max_abs_diff:.3g}")
-            )
-            problems.append(
-                Problem(f"tie {pair.src} -> {pair.dst}: the values differ ({detail}; atol {atol:g}, rtol {rtol:g})")
-            )
+        user_t = req.transform if isinstance(req.transform, Transform) else parse(req.transform or [])
+        for s, d in pairs:
+            detail = _differs(ckpt, s, d, user_t, atol, rtol)
+            if detail is not None:
+                problems.append(
+                    Problem(f"tie {s} -> {d}: the values differ ({detail}; atol {atol:g}, rtol {rtol:g})", names=(d,))
+                )
     refuse(problems)
+
+
+_SLAB_ELEMENTS = 1 << 24  # elements compared at a time
+
+
+def _differs(ckpt: Checkpoint, s: str, d: str, user_t: Transform, atol: float, rtol: float) -> str | None:
+    """How ``user_t(s)`` differs from ``d`` (None when it does not), by ``isclose``."""
+    import torch
+
+    a = user_t.apply(ckpt.get_tensor(s))
+    b = ckpt.get_tensor(d)
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return f"{s} gives {a.dtype} {shape_text(tuple(a.shape))}, {d} is {b.dtype} {shape_text(tuple(b.shape))}"
+    numel = a.numel()
+    if numel == 0:
+        return None
+    a, b = a.reshape(-1), b.reshape(-1)
+    mismatched, worst = 0, 0.0
+    for start in range(0, numel, _SLAB_ELEMENTS):
+        x, y = a[start : start + _SLAB_ELEMENTS], b[start : start + _SLAB_ELEMENTS]
+        if x.is_floating_point() or x.is_complex():
+            x64, y64 = x.to(torch.float64), y.to(torch.float64)
+            close = torch.isclose(x64, y64, rtol=rtol, atol=atol, equal_nan=True)
+            diff = (x64 - y64).abs()[~close]
+            if diff.numel():
+                finite = diff[torch.isfinite(diff)]
+                worst = max(worst, float("inf") if finite.numel() < diff.numel() else float(finite.max()))
+        else:
+            close = x == y
+        mismatched += int((~close).sum())
+    if not mismatched:
+        return None
+    return f"{mismatched:,} of {numel:,} elements differ, max |a-b| {worst:.3g}"

@@ -3,21 +3,24 @@ once and its aliases follow it)."""
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored
 from ..errors import Problem
+from ..selectors import select_all
 from ..transforms import Cast, Transform
 from .ops import Op, derive, refuse
 
 
-def _chosen(name: str, only: Sequence[str], exclude: Sequence[str]) -> bool:
-    def hit(globs):
-        return any(fnmatch.fnmatchcase(name, g) or name.startswith(g.rstrip(".") + ".") or name == g for g in globs)
-
-    return (not only or hit(only)) and not hit(exclude)
+def _chosen_names(ckpt: Checkpoint, only: Sequence[str], exclude: Sequence[str]) -> set[str]:
+    """The names ``only`` selects (every name when empty) less those ``exclude`` selects,
+    by the one selector rule; a selector that selects nothing is an ``UnknownNameError``."""
+    names = ckpt.names()
+    chosen = set(select_all(names, only, path=ckpt.path)) if only else set(names)
+    if exclude:
+        chosen -= set(select_all(names, exclude, path=ckpt.path))
+    return chosen
 
 
 def cast(
@@ -30,7 +33,9 @@ def cast(
 ) -> Checkpoint:
     """Cast the floating tensors (never integers or bool) to the floating ``dtype``.
 
-    ``only`` / ``exclude`` choose names by glob or module prefix. A tie group (a stored
+    ``only`` / ``exclude`` choose names by the one selector rule (exact name, module
+    prefix, glob; :mod:`wsurgery.selectors`); one that selects nothing is an
+    ``UnknownNameError`` with close matches. A tie group (a stored
     tensor and its aliases) is cast as a whole; a group whose names the globs split
     (the source chosen and an alias not, or the other way round) is refused.
     """
@@ -39,15 +44,17 @@ def cast(
     if entry is None or entry.kind != "float":
         valid = ", ".join(d for d, e in dtypes.BY_NAME.items() if e.kind == "float")
         refuse([Problem(f"cast: {dtype!r} is not a floating dtype; cast takes one of {valid}")])
+    assert entry is not None  # refused above otherwise
     target = entry.name
     step = Transform((Cast(target),))
     stored: dict[str, Stored] = dict(ckpt.stored)
     ops: list[Op] = []
+    picked = _chosen_names(ckpt, only, exclude)
     for name, s in ckpt.stored.items():
         if dtypes.BY_NAME[s.dtype].kind != "float":
             continue
-        chosen = _chosen(name, only, exclude)
-        split = [a for a, d in ckpt.aliases.items() if d.source == name and _chosen(a, only, exclude) != chosen]
+        chosen = name in picked
+        split = [a for a, d in ckpt.aliases.items() if d.source == name and (a in picked) != chosen]
         if split:
             problems.append(
                 Problem(
@@ -59,8 +66,9 @@ def cast(
             )
             continue
         if chosen and s.dtype != target:
-            stored[name] = ComputedStored(name, s, step, device=device)
-            ops.append(Op("cast", name, name, stored[name].value, replaces=True, note=f"was {s.dtype}"))
+            computed = ComputedStored(name, s, step, device=device)
+            stored[name] = computed
+            ops.append(Op("cast", name, name, computed.value, replaces=True, note=f"was {s.dtype}"))
     refuse(problems)
     aliases = {
         n: (a if stored[a.source] is a.base else Derived.of(stored[a.source], a.transform))
