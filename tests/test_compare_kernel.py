@@ -69,6 +69,17 @@ def stats(equal, numel, mismatched, max_abs, max_rel, cosine):
     return Six(equal, numel, mismatched, max_abs, max_rel, cosine)
 
 
+@contextlib.contextmanager
+def _small_cpu_blocks(block_bytes: int, stats_elems: int):
+    """Small CPU raw-bytes blocks and statistics sub-blocks (both modules that read them)."""
+    with (
+        mock.patch.object(bk, "_CPU_BLOCK_BYTES", block_bytes),
+        mock.patch.object(bk, "_CPU_STATS_ELEMS", stats_elems),
+        mock.patch.object(fk, "_CPU_STATS_ELEMS", stats_elems),
+    ):
+        yield
+
+
 def assert_stats(got: TensorStats, want: TensorStats, cos_tol: float = 1e-12):
     assert (got.equal, got.numel, got.mismatched) == (want.equal, want.numel, want.mismatched)
     assert got.max_abs_diff == want.max_abs_diff
@@ -189,10 +200,11 @@ def test_nan_at_different_positions(atol):
 @pytest.mark.parametrize("atol", [0.0, 1e300])  # an infinite atol is a UsageError (below)
 def test_infinities(atol):
     assert compare_arrays(f64(INF, -INF, 1.0), f64(INF, -INF, 1.0), atol=atol).equal
+    # an unbounded difference has no cosine (the finite positions alone would say 1.0)
     r = compare_arrays(f64(INF, 2.0), f64(-INF, 2.0), atol=atol)
-    assert r == stats(False, 2, 1, INF, INF, 1.0)
+    assert r == stats(False, 2, 1, INF, INF, None)
     r = compare_arrays(f64(INF, 2.0), f64(5.0, 2.0), atol=atol)
-    assert r == stats(False, 2, 1, INF, INF, 1.0)
+    assert r == stats(False, 2, 1, INF, INF, None)
 
 
 def test_float64_overflowing_difference():
@@ -428,7 +440,7 @@ def test_to_dict_is_valid_json():
         "mismatched": 1,
         "max_abs_diff": "Infinity",
         "max_rel_diff": "Infinity",
-        "cosine": 1.0,
+        "cosine": None,  # a NaN appeared: no cosine beside rel_l2 = inf
         "rel_l2": "Infinity",
     }
     json.loads(json.dumps(d, allow_nan=False))
@@ -473,7 +485,7 @@ def test_block_phases_with_small_cpu_blocks():
         b = a.copy()
         b[positions] += 1
         ref_cases.append((b, compare_arrays(a, b)))  # default sizes: one block
-    with mock.patch.object(bk, "_CPU_BLOCK_BYTES", 64), mock.patch.object(bk, "_CPU_STATS_ELEMS", 5), mock.patch.object(fk, "_CPU_STATS_ELEMS", 5):
+    with _small_cpu_blocks(64, 5):
         for b, want in ref_cases:
             assert_stats(compare_arrays(a, b), want, cos_tol=1e-9)
             assert_stats(compare_arrays(a.astype(np.float64), b), want, cos_tol=1e-9)
@@ -516,6 +528,8 @@ def reference(a, b, atol, rtol):
             mabs = mrel = INF
     na, nb = math.fsum(sa), math.fsum(sb)
     cos = None if na == 0 or nb == 0 else math.fsum(prods) / math.sqrt(na * nb)
+    if mabs == INF:  # unbounded: no cosine beside rel_l2 = inf
+        cos = None
     return TensorStats(mism == 0, a.size, mism, mabs, mrel, cos)
 
 
@@ -540,7 +554,7 @@ def test_hypothesis_against_reference(pairs, dtype, tol, chunk):
     assert_stats(whole, want, cos_tol=1e-9)
     chunked = compare_arrays(a, b, atol=atol, rtol=rtol, chunk_elems=chunk)
     assert_stats(chunked, whole, cos_tol=1e-9)
-    with mock.patch.object(bk, "_CPU_BLOCK_BYTES", 16), mock.patch.object(bk, "_CPU_STATS_ELEMS", 3), mock.patch.object(fk, "_CPU_STATS_ELEMS", 3):
+    with _small_cpu_blocks(16, 3):
         assert_stats(compare_arrays(a, b, atol=atol, rtol=rtol), whole, cos_tol=1e-9)
     p1, p2, p3 = _kernel_patch(chunk, 2)  # float-kernel blocks of 1..9 elements on 2 threads
     with p1, p2, p3:
@@ -672,9 +686,12 @@ def test_pair_stream_in_pieces_equals_one_call(dtype, tol):
         whole.max_abs_diff,
         whole.max_rel_diff,
     )
-    cos = sm._cosine(*s.sums)
-    assert (cos is None) == (whole.cosine is None)
-    if cos is not None:
+    cos = sm._cosine(*s.sums)  # the sums cover the finite positions
+    if whole.norm_diff == INF:
+        assert whole.cosine is None  # unbounded: no cosine in the statistics
+    else:
+        assert (cos is None) == (whole.cosine is None)
+    if cos is not None and whole.cosine is not None:
         assert cos == pytest.approx(whole.cosine, rel=1e-12)
     with pytest.raises(SurgeryError, match="shape"):
         s.add(a[:3], b[:2])
@@ -807,7 +824,7 @@ def test_torch_chunked_random(torch_path):
     b = a.clone()
     b[[3, 500, 999]] += 0.5
     whole = compare_arrays(a, b)
-    with mock.patch.object(bk, "_CPU_BLOCK_BYTES", 64), mock.patch.object(bk, "_CPU_STATS_ELEMS", 5), mock.patch.object(fk, "_CPU_STATS_ELEMS", 5):
+    with _small_cpu_blocks(64, 5):
         assert_stats(compare_arrays(a, b), whole, cos_tol=1e-9)
     assert_stats(compare_arrays(a.numpy(), b.numpy()), whole, cos_tol=1e-9)
     # accelerator-style blocks (exactly chunk_elems) on the torch namespace

@@ -353,8 +353,9 @@ def test_filter_and_a_filter_that_matches_nothing(tmp_path):
     a, b = pair(tmp_path, {"enc.w": rand(2), "dec.w": rand(2)}, {"enc.w": rand(2), "dec.w": rand(2, seed=5)})
     assert diff(a, b, filter="enc.*").equal
     assert not diff(a, b, filter="dec.*").equal
-    with pytest.raises(UsageError, match="matches no tensor"):
+    with pytest.raises(UnknownNameError, match="matches no tensor") as err:
         diff(a, b, filter="nope.*")
+    assert err.value.name == "nope.*"
 
 
 def test_inputs_may_be_loaded_checkpoints_or_state_dicts(tmp_path):
@@ -496,7 +497,10 @@ def test_fine_tune_pairs_with_default_sizes(monkeypatch, dtype, tol):
             whole.max_abs_diff,
             whole.max_rel_diff,
         ), label
-        assert got.cosine == pytest.approx(whole.cosine, rel=1e-12), label
+        if whole.cosine is None:
+            assert got.cosine is None, label
+        else:
+            assert got.cosine == pytest.approx(whole.cosine, rel=1e-12), label
         assert whole.mismatched > (n // 10 if tol == (0.0, 0.0) else 0), label
 
 
@@ -727,7 +731,7 @@ def test_reports_are_the_same_to_the_bit_whatever_the_tuning(tmp_path):
     np_save_file(a, str(pa))
     np_save_file(b, str(pb))
     for tol in ((0.0, 0.0), (1e-3, 1e-2)):
-        reports = [diff(pa, pb, *tol, tuning=Tuning(workers=w)).to_dict() for w in (1, 2, 3, 4)]
+        reports = [diff(pa, pb, atol=tol[0], rtol=tol[1], tuning=Tuning(workers=w)).to_dict() for w in (1, 2, 3, 4)]
         assert len(reports[0]["changed"]) > 10
         assert all(r == reports[0] for r in reports[1:]), tol
         checks = [check(pa, "float32", "float32", other=pb, atol=tol[0], tuning=Tuning(workers=w)) for w in (1, 4)]

@@ -113,8 +113,8 @@ def total(stats: list[TensorStats]) -> tuple[float | None, float | None]:
     else:
         md, sd = _scaled_sum(diffs)
         rel = math.sqrt(sd / sa) * (md / ma)
-    cosine = None
-    if 0 < ma < math.inf and 0 < mb < math.inf:
+    cosine = None  # none beside an unbounded difference, as for one tensor
+    if rel < math.inf and 0 < ma < math.inf and 0 < mb < math.inf:
         dot = math.fsum((s.cosine or 0.0) * (s.norm_a / ma) * (s.norm_b / mb) for s in stats)
         cosine = min(1.0, max(-1.0, dot / math.sqrt(sa * sb)))
     return rel, cosine

@@ -50,14 +50,21 @@ class Tuning:
             raise UsageError(f"tuning: workers must be an integer >= 1, got {w!r}", param="tuning")
 
     @classmethod
-    def detect(cls) -> Tuning:
-        """The default tuning, read when called (never at import): one worker per CPU this
-        process may run on, at most 4 (memory bandwidth is the limit beyond)."""
+    def detect(cls, local_ranks: int = 1) -> Tuning:
+        """The default tuning, read when called (never at import): the CPUs this process
+        may run on (its affinity) shared among ``local_ranks`` processes of the node, at
+        most 4 per process (memory bandwidth is the limit beyond), at least 1.
+
+        Args:
+            local_ranks: processes comparing on this node at once (under ``torchrun``, its
+                ``LOCAL_WORLD_SIZE``, which the caller reads): each gets its share.
+        """
         try:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # pragma: no cover - not Linux
             cpus = os.cpu_count() or 1
-        return cls(workers=max(1, min(cpus, _MAX_WORKERS)))
+        ranks = local_ranks if isinstance(local_ranks, int) and not isinstance(local_ranks, bool) else 1
+        return cls(workers=max(1, min(cpus // max(1, ranks), _MAX_WORKERS)))
 
 
 def resolve_tuning(tuning: Tuning | None) -> Tuning:
@@ -247,7 +254,12 @@ class _Acc:
         return max(self.max_abs, float(self.max_abs_int))
 
     def stats(self, numel: int, cosine: float | None, norms: tuple | None = None) -> TensorStats:
-        """``norms``: ``(rel_l2, norm_a, norm_b, norm_diff)`` (``_l2``)."""
+        """``norms``: ``(rel_l2, norm_a, norm_b, norm_diff)`` (``_l2``). A pair whose
+        difference is unbounded (a NaN or infinity against another value) has no cosine:
+        its sums cover the finite positions only, and ``1.0`` beside ``rel_l2 = inf``
+        would hide the change."""
+        if self.unbounded:
+            cosine = None
         return TensorStats(
             self.mismatched == 0, numel, self.mismatched, self.max_abs_diff, self.max_rel, cosine, *(norms or ())
         )
