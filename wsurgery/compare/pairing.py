@@ -156,4 +156,3 @@ def _plan_diff(
             jobs[key] = _Job(key, A.value(name), B.value(name))
         entries.append(_Entry(name, reason, key))
     return entries, jobs
-

@@ -14,7 +14,17 @@ import numpy as np
 from ..errors import UnknownNameError, UsageError
 from ..selectors import matches, unknown
 from ..transforms import Transform, parse
-from .inputs import CheckpointLike, Progress, _cpu_flat, _device, _effective_device, _flat, _open
+from .inputs import (
+    CheckpointLike,
+    Progress,
+    StridedFlat,
+    _cpu_flat,
+    _device,
+    _device_flat,
+    _effective_device,
+    _flat,
+    _open,
+)
 from .kernel import (
     ONE_THREAD_BLAS,
     TensorStats,
@@ -125,6 +135,11 @@ class _Run:
             job.stats = dataclasses.replace(job.stats, norm_a=n, norm_b=n)
 
 
+def _is_numpy(flat: Any) -> bool:
+    """Whether a flat input is compared with numpy (an array, or a strided numpy view)."""
+    return isinstance(flat, np.ndarray) or (isinstance(flat, StridedFlat) and not flat.torch)
+
+
 def _selected(names: list[str], selector: str | None) -> list[str]:
     return list(names) if selector is None else matches(names, selector)
 
@@ -195,12 +210,11 @@ def compare_tensors(
         elif dev is None and hasattr(x, "device") and x.device.type == "cpu":
             flats.append(_cpu_flat(x))
         else:
-            flats.append(x.detach().reshape(-1))
-    if dev is None and any(not isinstance(f, np.ndarray) for f in flats):
-        dev = next(str(f.device) for f in flats if not isinstance(f, np.ndarray))
+            flats.append(_device_flat(x))
+    on_torch = [f for f in flats if not _is_numpy(f)]
+    if dev is None and on_torch:
+        dev = str(on_torch[0].device)
     return compare_flat(flats[0], flats[1], atol=atol, rtol=rtol, device=dev, tuning=tuning, chunk_bytes=chunk_bytes)
-
-
 
 
 def diff(

@@ -19,6 +19,8 @@ from .rollup import ModuleStats
 
 REASONS = ("shape", "dtype", "alias", "value")  # most severe first
 AUTO_MIN_CHANGED = 33  # the command line's default rollup: when more names than this changed
+
+
 def unbounded(stats: TensorStats | None) -> bool:
     """Whether a pair's difference involves a non-finite value (``norm_diff`` infinite)."""
     return stats is not None and stats.norm_diff is not None and math.isinf(stats.norm_diff)
@@ -249,5 +251,3 @@ class CheckReport:
     def to_json(self) -> str:
         """``to_dict()`` as one line of JSON text."""
         return _to_json(self.to_dict())
-
-

@@ -293,7 +293,8 @@ class _Streaming:
         for_cosine, for_norms = _needs_rescale(_plan(name_a, name_b), {name_a, name_b}, acc)
         if for_cosine or for_norms:
             # float64 sums out of range: compare_arrays rescales (one whole-tensor pass)
-            fa, fb = to_device(self.fa, self.dev), to_device(self.fb, self.dev)
+            n_all = int(self.fa.shape[0])  # a strided input (StridedFlat) is read here whole
+            fa, fb = to_device(self.fa[0:n_all], self.dev), to_device(self.fb[0:n_all], self.dev)
             whole = compare_arrays(fa, fb, tuning=self.tuning)
             if for_cosine:
                 cosine = whole.cosine
