@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import array_api_compat as aac
 import numpy as np
@@ -91,6 +92,7 @@ class _NumpyBackend(_Backend):
 
     def bits_equal(self, x, y) -> bool:
         nbytes = x.size * x.dtype.itemsize
+        u: Any
         if nbytes % 8 == 0:
             u = np.uint64
         else:
@@ -176,7 +178,7 @@ class _TorchBackend(_Backend):
             w.mul_(w)
             s = w.sum()
             total = s if total is None else total + s
-        return float(total)
+        return 0.0 if total is None else float(total)
 
 
 def _coerce_pair(a, b):
@@ -343,6 +345,7 @@ class _Cmp:
         bad = n - self._count(ok)
         acc.mismatched += bad
         if not all_fin:
+            assert fin is not None  # set where values are not all finite
             if bad and self._count(~ok & ~fin):  # unbounded difference
                 acc.max_abs = math.inf
                 acc.max_rel = math.inf

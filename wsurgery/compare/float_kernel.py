@@ -157,6 +157,7 @@ class _FloatKernel:
             diff = np.abs(d, out=d)
             acc.max_abs = max(acc.max_abs, float(diff.max()))
             absb = np.abs(B, out=B)
+            assert self.T is not None  # allocated for a tolerance
             bound = self.T[:m]  # |a - b| <= atol + rtol * |b|, the operations of _float_block
             np.multiply(absb, cmp.rtol, out=bound)
             if cmp.atol:

@@ -214,6 +214,6 @@ def _effective_device(dev: str | None, *ckpts: Checkpoint) -> str | None:
         return dev
     for c in ckpts:
         for s in c.stored.values():
-            if not _on_cpu(s):
+            if isinstance(s, TensorStored) and not _on_cpu(s):
                 return str(s.t.device)
     return None

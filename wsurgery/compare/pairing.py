@@ -76,13 +76,14 @@ class _Ties:
         a = self.ckpt.aliases.get(name)
         rank = len(self.ckpt.stored[a.source if a is not None else name].shape)
         perms = {m: _axis_perm(t, rank) for m, t in g.items()}
-        if any(p is None for p in perms.values()):
+        known = {m: p for m, p in perms.items() if p is not None}
+        if len(known) != len(perms):
             return None
         first = min(g, key=natural_key)
         inv = [0] * rank
-        for i, d in enumerate(perms[first]):
+        for i, d in enumerate(known[first]):
             inv[d] = i
-        rel = {m: tuple(inv[p[i]] for i in range(rank)) for m, p in perms.items()}
+        rel = {m: tuple(inv[p[i]] for i in range(rank)) for m, p in known.items()}
         return (frozenset(g), tuple(sorted(rel.items())))
 
 

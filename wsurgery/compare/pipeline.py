@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -328,7 +328,7 @@ def check(
     ckpt: CheckpointLike,
     src: str,
     dst: str,
-    transform: str | Transform | list[str] | None = None,
+    transform: str | Transform | Sequence[str] | None = None,
     other: CheckpointLike | None = None,
     options: CompareOptions | None = None,
     *,

@@ -377,9 +377,9 @@ def _scaled_square_sum(x, m: float) -> float:
         else:
             import torch
 
-            w = piece.to(torch.complex128 if piece.is_complex() else torch.float64)
-            w = torch.where(torch.isfinite(w), w, torch.zeros_like(w)) / m
-            total += float(torch.vdot(w, w).real)
+            t = piece.to(torch.complex128 if piece.is_complex() else torch.float64)
+            t = torch.where(torch.isfinite(t), t, torch.zeros_like(t)) / m
+            total += float(torch.vdot(t, t).real)
     return total
 
 
@@ -453,8 +453,8 @@ def compare_flat(
             st.compare(fa[c0:c1], fb[c0:c1])
         elif not screened:
             x, y = to_device(fa[c0:c1], dev), to_device(fb[c0:c1], dev)
-            stats, piece = _compare(x, y, atol, rtol, DEFAULT_CHUNK_ELEMS, tuning.workers)
-            st.acc.add_piece(piece)
+            stats, part = _compare(x, y, atol, rtol, DEFAULT_CHUNK_ELEMS, tuning.workers)
+            st.acc.add_piece(part)
             if stats.equal and atol == 0 and rtol == 0 and dtype_name(fa.dtype) == dtype_name(fb.dtype):
                 st.identical(c0, c1, x, nonzero=stats.cosine is not None)  # same finite values
             else:

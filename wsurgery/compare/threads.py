@@ -101,7 +101,7 @@ class _OneThreadBlas:
 
     def _probe(self) -> bool:
         try:
-            from threadpoolctl import ThreadpoolController
+            from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
         except ImportError:  # pragma: no cover - a dependency
             return False
         try:
@@ -128,6 +128,7 @@ class _OneThreadBlas:
         if mine == 0 and self.usable:  # a thread's first share: one count in the shared hold
             with self._lock:
                 if self._depth == 0:
+                    assert self._controller is not None  # usable: probed
                     self._limiter = self._controller.select(user_api="blas").limit(limits=1)
                 self._depth += 1
         return self
