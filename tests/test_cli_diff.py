@@ -95,9 +95,9 @@ def test_usage_errors_exit_2(files, cli):
     assert code == 2 and "--atol must be finite" in err
     code, _, err = cli("check", a, "--src", "value", "--dst", "value", "--rtol", "inf")
     assert code == 2 and "--rtol must be finite" in err
-    code, out, err = cli("diff", a, b, "--filter", "nothing.*", "--json")
-    assert code == 2 and "matches no tensor" in err
-    assert json.loads(out)["error"]["exit_code"] == 2
+    code, out, err = cli("diff", a, b, "--filter", "nothing.*", "--json")  # selects nothing: an unknown name
+    assert code == 3 and "matches no tensor" in err
+    assert json.loads(out)["error"]["exit_code"] == 3
     code, _, err = cli("diff", a, b, "--device", "tpu")
     assert code == 2 and "device" in err
     code, _, err = cli("diff", a, b, "--rtol", "nan")

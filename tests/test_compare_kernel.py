@@ -18,7 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wsurgery.compare import backends as bk
+from wsurgery.compare import float_kernel as fk
 from wsurgery.compare import kernel as ce
+from wsurgery.compare import stats as sm
+from wsurgery.compare import threads as th
 from wsurgery.compare.arrays import to_device
 from wsurgery.compare.kernel import TensorStats, Tuning, compare_arrays
 from wsurgery.errors import InputError, SurgeryError, UsageError
@@ -63,6 +67,17 @@ class Six:
 
 def stats(equal, numel, mismatched, max_abs, max_rel, cosine):
     return Six(equal, numel, mismatched, max_abs, max_rel, cosine)
+
+
+@contextlib.contextmanager
+def _small_cpu_blocks(block_bytes: int, stats_elems: int):
+    """Small CPU raw-bytes blocks and statistics sub-blocks (both modules that read them)."""
+    with (
+        mock.patch.object(bk, "_CPU_BLOCK_BYTES", block_bytes),
+        mock.patch.object(bk, "_CPU_STATS_ELEMS", stats_elems),
+        mock.patch.object(fk, "_CPU_STATS_ELEMS", stats_elems),
+    ):
+        yield
 
 
 def assert_stats(got: TensorStats, want: TensorStats, cos_tol: float = 1e-12):
@@ -185,10 +200,11 @@ def test_nan_at_different_positions(atol):
 @pytest.mark.parametrize("atol", [0.0, 1e300])  # an infinite atol is a UsageError (below)
 def test_infinities(atol):
     assert compare_arrays(f64(INF, -INF, 1.0), f64(INF, -INF, 1.0), atol=atol).equal
+    # an unbounded difference has no cosine (the finite positions alone would say 1.0)
     r = compare_arrays(f64(INF, 2.0), f64(-INF, 2.0), atol=atol)
-    assert r == stats(False, 2, 1, INF, INF, 1.0)
+    assert r == stats(False, 2, 1, INF, INF, None)
     r = compare_arrays(f64(INF, 2.0), f64(5.0, 2.0), atol=atol)
-    assert r == stats(False, 2, 1, INF, INF, 1.0)
+    assert r == stats(False, 2, 1, INF, INF, None)
 
 
 def test_float64_overflowing_difference():
@@ -424,7 +440,7 @@ def test_to_dict_is_valid_json():
         "mismatched": 1,
         "max_abs_diff": "Infinity",
         "max_rel_diff": "Infinity",
-        "cosine": 1.0,
+        "cosine": None,  # a NaN appeared: no cosine beside rel_l2 = inf
         "rel_l2": "Infinity",
     }
     json.loads(json.dumps(d, allow_nan=False))
@@ -469,7 +485,7 @@ def test_block_phases_with_small_cpu_blocks():
         b = a.copy()
         b[positions] += 1
         ref_cases.append((b, compare_arrays(a, b)))  # default sizes: one block
-    with mock.patch.object(ce, "_CPU_BLOCK_BYTES", 64), mock.patch.object(ce, "_CPU_STATS_ELEMS", 5):
+    with _small_cpu_blocks(64, 5):
         for b, want in ref_cases:
             assert_stats(compare_arrays(a, b), want, cos_tol=1e-9)
             assert_stats(compare_arrays(a.astype(np.float64), b), want, cos_tol=1e-9)
@@ -512,6 +528,8 @@ def reference(a, b, atol, rtol):
             mabs = mrel = INF
     na, nb = math.fsum(sa), math.fsum(sb)
     cos = None if na == 0 or nb == 0 else math.fsum(prods) / math.sqrt(na * nb)
+    if mabs == INF:  # unbounded: no cosine beside rel_l2 = inf
+        cos = None
     return TensorStats(mism == 0, a.size, mism, mabs, mrel, cos)
 
 
@@ -536,7 +554,7 @@ def test_hypothesis_against_reference(pairs, dtype, tol, chunk):
     assert_stats(whole, want, cos_tol=1e-9)
     chunked = compare_arrays(a, b, atol=atol, rtol=rtol, chunk_elems=chunk)
     assert_stats(chunked, whole, cos_tol=1e-9)
-    with mock.patch.object(ce, "_CPU_BLOCK_BYTES", 16), mock.patch.object(ce, "_CPU_STATS_ELEMS", 3):
+    with _small_cpu_blocks(16, 3):
         assert_stats(compare_arrays(a, b, atol=atol, rtol=rtol), whole, cos_tol=1e-9)
     p1, p2, p3 = _kernel_patch(chunk, 2)  # float-kernel blocks of 1..9 elements on 2 threads
     with p1, p2, p3:
@@ -550,8 +568,8 @@ def _kernel_patch(size: int, workers: int):
     """Small float-kernel blocks, spread over ``workers`` threads even for few blocks (the
     default tuning, which is detected at call time)."""
     return (
-        mock.patch.object(ce, "_FAST_ELEMS", size),
-        mock.patch.object(ce, "_PARALLEL_MIN_BLOCKS", 1),
+        mock.patch.object(fk, "_FAST_ELEMS", size),
+        mock.patch.object(fk, "_PARALLEL_MIN_BLOCKS", 1),
         mock.patch.object(Tuning, "detect", classmethod(lambda cls: cls(workers=workers))),
     )
 
@@ -631,7 +649,7 @@ def test_float_kernel_results_do_not_depend_on_threads(specials):
 def test_float_kernel_propagates_worker_errors():
     a, b = _fine_tune(300, np.float32, False)
     calls = []
-    real = ce._FloatKernel._block
+    real = fk._FloatKernel._block
 
     def boom(self, x, y, acc):
         calls.append(1)
@@ -640,7 +658,7 @@ def test_float_kernel_propagates_worker_errors():
         return real(self, x, y, acc)
 
     p1, p2, p3 = _kernel_patch(8, 2)
-    with p1, p2, p3, mock.patch.object(ce._FloatKernel, "_block", boom), pytest.raises(MemoryError):
+    with p1, p2, p3, mock.patch.object(fk._FloatKernel, "_block", boom), pytest.raises(MemoryError):
         compare_arrays(a, b)
 
 
@@ -668,9 +686,12 @@ def test_pair_stream_in_pieces_equals_one_call(dtype, tol):
         whole.max_abs_diff,
         whole.max_rel_diff,
     )
-    cos = ce._cosine(*s.sums)
-    assert (cos is None) == (whole.cosine is None)
-    if cos is not None:
+    cos = sm._cosine(*s.sums)  # the sums cover the finite positions
+    if whole.norm_diff == INF:
+        assert whole.cosine is None  # unbounded: no cosine in the statistics
+    else:
+        assert (cos is None) == (whole.cosine is None)
+    if cos is not None and whole.cosine is not None:
         assert cos == pytest.approx(whole.cosine, rel=1e-12)
     with pytest.raises(SurgeryError, match="shape"):
         s.add(a[:3], b[:2])
@@ -724,7 +745,7 @@ def test_hypothesis_mixed_integer_dtypes(data, dta, dtb, chunk):
 def torch_path(request):
     """CPU tensors are compared through numpy views by default; also run the torch
     namespace itself on CPU (the code path CUDA tensors take)."""
-    with mock.patch.object(ce, "_TORCH_CPU_VIA_NUMPY", request.param == "via-numpy"):
+    with mock.patch.object(bk, "_TORCH_CPU_VIA_NUMPY", request.param == "via-numpy"):
         yield request.param
 
 
@@ -803,11 +824,11 @@ def test_torch_chunked_random(torch_path):
     b = a.clone()
     b[[3, 500, 999]] += 0.5
     whole = compare_arrays(a, b)
-    with mock.patch.object(ce, "_CPU_BLOCK_BYTES", 64), mock.patch.object(ce, "_CPU_STATS_ELEMS", 5):
+    with _small_cpu_blocks(64, 5):
         assert_stats(compare_arrays(a, b), whole, cos_tol=1e-9)
     assert_stats(compare_arrays(a.numpy(), b.numpy()), whole, cos_tol=1e-9)
     # accelerator-style blocks (exactly chunk_elems) on the torch namespace
-    with mock.patch.object(ce._TorchBackend, "block_elems", lambda self, chunk, itemsize: (chunk, chunk)):
+    with mock.patch.object(bk._TorchBackend, "block_elems", lambda self, chunk, itemsize: (chunk, chunk)):
         for chunk in (7, 333, 1 << 24):
             assert_stats(compare_arrays(a, b, chunk_elems=chunk), whole, cos_tol=1e-9)
             assert_stats(
@@ -987,16 +1008,16 @@ def test_dot_products_never_depend_on_the_blas_thread_setting(n, one_call, monke
             want = float(np.dot(x, y))
     else:
         want = 0.0
-        for i in range(0, n, ce._DOT_PIECE):
-            want += float(np.dot(x[i : i + ce._DOT_PIECE], y[i : i + ce._DOT_PIECE]))
+        for i in range(0, n, th._DOT_PIECE):
+            want += float(np.dot(x[i : i + th._DOT_PIECE], y[i : i + th._DOT_PIECE]))
     for threads in (1, 2, 4):
         with threadpool_limits(limits=threads, user_api="blas"):
-            assert ce._float64_dot(x, y) == want
-            cmp = ce._Cmp(np, ce._NumpyBackend(np, "cpu"), "float", "float64", "float64", 0.0, 0.0)
-            kernel = ce._FloatKernel(cmp, np.float64, np.float64, n)
+            assert th._float64_dot(x, y) == want
+            cmp = bk._Cmp(np, bk._NumpyBackend(np, "cpu"), "float", "float64", "float64", 0.0, 0.0)
+            kernel = fk._FloatKernel(cmp, np.float64, np.float64, n)
             kernel.A[:], kernel.B[:] = x, y
             assert kernel._dot(n, 0, 1) == want
-            assert kernel._dot(n, 1, 1) == ce._float64_dot(y, y)
+            assert kernel._dot(n, 1, 1) == th._float64_dot(y, y)
 
 
 def test_a_compare_holds_blas_on_one_thread_and_gives_the_setting_back():

@@ -17,7 +17,11 @@ from safetensors.torch import save_file, save_model
 
 import wsurgery
 from wsurgery.compare import CheckReport, DiffReport, check, compare_tensors, diff
+from wsurgery.compare import backends as bk
+from wsurgery.compare import float_kernel as fk
 from wsurgery.compare import kernel as ce
+from wsurgery.compare import streaming as st
+from wsurgery.compare import threads as th
 from wsurgery.compare.kernel import Tuning, compare_arrays
 from wsurgery.errors import InputError, SurgeryError, TransformError, UnknownNameError, UsageError
 
@@ -48,12 +52,14 @@ def one_change(report: DiffReport, name: str):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force the chunked and screened paths on small tensors."""
-    monkeypatch.setattr(ce, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(ce, "SCREEN_BYTES", 16)
-    monkeypatch.setattr(ce, "SCREEN_PIECE_BYTES", 8)
-    monkeypatch.setattr(ce, "_SUMS_BLOCK", 3)
-    monkeypatch.setattr(ce, "_PENDING_STEP", 5)
-    monkeypatch.setattr(ce, "_DOT_PIECE", 2)
+    monkeypatch.setattr(st, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(st, "SCREEN_BYTES", 16)
+    monkeypatch.setattr(st, "SCREEN_PIECE_BYTES", 8)
+    monkeypatch.setattr(st, "_SUMS_BLOCK", 3)
+    monkeypatch.setattr(st, "_PENDING_STEP", 5)
+    monkeypatch.setattr(th, "_DOT_PIECE", 2)
+    monkeypatch.setattr(fk, "_DOT_PIECE", 2)
+    monkeypatch.setattr(bk, "_DOT_PIECE", 2)
 
 
 # ------------------------------------------------------------------ reasons and counts
@@ -347,8 +353,9 @@ def test_filter_and_a_filter_that_matches_nothing(tmp_path):
     a, b = pair(tmp_path, {"enc.w": rand(2), "dec.w": rand(2)}, {"enc.w": rand(2), "dec.w": rand(2, seed=5)})
     assert diff(a, b, filter="enc.*").equal
     assert not diff(a, b, filter="dec.*").equal
-    with pytest.raises(UsageError, match="matches no tensor"):
+    with pytest.raises(UnknownNameError, match="matches no tensor") as err:
         diff(a, b, filter="nope.*")
+    assert err.value.name == "nope.*"
 
 
 def test_inputs_may_be_loaded_checkpoints_or_state_dicts(tmp_path):
@@ -479,7 +486,7 @@ def test_chunked_statistics_equal_the_whole_tensor_engine(small_chunks, dtype, t
 @pytest.mark.parametrize("tol", [(0.0, 0.0), (1e-3, 1e-2)])
 def test_fine_tune_pairs_with_default_sizes(monkeypatch, dtype, tol):
     """Several screening blocks and engine blocks (on two threads), with the real sizes."""
-    monkeypatch.setattr(ce, "_FAST_ELEMS", 1 << 12)
+    monkeypatch.setattr(fk, "_FAST_ELEMS", 1 << 12)
     two = Tuning(workers=2)
     n = 300_000
     for label, x, y in _patterns(n, dtype)[-3:]:
@@ -490,7 +497,10 @@ def test_fine_tune_pairs_with_default_sizes(monkeypatch, dtype, tol):
             whole.max_abs_diff,
             whole.max_rel_diff,
         ), label
-        assert got.cosine == pytest.approx(whole.cosine, rel=1e-12), label
+        if whole.cosine is None:
+            assert got.cosine is None, label
+        else:
+            assert got.cosine == pytest.approx(whole.cosine, rel=1e-12), label
         assert whole.mismatched > (n // 10 if tol == (0.0, 0.0) else 0), label
 
 
@@ -568,8 +578,8 @@ def test_compare_tensors_takes_torch_and_numpy_and_checks_shapes():
 
 
 def test_safetensors_diff_releases_pages_behind_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(ce, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(ce, "SCREEN_BYTES", 1024)
+    monkeypatch.setattr(st, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(st, "SCREEN_BYTES", 1024)
     x = rand(64, 64)
     a, b = pair(tmp_path, {"t": x}, {"t": x})
     released = []
@@ -673,7 +683,7 @@ def test_diff_and_check_on_cuda(tmp_path, small_chunks):
 
 
 def test_memcmp_screening_finds_a_flipped_bit_in_any_block_position():
-    assert ce._memcmp() is not None  # Linux: the screening really goes through libc
+    assert st._memcmp() is not None  # Linux: the screening really goes through libc
     x = np.random.default_rng(5).standard_normal(1000).astype(np.float32)
     eq = np.empty(64, dtype=bool)
     for pos in (0, 1, 63, 64, 500, 959, 960, 999):
@@ -681,8 +691,8 @@ def test_memcmp_screening_finds_a_flipped_bit_in_any_block_position():
             y = x.copy()
             y.view(np.uint8)[pos * 4 + byte] ^= 0x01
             want = [not (b * 64 <= pos < (b + 1) * 64) for b in range(16)]
-            assert ce._blocks_equal(x, y, 64, np.uint32, eq, workers=2) == want, (pos, byte)
-    assert ce._blocks_equal(x, x.copy(), 64, np.uint32, eq, workers=2) == [True] * 16
+            assert st._blocks_equal(x, y, 64, np.uint32, eq, workers=2) == want, (pos, byte)
+    assert st._blocks_equal(x, x.copy(), 64, np.uint32, eq, workers=2) == [True] * 16
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
@@ -691,7 +701,7 @@ def test_memcmp_and_numpy_screening_give_the_same_statistics(monkeypatch, small_
     for label, x, y in _patterns(211, dtype):
         with_memcmp = compare_tensors(x, y, tuning=two)
         with monkeypatch.context() as m:
-            m.setattr(ce, "_memcmp", lambda: None)
+            m.setattr(st, "_memcmp", lambda: None)
             with_numpy = compare_tensors(x, y, tuning=two)
         assert with_memcmp == with_numpy, label  # to the bit, cosine included
 
@@ -700,9 +710,9 @@ def test_threaded_identical_sums_equal_the_sequential_fold():
     x = np.random.default_rng(9).standard_normal(300_000).astype(np.float32) * 1e3
     x[5] = np.inf  # a block whose sum needs the finite mask
     ranges = [(0, 70_000), (70_000, 70_001), (100, 250_000), (250_000, 300_000)]
-    sequential = [ce._sums_numpy(x[i:j], None, ce._Buffers())[0] for i, j in ranges]
+    sequential = [st._sums_numpy(x[i:j], None, st._Buffers())[0] for i, j in ranges]
     for workers in (1, 2, 3):
-        assert ce._identical_sums(x, ranges, workers) == sequential, workers
+        assert st._identical_sums(x, ranges, workers) == sequential, workers
 
 
 # ---------------------------------------------------------------------------- tuning
@@ -721,7 +731,7 @@ def test_reports_are_the_same_to_the_bit_whatever_the_tuning(tmp_path):
     np_save_file(a, str(pa))
     np_save_file(b, str(pb))
     for tol in ((0.0, 0.0), (1e-3, 1e-2)):
-        reports = [diff(pa, pb, *tol, tuning=Tuning(workers=w)).to_dict() for w in (1, 2, 3, 4)]
+        reports = [diff(pa, pb, atol=tol[0], rtol=tol[1], tuning=Tuning(workers=w)).to_dict() for w in (1, 2, 3, 4)]
         assert len(reports[0]["changed"]) > 10
         assert all(r == reports[0] for r in reports[1:]), tol
         checks = [check(pa, "float32", "float32", other=pb, atol=tol[0], tuning=Tuning(workers=w)) for w in (1, 4)]

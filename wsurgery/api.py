@@ -279,22 +279,38 @@ def diff(
         >>> wsurgery.diff(model, "ref.safetensors", max_rel_l2=1e-3).changed  # doctest: +SKIP
         []
     """
+    from .compare import CompareOptions
     from .compare import diff as _diff
 
-    return _diff(
-        a,
-        b,
+    options = CompareOptions(
         atol=atol,
         rtol=rtol,
-        device=device,
-        filter=filter,
-        progress=progress,
         max_rel_l2=max_rel_l2,
         min_cosine=min_cosine,
         ignore_ties=ignore_ties,
         by_module=by_module,
-        tuning=tuning,
+        filter=filter,
+        device=device,
+        tuning=tuning if tuning is not None else compare_tuning(),
     )
+    return _diff(a, b, options, progress=progress, mapper=compare_mapper())
+
+
+def compare_tuning() -> Tuning:
+    """The threads of a compare in this process: the node's cores shared among the local
+    ranks of a ``torchrun`` job (``distributed.local_workers``), at most 4, at least 1."""
+    from .compare import Tuning
+    from .distributed import local_workers
+
+    return Tuning(workers=min(local_workers(), Tuning.detect().workers))
+
+
+def compare_mapper():
+    """How ``diff`` / ``check`` spread their tensor pairs: over the ranks of an active
+    ``wsurgery.distributed`` session (each rank compares its share), else serially."""
+    from .distributed import map_by_bytes
+
+    return map_by_bytes
 
 
 def check(
@@ -329,19 +345,15 @@ def check(
         >>> wsurgery.check("model.safetensors", "embed.weight", "lm_head.weight").equal  # doctest: +SKIP
         True
     """
+    from .compare import CompareOptions
     from .compare import check as _check
 
-    return _check(
-        ckpt,
-        src,
-        dst,
-        transform=transform,
-        other=other,
+    options = CompareOptions(
         atol=atol,
         rtol=rtol,
-        device=device,
-        progress=progress,
         max_rel_l2=max_rel_l2,
         min_cosine=min_cosine,
-        tuning=tuning,
+        device=device,
+        tuning=tuning if tuning is not None else compare_tuning(),
     )
+    return _check(ckpt, src, dst, transform, other, options, progress=progress, mapper=compare_mapper())

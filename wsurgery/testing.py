@@ -46,12 +46,15 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def _worst_first(changes: list[Change]) -> list[Change]:
-    """Shape, dtype and tie changes first (in the report's order), then value changes by
-    ``rel_l2``, largest first (infinite ones first of all)."""
-    structural = [c for c in changes if c.reason != "value"]
-    values = [c for c in changes if c.reason == "value"]
-    values.sort(key=lambda c: -(c.stats.rel_l2 if c.stats and c.stats.rel_l2 is not None else -1.0))
-    return structural + values
+    """Differences where a NaN or an infinity appeared (or moved) first, as the report sorts
+    them; then shape, dtype and tie changes (in the report's order); then value changes by
+    ``rel_l2``, largest first."""
+
+    def key(c: Change) -> tuple:
+        rel = c.stats.rel_l2 if c.stats is not None and c.stats.rel_l2 is not None else -1.0
+        return (not c.unbounded, c.reason == "value", -rel if c.reason == "value" else 0.0)
+
+    return sorted(changes, key=key)
 
 
 def _describe(c: Change) -> str:
@@ -64,8 +67,9 @@ def _describe(c: Change) -> str:
     elif c.reason == "alias":
         line += f" (tie {c.a['alias_of'] or 'none'} vs {c.b['alias_of'] or 'none'})"
     if s is not None:
+        cosine = "a NaN or infinity differs" if c.unbounded else f"cosine {_num(s.cosine, 6)}"
         line += (
-            f", rel_l2 {_num(s.rel_l2)}, cosine {_num(s.cosine, 6)}, max_abs_diff {_num(s.max_abs_diff)}, "
+            f", rel_l2 {_num(s.rel_l2)}, {cosine}, max_abs_diff {_num(s.max_abs_diff)}, "
             f"{s.mismatched:,} of {s.numel:,} elements differ"
         )
     return line
@@ -122,7 +126,8 @@ def assert_checkpoint_equal(
         min_cosine: a tensor whose cosine similarity is at least this counts as equal.
         ignore_ties: compare values only: a tie on one side and a stored copy on the
             other are equal when their values are.
-        filter: a glob on names; only matching names are compared.
+        filter: a selector (exact name, module prefix or glob): only the names it
+            selects are compared.
         device: where to compare (``"cuda"``); None keeps each tensor where it is.
         shown: how many changed tensors the message names (the worst first).
         msg: a line to put before the summary.
@@ -148,11 +153,13 @@ def assert_checkpoint_equal(
     ```
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
+    from .api import compare_mapper
     from .compare import diff
 
     report = diff(
         actual,
         expected,
+        mapper=compare_mapper(),
         atol=atol,
         rtol=rtol,
         device=device,

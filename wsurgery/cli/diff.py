@@ -86,21 +86,18 @@ def single_threaded_blas() -> None:
 
 
 def compare_options(tol: Tolerances, *, device, progress) -> dict:
-    """The keyword arguments ``diff`` and ``check`` share, with the tuning they run with."""
+    """The keyword arguments ``diff`` and ``check`` share: ``CompareOptions`` fields, the
+    tuning they run with (the node's cores shared among its local ranks), the progress bar
+    and the mapper that spreads the pairs over ranks under ``torchrun``."""
+    from ..api import compare_mapper, compare_tuning
+
     return {
         **tol.kwargs(),
         "device": device,
-        "progress": progress,
         "tuning": compare_tuning(),
+        "progress": progress,
+        "mapper": compare_mapper(),
     }
-
-
-def compare_tuning():
-    """The tuning ``diff`` and ``check`` run with: the threads detected now (one per CPU
-    this process may use, at most 4). It never changes a result."""
-    from ..compare import Tuning
-
-    return Tuning.detect()
 
 
 class ProgressBar:

@@ -41,7 +41,7 @@ def embed_json(obj) -> str:
     ``<``, ``>``, ``&``, U+2028, U+2029 appears in it (they can only occur inside JSON
     strings, where their ``\\u`` escapes mean the same)."""
     text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return text.translate(str.maketrans(_JSON_ESCAPES))
+    return text.translate({ord(k): v for k, v in _JSON_ESCAPES.items()})
 
 
 _HERE = Path(__file__).resolve().parent

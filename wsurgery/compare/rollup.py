@@ -105,17 +105,21 @@ def total(stats: list[TensorStats]) -> tuple[float | None, float | None]:
         return 0.0, (1.0 if any(s.cosine is not None for s in stats) else None)
     if any(s.norm_a is None or s.norm_b is None for s in stats):
         raise ValueError("statistics without norms")
-    ma, sa = _scaled_sum([s.norm_a for s in stats])
-    mb, sb = _scaled_sum([s.norm_b for s in stats])
-    diffs = [s.norm_diff for s in stats]
+    norms_a = [s.norm_a for s in stats if s.norm_a is not None]
+    norms_b = [s.norm_b for s in stats if s.norm_b is not None]
+    diffs = [s.norm_diff for s in stats if s.norm_diff is not None]  # all of them: checked above
+    ma, sa = _scaled_sum(norms_a)
+    mb, sb = _scaled_sum(norms_b)
     if any(math.isinf(d) for d in diffs) or ma == 0:
         rel = math.inf
     else:
         md, sd = _scaled_sum(diffs)
         rel = math.sqrt(sd / sa) * (md / ma)
-    cosine = None
-    if 0 < ma < math.inf and 0 < mb < math.inf:
-        dot = math.fsum((s.cosine or 0.0) * (s.norm_a / ma) * (s.norm_b / mb) for s in stats)
+    cosine = None  # none beside an unbounded difference, as for one tensor
+    if rel < math.inf and 0 < ma < math.inf and 0 < mb < math.inf:
+        dot = math.fsum(
+            (s.cosine or 0.0) * (na / ma) * (nb / mb) for s, na, nb in zip(stats, norms_a, norms_b, strict=True)
+        )
         cosine = min(1.0, max(-1.0, dot / math.sqrt(sa * sb)))
     return rel, cosine
 
