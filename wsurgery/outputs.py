@@ -278,9 +278,9 @@ def save(
 ) -> SaveResult:
     """Write ``ckpt`` as ``plan`` says, atomically; see :meth:`Checkpoint.save`."""
     from .checkpoint import SaveResult, natural_key
-    from .formats.destination import check_file_target, check_folder_target
+    from .formats.destination import check_file_target, check_folder_target, protected_inputs
 
-    inputs = ckpt.input_files
+    inputs = protected_inputs(ckpt)
     aliases = {n: ckpt.aliases[n].record() for n in sorted(ckpt.aliases, key=natural_key)}
     fmt = FORMATS[plan.format]
     extra: dict = {}
