@@ -60,3 +60,10 @@ def test_checkpoint_output_inside_an_input_folder_is_refused(fixtures):
     shard = sorted(s.glob("*.safetensors"))[0]
     with pytest.raises(OutputError):  # even where replacing the input is allowed
         check_file_target(shard, [str(s)], overwrite=True, replace_input=True)
+
+
+def test_inspect_of_a_config_file_names_its_folder(tmp_path, cli):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+    code, _, err = cli("inspect", tmp_path / "config.json")
+    assert code == 3
+    assert "model config" in err and str(tmp_path) in err and "weight_map" not in err

@@ -32,7 +32,7 @@ from itertools import islice
 from ...errors import InputError
 from .interpreter import Placeholder, printable, short
 
-STATE_DICT_KEYS = ("state_dict", "model", "module")
+STATE_DICT_KEYS = ("state_dict", "model", "module", "model_state", "model_state_dict")  # training wrappers
 
 
 @dataclass
