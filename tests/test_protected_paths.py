@@ -39,7 +39,7 @@ def test_report_through_a_link_to_an_input_is_refused(fixtures, tmp_path):
     os.symlink(fixtures / "tiny_lm.safetensors", link)
     with pytest.raises(OutputError) as e:
         check_report_target(link, [str(fixtures / "tiny_lm.safetensors")])
-    assert e.value.reason == "is_input"
+    assert e.value.reason == "protected"
 
 
 def test_report_at_a_device_is_refused():
@@ -55,7 +55,7 @@ def test_checkpoint_output_inside_an_input_folder_is_refused(fixtures):
         for target in (s / "model.safetensors", s / "other.pt"):
             with pytest.raises(OutputError) as e:
                 ckpt.save(target, overwrite=True)
-            assert e.value.reason == "is_input"
+            assert e.value.reason == "protected"
     assert sha256(s) == before
     shard = sorted(s.glob("*.safetensors"))[0]
     with pytest.raises(OutputError):  # even where replacing the input is allowed

@@ -374,6 +374,8 @@ class SaveResult:
             DCP checkpoint hold tensors only).
         aliases_as_values: aliases written as tensors of their own, for a format that
             has no aliases (DCP); ``aliases`` is then empty.
+        notes: what the write did that the caller should be told, one line each (in
+            place: what was replaced; ties written as values; config fields updated).
     """
 
     path: str
@@ -386,6 +388,7 @@ class SaveResult:
     config: dict | None = None
     dropped_metadata: list[str] = field(default_factory=list)
     aliases_as_values: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -20,6 +20,7 @@ alone.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -307,6 +308,7 @@ def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress
     as one folder; under a process group, written by every rank (see the module docstring)."""
     from . import hf
     from .formats.hf import carry
+    from .formats.in_place import in_place_folder, is_in_place, old_weights
     from .formats.sharded_writer import atomic_folder, shard_name, write_shards_into
 
     fmt = FORMATS[plan.format]
@@ -318,8 +320,12 @@ def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress
         config_bytes = None if new_config is None else hf.dump_config(new_config)
     s = distributed.current()
     first = s is None or s.is_first
-    out: dict = {}
+    out: dict = {"notes": []}
     target = atomic_folder if s is None else s.shared_folder
+    in_place = s is None and replace and is_in_place(plan.path, source)
+    if in_place:  # only the weights, their index and config.json are replaced
+        old = old_weights(source.path, ckpt.input_files, source.weights)
+        target = functools.partial(in_place_folder, old=old, notes=out["notes"])
     with target(plan.path, replace=replace, sync=sync) as tmp:
         if fmt.folder_format:
             dropped, as_values = fmt.write(ckpt, tmp, progress=progress, sync=sync, final=os.fspath(plan.path))
@@ -340,6 +346,6 @@ def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress
         elif first:
             out["dropped_metadata"] = fmt.write(ckpt, os.path.join(tmp, fmt.model_file), progress=progress, sync=sync)
         if source is not None and first:
-            out["files"] = carry(source, tmp, config=config_bytes, sync=sync)
+            out["files"] = carry(source, tmp, config=config_bytes, sync=sync, in_place=in_place)
             out["config"] = change
     return out if s is None else s.exchange("saved", out)[0]

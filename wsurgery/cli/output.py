@@ -132,6 +132,12 @@ def write_result(
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
+    if out.dry_run and plan.folder:
+        from ..formats.in_place import describe_in_place
+
+        text = describe_in_place(target, result)
+        if text:
+            con.print(safe(f"  {text}"), markup=False)
     _print_written(con, {**written, "format": plan.format}, result)
     for kind in ("copied", "untied"):
         if info[kind]:
@@ -164,7 +170,10 @@ def _written(saved) -> dict:
         extra["shards"] = saved.shards
     if saved.files is not None:
         extra["files"] = saved.files
+    if saved.files is not None or saved.config:
         extra["config"] = saved.config or {}
+    if saved.notes:
+        extra["notes"] = saved.notes
     if saved.dropped_metadata:
         extra["dropped_metadata"] = saved.dropped_metadata
     if saved.aliases_as_values:
@@ -182,6 +191,8 @@ def _print_written(con, extra: dict, result: Checkpoint) -> None:
     for key, change in (extra.get("config") or {}).items():
         was = "not set" if change["from"] is None else str(change["from"]).lower()
         con.print(f"  config.json: {key} {was} -> {str(change['to']).lower()} (true to the ties written)", markup=False)
+    for note in extra.get("notes") or ():
+        con.print(safe(f"  {note}"), markup=False)
     holder = "a DCP checkpoint" if extra.get("format") == "dcp" else "a torch file"
     if extra.get("dropped_metadata"):
         con.print(

@@ -72,7 +72,8 @@ def check_report_target(path, inputs: Iterable[str]) -> None:
         inputs: the paths the report was made from (files or folders, as given).
 
     Raises:
-        OutputError: ``reason`` ``"is_input"``, ``"is_folder"`` or ``"not_regular"``.
+        OutputError: ``reason`` ``"protected"`` (an input, or inside an input folder),
+            ``"is_folder"`` or ``"not_regular"``.
 
     Example:
         >>> check_report_target("diff.html", ["a.safetensors", "b/"])  # doctest: +SKIP
@@ -82,8 +83,8 @@ def check_report_target(path, inputs: Iterable[str]) -> None:
     path = os.fspath(path)
     is_input, inside = _is_protected(path, inputs)
     if is_input or inside:
-        where = "is an input" if is_input else "lies inside an input folder"
-        raise OutputError(f"{path} {where}; refusing to write over it", reason="is_input", hint="choose another path")
+        where = "would replace an input" if is_input else "lies inside an input folder"
+        raise OutputError(f"{path} {where}; refusing to write there", reason="protected", hint="choose another path")
     if os.path.isdir(path):
         raise OutputError(f"{path} is a folder", reason="is_folder", hint="give a file path")
     if os.path.lexists(path) and _not_regular(path):
@@ -121,7 +122,7 @@ def check_file_target(path, inputs: Iterable[str], *, overwrite: bool, replace_i
     is_input, inside = _is_protected(path, inputs)
     if inside:  # a shard, an index or any other file of a folder read as a whole: never
         raise OutputError(
-            f"{path} lies inside an input folder; refusing to write there", reason="is_input", hint="choose another path"
+            f"{path} lies inside an input folder; refusing to write there", reason="protected", hint="choose another path"
         )
     if is_input and not replace_input:
         raise OutputError(f"{path} is an input; refusing to write over it", reason="is_input", hint=_ELSEWHERE)
@@ -150,7 +151,7 @@ def check_folder_target(path, inputs: Iterable[str], *, overwrite: bool, replace
     inputs = [os.fspath(i) for i in inputs]
     if any(_inside(real, f) and real != f for f in input_folders(inputs)):
         raise OutputError(
-            f"{path} lies inside an input folder; refusing to write there", reason="is_input", hint="choose another path"
+            f"{path} lies inside an input folder; refusing to write there", reason="protected", hint="choose another path"
         )
     holds_input = any(_inside(_real(i), real) for i in inputs)
     if holds_input and not replace_input:

@@ -194,9 +194,18 @@ def _open_inside(folder: str, name: str):
     return f
 
 
-def carry(source: ModelFolder, dest: str, *, config: bytes | None = None, sync: bool = True) -> list[str]:
+def carry(
+    source: ModelFolder, dest: str, *, config: bytes | None = None, sync: bool = True, in_place: bool = False
+) -> list[str] | None:
     """Copy ``source``'s other files into the folder ``dest`` byte for byte (``config.json``
-    as ``config`` when given); returns the names copied."""
+    as ``config`` when given); returns the names copied. ``in_place``: the output is
+    ``source`` itself, whose other files stay where they are: only a changed
+    ``config.json`` is written; returns None."""
+    if in_place:
+        if config is not None:
+            with atomic_file(os.path.join(dest, CONFIG), sync=sync) as f:
+                write_all(f, config)
+        return None
     for name in source.files:
         target = os.path.join(dest, name)
         if name == CONFIG and config is not None:
