@@ -98,25 +98,7 @@ def test_a_crash_at_any_step_leaves_old_or_new_weights(tmp_path, old_as, shards)
         _restore(src, pristine)
         pid = os.fork()
         if pid == 0:  # the child: dies at the k-th step of the switch
-            calls = [0]
-            real_replace, real_unlink = os.replace, os.unlink
-
-            def step(fn):
-                def wrapped(*a, **kw):
-                    calls[0] += 1
-                    if calls[0] == k:
-                        os._exit(17)
-                    return fn(*a, **kw)
-
-                return wrapped
-
-            in_place.os.replace = step(real_replace)  # the module's os is the os module
-            in_place.os.unlink = step(real_unlink)
-            try:
-                with wsurgery.open(src) as c:
-                    c.cast("bfloat16").save(src, overwrite=True, max_shard_size=shards, sync=False)
-            finally:
-                os._exit(0)
+            _cast_dying_at(k, src, shards)
         _, status = os.waitpid(pid, 0)
         for read in (_read_like_transformers, _read_like_wsurgery):
             got = read(src)
@@ -128,6 +110,29 @@ def test_a_crash_at_any_step_leaves_old_or_new_weights(tmp_path, old_as, shards)
             break
     assert k > 3
     assert _same(_read_like_transformers(src), new) and _same(_read_like_wsurgery(src), new)
+
+
+def _cast_dying_at(k: int, src, shards) -> None:
+    """In a forked child: cast ``src`` in place, the process exiting at the k-th rename
+    or removal the in-place switch makes."""
+    calls = [0]
+
+    def step(fn):
+        def wrapped(*a, **kw):
+            calls[0] += 1
+            if calls[0] == k:
+                os._exit(17)
+            return fn(*a, **kw)
+
+        return wrapped
+
+    in_place.os.replace = step(os.replace)  # the module's os is the os module: the child's own copy
+    in_place.os.unlink = step(os.unlink)
+    try:
+        with wsurgery.open(src) as c:
+            c.cast("bfloat16").save(src, overwrite=True, max_shard_size=shards, sync=False)
+    finally:
+        os._exit(0)
 
 
 def _restore(folder, tree: dict) -> None:

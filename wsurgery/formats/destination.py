@@ -122,7 +122,9 @@ def check_file_target(path, inputs: Iterable[str], *, overwrite: bool, replace_i
     is_input, inside = _is_protected(path, inputs)
     if inside:  # a shard, an index or any other file of a folder read as a whole: never
         raise OutputError(
-            f"{path} lies inside an input folder; refusing to write there", reason="protected", hint="choose another path"
+            f"{path} lies inside an input folder; refusing to write there",
+            reason="protected",
+            hint="choose another path",
         )
     if is_input and not replace_input:
         raise OutputError(f"{path} is an input; refusing to write over it", reason="is_input", hint=_ELSEWHERE)
@@ -151,7 +153,9 @@ def check_folder_target(path, inputs: Iterable[str], *, overwrite: bool, replace
     inputs = [os.fspath(i) for i in inputs]
     if any(_inside(real, f) and real != f for f in input_folders(inputs)):
         raise OutputError(
-            f"{path} lies inside an input folder; refusing to write there", reason="protected", hint="choose another path"
+            f"{path} lies inside an input folder; refusing to write there",
+            reason="protected",
+            hint="choose another path",
         )
     holds_input = any(_inside(_real(i), real) for i in inputs)
     if holds_input and not replace_input:

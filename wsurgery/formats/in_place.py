@@ -91,9 +91,7 @@ def _free_name(name: str, taken: set[str]) -> str:
 
 
 @contextlib.contextmanager
-def in_place_folder(
-    folder, old: list[str], *, sync: bool = True, notes: list[str] | None = None, replace: bool = True
-):
+def in_place_folder(folder, old: list[str], *, sync: bool = True, notes: list[str] | None = None, replace: bool = True):
     """Yield a temporary folder to write the new weights, their index and (when it
     changes) ``config.json`` into; on success switch them into ``folder`` as the module
     docstring says, removing the ``old`` weights files that are no longer used.
