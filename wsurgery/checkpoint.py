@@ -762,6 +762,7 @@ class Checkpoint:
         progress: Callable[[int], None] | None = None,
         replace_input: bool | None = None,
         format: str | None = None,  # noqa: A002 - safetensors' and torch's word
+        keep_aliases: bool = False,
     ) -> SaveResult:
         """Write the checkpoint atomically: safetensors (aliases recorded in the metadata),
         a torch file (aliases as views of shared storage), or a folder.
@@ -786,6 +787,9 @@ class Checkpoint:
                 ``torch.distributed.checkpoint.load`` reads; aliases written as values);
                 by default from ``path``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``:
                 torch).
+            keep_aliases: a model-folder output keeps every alias as an alias; by default
+                those ``from_pretrained`` would not restore (all but the head tie) are
+                written as values.
 
         Returns:
             A :class:`SaveResult`.
@@ -812,7 +816,15 @@ class Checkpoint:
         plan = plan_output(
             path, format=format, max_shard_size=max_shard_size, folder_input=self.model_folder is not None
         )
-        return _save(self, plan, overwrite=overwrite, replace_input=replace_input, progress=progress, sync=sync)
+        return _save(
+            self,
+            plan,
+            overwrite=overwrite,
+            replace_input=replace_input,
+            progress=progress,
+            sync=sync,
+            keep_aliases=keep_aliases,
+        )
 
     def _save_file(self, path, progress=None, *, sync: bool = True) -> None:
         from .formats.writer import write_safetensors

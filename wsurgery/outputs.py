@@ -276,6 +276,7 @@ def save(
     replace_input: bool = False,
     progress=None,
     sync: bool = True,
+    keep_aliases: bool = False,
 ) -> SaveResult:
     """Write ``ckpt`` as ``plan`` says, atomically; see :meth:`Checkpoint.save`."""
     from .checkpoint import SaveResult, natural_key
@@ -288,10 +289,15 @@ def save(
     stored, nbytes = len(ckpt.stored), ckpt.total_bytes
     if plan.folder:
         exists = check_folder_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
-        extra = _write_folder(ckpt, plan, replace=exists, progress=progress, sync=sync)
+        extra = _write_folder(ckpt, plan, replace=exists, progress=progress, sync=sync, keep_aliases=keep_aliases)
         if fmt.folder_format:  # no aliases: each is a tensor of its own
             aliases, stored = {}, stored + len(ckpt.aliases)
             nbytes += sum(a.nbytes for a in ckpt.aliases.values())
+        else:  # those from_pretrained would not restore
+            values = set(extra.get("aliases_as_values", ()))
+            aliases = {n: r for n, r in aliases.items() if n not in values}
+            stored += len(values)
+            nbytes += sum(ckpt.aliases[n].nbytes for n in values)
     else:
         check_file_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
 
@@ -303,11 +309,13 @@ def save(
     return SaveResult(os.fspath(plan.path), stored, nbytes, aliases, format=plan.format, **extra)
 
 
-def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress, sync: bool) -> dict:
+def _write_folder(
+    ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress, sync: bool, keep_aliases: bool = False
+) -> dict:
     """Weights (one file, shards or a DCP checkpoint) and the input folder's other files,
     as one folder; under a process group, written by every rank (see the module docstring)."""
-    from . import hf
     from .formats.hf import carry
+    from .formats.hf_contract import for_folder_output
     from .formats.in_place import in_place_folder, is_in_place, old_weights
     from .formats.sharded_writer import atomic_folder, shard_name, write_shards_into
 
@@ -315,12 +323,16 @@ def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress
     source = None if fmt.folder_format else ckpt.model_folder
     config_bytes = None
     change: dict = {}
-    if source is not None and source.config is not None:
-        new_config, change = hf.config_for_output(ckpt, source.config)
-        config_bytes = None if new_config is None else hf.dump_config(new_config)
+    out: dict = {"notes": []}
+    if source is not None and source.config is not None:  # the contract with from_pretrained
+        ready = for_folder_output(
+            ckpt, source.config, safetensors=plan.format == "safetensors", keep_aliases=keep_aliases
+        )
+        ckpt, config_bytes, change = ready.ckpt, ready.config_bytes, ready.changes
+        out["notes"].extend(ready.notes)
+        out["aliases_as_values"] = ready.as_values
     s = distributed.current()
     first = s is None or s.is_first
-    out: dict = {"notes": []}
     target = atomic_folder if s is None else s.shared_folder
     in_place = s is None and replace and is_in_place(plan.path, source)
     if in_place:  # only the weights, their index and config.json are replaced

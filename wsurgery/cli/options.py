@@ -60,6 +60,18 @@ NoSyncOpt = Annotated[
         "power loss soon after may lose or truncate it.",
     ),
 ]
+KeepAliasesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-aliases",
+        help="In a model-folder output, keep every tie as a wsurgery alias record (from_pretrained restores only "
+        "the head tie; by default the others are written as values).",
+    ),
+]
+FlatOpt = Annotated[
+    bool,
+    typer.Option("--flat", help="Write a torch output as a flat state dict, not in the input's structure."),
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,8 @@ class OutputOptions:
     max_shard_size: str | None = None
     sync: bool = True
     json: bool = False
+    keep_aliases: bool = False
+    flat: bool = False
 
 
 # (parameter name, annotation, default); dry_run only for commands that plan
@@ -87,6 +101,8 @@ _SHARED = [
     ("max_shard_size", MaxShardOpt, None),
     ("no_sync", NoSyncOpt, False),
     ("json_out", JsonOpt, False),
+    ("keep_aliases", KeepAliasesOpt, False),
+    ("flat", FlatOpt, False),
 ]
 
 
@@ -115,6 +131,8 @@ def output_options(*, dry_run: bool = True):
                 max_shard_size=kwargs.pop("max_shard_size", None),
                 sync=not kwargs.pop("no_sync", False),
                 json=kwargs.pop("json_out", False),
+                keep_aliases=kwargs.pop("keep_aliases", False),
+                flat=kwargs.pop("flat", False),
             )
             return fn(*args, out=out, **kwargs)
 

@@ -105,6 +105,7 @@ def write_result(
                 progress=bar.advance,
                 sync=out.sync,
                 format=plan.format,
+                keep_aliases=out.keep_aliases,
             )
     written = _written(saved)
     if out.json:
@@ -188,9 +189,6 @@ def _print_written(con, extra: dict, result: Checkpoint) -> None:
         left = result.model_folder.left if result.model_folder is not None else []
         if left:
             con.print(safe(f"  not carried (not files of the model folder): {', '.join(left)}"), markup=False)
-    for key, change in (extra.get("config") or {}).items():
-        was = "not set" if change["from"] is None else str(change["from"]).lower()
-        con.print(f"  config.json: {key} {was} -> {str(change['to']).lower()} (true to the ties written)", markup=False)
     for note in extra.get("notes") or ():
         con.print(safe(f"  {note}"), markup=False)
     holder = "a DCP checkpoint" if extra.get("format") == "dcp" else "a torch file"
@@ -199,6 +197,6 @@ def _print_written(con, extra: dict, result: Checkpoint) -> None:
             safe(f"  metadata not kept ({holder} holds tensors only): " + ", ".join(extra["dropped_metadata"])),
             markup=False,
         )
-    if extra.get("aliases_as_values"):
+    if extra.get("aliases_as_values") and extra.get("format") == "dcp":
         names = ", ".join(extra["aliases_as_values"])
         con.print(safe(f"  ties written as values (a DCP checkpoint has no aliases): {names}"), markup=False)
