@@ -763,6 +763,7 @@ class Checkpoint:
         replace_input: bool | None = None,
         format: str | None = None,  # noqa: A002 - safetensors' and torch's word
         keep_aliases: bool = False,
+        flat: bool = False,
     ) -> SaveResult:
         """Write the checkpoint atomically: safetensors (aliases recorded in the metadata),
         a torch file (aliases as views of shared storage), or a folder.
@@ -790,6 +791,8 @@ class Checkpoint:
             keep_aliases: a model-folder output keeps every alias as an alias; by default
                 those ``from_pretrained`` would not restore (all but the head tie) are
                 written as values.
+            flat: a torch file written from a torch file is a flat state dict; by default
+                it keeps the input's structure (containers, keys, non-tensor values).
 
         Returns:
             A :class:`SaveResult`.
@@ -824,6 +827,7 @@ class Checkpoint:
             progress=progress,
             sync=sync,
             keep_aliases=keep_aliases,
+            flat=flat,
         )
 
     def _save_file(self, path, progress=None, *, sync: bool = True) -> None:

@@ -33,20 +33,24 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint, SaveResult
 
 
-def _write_safetensors(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
+def _write_safetensors(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True, **_) -> list[str]:
     ckpt._save_file(path, progress=progress, sync=sync)
     return []
 
 
-def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
+def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True, flat: bool = False, notes=None):
+    from .formats.pickles.structure import structure_for
     from .formats.torch_writer import write_torch
 
     storages, tensors = torch_layout(ckpt)
-    write_torch(path, storages, tensors, progress, sync=sync)
+    kept = None if flat else structure_for(ckpt, [t.name for t in tensors], notes)
+    if kept is not None:
+        storages, tensors = _with_carried(storages, tensors, kept[1])
+    write_torch(path, storages, tensors, progress, sync=sync, tree=None if kept is None else kept[0])
     return dropped_metadata(ckpt)
 
 
-def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = True, final: str | None = None):
+def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = True, final: str | None = None, **_):
     """A DCP checkpoint in ``folder``; returns ``(dropped metadata, aliases written as values)``."""
     from .formats.dcp_writer import write_dcp
 
@@ -58,6 +62,22 @@ def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = Tru
         s.exchange("dcp")  # every rank is ready: DCP's own collectives follow
     write_dcp(folder, items, checkpoint_id=final or folder, sync=sync, progress=progress, distributed=s is not None)
     return dropped_metadata(ckpt), as_values
+
+
+def _with_carried(storages, tensors, carried: dict):
+    """``storages`` and ``tensors`` with the tensors a kept structure carries as they are
+    (outside the state dict), each a storage of its own."""
+    from .checkpoint import TensorStored
+    from .formats.torch_writer import TorchTensor
+    from .formats.writer import WriteItem
+    from .views import contiguous_strides
+
+    storages, tensors = list(storages), list(tensors)
+    for name, t in carried.items():
+        s = TensorStored(name, t.contiguous())
+        tensors.append(TorchTensor(name, len(storages), s.dtype, s.shape, contiguous_strides(s.shape)))
+        storages.append(WriteItem(name, s.dtype, s.shape, s.nbytes, s.write))
+    return storages, tensors
 
 
 def dcp_items(ckpt: Checkpoint):
@@ -277,6 +297,7 @@ def save(
     progress=None,
     sync: bool = True,
     keep_aliases: bool = False,
+    flat: bool = False,
 ) -> SaveResult:
     """Write ``ckpt`` as ``plan`` says, atomically; see :meth:`Checkpoint.save`."""
     from .checkpoint import SaveResult, natural_key
@@ -301,8 +322,10 @@ def save(
     else:
         check_file_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
 
+        extra["notes"] = []
+
         def write():
-            return fmt.write(ckpt, plan.path, progress=progress, sync=sync)
+            return fmt.write(ckpt, plan.path, progress=progress, sync=sync, flat=flat, notes=extra["notes"])
 
         s = distributed.current()
         extra["dropped_metadata"] = write() if s is None else s.first_writes(write)
@@ -356,7 +379,9 @@ def _write_folder(
             out["shards"] = names
             out["dropped_metadata"] = []
         elif first:
-            out["dropped_metadata"] = fmt.write(ckpt, os.path.join(tmp, fmt.model_file), progress=progress, sync=sync)
+            out["dropped_metadata"] = fmt.write(
+                ckpt, os.path.join(tmp, fmt.model_file), progress=progress, sync=sync, flat=True
+            )
         if source is not None and first:
             out["files"] = carry(source, tmp, config=config_bytes, sync=sync, in_place=in_place)
             out["config"] = change

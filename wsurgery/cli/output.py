@@ -106,6 +106,7 @@ def write_result(
                 sync=out.sync,
                 format=plan.format,
                 keep_aliases=out.keep_aliases,
+                flat=out.flat,
             )
     written = _written(saved)
     if out.json:
