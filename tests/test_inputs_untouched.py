@@ -10,12 +10,13 @@ import shutil
 
 import pytest
 
+_LM = ("layers.0.attn.out.weight", "layers.1.attn.out.weight", "layers.{i}.attn.out.weight", None)
 KINDS = {
     # kind: (how to make it, two tensors of one 2-d shape, a per-layer template, a stacked tensor)
-    "file": ("tiny_lm.safetensors", "layers.0.attn.out.weight", "layers.1.attn.out.weight", "layers.{i}.attn.out.weight", None),
-    "sharded": ("tiny_lm_sharded", "layers.0.attn.out.weight", "layers.1.attn.out.weight", "layers.{i}.attn.out.weight", None),
-    "model-folder": (None, "layers.0.attn.out.weight", "layers.1.attn.out.weight", "layers.{i}.attn.out.weight", None),
-    "dcp": ("tiny_lm_dcp", "layers.0.attn.out.weight", "layers.1.attn.out.weight", "layers.{i}.attn.out.weight", None),
+    "file": ("tiny_lm.safetensors", *_LM),
+    "sharded": ("tiny_lm_sharded", *_LM),
+    "model-folder": (None, *_LM),
+    "dcp": ("tiny_lm_dcp", *_LM),
     "nemo2": (
         "nemo2_tiny",
         "module.embedding.word_embeddings.weight",

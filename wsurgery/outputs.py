@@ -358,7 +358,7 @@ def _write_folder(
     first = s is None or s.is_first
     target = atomic_folder if s is None else s.shared_folder
     in_place = s is None and replace and is_in_place(plan.path, source)
-    if in_place:  # only the weights, their index and config.json are replaced
+    if in_place and source is not None:  # only the weights, their index and config.json are replaced
         old = old_weights(source.path, ckpt.input_files, source.weights)
         target = functools.partial(in_place_folder, old=old, notes=out["notes"])
     with target(plan.path, replace=replace, sync=sync) as tmp:

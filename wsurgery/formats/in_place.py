@@ -70,7 +70,7 @@ def describe_in_place(target, ckpt) -> str | None:
     """What writing ``ckpt`` to the folder ``target`` would replace when ``target`` is the
     model folder it was read from (None otherwise), for a dry run."""
     source = getattr(ckpt, "model_folder", None)
-    if not is_in_place(target, source):
+    if source is None or not is_in_place(target, source):
         return None
     old = old_weights(source.path, ckpt.input_files, source.weights)
     shown = ", ".join(old[:6]) + (f" and {len(old) - 6} more" if len(old) > 6 else "")

@@ -31,7 +31,7 @@ TMP_SUFFIX = ".wsurgery-tmp"
 _COPY_CHUNK = 64 << 20
 
 
-_REASONS = {
+_REASONS: dict[int, tuple[str | None, str | None]] = {
     errno.ENOSPC: ("no_space", "free some disk space or write elsewhere"),
     errno.EDQUOT: ("no_space", "free some disk space or write elsewhere"),
     errno.EFBIG: ("too_large", "the file-size limit (ulimit -f) is too small for this output"),
@@ -43,7 +43,7 @@ _REASONS = {
 
 def os_error(path, exc: OSError) -> OutputError:
     """An ``OSError`` met while writing ``path``, as an ``OutputError`` with its reason."""
-    reason, hint = _REASONS.get(exc.errno, (None, None))
+    reason, hint = _REASONS.get(exc.errno or 0, (None, None))
     return OutputError(f"cannot write {path}: {exc.strerror or exc}", reason=reason, hint=hint)
 
 
