@@ -75,3 +75,16 @@ def test_flat_writes_the_flat_state_dict(tmp_path, cli):
     assert code == 0, err
     got = _load(out)
     assert set(got) == {"fc.weight", "fc.bias"}
+
+
+def test_shared_containers_stay_shared_and_cycles_are_named(tmp_path):
+    shared = [1, 2, 3]
+    state = {"state_dict": {"w": torch.ones(2)}, "a": shared, "b": shared, "loop": {}}
+    state["loop"]["self"] = state["loop"]
+    path = tmp_path / "in.pt"
+    torch.save(state, path)
+    with wsurgery.open(path) as c:
+        saved = c.save(tmp_path / "out.pt")
+    got = _load(tmp_path / "out.pt")
+    assert got["a"] == [1, 2, 3] and got["a"] is got["b"] and got["loop"] == {}
+    assert any("reference cycle" in n for n in saved.notes)

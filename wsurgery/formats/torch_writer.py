@@ -184,12 +184,15 @@ class _Pickle:
             self.out += b"G" + struct.pack(">d", value)
         elif isinstance(value, str):
             self.str_(value)
+        elif isinstance(value, (dict, list, tuple)) and self._get(("obj", id(value))):
+            return  # a container met before: the same object again, as torch.save shares it
         elif isinstance(value, dict):
             if isinstance(value, OrderedDict):
                 self.global_("collections", "OrderedDict")
                 self.out += b")R"
             else:
                 self.out += b"}"
+            self._put(("obj", id(value)))
             if value:
                 self.out += b"("
                 for k, v in value.items():
@@ -198,6 +201,7 @@ class _Pickle:
                 self.out += b"u"
         elif isinstance(value, list):
             self.out += b"]"
+            self._put(("obj", id(value)))
             if value:
                 self.out += b"("
                 for v in value:
@@ -208,6 +212,7 @@ class _Pickle:
             for v in value:
                 self.tree(v, slot)
             self.out += b"t"
+            self._put(("obj", id(value)))
         else:
             slot(value)
 

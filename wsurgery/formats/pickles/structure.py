@@ -62,29 +62,30 @@ def recall(path):
 
 
 def skeleton(obj, paths: dict[tuple, str]):
-    """``obj`` with the tensors at ``paths`` (key paths -> names) replaced by slots;
-    containers copied, leaves kept, cycles cut."""
-    on_path: set[int] = set()
+    """``obj`` with the tensors at ``paths`` (key paths -> names) replaced by slots: the
+    containers on the way to a tensor are copied, everything else is kept by reference
+    (a list shared by many keys is not copied once per key)."""
+    on_way = {keys[:i] for keys in paths for i in range(len(keys))}
 
     def walk(value, keys: tuple):
         name = paths.get(keys)
         if name is not None:
             return Slot(name)
-        if isinstance(value, (dict, list, tuple)) and id(value) not in on_path:
-            on_path.add(id(value))
-            try:
-                if isinstance(value, dict):
-                    out = OrderedDict() if isinstance(value, OrderedDict) else {}
-                    for k, v in value.items():
-                        out[k] = walk(v, (*keys, k))
-                    return out
-                items = [walk(v, (*keys, i)) for i, v in enumerate(value)]
-                return tuple(items) if isinstance(value, tuple) else items
-            finally:
-                on_path.discard(id(value))
-        return value
+        if keys not in on_way or not isinstance(value, (dict, list, tuple)):
+            return value
+        if isinstance(value, dict):
+            out = OrderedDict() if isinstance(value, OrderedDict) else {}
+            for k, v in value.items():
+                out[k] = walk(v, (*keys, k))
+            return out
+        items = [walk(v, (*keys, i)) for i, v in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
 
     return walk(obj, ())
+
+
+MAX_DEPTH = 100  # containers nested deeper than this are not carried
+MAX_ITEMS = 1_000_000  # values written, all together, past which the rest is not carried
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -101,12 +102,43 @@ def fill(skel, names: list[str], prefix: tuple = ()) -> tuple[object, list[str],
     lost: list[str] = []
     extra: dict[str, object] = {}
 
-    def walk(value, where: str):
+    done: dict[int, object] = {}  # id -> what a shared container became (written once, shared)
+    busy: set[int] = set()
+    budget = [MAX_ITEMS]
+
+    def walk(value, where: str, depth: int = 0):
+        budget[0] -= 1
         if isinstance(value, Slot):
             if value.name in wanted:
                 placed.add(value.name)
                 return value
             return _GONE
+        if isinstance(value, _PLAIN):
+            return value
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in done:
+                return done[id(value)]
+            if id(value) in busy:
+                lost.append(f"{where or '(top)'}: a reference cycle")
+                return _GONE
+            if depth >= MAX_DEPTH or budget[0] < 0:
+                lost.append(f"{where or '(top)'}: {type(value).__name__} (nested too deep or too large)")
+                return _GONE
+            busy.add(id(value))
+            try:
+                got = _container(value, where, depth)
+            finally:
+                busy.discard(id(value))
+            done[id(value)] = got
+            return got
+        if _is_plain_tensor(value):  # a tensor outside the state dict (optimizer state): carried as it is
+            slot = Slot(f"\0carried:{len(extra)}")
+            extra[slot.name] = value
+            return slot
+        lost.append(f"{where or '(top)'}: {type(value).__name__}")
+        return _GONE
+
+    def _container(value, where: str, depth: int):
         if isinstance(value, dict):
             out = OrderedDict() if isinstance(value, OrderedDict) else {}
             if type(value) not in (dict, OrderedDict):
@@ -115,22 +147,13 @@ def fill(skel, names: list[str], prefix: tuple = ()) -> tuple[object, list[str],
                 if not isinstance(k, _PLAIN):
                     lost.append(f"{where}[{k!r}]: a key of type {type(k).__name__}")
                     continue
-                got = walk(v, f"{where}.{k}" if where else str(k))
+                got = walk(v, f"{where}.{k}" if where else str(k), depth + 1)
                 if got is not _GONE:
                     out[k] = got
             return out
-        if isinstance(value, (list, tuple)):
-            items = [walk(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(value)]
-            items = [v for v in items if v is not _GONE]
-            return tuple(items) if isinstance(value, tuple) else items
-        if isinstance(value, _PLAIN):
-            return value
-        if _is_plain_tensor(value):  # a tensor outside the state dict (optimizer state): carried as it is
-            slot = Slot(f"\0carried:{len(extra)}")
-            extra[slot.name] = value
-            return slot
-        lost.append(f"{where or '(top)'}: {type(value).__name__}")
-        return _GONE
+        items = [walk(v, f"{where}.{i}" if where else str(i), depth + 1) for i, v in enumerate(value)]
+        items = [v for v in items if v is not _GONE]
+        return tuple(items) if isinstance(value, tuple) else items
 
     tree = walk(skel, "")
     if not isinstance(tree, dict):
