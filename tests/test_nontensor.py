@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import wsurgery
@@ -17,7 +18,7 @@ def trainer_file(tmp_path):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 3, generator=g)
     state = {
-        "model_state": {"fc.weight": w, "fc.bias": torch.zeros(4)},
+        "weights": {"fc.weight": w, "fc.bias": torch.zeros(4)},
         "optimizer_state": {
             "state": {0: {"step": 7, "exp_avg": torch.ones(4, 3), "exp_avg_sq": torch.full((4, 3), 2.0)}},
             "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1]}],
@@ -35,7 +36,7 @@ def test_integer_keys_and_lists_are_flattened_and_the_rest_is_listed(tmp_path):
         names = set(c.keys())
         skipped = list(c.skipped)
     assert {"optimizer_state.state.0.exp_avg", "optimizer_state.state.0.exp_avg_sq", "ema.0", "ema.1"} <= names
-    assert {"model_state.fc.weight", "model_state.fc.bias"} <= names
+    assert {"weights.fc.weight", "weights.fc.bias"} <= names
     # a container without tensors is one entry, not one per number in it
     assert "optimizer_state.param_groups: list" in skipped
     assert "optimizer_state.state.0.step: int" in skipped and "step: int" in skipped
@@ -89,3 +90,15 @@ def test_diff_counts_what_it_did_not_compare_on_each_side(tmp_path, cli):
     )
     code, text, _ = cli("diff", path, out)
     assert code == 0 and "not tensors, not compared, in A" in text and "step: int" in text
+
+
+@pytest.mark.parametrize("key", ["model_state", "model_state_dict", "state_dict", "model", "module"])
+def test_training_wrappers_are_unwrapped_and_named(tmp_path, cli, key):
+    """Resemblyzer ships ``{"model_state": ..., "optimizer_state": ..., "step": ...}``:
+    the state dict is the wrapped dict, and inspect says which key it came from."""
+    path = tmp_path / "wrapped.pt"
+    torch.save({key: {"fc.weight": torch.ones(2, 2)}, "optimizer_state": {"state": {}}, "step": 3}, path)
+    with wsurgery.open(path) as c:
+        assert c.keys() == ["fc.weight"] and c.container == key
+    code, text, _ = cli("inspect", path, "--json")
+    assert code == 0 and json.loads(text)["container"] == key

@@ -374,6 +374,8 @@ class SaveResult:
             DCP checkpoint hold tensors only).
         aliases_as_values: aliases written as tensors of their own, for a format that
             has no aliases (DCP); ``aliases`` is then empty.
+        notes: what the write did that the caller should be told, one line each (in
+            place: what was replaced; ties written as values; config fields updated).
     """
 
     path: str
@@ -386,6 +388,7 @@ class SaveResult:
     config: dict | None = None
     dropped_metadata: list[str] = field(default_factory=list)
     aliases_as_values: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The writers' JSON: ``output``, ``format``, ``stored`` (count), ``nbytes``,
@@ -396,7 +399,7 @@ class SaveResult:
             out["shards"] = list(self.shards)
         if self.files is not None:  # a folder output: the files carried, what config.json changed
             out["files"], out["config"] = list(self.files), dict(self.config or {})
-        for key in ("dropped_metadata", "aliases_as_values"):
+        for key in ("notes", "dropped_metadata", "aliases_as_values"):
             if getattr(self, key):
                 out[key] = list(getattr(self, key))
         return out
@@ -773,6 +776,8 @@ class Checkpoint:
         progress: Callable[[int], None] | None = None,
         replace_input: bool | None = None,
         format: str | None = None,  # noqa: A002 - safetensors' and torch's word
+        keep_aliases: bool = False,
+        flat: bool = False,
     ) -> SaveResult:
         """Write the checkpoint atomically: safetensors (aliases recorded in the metadata),
         a torch file (aliases as views of shared storage), or a folder.
@@ -797,6 +802,11 @@ class Checkpoint:
                 ``torch.distributed.checkpoint.load`` reads; aliases written as values);
                 by default from ``path``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``:
                 torch).
+            keep_aliases: a model-folder output keeps every alias as an alias; by default
+                those ``from_pretrained`` would not restore (all but the head tie) are
+                written as values.
+            flat: a torch file written from a torch file is a flat state dict; by default
+                it keeps the input's structure (containers, keys, non-tensor values).
 
         Returns:
             A :class:`SaveResult`.
@@ -823,7 +833,16 @@ class Checkpoint:
         plan = plan_output(
             path, format=format, max_shard_size=max_shard_size, folder_input=self.model_folder is not None
         )
-        return _save(self, plan, overwrite=overwrite, replace_input=replace_input, progress=progress, sync=sync)
+        return _save(
+            self,
+            plan,
+            overwrite=overwrite,
+            replace_input=replace_input,
+            progress=progress,
+            sync=sync,
+            keep_aliases=keep_aliases,
+            flat=flat,
+        )
 
     def _save_file(self, path, progress=None, *, sync: bool = True) -> None:
         from .formats.writer import write_safetensors

@@ -20,6 +20,7 @@ alone.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,20 +33,24 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint, SaveResult
 
 
-def _write_safetensors(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
+def _write_safetensors(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True, **_) -> list[str]:
     ckpt._save_file(path, progress=progress, sync=sync)
     return []
 
 
-def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
+def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True, flat: bool = False, notes=None):
+    from .formats.pickles.structure import structure_for
     from .formats.torch_writer import write_torch
 
     storages, tensors = torch_layout(ckpt)
-    write_torch(path, storages, tensors, progress, sync=sync)
+    kept = None if flat else structure_for(ckpt, [t.name for t in tensors], notes)
+    if kept is not None:
+        storages, tensors = _with_carried(storages, tensors, kept[1])
+    write_torch(path, storages, tensors, progress, sync=sync, tree=None if kept is None else kept[0])
     return dropped_metadata(ckpt)
 
 
-def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = True, final: str | None = None):
+def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = True, final: str | None = None, **_):
     """A DCP checkpoint in ``folder``; returns ``(dropped metadata, aliases written as values)``."""
     from .formats.dcp_writer import write_dcp
 
@@ -57,6 +62,22 @@ def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = Tru
         s.exchange("dcp")  # every rank is ready: DCP's own collectives follow
     write_dcp(folder, items, checkpoint_id=final or folder, sync=sync, progress=progress, distributed=s is not None)
     return dropped_metadata(ckpt), as_values
+
+
+def _with_carried(storages, tensors, carried: dict):
+    """``storages`` and ``tensors`` with the tensors a kept structure carries as they are
+    (outside the state dict), each a storage of its own."""
+    from .checkpoint import TensorStored
+    from .formats.torch_writer import TorchTensor
+    from .formats.writer import WriteItem
+    from .views import contiguous_strides
+
+    storages, tensors = list(storages), list(tensors)
+    for name, t in carried.items():
+        s = TensorStored(name, t.contiguous())
+        tensors.append(TorchTensor(name, len(storages), s.dtype, s.shape, contiguous_strides(s.shape)))
+        storages.append(WriteItem(name, s.dtype, s.shape, s.nbytes, s.write))
+    return storages, tensors
 
 
 def dcp_items(ckpt: Checkpoint):
@@ -275,51 +296,71 @@ def save(
     replace_input: bool = False,
     progress=None,
     sync: bool = True,
+    keep_aliases: bool = False,
+    flat: bool = False,
 ) -> SaveResult:
     """Write ``ckpt`` as ``plan`` says, atomically; see :meth:`Checkpoint.save`."""
     from .checkpoint import SaveResult, natural_key
-    from .formats.destination import check_file_target, check_folder_target
+    from .formats.destination import check_file_target, check_folder_target, protected_inputs
 
-    inputs = ckpt.input_files
+    inputs = protected_inputs(ckpt)
     aliases = {n: ckpt.aliases[n].record() for n in sorted(ckpt.aliases, key=natural_key)}
     fmt = FORMATS[plan.format]
     extra: dict = {}
     stored, nbytes = len(ckpt.stored), ckpt.total_bytes
     if plan.folder:
         exists = check_folder_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
-        extra = _write_folder(ckpt, plan, replace=exists, progress=progress, sync=sync)
+        extra = _write_folder(ckpt, plan, replace=exists, progress=progress, sync=sync, keep_aliases=keep_aliases)
         if fmt.folder_format:  # no aliases: each is a tensor of its own
             aliases, stored = {}, stored + len(ckpt.aliases)
             nbytes += sum(a.nbytes for a in ckpt.aliases.values())
+        else:  # those from_pretrained would not restore
+            values = set(extra.get("aliases_as_values", ()))
+            aliases = {n: r for n, r in aliases.items() if n not in values}
+            stored += len(values)
+            nbytes += sum(ckpt.aliases[n].nbytes for n in values)
     else:
         check_file_target(plan.path, inputs, overwrite=overwrite, replace_input=replace_input)
 
+        extra["notes"] = []
+
         def write():
-            return fmt.write(ckpt, plan.path, progress=progress, sync=sync)
+            return fmt.write(ckpt, plan.path, progress=progress, sync=sync, flat=flat, notes=extra["notes"])
 
         s = distributed.current()
         extra["dropped_metadata"] = write() if s is None else s.first_writes(write)
     return SaveResult(os.fspath(plan.path), stored, nbytes, aliases, format=plan.format, **extra)
 
 
-def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress, sync: bool) -> dict:
+def _write_folder(
+    ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress, sync: bool, keep_aliases: bool = False
+) -> dict:
     """Weights (one file, shards or a DCP checkpoint) and the input folder's other files,
     as one folder; under a process group, written by every rank (see the module docstring)."""
-    from . import hf
     from .formats.hf import carry
+    from .formats.hf_contract import for_folder_output
+    from .formats.in_place import in_place_folder, is_in_place, old_weights
     from .formats.sharded_writer import atomic_folder, shard_name, write_shards_into
 
     fmt = FORMATS[plan.format]
     source = None if fmt.folder_format else ckpt.model_folder
     config_bytes = None
     change: dict = {}
-    if source is not None and source.config is not None:
-        new_config, change = hf.config_for_output(ckpt, source.config)
-        config_bytes = None if new_config is None else hf.dump_config(new_config)
+    out: dict = {"notes": []}
+    if source is not None and source.config is not None:  # the contract with from_pretrained
+        ready = for_folder_output(
+            ckpt, source.config, safetensors=plan.format == "safetensors", keep_aliases=keep_aliases
+        )
+        ckpt, config_bytes, change = ready.ckpt, ready.config_bytes, ready.changes
+        out["notes"].extend(ready.notes)
+        out["aliases_as_values"] = ready.as_values
     s = distributed.current()
     first = s is None or s.is_first
-    out: dict = {}
     target = atomic_folder if s is None else s.shared_folder
+    in_place = s is None and replace and is_in_place(plan.path, source)
+    if in_place and source is not None:  # only the weights, their index and config.json are replaced
+        old = old_weights(source.path, ckpt.input_files, source.weights)
+        target = functools.partial(in_place_folder, old=old, notes=out["notes"])
     with target(plan.path, replace=replace, sync=sync) as tmp:
         if fmt.folder_format:
             dropped, as_values = fmt.write(ckpt, tmp, progress=progress, sync=sync, final=os.fspath(plan.path))
@@ -338,8 +379,10 @@ def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress
             out["shards"] = names
             out["dropped_metadata"] = []
         elif first:
-            out["dropped_metadata"] = fmt.write(ckpt, os.path.join(tmp, fmt.model_file), progress=progress, sync=sync)
+            out["dropped_metadata"] = fmt.write(
+                ckpt, os.path.join(tmp, fmt.model_file), progress=progress, sync=sync, flat=True
+            )
         if source is not None and first:
-            out["files"] = carry(source, tmp, config=config_bytes, sync=sync)
+            out["files"] = carry(source, tmp, config=config_bytes, sync=sync, in_place=in_place)
             out["config"] = change
     return out if s is None else s.exchange("saved", out)[0]

@@ -60,6 +60,18 @@ NoSyncOpt = Annotated[
         "power loss soon after may lose or truncate it.",
     ),
 ]
+KeepAliasesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-aliases",
+        help="In a model-folder output, keep every tie as a wsurgery alias record (from_pretrained restores only "
+        "the head tie; by default the others are written as values).",
+    ),
+]
+FlatOpt = Annotated[
+    bool,
+    typer.Option("--flat", help="Write a torch output as a flat state dict, not in the input's structure."),
+]
 
 
 WriteQuietOpt = Annotated[
@@ -81,6 +93,8 @@ class OutputOptions:
     sync: bool = True
     json: bool = False
     quiet: bool = False
+    keep_aliases: bool = False
+    flat: bool = False
 
 
 _WRITE = OutputOptions()  # every output flag's default, from the options object (declared once)
@@ -96,6 +110,8 @@ _SHARED = [
     ("no_sync", NoSyncOpt, not _WRITE.sync),
     ("json_out", JsonOpt, _WRITE.json),
     ("quiet", WriteQuietOpt, _WRITE.quiet),
+    ("keep_aliases", KeepAliasesOpt, _WRITE.keep_aliases),
+    ("flat", FlatOpt, _WRITE.flat),
 ]
 
 
@@ -134,6 +150,8 @@ def output_options(*, dry_run: bool = True):
             sync=not kwargs.pop("no_sync", not _WRITE.sync),
             json=kwargs.pop("json_out", _WRITE.json),
             quiet=kwargs.pop("quiet", _WRITE.quiet),
+            keep_aliases=kwargs.pop("keep_aliases", _WRITE.keep_aliases),
+            flat=kwargs.pop("flat", _WRITE.flat),
         )
 
     return lambda fn: _bundled(fn, "out", shared, build)

@@ -86,6 +86,8 @@ def write_result(
                 progress=bar.advance,
                 sync=out.sync,
                 format=out.format,
+                keep_aliases=out.keep_aliases,
+                flat=out.flat,
             )
     return report_write(command, target, result, saved, out, extra)
 
@@ -132,6 +134,12 @@ def report_write(
         f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
         markup=False,
     )
+    if out.dry_run and plan.folder:
+        from ..formats.in_place import describe_in_place
+
+        text = describe_in_place(target, result)
+        if text:
+            con.print(safe(f"  {text}"), markup=False)
     _print_written(con, {**written, "format": plan.format}, result)
     for kind in ("copied", "untied"):
         if info[kind]:
@@ -164,7 +172,10 @@ def _written(saved) -> dict:
         extra["shards"] = saved.shards
     if saved.files is not None:
         extra["files"] = saved.files
+    if saved.files is not None or saved.config:
         extra["config"] = saved.config or {}
+    if saved.notes:
+        extra["notes"] = saved.notes
     if saved.dropped_metadata:
         extra["dropped_metadata"] = saved.dropped_metadata
     if saved.aliases_as_values:
@@ -179,15 +190,14 @@ def _print_written(con, extra: dict, result: Checkpoint) -> None:
         left = result.model_folder.left if result.model_folder is not None else []
         if left:
             con.print(safe(f"  not carried (not files of the model folder): {', '.join(left)}"), markup=False)
-    for key, change in (extra.get("config") or {}).items():
-        was = "not set" if change["from"] is None else str(change["from"]).lower()
-        con.print(f"  config.json: {key} {was} -> {str(change['to']).lower()} (true to the ties written)", markup=False)
+    for note in extra.get("notes") or ():
+        con.print(safe(f"  {note}"), markup=False)
     holder = "a DCP checkpoint" if extra.get("format") == "dcp" else "a torch file"
     if extra.get("dropped_metadata"):
         con.print(
             safe(f"  metadata not kept ({holder} holds tensors only): " + ", ".join(extra["dropped_metadata"])),
             markup=False,
         )
-    if extra.get("aliases_as_values"):
+    if extra.get("aliases_as_values") and extra.get("format") == "dcp":
         names = ", ".join(extra["aliases_as_values"])
         con.print(safe(f"  ties written as values (a DCP checkpoint has no aliases): {names}"), markup=False)

@@ -26,8 +26,6 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import OutputError
-
 if TYPE_CHECKING:
     from .report import DiffReport
 
@@ -108,27 +106,15 @@ def render(report: DiffReport) -> str:
     return _PAGE.format(csp=csp, version=__version__, style=style, script=script, data=embed_json(report.to_dict()))
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):
-        return False
-
-
 def save(report: DiffReport, path: str | os.PathLike, *, sync: bool = True) -> None:
     """Write the page to ``path`` atomically (a temporary file, then a rename); an
     existing file is replaced, but never one of the report's inputs, a folder or a
     special file (``OutputError``)."""
+    from ..formats.destination import check_report_target
     from ..formats.writer import atomic_file
 
     target = os.fspath(path)
-    hint = "choose another path for the report"
-    if any(_same_file(target, x) for x in (report.a, report.b)):
-        raise OutputError(f"{target}: the report would replace an input of the diff", reason=None, hint=hint)
-    if os.path.isdir(target):
-        raise OutputError(f"{target} is a folder", reason=None, hint=hint)
-    if os.path.lexists(target) and not os.path.isfile(target):
-        raise OutputError(f"{target} is not a regular file", reason=None, hint=hint)
+    check_report_target(target, (report.a, report.b))
     text = render(report).encode("utf-8")
     with atomic_file(target, sync=sync) as f:
         f.write(text)

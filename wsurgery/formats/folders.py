@@ -196,7 +196,12 @@ class DirFolder(Folder):
         return [os.path.abspath(os.path.join(self.root, n)) for n in self.names()]
 
     def sub(self, name: str) -> Folder:
-        return DirFolder(os.path.join(self.root, name))
+        """The subfolder ``name``; refused when it is a link that leaves this folder."""
+        path = os.path.join(self.root, name)
+        real = os.path.realpath(path)
+        if os.path.lexists(path) and os.path.commonpath([self._real, real]) != self._real:
+            raise InputError(f"{path}: a link that leaves the checkpoint's folder", hint="copy it into the folder")
+        return DirFolder(path)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,14 @@ carried: weight files of any framework (:data:`WEIGHT_PATTERNS`: ``*.safetensors
 ``*.bin`` but ``training_args.bin``, ``*.pt``, ``*.h5``, ``*.onnx``, ... and their
 indexes), subfolders (``original/``, ``onnx/``: weights of another layout), wsurgery's
 temporaries.
+
+Nothing is read from outside the input: a file is carried only when it is a regular file
+whose real path lies inside the folder (a link to a file beside it is carried, as the
+file's bytes). A link that leaves the folder (to ``/proc/self/environ``, to a file
+elsewhere) and anything that is not a regular file are not carried, and
+:attr:`ModelFolder.left` names each with the reason. One exception keeps the Hugging Face
+cache usable: in ``models--ORG--NAME/snapshots/REV/`` every file is a link to
+``models--ORG--NAME/blobs/``, which counts as inside.
 """
 
 from __future__ import annotations
@@ -71,7 +79,8 @@ class ModelFolder:
         config: ``config.json`` parsed (None when the folder has none).
         config_bytes: its bytes, as read.
         files: the other files, carried into a folder output (names, sorted).
-        left: what is not carried and is not a weight file (subfolders, special files).
+        left: what is not carried and is not a weight file, each with why: ``name/`` (a
+            subfolder), ``name (a link out of the folder)``, ``name (not a regular file)``.
     """
 
     path: str
@@ -104,6 +113,40 @@ def _read_config(path: str) -> tuple[dict, bytes]:
     return config, data
 
 
+def _roots(folder: str) -> list[str]:
+    """The real folders a file of ``folder`` may lie in: the folder, and for a snapshot of
+    the Hugging Face cache, its repository's ``blobs/``."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        roots.append(os.path.join(os.path.dirname(parent), "blobs"))
+    return roots
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path``'s real path lies inside ``folder`` (see :func:`_roots`)."""
+    real = os.path.realpath(path)
+    return any(real.startswith(root.rstrip(os.sep) + os.sep) for root in _roots(folder))
+
+
+def _why_not_carried(folder: str, name: str) -> str | None:
+    """Why the entry ``name`` of ``folder`` is not read (None: a regular file inside)."""
+    full = os.path.join(folder, name)
+    try:
+        link = stat.S_ISLNK(os.lstat(full).st_mode)
+        mode = os.stat(full).st_mode
+    except OSError:
+        return "a broken link"
+    if link and not inside(full, folder):
+        return "a link out of the folder"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
+
+
 def open_folder(folder: str) -> ModelFolder:
     """What a folder holds: its weights, its config and the files an output carries."""
     try:
@@ -119,37 +162,56 @@ def open_folder(folder: str) -> ModelFolder:
     files, left = [], []
     for name in names:
         full = os.path.join(folder, name)
-        try:
-            mode = os.stat(full).st_mode
-        except OSError:
-            left.append(name)
-            continue
-        if name == CONFIG and stat.S_ISREG(mode):
+        why = _why_not_carried(folder, name)
+        if why is None and name == CONFIG:
             config, config_bytes = _read_config(full)
             files.append(name)
-        elif is_weight_file(name):
+        elif is_weight_file(name) and why in (None, "a folder"):
             continue
-        elif stat.S_ISREG(mode):
+        elif why is None:
             files.append(name)
+        elif why == "a folder":
+            left.append(name + "/")
         else:
-            left.append(name + ("/" if stat.S_ISDIR(mode) else ""))
+            left.append(f"{name} ({why})")
     return ModelFolder(os.fspath(folder), weights, config, config_bytes, files, left)
 
 
-def carry(source: ModelFolder, dest: str, *, config: bytes | None = None, sync: bool = True) -> list[str]:
+def _open_inside(folder: str, name: str):
+    """``folder/name`` opened for reading, checked again as it is opened: a regular file
+    whose real path lies inside the folder (it may have changed since it was listed)."""
+    full = os.path.join(folder, name)
+    real = os.path.realpath(full)
+    if not inside(real, folder):
+        raise InputError(f"{full}: now links out of the folder; not read")
+    try:
+        f = open(real, "rb")  # noqa: SIM115 - returned to the caller's with
+    except OSError as exc:
+        raise InputError(f"{full}: cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise InputError(f"{full}: not a regular file; not read")
+    return f
+
+
+def carry(
+    source: ModelFolder, dest: str, *, config: bytes | None = None, sync: bool = True, in_place: bool = False
+) -> list[str] | None:
     """Copy ``source``'s other files into the folder ``dest`` byte for byte (``config.json``
-    as ``config`` when given); returns the names copied."""
+    as ``config`` when given); returns the names copied. ``in_place``: the output is
+    ``source`` itself, whose other files stay where they are: only a changed
+    ``config.json`` is written; returns None."""
+    if in_place:
+        if config is not None:
+            with atomic_file(os.path.join(dest, CONFIG), sync=sync) as f:
+                write_all(f, config)
+        return None
     for name in source.files:
         target = os.path.join(dest, name)
         if name == CONFIG and config is not None:
             with atomic_file(target, sync=sync) as f:
                 write_all(f, config)
             continue
-        with atomic_file(target, sync=sync) as f:
-            try:
-                src = open(os.path.join(source.path, name), "rb")
-            except OSError as exc:
-                raise InputError(f"{os.path.join(source.path, name)}: cannot read: {exc.strerror or exc}") from None
-            with src:
-                shutil.copyfileobj(src, f, 1 << 20)
+        with atomic_file(target, sync=sync) as f, _open_inside(source.path, name) as src:
+            shutil.copyfileobj(src, f, 1 << 20)
     return list(source.files)

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from decimal import Decimal, localcontext
 
-from ..errors import OutputError, UsageError
+from ..errors import OutputError, SurgeryError, UsageError
 from ..show import short
 from .writer import (
     TMP_SUFFIX,
@@ -27,11 +27,13 @@ from .writer import (
     fsync_dir,
     mode_for,
     os_error,
+    safetensors_prefix,
     write_all,
     write_safetensors,
 )
 
 INDEX_NAME = "model.safetensors.index.json"
+MAX_INDEX_SIZE = 100_000_000  # bytes: the largest index wsurgery's reader accepts
 _UNITS = {
     "": 1,
     "b": 1,
@@ -143,24 +145,29 @@ def write_shards_into(
     def like(name: str):
         return None if modes_of is None else os.path.join(os.fspath(modes_of), name)
 
-    weight_map: dict[str, str] = {}
-    total = 0
+    for name, items, meta in zip(names, shards, shard_metadata, strict=True):
+        safetensors_prefix(os.path.join(folder, name), items, meta)  # every shard readable, before any is written
+    weight_map = {item.name: name for name, items in zip(names, shards, strict=True) for item in items}
+    record = {
+        "metadata": {"total_size": sum(item.nbytes for items in shards for item in items), **index_metadata},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    if index and len(data) > MAX_INDEX_SIZE:
+        raise SurgeryError(
+            f"{os.path.join(folder, INDEX_NAME)}: the index would take {len(data)} bytes, past the {MAX_INDEX_SIZE} "
+            "bytes that index readers accept",
+            hint="use shorter tensor names",
+        )
     for i, (name, items, meta) in enumerate(zip(names, shards, shard_metadata, strict=True)):
         if only is None or i in only:
             write_safetensors(
                 os.path.join(folder, name), items, meta, progress=progress, sync=sync, mode_like=like(name)
             )
-        for item in items:
-            weight_map[item.name] = name
-            total += item.nbytes
     if not index:
         return
-    record = {
-        "metadata": {"total_size": total, **index_metadata},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
     with atomic_file(os.path.join(folder, INDEX_NAME), sync=sync, mode_like=like(INDEX_NAME)) as f:
-        write_all(f, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_all(f, data)
 
 
 @contextlib.contextmanager

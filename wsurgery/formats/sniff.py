@@ -46,6 +46,33 @@ def find_index(folder: str) -> str:
     return os.path.join(folder, found[0])
 
 
+_CONFIG_BYTES = 16 << 20  # a JSON file larger than this is left to the index parser
+
+
+def _refuse_model_config(path: str) -> None:
+    """A JSON file that is a model's config (``config.json``: no ``weight_map``, but
+    ``model_type``, ``architectures`` or the file's name) is not weights: say so and name
+    its folder, rather than "not a sharded index"."""
+    import json
+
+    name = os.path.basename(path)
+    if name.endswith(INDEX_SUFFIX):
+        return
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_CONFIG_BYTES + 1)
+        obj = json.loads(data) if len(data) <= _CONFIG_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return
+    if not isinstance(obj, dict) or "weight_map" in obj:
+        return
+    if name == "config.json" or "model_type" in obj or "architectures" in obj:
+        folder = os.path.dirname(path) or "."
+        raise InputError(
+            f"{path}: a model config, not weights", hint=f"pass its folder ({folder}) to read the model as a whole"
+        )
+
+
 def sniff(path: str) -> tuple[str, str]:
     """Return ``(format, path)``; a folder resolves to its index file."""
     if not os.path.exists(path):
@@ -81,6 +108,7 @@ def sniff(path: str) -> tuple[str, str]:
         return NEMO, path
     stripped = head.lstrip()
     if stripped.startswith(b"{"):
+        _refuse_model_config(path)
         return SHARDED, path
     if len(head) >= 8:
         # A safetensors prefix whose header is broken: let the strict parser say why.

@@ -34,6 +34,7 @@ import os
 import pickle
 import struct
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -170,6 +171,70 @@ class _Pickle:
         self.out += b"."  # STOP
         return bytes(self.out)
 
+    def tree(self, value, slot) -> None:
+        """Plain pickle data (dicts, OrderedDicts, lists, tuples, str, int, float, bool,
+        None), ``slot(value)`` writing each tensor slot (see ``pickles.structure``)."""
+        if isinstance(value, bool):
+            self.out += b"\x88" if value else b"\x89"
+        elif value is None:
+            self.out += b"N"
+        elif isinstance(value, int):
+            self.int_(value)
+        elif isinstance(value, float):
+            self.out += b"G" + struct.pack(">d", value)
+        elif isinstance(value, str):
+            self.str_(value)
+        elif isinstance(value, (dict, list, tuple)) and self._get(("obj", id(value))):
+            return  # a container met before: the same object again, as torch.save shares it
+        elif isinstance(value, dict):
+            if isinstance(value, OrderedDict):
+                self.global_("collections", "OrderedDict")
+                self.out += b")R"
+            else:
+                self.out += b"}"
+            self._put(("obj", id(value)))
+            if value:
+                self.out += b"("
+                for k, v in value.items():
+                    self.tree(k, slot)
+                    self.tree(v, slot)
+                self.out += b"u"
+        elif isinstance(value, list):
+            self.out += b"]"
+            self._put(("obj", id(value)))
+            if value:
+                self.out += b"("
+                for v in value:
+                    self.tree(v, slot)
+                self.out += b"e"
+        elif isinstance(value, tuple):
+            self.out += b"("
+            for v in value:
+                self.tree(v, slot)
+            self.out += b"t"
+            self._put(("obj", id(value)))
+        else:
+            slot(value)
+
+
+def build_tree_pickle(tree, tensors: Sequence[TorchTensor], storages: Sequence[WriteItem]) -> bytes:
+    """``data.pkl`` for ``tree`` (a skeleton filled by ``pickles.structure.fill``): its
+    plain data as it is, each slot the tensor of its name."""
+    from ..dtypes import BY_NAME
+
+    by_name = {t.name: t for t in tensors}
+    p = _Pickle()
+
+    def slot(value) -> None:
+        t = by_name[value.name]
+        s = storages[t.storage]
+        numel = s.nbytes if t.dtype not in _TYPED else s.nbytes // BY_NAME[t.dtype].itemsize
+        p.tensor(t, str(t.storage), numel)
+
+    p.tree(tree, slot)
+    p.out += b"."  # STOP
+    return bytes(p.out)
+
 
 def build_pickle(tensors: Sequence[TorchTensor], storages: Sequence[WriteItem]) -> bytes:
     """``data.pkl`` for ``tensors`` over ``storages`` (storage ``i`` is member ``data/i``)."""
@@ -297,10 +362,17 @@ def _serialization_id(members: Sequence[_Member]) -> str:
 
 
 def write_torch(
-    path, storages: Sequence[WriteItem], tensors: Sequence[TorchTensor], progress=None, *, sync: bool = True
+    path,
+    storages: Sequence[WriteItem],
+    tensors: Sequence[TorchTensor],
+    progress=None,
+    *,
+    sync: bool = True,
+    tree=None,
 ) -> None:
     """Write a ``torch.save`` zip file atomically: ``tensors`` (a state dict, in order) over
-    ``storages`` (each written once, as ``data/<index>``).
+    ``storages`` (each written once, as ``data/<index>``); with ``tree`` (a filled
+    skeleton of the input's structure), that structure with the tensors in their slots.
 
     ``sync=False`` skips the fsyncs (see :func:`.writer.atomic_file`).
     """
@@ -308,7 +380,7 @@ def write_torch(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise OutputError(f"internal error: tensor {dup!r} would be written twice to {path}")
-    data_pkl = build_pickle(tensors, storages)
+    data_pkl = build_pickle(tensors, storages) if tree is None else build_tree_pickle(tree, tensors, storages)
     with atomic_file(path, sync=sync) as f:
         z = _ZipStream(f)
         z.add(f"{ARCHIVE}/data.pkl", data_pkl)

@@ -24,14 +24,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import InputError, OutputError
-from .safetensors import build_header
+from ..errors import InputError, OutputError, SurgeryError
+from .safetensors import MAX_HEADER_SIZE, build_header
 
 TMP_SUFFIX = ".wsurgery-tmp"
 _COPY_CHUNK = 64 << 20
 
 
-_REASONS = {
+_REASONS: dict[int, tuple[str | None, str | None]] = {
     errno.ENOSPC: ("no_space", "free some disk space or write elsewhere"),
     errno.EDQUOT: ("no_space", "free some disk space or write elsewhere"),
     errno.EFBIG: ("too_large", "the file-size limit (ulimit -f) is too small for this output"),
@@ -43,7 +43,7 @@ _REASONS = {
 
 def os_error(path, exc: OSError) -> OutputError:
     """An ``OSError`` met while writing ``path``, as an ``OutputError`` with its reason."""
-    reason, hint = _REASONS.get(exc.errno, (None, None))
+    reason, hint = _REASONS.get(exc.errno or 0, (None, None))
     return OutputError(f"cannot write {path}: {exc.strerror or exc}", reason=reason, hint=hint)
 
 
@@ -176,6 +176,28 @@ def copy_range(src_path: str, offset: int, nbytes: int, f) -> None:
             done += got
 
 
+def safetensors_prefix(path, items: list[WriteItem], metadata: dict[str, str] | None) -> bytes:
+    """The length prefix and header of a safetensors file of ``items``, after checking that
+    readers accept it: the safetensors library (and wsurgery) refuse a header past
+    ``MAX_HEADER_SIZE`` bytes, so such a file is never written.
+
+    Raises:
+        SurgeryError: the header is too large (long names, many tensors or a large
+            alias record); nothing has been written.
+    """
+    prefix, _ = build_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
+    size = len(prefix) - 8
+    if size > MAX_HEADER_SIZE:
+        names = sum(len(i.name.encode("utf-8")) for i in items)
+        raise SurgeryError(
+            f"{path}: its safetensors header would take {size} bytes ({len(items)} tensors, {names} bytes of names), "
+            f"past the {MAX_HEADER_SIZE} bytes that safetensors readers accept",
+            hint="use shorter tensor names, or write shards of fewer tensors",
+            path=os.fspath(path),
+        )
+    return prefix
+
+
 @dataclass
 class WriteItem:
     """One stored tensor to write: header facts plus a function that writes its bytes."""
@@ -201,7 +223,7 @@ def write_safetensors(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise OutputError(f"internal error: tensor {dup!r} would be written twice to {path}")
-    prefix, _ = build_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
+    prefix = safetensors_prefix(path, items, metadata)
     with atomic_file(path, sync=sync, mode_like=mode_like) as f:
         write_all(f, prefix)
         for item in items:

@@ -32,7 +32,7 @@ from itertools import islice
 from ...errors import InputError
 from .interpreter import Placeholder, printable, short
 
-STATE_DICT_KEYS = ("state_dict", "model", "module")
+STATE_DICT_KEYS = ("state_dict", "model", "module", "model_state", "model_state_dict")  # training wrappers
 
 
 @dataclass
@@ -243,6 +243,7 @@ def extract_state_dict(obj, path: str) -> PickleResult:
     names = _Names(path, file_size)
     describe_ = _Describer()
     as_module = _module_state(obj, names)
+    whole = obj if as_module is None else None  # a pickled module has no structure to keep
     if as_module is not None:
         obj = as_module
     if isinstance(obj, torch.Tensor):
@@ -311,6 +312,10 @@ def extract_state_dict(obj, path: str) -> PickleResult:
             todo.append((name + ".", iter(items), id(value), inner_keys, (value, name), len(skipped), len(tensors)))
         else:
             skipped.append(f"{_label(name)}: {describe_(value)}")
+    if isinstance(whole, dict):
+        from .structure import remember, skeleton
+
+        remember(path, skeleton(whole, {(*keys, key): name for name, (keys, key) in origin.items()}))
     return PickleResult(tensors=tensors, skipped=skipped, container=container)
 
 
