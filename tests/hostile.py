@@ -111,7 +111,7 @@ _CASES = r"""
 import json, resource, signal, sys, time
 import torch  # first: its import is no case's time or memory
 import wsurgery
-from wsurgery.formats import pickles
+from wsurgery.io import pickles
 
 class Hang(BaseException):  # not an Exception: wsurgery's "except Exception" must not swallow it
     pass

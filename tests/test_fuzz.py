@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save as st_save
 
 import wsurgery
-from wsurgery.checkpoint import tensor_bytes
+from wsurgery.model import tensor_bytes
 from wsurgery.errors import WsurgeryError
 
 # --- profiles: `make test` is bounded and repeatable; the campaign loads its own ------------------

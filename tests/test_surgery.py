@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import wsurgery
 from wsurgery import surgery
-from wsurgery.checkpoint import ComputedStored, FileStored
+from wsurgery.model import ComputedStored, FileStored
 from wsurgery.cli.output import summary
 from wsurgery.dtypes import BY_NAME
 from wsurgery.errors import SurgeryError, TransformError, UnknownNameError, UsageError
-from wsurgery.readers import from_tensors
+from wsurgery.io.readers import from_tensors
 from wsurgery.transforms import parse
 
 # ----------------------------------------------------------------------------- factories

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 import wsurgery
 from wsurgery.errors import OutputError, UsageError
-from wsurgery.formats import sniff, torch_writer, writer
-from wsurgery.formats.torch_writer import TorchTensor, build_pickle
-from wsurgery.formats.writer import TMP_SUFFIX, WriteItem
+from wsurgery.io import sniff, torch_writer, writer
+from wsurgery.io.torch_writer import TorchTensor, build_pickle
+from wsurgery.io.writer import TMP_SUFFIX, WriteItem
 from wsurgery.transforms import parse
 from wsurgery.views import Strided, layout_of, view_steps
 
@@ -394,7 +394,7 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path, monkey
     assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
 
     monkeypatch.undo()
-    from wsurgery.checkpoint import FileStored
+    from wsurgery.model import FileStored
 
     def bug(self, f):
         f.write(b"partial")

@@ -8,9 +8,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, SaveResult
-from .readers import from_tensors
-from .readers import load as _load
+from .model import Checkpoint, SaveResult
+from .io.readers import from_tensors
+from .io.readers import load as _load
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +97,7 @@ def save_state_dict(
         sync: fsync before the rename (durable after a power loss); ``False`` is faster.
 
     Returns:
-        A :class:`~wsurgery.checkpoint.SaveResult`.
+        A :class:`~wsurgery.model.SaveResult`.
 
     Example:
         >>> wsurgery.save_state_dict(model.state_dict(), "model.safetensors")  # doctest: +SKIP
@@ -137,7 +137,7 @@ def convert(
             default from ``out``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
 
     Returns:
-        A :class:`~wsurgery.checkpoint.SaveResult`.
+        A :class:`~wsurgery.model.SaveResult`.
 
     Example:
         >>> wsurgery.convert("pytorch_model.bin", "model.safetensors")  # doctest: +SKIP
@@ -183,7 +183,7 @@ def apply(
 
     Returns:
         An ``ApplyResult``: ``checkpoint`` (the lazy result; its ``changes`` are the plan),
-        ``saved`` (a :class:`~wsurgery.checkpoint.SaveResult`, None for a dry run),
+        ``saved`` (a :class:`~wsurgery.model.SaveResult`, None for a dry run),
         ``output``, ``inputs``, ``steps``, ``expectations``, ``verified``.
 
     Raises:

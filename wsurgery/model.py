@@ -1,5 +1,5 @@
 """``Checkpoint``: ordered names -> lazy tensor entries, aliases, metadata, source format
-(built by ``wsurgery.readers`` from files, or from tensors in memory).
+(built by ``wsurgery.io.readers`` from files, or from tensors in memory).
 
 A checkpoint holds *stored* tensors (each with its own bytes) and *aliases* (a name
 whose value is a view transform of one stored tensor). Nothing here reads tensor data
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import aliases as alias_codec
 from .dtypes import BY_NAME, name_of_torch_dtype
 from .errors import InputError, UnknownNameError
-from .formats.safetensors import SafetensorsFile, TensorRecord
+from .io.safetensors import SafetensorsFile, TensorRecord
 
 if TYPE_CHECKING:
     from .transforms import Transform
@@ -89,7 +89,7 @@ class Stored(_Sized):
 
     def write(self, f) -> None:
         """Write the tensor's raw little-endian bytes at ``f``'s position."""
-        from .formats.writer import copy_range, write_all
+        from .io.writer import copy_range, write_all
 
         loc = self.raw_location()
         if loc is not None:
@@ -227,7 +227,7 @@ class ComputedStored(Stored):
         whose bits torch may set otherwise: the caller then computes with torch."""
         import numpy as np
 
-        from .formats.writer import write_all
+        from .io.writer import write_all
         from .numpy_apply import apply, has_nan, needs_nan_check, numpy_view
 
         base = self.base
@@ -242,7 +242,7 @@ class ComputedStored(Stored):
             base.release()  # the pages read stay in the page cache, out of this process
 
     def write(self, f) -> None:
-        from .formats.writer import copy_range, write_all
+        from .io.writer import copy_range, write_all
 
         loc = self.raw_location()
         if loc is not None:
@@ -292,7 +292,7 @@ class Joined(Stored):
         return torch.stack(pieces, self.dim) if self.new_axis else torch.cat(pieces, self.dim)
 
     def write(self, f) -> None:
-        from .formats.writer import write_all
+        from .io.writer import write_all
 
         if self.dim == 0:
             for p in self.parts:
@@ -413,7 +413,7 @@ class Checkpoint:
             was read, in order.
         model_folder: the folder it was read from as a whole (a Hugging Face model
             folder, or a folder of shards), whose other files a folder output carries
-            over (``wsurgery.formats.hf.ModelFolder``); None for a file.
+            over (``wsurgery.io.hf.ModelFolder``); None for a file.
 
     Example:
         >>> with wsurgery.open("model.safetensors") as ckpt:          # doctest: +SKIP
@@ -742,7 +742,7 @@ class Checkpoint:
 
     # -- writing -------------------------------------------------------------------
     def _write_items(self):
-        from .formats.writer import WriteItem
+        from .io.writer import WriteItem
 
         self.check_invariants()
         # Largest itemsize first, then by name: every tensor aligned, the same bytes every time.
@@ -801,8 +801,8 @@ class Checkpoint:
             >>> ckpt.save("out.safetensors", overwrite=True)  # doctest: +SKIP
             >>> ckpt.save("out.pt", overwrite=True)  # doctest: +SKIP
         """
-        from .outputs import plan_output
-        from .outputs import save as _save
+        from .io.save import plan_output
+        from .io.save import save as _save
 
         if replace_input is None:
             replace_input = overwrite
@@ -812,7 +812,7 @@ class Checkpoint:
         return _save(self, plan, overwrite=overwrite, replace_input=replace_input, progress=progress, sync=sync)
 
     def _save_file(self, path, progress=None, *, sync: bool = True) -> None:
-        from .formats.writer import write_safetensors
+        from .io.writer import write_safetensors
 
         items = self._write_items()
         meta = alias_codec.encode(self.alias_records(), self.metadata)
@@ -823,7 +823,7 @@ class Checkpoint:
     ) -> list[str]:
         """Shards (see :meth:`_shard_plan`) and their index, as a folder; returns the
         shard file names."""
-        from .formats.sharded_writer import write_sharded
+        from .io.sharded_writer import write_sharded
 
         shards, shard_meta, index_meta = self._shard_plan(max_shard_size)
         return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress, sync=sync)
@@ -832,7 +832,7 @@ class Checkpoint:
         """Shards in the order of one file; each records the aliases whose source it
         stores, the index's ``metadata`` records them all, ``weight_map`` lists stored
         tensors only. Returns ``(shards, shard metadata, index metadata)``."""
-        from .formats.sharded_writer import parse_size, plan_shards
+        from .io.sharded_writer import parse_size, plan_shards
 
         if isinstance(max_shard_size, str):
             max_shard_size = parse_size(max_shard_size)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoint import Checkpoint
+    from .model import Checkpoint
     from .compare import Change, DiffReport, Tuning
 
 __all__ = ["assert_checkpoint_equal"]

@@ -7,7 +7,7 @@ import math
 import re
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..model import Checkpoint
 from ..dtypes import BY_NAME
 from ..errors import UsageError
 from ._errors import command, emit_json
@@ -122,7 +122,7 @@ def inspect(
     Example: wsurgery inspect model.safetensors --tree
     """
     from ..api import open as open_checkpoint
-    from ..formats.layouts import ModelParallelArchiveError
+    from ..io.layouts import ModelParallelArchiveError
 
     try:
         c = open_checkpoint(ckpt)

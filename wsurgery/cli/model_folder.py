@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import sys
 
-from ..checkpoint import Checkpoint
+from ..model import Checkpoint
 from .common import safe
 
 
 def tie_report(c: Checkpoint):
-    """The ``wsurgery.hf.TieReport`` of a Hugging Face folder, or None for anything else."""
+    """The ``wsurgery.io.hf_config.TieReport`` of a Hugging Face folder, or None for anything else."""
     folder = c.model_folder
     if folder is None or folder.config is None:
         return None
-    from ..hf import check_ties
+    from ..io.hf_config import check_ties
 
     return check_ties(c, folder.config)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, natural_key
+from ..model import Checkpoint, natural_key
 from ._errors import emit_json
 from .common import ByteProgress, console, default_output, human_bytes, print_skipped, print_table, safe, shape_text
 from .options import OutputOptions
@@ -42,7 +42,7 @@ def _target(ckpt_path: Path, out: OutputOptions) -> str:
 
 
 def _default_target(p: Path, out: OutputOptions) -> Path:
-    from ..outputs import FORMATS
+    from ..io.save import FORMATS
 
     if out.in_place and (p.is_dir() or (out.max_shard_size is None and not p.name.endswith(".index.json"))):
         return p
@@ -84,8 +84,8 @@ def write_result(
 ) -> int:
     """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
     ``extra``: the command's own keys for its JSON object."""
-    from ..formats.sharded_writer import parse_size
-    from ..outputs import plan_output
+    from ..io.sharded_writer import parse_size
+    from ..io.save import plan_output
 
     target = _target(ckpt_path, out)
     shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
@@ -144,7 +144,7 @@ def write_result(
 
 
 def _kind(plan) -> str:
-    from ..outputs import FORMATS
+    from ..io.save import FORMATS
 
     if not plan.folder:
         return plan.format

@@ -119,7 +119,7 @@ def save(report: DiffReport, path: str | os.PathLike, *, sync: bool = True) -> N
     """Write the page to ``path`` atomically (a temporary file, then a rename); an
     existing file is replaced, but never one of the report's inputs, a folder or a
     special file (``OutputError``)."""
-    from ..formats.writer import atomic_file
+    from ..io.writer import atomic_file
 
     target = os.fspath(path)
     hint = "choose another path for the report"

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from .. import numpy_apply
-from ..checkpoint import Checkpoint, Derived, FileStored, Stored, TensorStored, natural_key
+from ..model import Checkpoint, Derived, FileStored, Stored, TensorStored, natural_key
 from ..distributed import map_by_bytes
 from ..errors import SurgeryError, UnknownNameError, UsageError
-from ..readers import from_tensors, load
+from ..io.readers import from_tensors, load
 from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
 from .arrays import dtype_name, torch_to_numpy
 from .criteria import Criteria

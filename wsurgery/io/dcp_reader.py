@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import Checkpoint, Stored
-from .errors import InputError
-from .formats import layouts
-from .formats.dcp import (
+from ..model import Checkpoint, Stored
+from ..errors import InputError
+from . import layouts
+from .dcp import (
     MEGATRON_COMMON,
     Layout,
     Resources,
@@ -29,8 +29,8 @@ from .formats.dcp import (
     open_dcp,
     open_dcp_safetensors,
 )
-from .formats.folders import DirFolder, Folder
-from .formats.writer import write_all
+from .folders import DirFolder, Folder
+from .writer import write_all
 
 MAX_CONFIG = 1 << 20
 MAX_LISTED = 50
@@ -80,8 +80,8 @@ def _checkpoint(layout: Layout, path: str, fmt: str) -> Checkpoint:
 
 def _torch_file(folder: Folder, name: str):
     """A torch checkpoint inside a folder (a file, or an archive member), safely loaded."""
-    from .formats.pickles import load_pickle
-    from .formats.ranges import ByteRange, load_state_dict
+    from .pickles import load_pickle
+    from .ranges import ByteRange, load_state_dict
 
     loc = folder.locate(name)
     with open(loc.path, "rb") as f:
@@ -211,8 +211,8 @@ def load_nemo(path: str) -> Checkpoint:
     Example:
         >>> ckpt = load_nemo("megatron_gpt.nemo/mp_rank_00")  # doctest: +SKIP
     """
-    from .formats.layouts import ModelParallelArchiveError
-    from .formats.nemo import DIST_WEIGHTS, WEIGHTS, open_archive
+    from .layouts import ModelParallelArchiveError
+    from .nemo import DIST_WEIGHTS, WEIGHTS, open_archive
 
     archive_path, rank = path, None
     if not os.path.exists(path):

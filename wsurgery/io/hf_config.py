@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from ..model import Checkpoint
 
 KEY = "tie_word_embeddings"
 
@@ -204,7 +204,7 @@ def _same_values(ckpt: Checkpoint, a: str, b: str) -> tuple[bool, str]:
         return False, f"shapes {tuple(sa.shape)} and {tuple(sb.shape)}"
     if sa.dtype != sb.dtype:
         return False, f"dtypes {sa.dtype} and {sb.dtype}"
-    from .compare import check
+    from ..compare import check
 
     result = check(ckpt, a, b)
     diff = result.max_abs_diff

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 
-from . import aliases as alias_codec
-from .checkpoint import Checkpoint, Derived, FileStored, Stored, TensorStored, parse
-from .dtypes import name_of_torch_dtype
-from .errors import InputError
-from .formats import sniff as _sniff
-from .formats.safetensors import SafetensorsFile
+from .. import aliases as alias_codec
+from ..model import Checkpoint, Derived, FileStored, Stored, TensorStored, parse
+from ..dtypes import name_of_torch_dtype
+from ..errors import InputError
+from . import sniff as _sniff
+from .safetensors import SafetensorsFile
 
 
 def _with_aliases(stored: dict[str, Stored], metadata, path) -> tuple[dict[str, Derived], dict[str, str]]:
@@ -36,7 +36,7 @@ def load_safetensors(path: str) -> Checkpoint:
 
 
 def load_sharded(path: str) -> Checkpoint:
-    from .formats.sharded import open_index
+    from .sharded import open_index
 
     index = open_index(path)
     stored: dict[str, Stored] = {}
@@ -74,7 +74,7 @@ def from_tensors(tensors: dict, path="<state dict>", fmt="memory", explicit: dic
 
     ``explicit`` adds aliases given as ``{alias: (source, [specs])}``.
     """
-    from .errors import SurgeryError
+    from ..errors import SurgeryError
 
     bad = [n for n, t in tensors.items() if _dtype_name_or_none(t) is None]
     if bad:
@@ -102,7 +102,7 @@ def _dtype_name_or_none(t):
 
 
 def load_torch(path: str, fmt: str) -> Checkpoint:
-    from .formats.pickles import load_pickle
+    from .pickles import load_pickle
 
     result = load_pickle(path, zip_format=fmt == _sniff.TORCH_ZIP)
     ckpt = from_tensors(result.tensors, path=path, fmt=fmt)
@@ -119,7 +119,7 @@ def load(path) -> Checkpoint:
     weights, its ``config.json`` if any, and the other files a folder output carries."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        from .formats.layouts import folder_format
+        from .layouts import folder_format
 
         layout = folder_format(path)
         return _load_file(layout, path) if layout is not None else load_folder(path)
@@ -132,7 +132,7 @@ def _load_file(fmt: str, real: str) -> Checkpoint:
     if fmt == _sniff.SHARDED:
         return load_sharded(real)
     if fmt in _sniff.DISTRIBUTED:  # DCP, Megatron / NeMo 2 folders, .nemo archives
-        from .readers_distributed import load_distributed
+        from .dcp_reader import load_distributed
 
         return load_distributed(real, fmt)
     return load_torch(real, fmt)
@@ -141,7 +141,7 @@ def _load_file(fmt: str, real: str) -> Checkpoint:
 def load_folder(folder: str) -> Checkpoint:
     """A model folder: the weights transformers would load (else the folder's one index or
     safetensors file), with the folder kept as ``model_folder``."""
-    from .formats.hf import open_folder
+    from .hf import open_folder
 
     found = open_folder(folder)
     ckpt = load(found.weights) if found.weights is not None else _load_file(*_sniff.sniff(folder))

@@ -7,7 +7,7 @@ output's name says (``.pt``/``.pth``/``.bin``/``.ckpt``: torch; anything else:
 safetensors); a name of one format with another format asked for is a usage error.
 
 The output is a folder (weights, and the other files of a model-folder input carried
-over, see :mod:`wsurgery.formats.hf`) when it is sharded, when it is an existing folder
+over, see :mod:`wsurgery.io.hf`) when it is sharded, when it is an existing folder
 or a path ending in a separator, or when the input is a folder and the output's name is
 no weights file's. A DCP checkpoint (``dcp``) is always a folder of its own: DCP's
 files only, nothing carried.
@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import distributed
-from .errors import OutputError, UsageError
+from .. import distributed
+from ..errors import OutputError, UsageError
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint, SaveResult
+    from ..model import Checkpoint, SaveResult
 
 
 def _write_safetensors(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
@@ -38,7 +38,7 @@ def _write_safetensors(ckpt: Checkpoint, path: str, *, progress=None, sync: bool
 
 
 def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = True) -> list[str]:
-    from .formats.torch_writer import write_torch
+    from .torch_writer import write_torch
 
     storages, tensors = torch_layout(ckpt)
     write_torch(path, storages, tensors, progress, sync=sync)
@@ -47,7 +47,7 @@ def _write_torch(ckpt: Checkpoint, path: str, *, progress=None, sync: bool = Tru
 
 def _write_dcp(ckpt: Checkpoint, folder: str, *, progress=None, sync: bool = True, final: str | None = None):
     """A DCP checkpoint in ``folder``; returns ``(dropped metadata, aliases written as values)``."""
-    from .formats.dcp_writer import write_dcp
+    from .dcp_writer import write_dcp
 
     items, as_values = dcp_items(ckpt)
     s = distributed.current()
@@ -63,7 +63,7 @@ def dcp_items(ckpt: Checkpoint):
     """Every name of ``ckpt`` as a DCP state dict item, in natural order: DCP has no
     aliases, so an alias is written as its value (a tensor of its own), as
     ``dcp.save(model.state_dict())`` writes tied weights. Returns ``(items, aliases)``."""
-    from .formats.dcp_writer import DcpItem
+    from .dcp_writer import DcpItem
 
     ckpt.check_invariants()
     items = []
@@ -181,7 +181,7 @@ def plan_output(
     else:
         key = named or DEFAULT
     if isinstance(max_shard_size, str):
-        from .formats.sharded_writer import parse_size
+        from .sharded_writer import parse_size
 
         max_shard_size = parse_size(max_shard_size)
     if max_shard_size is not None and FORMATS[key].folder_format:
@@ -220,9 +220,9 @@ def torch_layout(ckpt: Checkpoint):
     Raises:
         OutputError: an alias whose view would not read back as the same tie.
     """
-    from .formats.torch_writer import TorchTensor
-    from .formats.writer import WriteItem
-    from .views import Strided, contiguous_strides, layout_of, view_steps
+    from .torch_writer import TorchTensor
+    from .writer import WriteItem
+    from ..views import Strided, contiguous_strides, layout_of, view_steps
 
     ckpt.check_invariants()
     index: dict[str, int] = {}
@@ -277,8 +277,8 @@ def save(
     sync: bool = True,
 ) -> SaveResult:
     """Write ``ckpt`` as ``plan`` says, atomically; see :meth:`Checkpoint.save`."""
-    from .checkpoint import SaveResult, natural_key
-    from .formats.destination import check_file_target, check_folder_target
+    from ..model import SaveResult, natural_key
+    from .destination import check_file_target, check_folder_target
 
     inputs = ckpt.input_files
     aliases = {n: ckpt.aliases[n].record() for n in sorted(ckpt.aliases, key=natural_key)}
@@ -305,9 +305,9 @@ def save(
 def _write_folder(ckpt: Checkpoint, plan: OutputPlan, *, replace: bool, progress, sync: bool) -> dict:
     """Weights (one file, shards or a DCP checkpoint) and the input folder's other files,
     as one folder; under a process group, written by every rank (see the module docstring)."""
-    from . import hf
-    from .formats.hf import carry
-    from .formats.sharded_writer import atomic_folder, shard_name, write_shards_into
+    from . import hf_config as hf
+    from .hf import carry
+    from .sharded_writer import atomic_folder, shard_name, write_shards_into
 
     fmt = FORMATS[plan.format]
     source = None if fmt.folder_format else ckpt.model_folder

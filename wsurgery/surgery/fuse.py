@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..checkpoint import Checkpoint, ComputedStored, Derived, Joined, Stored, natural_key
+from ..model import Checkpoint, ComputedStored, Derived, Joined, Stored, natural_key
 from ..errors import Problem, UsageError
 from ..show import shape_text
 from ..transforms import Reshape, Slice, Transform

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..checkpoint import Checkpoint, Derived, Stored, natural_key
+from ..model import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem
 from .ops import Op, check_orphans, derive, refuse, select
 

@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..checkpoint import Checkpoint, Derived, Stored, natural_key
+from ..model import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem, SurgeryError
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from .. import dtypes
-from ..checkpoint import Checkpoint, SaveResult
+from ..model import Checkpoint, SaveResult
 from ..errors import InputError, Problem, SurgeryError, TransformError, UnknownNameError, UsageError
 from ..transforms import parse as parse_transform
 from .ops import matches
@@ -372,7 +372,7 @@ def _output_path(c: _Ctx, v):
 
 
 def _output_size(c: _Ctx, v):
-    from ..formats.sharded_writer import parse_size
+    from ..io.sharded_writer import parse_size
 
     if v is None:
         return None
@@ -984,7 +984,7 @@ def prepare(
     """:func:`load` the recipe, open its inputs (``inputs`` in place of the recipe's, see
     :func:`resolve_inputs`) and :func:`plan` it. Inputs given as checkpoints are used as
     they are and left open; those opened here are closed by :meth:`Prepared.close`."""
-    from ..readers import load as open_checkpoint
+    from ..io.readers import load as open_checkpoint
 
     rec = load(recipe)
     resolved = resolve_inputs(rec, inputs)

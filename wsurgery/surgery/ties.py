@@ -46,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored, natural_key
+from ..model import Checkpoint, ComputedStored, Derived, Stored, natural_key
 from ..devices import check_device
 from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
 from ..show import shape_text

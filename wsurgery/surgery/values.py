@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Sequence
 
 from .. import dtypes
-from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored
+from ..model import Checkpoint, ComputedStored, Derived, Stored
 from ..errors import Problem
 from ..transforms import Cast, Transform
 from .ops import Op, derive, refuse
