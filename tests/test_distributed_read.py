@@ -13,8 +13,8 @@ import torch
 
 import wsurgery
 from wsurgery.io import layouts
-from wsurgery.io.layouts import ModelParallelArchiveError
 from wsurgery.io.dcp_reader import ChunkedStored
+from wsurgery.io.layouts import ModelParallelArchiveError
 
 from .conftest import FIXTURES, run_module
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import wsurgery
-from wsurgery.model import Checkpoint
 from wsurgery.errors import InputError, SurgeryError, UsageError
 from wsurgery.io.safetensors import SafetensorsFile
+from wsurgery.model import Checkpoint
 from wsurgery.surgery import recipe as recipes
 
 from .conftest import FIXTURES, ROOT, sha256

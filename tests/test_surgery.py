@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import wsurgery
 from wsurgery import surgery
-from wsurgery.model import ComputedStored, FileStored
 from wsurgery.cli.output import summary
 from wsurgery.dtypes import BY_NAME
 from wsurgery.errors import SurgeryError, TransformError, UnknownNameError, UsageError
-from wsurgery.io.readers import from_tensors
+from wsurgery.expressions import ComputedStored
+from wsurgery.io.safetensors import FileStored
+from wsurgery.io.torch_format import from_tensors
 from wsurgery.transforms import parse
 
 # ----------------------------------------------------------------------------- factories

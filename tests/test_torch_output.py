@@ -308,7 +308,6 @@ def test_default_output_follows_the_format(tmp_path, cli):
 @pytest.mark.parametrize(
     "args,flag,words",
     [
-        (["--format", "torch", "--max-shard-size", "1KB", "-o", "out"], "--format", "never sharded"),
         (["--format", "torch", "-o", "out.safetensors"], "--format", "does not match"),
         (["--format", "safetensors", "-o", "out.pt"], "--format", "does not match"),
         (["--format", "onnx", "-o", "out.onnx"], "--format", "is not one of safetensors, torch"),
@@ -394,7 +393,7 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path, monkey
     assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
 
     monkeypatch.undo()
-    from wsurgery.model import FileStored
+    from wsurgery.io.safetensors import FileStored
 
     def bug(self, f):
         f.write(b"partial")

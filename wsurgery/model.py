@@ -1,5 +1,10 @@
-"""``Checkpoint``: ordered names -> lazy tensor entries, aliases, metadata, source format
-(built by ``wsurgery.io.readers`` from files, or from tensors in memory).
+"""The model at the bottom: ``Checkpoint`` (ordered names -> lazy tensor entries, aliases,
+metadata, source format), the abstract :class:`Stored` and :class:`Derived`.
+
+Immutable data with no file format, no verb and no writer: the readers of
+``wsurgery.io`` build one in a single constructor call, ``wsurgery.surgery`` makes new
+ones with :meth:`Checkpoint.evolve`, and the public facade (``wsurgery.api``) adds the
+verb methods and ``save``.
 
 A checkpoint holds *stored* tensors (each with its own bytes) and *aliases* (a name
 whose value is a view transform of one stored tensor). Nothing here reads tensor data
@@ -10,28 +15,21 @@ torch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import aliases as alias_codec
 from .dtypes import BY_NAME, name_of_torch_dtype
 from .errors import InputError, UnknownNameError
-from .io.safetensors import SafetensorsFile, TensorRecord
 
 if TYPE_CHECKING:
     from .transforms import Transform
 
-# The writer and the transforms are imported where they are used: `inspect` of a file
-# without aliases needs neither, and it must stay well under 0.2 s as a whole process.
-
-
-def parse(specs):
-    from .transforms import parse as _parse
-
-    return _parse(specs)
+# The transforms are imported where they are used: `inspect` of a file without aliases
+# needs none, and it must stay well under 0.2 s as a whole process.
 
 
 _DIGITS = re.compile(r"[0-9]+")
@@ -71,6 +69,16 @@ class _Sized:
         return self.numel * BY_NAME[self.dtype].itemsize
 
 
+class ByteSink(Protocol):
+    """Where a stored tensor writes its bytes (the io layer gives one over an open file)."""
+
+    def write_bytes(self, data: Any) -> None:
+        """Write every byte of ``data`` (a buffer)."""
+
+    def copy_range(self, path: str, offset: int, nbytes: int) -> None:
+        """Copy ``nbytes`` bytes of the file ``path`` from ``offset``, unread by Python."""
+
+
 class Stored(_Sized):
     """A tensor with bytes of its own. Subclasses say where the bytes come from."""
 
@@ -84,26 +92,31 @@ class Stored(_Sized):
         """``(path, offset, nbytes)`` when the bytes lie verbatim in a file."""
         return None
 
-    def tensor(self, device="cpu"):
+    def raw(self) -> memoryview | None:
+        """The bytes, mapped from a file without a copy, when they can be; else None."""
+        return None
+
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Let go of the pages :meth:`raw` mapped (nothing by default)."""
+
+    def tensor(self, device: Any = "cpu") -> Any:
         raise NotImplementedError
 
-    def write(self, f) -> None:
-        """Write the tensor's raw little-endian bytes at ``f``'s position."""
-        from .io.writer import copy_range, write_all
-
+    def write(self, f: ByteSink) -> None:
+        """Write the tensor's raw little-endian bytes to ``f``."""
         loc = self.raw_location()
         if loc is not None:
-            copy_range(loc[0], loc[1], loc[2], f)
+            f.copy_range(*loc)
             return
-        write_all(f, tensor_bytes(self.tensor("cpu")))
+        f.write_bytes(tensor_bytes(self.tensor("cpu")))
 
     def renamed(self, name: str) -> Stored:
         clone = copy.copy(self)
-        clone.name = name
+        setattr(clone, "name", name)  # noqa: B010 - every concrete class has the slot
         return clone
 
 
-def tensor_bytes(t):
+def tensor_bytes(t: Any) -> Any:
     """A zero-copy (where possible) byte view of a CPU tensor's contiguous data."""
     import torch
 
@@ -114,50 +127,6 @@ def tensor_bytes(t):
     if t.numel() == 0:
         return b""
     return t.reshape(-1).view(torch.uint8).numpy().data
-
-
-class FileStored(Stored):
-    """Bytes in a safetensors file, reached lazily."""
-
-    __slots__ = ("file", "record", "name", "dtype", "shape")
-
-    def __init__(self, file: SafetensorsFile, record: TensorRecord, name: str | None = None):
-        self.file = file
-        self.record = record
-        self.name = name or record.name
-        self.dtype = record.dtype
-        self.shape = record.shape
-
-    def raw_location(self):
-        offset, nbytes = self.file.absolute_range(self.record.name)
-        return self.file.path, offset, nbytes
-
-    def raw(self) -> memoryview:
-        return self.file.raw(self.record.name)
-
-    def release(self, start: int = 0, stop: int | None = None) -> None:
-        """Unmap the pages of bytes ``[start, stop)`` of this tensor (``MADV_DONTNEED`` on
-        the file's read-only shared map): the data stays in the page cache and is mapped
-        again on the next access. Keeps a streaming read's resident set bounded."""
-        import mmap
-
-        m = self.file._mmap
-        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        offset, nbytes = self.file.absolute_range(self.record.name)
-        stop = nbytes if stop is None else min(stop, nbytes)
-        lo = (offset + max(0, start)) // mmap.PAGESIZE * mmap.PAGESIZE
-        if offset + stop > lo:
-            m.madvise(mmap.MADV_DONTNEED, lo, offset + stop - lo)
-
-    def tensor(self, device="cpu"):
-        import torch
-
-        buf = torch.empty(self.nbytes, dtype=torch.uint8)
-        if self.nbytes:
-            self.file.read_into(self.record.name, buf.numpy())
-        t = buf.view(getattr(torch, self.dtype)).reshape(self.shape)
-        return t if str(device) == "cpu" else t.to(device)
 
 
 class TensorStored(Stored):
@@ -173,135 +142,7 @@ class TensorStored(Stored):
         return self.t if self.t.device == _device(device) else self.t.to(device)
 
 
-class ComputedStored(Stored):
-    """A tensor of its own whose value is ``transform(base)`` (a :class:`Derived`), computed
-    when written or read: one tensor in flight at a time.
-
-    Written on the CPU from a safetensors file, it is computed with numpy when every step
-    allows (``_use_numpy``), with the bytes torch would give; otherwise with torch."""
-
-    def __init__(self, name: str, base: Stored, transform: Transform, device="cpu"):
-        if isinstance(base, ComputedStored) and str(base.device) == str(device):
-            base, transform = base.base, base.transform.then(transform)  # one chain, computed once
-        self.name = name
-        self.value = Derived.of(base, transform)
-        self.device = device
-        self.shape, self.dtype = self.value.shape, self.value.dtype
-
-    @property
-    def base(self) -> Stored:
-        return self.value.base
-
-    @property
-    def transform(self) -> Transform:
-        return self.value.transform
-
-    def raw_location(self):
-        """The identity of bytes that lie in a file is those bytes: copied, never decoded."""
-        return self.base.raw_location() if self.transform.is_identity else None
-
-    def _compute(self, own: bool = False):
-        base = self.base.tensor(self.device)
-        out = self.transform.apply(base, allow_copy=True).contiguous()
-        if own and out.numel() and out.untyped_storage().data_ptr() == base.untyped_storage().data_ptr():
-            out = out.clone()  # a view of an in-memory base: give it bytes of its own
-        return out
-
-    def tensor(self, device="cpu"):
-        """The value as a tensor of its own: never a view of the base's memory."""
-        out = self._compute(own=True)
-        return out if out.device == _device(device) else out.to(device)
-
-    def _use_numpy(self) -> bool:
-        """Whether :meth:`write` computes with numpy rather than torch: on the CPU, over the
-        bytes of a safetensors file, with steps that numpy computes bit for bit as torch
-        does (``wsurgery.numpy_apply.supports``). Then writing never imports torch."""
-        if str(self.device) != "cpu" or not isinstance(self.base, FileStored):
-            return False
-        from .numpy_apply import supports
-
-        return supports(self.transform, self.base.dtype)
-
-    def _write_numpy(self, f) -> bool:
-        """Compute and write with numpy; False (nothing written) when the result holds a NaN
-        whose bits torch may set otherwise: the caller then computes with torch."""
-        import numpy as np
-
-        from .io.writer import write_all
-        from .numpy_apply import apply, has_nan, needs_nan_check, numpy_view
-
-        base = self.base
-        try:
-            out = apply(self.transform, numpy_view(base.raw(), base.dtype, base.shape), base.dtype)
-            out = np.ascontiguousarray(out)
-            if needs_nan_check(self.transform, base.dtype) and has_nan(out):
-                return False
-            write_all(f, out.reshape(-1).view(np.uint8))
-            return True
-        finally:
-            base.release()  # the pages read stay in the page cache, out of this process
-
-    def write(self, f) -> None:
-        from .io.writer import copy_range, write_all
-
-        loc = self.raw_location()
-        if loc is not None:
-            copy_range(loc[0], loc[1], loc[2], f)
-            return
-        if self._use_numpy() and self._write_numpy(f):
-            return
-        write_all(f, tensor_bytes(self._compute()))
-
-
-class Joined(Stored):
-    """Parts concatenated along ``dim`` (``new_axis=False``) or stacked on a new axis
-    ``dim``, computed when written or read. Along the first axis the bytes of the result
-    are those of the parts one after another, so it is written part by part: memory
-    holds one part, and a part that lies verbatim in a file is copied, not decoded."""
-
-    def __init__(self, name: str, parts: Sequence[Derived], dim: int, *, new_axis: bool = False, device="cpu"):
-        first = parts[0]
-        rank = len(first.shape) + (1 if new_axis else 0)
-        self.name = name
-        self.parts = tuple(parts)
-        self.dim = dim % rank if rank else 0
-        self.new_axis = new_axis
-        self.device = device
-        self.dtype = first.dtype
-        if new_axis:
-            self.shape = (*first.shape[: self.dim], len(parts), *first.shape[self.dim :])
-        else:
-            total = sum(p.shape[self.dim] for p in parts)
-            self.shape = (*first.shape[: self.dim], total, *first.shape[self.dim + 1 :])
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        return tuple(p.source for p in self.parts)
-
-    @property
-    def label(self) -> str:
-        return f"{'stack' if self.new_axis else 'concat'}(dim={self.dim})"
-
-    def _part(self, p: Derived) -> Stored:
-        return p.base if p.transform.is_identity else ComputedStored(p.source, p.base, p.transform, self.device)
-
-    def tensor(self, device="cpu"):
-        import torch
-
-        pieces = [self._part(p).tensor(device) for p in self.parts]
-        return torch.stack(pieces, self.dim) if self.new_axis else torch.cat(pieces, self.dim)
-
-    def write(self, f) -> None:
-        from .io.writer import write_all
-
-        if self.dim == 0:
-            for p in self.parts:
-                self._part(p).write(f)
-            return
-        write_all(f, tensor_bytes(self.tensor("cpu")))
-
-
-def _device(device):
+def _device(device: Any) -> Any:
     import torch
 
     return torch.device(device)
@@ -356,39 +197,10 @@ class Derived(_Sized):
 # --- the checkpoint -------------------------------------------------------------------
 
 
+_C = TypeVar("_C", bound="Checkpoint")
+
+
 @dataclass(frozen=True)
-class SaveResult:
-    """What :meth:`Checkpoint.save` wrote.
-
-    Attributes:
-        path: the file, or the folder of shards.
-        stored: how many tensors were stored.
-        nbytes: their bytes.
-        aliases: ``{alias: {"source": name, "transform": [step, ...]}}`` recorded.
-        shards: the shard file names, for sharded output; else None.
-        format: the format written (``"safetensors"``, ``"torch"``).
-        files: for a folder output from a folder input, the other files carried over.
-        config: for a Hugging Face folder output, what changed in ``config.json``
-            (``{"tie_word_embeddings": {"from": x, "to": y}}``; empty when nothing did).
-        dropped_metadata: metadata keys the format could not keep (a torch file and a
-            DCP checkpoint hold tensors only).
-        aliases_as_values: aliases written as tensors of their own, for a format that
-            has no aliases (DCP); ``aliases`` is then empty.
-    """
-
-    path: str
-    stored: int
-    nbytes: int
-    aliases: dict[str, dict]
-    shards: list[str] | None = None
-    format: str = "safetensors"
-    files: list[str] | None = None
-    config: dict | None = None
-    dropped_metadata: list[str] = field(default_factory=list)
-    aliases_as_values: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Checkpoint:
     """A checkpoint: ordered names -> lazy tensors, aliases, metadata, the source format.
 
@@ -396,9 +208,8 @@ class Checkpoint:
     file), and :meth:`save` streams one tensor at a time, copying untouched tensors as
     raw bytes. Use it as a context manager (or call :meth:`close`) to release the files.
 
-    Invariants (checked by :meth:`check_invariants` before every write): a name is
-    stored or an alias, never both; every alias's base is the stored tensor of its
-    source name.
+    Invariants (checked when it is made): a name is stored or an alias, never both;
+    every alias's base is the stored tensor of its source name.
 
     Attributes:
         stored: name -> tensor with bytes of its own.
@@ -432,8 +243,20 @@ class Checkpoint:
     changes: list = field(default_factory=list)
     model_folder: Any = None
 
+    def __post_init__(self) -> None:
+        for name, a in self.aliases.items():
+            if name in self.stored:
+                raise InputError(f"{name!r} is both stored and an alias")
+            if self.stored.get(a.source) is not a.base:
+                raise InputError(f"alias {name!r} points at {a.source!r}, which is not stored")
+
+    def evolve(self: _C, **changes: Any) -> _C:
+        """A copy with ``changes`` (field=value), of the same class: a subclass (the public
+        facade) survives surgery. The invariants are checked on the result."""
+        return dataclasses.replace(self, **changes)
+
     # -- context -------------------------------------------------------------------
-    def __enter__(self) -> Checkpoint:
+    def __enter__(self: _C) -> _C:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -443,13 +266,13 @@ class Checkpoint:
         """Release the files this checkpoint reads from (also those of derived checkpoints
         that share them). Safe to call twice."""
         seen = set()
-        todo = list(self.stored.values())
+        todo: list[Any] = list(self.stored.values())
         while todo:
             s = todo.pop()
-            if isinstance(s, ComputedStored):
-                todo.append(s.base)
-            elif isinstance(s, Joined):
-                todo.extend(p.base for p in s.parts)
+            base = getattr(s, "base", None)  # a value computed from another (expressions)
+            if base is not None:
+                todo.append(base)
+            todo.extend(p.base for p in getattr(s, "parts", ()))
             f = getattr(s, "file", None)
             if f is not None and id(f) not in seen:
                 seen.add(id(f))
@@ -557,292 +380,3 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.stored.values())
-
-    def alias_records(self) -> dict[str, alias_codec.AliasRecord]:
-        return {n: alias_codec.AliasRecord(a.source, tuple(a.specs)) for n, a in self.aliases.items()}
-
-    def check_invariants(self) -> None:
-        """Every alias points at a stored tensor and no name is both stored and aliased."""
-        for name, a in self.aliases.items():
-            if name in self.stored:
-                raise InputError(f"{name!r} is both stored and an alias")
-            if self.stored.get(a.source) is not a.base:
-                raise InputError(f"alias {name!r} points at {a.source!r}, which is not stored")
-
-    # -- surgery -------------------------------------------------------------------
-    # Every verb returns a new lazy checkpoint and leaves this one as it is; nothing is
-    # read until the result is saved or read. Each refuses with every problem at once
-    # (SurgeryError, nothing applied); an unknown source is an UnknownNameError.
-
-    def tie(
-        self,
-        src: str | Sequence[str],
-        dst: str | Sequence[str],
-        transform=None,
-        *,
-        new: bool = False,
-        verify: bool = False,
-        atol: float = 0.0,
-        rtol: float = 0.0,
-    ) -> Checkpoint:
-        """``dst`` becomes an alias of ``transform(src)``, stored once.
-
-        Args:
-            src: a stored or alias name, or a module prefix (every tensor under it); a
-                list ties several pairs at once.
-            dst: the alias name (new, or an existing tensor of the same shape and dtype
-                after the transform); a prefix for a prefix; a list for a list.
-            transform: view steps only (``"transpose"``, ``["slice(0,0,8)"]``...).
-            new: ``dst`` is meant to be a new name, even one edit away from another.
-            verify: refuse unless ``dst`` already holds ``transform(src)`` within
-                ``atol``/``rtol`` (reads both): the safe way to dedupe a head stored twice.
-
-        Returns:
-            A new lazy :class:`Checkpoint`.
-
-        Example:
-            >>> tied = ckpt.tie("embedding.weight", "lm_head.weight", verify=True)  # doctest: +SKIP
-        """
-        from . import surgery
-
-        result = surgery.plan(self, surgery.requests("tie", src, dst, transform), new=new).apply()
-        if verify:
-            surgery.verify_ties(self, src, dst, transform, atol=atol, rtol=rtol)
-        return result
-
-    def copy(
-        self,
-        src: str | Sequence[str],
-        dst: str | Sequence[str],
-        transform=None,
-        *,
-        other: Checkpoint | None = None,
-        device="cpu",
-        new: bool = False,
-    ) -> Checkpoint:
-        """``dst`` holds an independent ``transform(src)``.
-
-        Args:
-            src: a tensor or module prefix (a list for several pairs, all read from this
-                checkpoint as it is, so two copies can swap two tensors).
-            dst: the destination: new, or existing (replaced, whatever its shape or
-                dtype; aliases of a replaced tensor keep their values).
-            transform: any steps, ``cast`` and ``scale`` included.
-            other: take ``src`` from this checkpoint instead.
-            device: where the copies are computed when written or read (``"cuda"``).
-            new: ``dst`` is meant to be a new name, even one edit away from another.
-
-        Example:
-            >>> grown = ckpt.copy("layers.0", "layers.12")  # doctest: +SKIP
-        """
-        from . import surgery
-
-        reqs = surgery.requests("copy", src, dst, transform)
-        return surgery.plan(self, reqs, other=other, device=device, new=new).apply()
-
-    def untie(self, names: str | Sequence[str] | None = None, *, device="cpu") -> Checkpoint:
-        """The named aliases (every alias by default) become stored tensors of their own,
-        for loaders that know no alias metadata.
-
-        Args:
-            names: aliases, stored tensors (every alias of them) or module prefixes.
-            device: where the untied values are computed when written.
-
-        Example:
-            >>> plain = ckpt.untie()  # doctest: +SKIP
-        """
-        from . import surgery
-
-        if isinstance(names, str):
-            names = [names]
-        return surgery.plan(self, surgery.untie_requests(self, names), device=device).apply()
-
-    def rename(self, pattern: str, to: str) -> Checkpoint:
-        """Every name ``n`` becomes ``re.sub(pattern, to, n)``; aliases follow their sources.
-
-        Example:
-            >>> ckpt.rename(r"^module\\.", "")  # doctest: +SKIP
-        """
-        from .surgery import rename
-
-        return rename(self, pattern, to)
-
-    def drop(self, names: str | Sequence[str]) -> Checkpoint:
-        """Without the tensors ``names`` select (a name, module prefix or glob each); a
-        source an alias still uses cannot go.
-
-        Example:
-            >>> ckpt.drop(["optimizer.*", "*._extra_state"])  # doctest: +SKIP
-        """
-        from .surgery import drop
-
-        return drop(self, [names] if isinstance(names, str) else list(names))
-
-    def keep(self, names: str | Sequence[str]) -> Checkpoint:
-        """Only the tensors ``names`` select (a name, module prefix or glob each).
-
-        Example:
-            >>> ckpt.keep(["layers.*", "embed.weight"])  # doctest: +SKIP
-        """
-        from .surgery import keep
-
-        return keep(self, [names] if isinstance(names, str) else list(names))
-
-    def cast(self, dtype: str, *, only: Sequence[str] = (), exclude: Sequence[str] = (), device="cpu") -> Checkpoint:
-        """Floating tensors (never integers or bool) cast to ``dtype``; ``only``/``exclude``
-        choose by glob or module prefix; a tied source is cast once, its aliases follow.
-
-        Example:
-            >>> ckpt.cast("bfloat16", exclude=["*norm*"])  # doctest: +SKIP
-        """
-        from .surgery import cast
-
-        return cast(self, dtype, only=list(only), exclude=list(exclude), device=device)
-
-    def concat(self, srcs: Sequence[str], dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
-        """``dst`` = ``srcs`` concatenated along ``dim`` (the sources are gone).
-
-        Example:
-            >>> ckpt.concat(["q.weight", "k.weight", "v.weight"], "qkv.weight")  # doctest: +SKIP
-        """
-        from .surgery import concat
-
-        return concat(self, srcs, dst, dim, new=new)
-
-    def split(self, src: str, dsts: Sequence[str], dim: int, sizes: Sequence[int], *, new: bool = False) -> Checkpoint:
-        """``dsts`` = pieces of ``src`` along ``dim`` of the given ``sizes`` (``src`` is gone).
-
-        Example:
-            >>> ckpt.split("qkv.weight", ["q.weight", "k.weight", "v.weight"], 0, [64, 64, 64])  # doctest: +SKIP
-        """
-        from .surgery import split
-
-        return split(self, src, dsts, dim, sizes, new=new)
-
-    def stack(self, template: str, dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
-        """``dst`` = the tensors ``template`` names (``"layers.{i}.w"``) on a new axis ``dim``;
-        a template of module prefixes stacks every tensor under them.
-
-        Example:
-            >>> ckpt.stack("layers.{i}.fc1.weight", "layers.fc1.weight")  # doctest: +SKIP
-        """
-        from .surgery import stack
-
-        return stack(self, template, dst, dim, new=new)
-
-    def unstack(self, src: str, template: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
-        """The slices of ``src`` along ``dim`` become ``template`` with i = 0, 1, ...
-
-        Example:
-            >>> ckpt.unstack("layers.fc1.weight", "layers.{i}.fc1.weight")  # doctest: +SKIP
-        """
-        from .surgery import unstack
-
-        return unstack(self, src, template, dim, new=new)
-
-    # -- writing -------------------------------------------------------------------
-    def _write_items(self):
-        from .io.writer import WriteItem
-
-        self.check_invariants()
-        # Largest itemsize first, then by name: every tensor aligned, the same bytes every time.
-        order = sorted(self.stored.values(), key=lambda s: (-BY_NAME[s.dtype].itemsize, s.name))
-        return [WriteItem(s.name, s.dtype, s.shape, s.nbytes, s.write) for s in order]
-
-    def save(
-        self,
-        path,
-        *,
-        overwrite: bool = False,
-        max_shard_size: int | str | None = None,
-        sync: bool = True,
-        progress: Callable[[int], None] | None = None,
-        replace_input: bool | None = None,
-        format: str | None = None,  # noqa: A002 - safetensors' and torch's word
-    ) -> SaveResult:
-        """Write the checkpoint atomically: safetensors (aliases recorded in the metadata),
-        a torch file (aliases as views of shared storage), or a folder.
-
-        Args:
-            path: the output file; a folder with ``max_shard_size`` (Hugging Face-style
-                shards and ``model.safetensors.index.json``), when it is an existing
-                folder or ends with a separator, or when this checkpoint was read from a
-                folder and ``path`` has no weights file's suffix. A folder output holds
-                ``model.safetensors`` (or ``pytorch_model.bin``) or the shards, and the
-                input folder's other files (``config.json`` with ``tie_word_embeddings``
-                true to the ties written, tokenizer files, ...).
-            overwrite: replace an existing file or folder; without it, an existing
-                output is an ``OutputError``, and so is one of this checkpoint's own inputs.
-            max_shard_size: bytes per shard (an int, or ``"5GB"``, ``"500MiB"``).
-            sync: fsync the output before renaming it into place (durable after a power
-                loss); ``False`` is faster and still atomic against the process dying.
-            progress: called with the byte count of each piece written.
-            replace_input: whether an input may be replaced; by default as ``overwrite``.
-            format: ``"safetensors"``, ``"torch"`` (a ``torch.save`` zip file that
-                ``torch.load(weights_only=True)`` reads) or ``"dcp"`` (a folder that
-                ``torch.distributed.checkpoint.load`` reads; aliases written as values);
-                by default from ``path``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``:
-                torch).
-
-        Returns:
-            A :class:`SaveResult`.
-
-        Under a :func:`wsurgery.distributed.session` of several ranks, every rank calls
-        it: a folder is written by all of them (its shards or DCP files split by bytes)
-        and renamed into place by rank 0; a single file is written by rank 0.
-
-        Raises:
-            OutputError: the output exists, is an input, or cannot be written (nothing
-                is left behind at ``path``).
-            UsageError: ``format`` is unknown, contradicts ``path``'s suffix, or is
-                torch with ``max_shard_size``.
-
-        Example:
-            >>> ckpt.save("out.safetensors", overwrite=True)  # doctest: +SKIP
-            >>> ckpt.save("out.pt", overwrite=True)  # doctest: +SKIP
-        """
-        from .io.save import plan_output
-        from .io.save import save as _save
-
-        if replace_input is None:
-            replace_input = overwrite
-        plan = plan_output(
-            path, format=format, max_shard_size=max_shard_size, folder_input=self.model_folder is not None
-        )
-        return _save(self, plan, overwrite=overwrite, replace_input=replace_input, progress=progress, sync=sync)
-
-    def _save_file(self, path, progress=None, *, sync: bool = True) -> None:
-        from .io.writer import write_safetensors
-
-        items = self._write_items()
-        meta = alias_codec.encode(self.alias_records(), self.metadata)
-        write_safetensors(path, items, meta, progress=progress, sync=sync)
-
-    def _save_sharded(
-        self, folder, max_shard_size: int | str, *, replace: bool = False, progress=None, sync: bool = True
-    ) -> list[str]:
-        """Shards (see :meth:`_shard_plan`) and their index, as a folder; returns the
-        shard file names."""
-        from .io.sharded_writer import write_sharded
-
-        shards, shard_meta, index_meta = self._shard_plan(max_shard_size)
-        return write_sharded(folder, shards, shard_meta, index_meta, replace=replace, progress=progress, sync=sync)
-
-    def _shard_plan(self, max_shard_size: int | str):
-        """Shards in the order of one file; each records the aliases whose source it
-        stores, the index's ``metadata`` records them all, ``weight_map`` lists stored
-        tensors only. Returns ``(shards, shard metadata, index metadata)``."""
-        from .io.sharded_writer import parse_size, plan_shards
-
-        if isinstance(max_shard_size, str):
-            max_shard_size = parse_size(max_shard_size)
-        shards = plan_shards(self._write_items(), max_shard_size)
-        records = self.alias_records()
-        shard_meta = []
-        for shard in shards:
-            here = {i.name for i in shard}
-            mine = {n: r for n, r in records.items() if r.source in here}
-            shard_meta.append(alias_codec.encode(mine, self.metadata))
-        # The index keeps the JSON record of every alias, not the per-name save_model entries.
-        index_meta = alias_codec.encode(records, self.metadata, convention=False)  # the JSON record only
-        return shards, shard_meta, index_meta

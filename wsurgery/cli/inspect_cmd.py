@@ -7,9 +7,9 @@ import math
 import re
 from pathlib import Path
 
-from ..model import Checkpoint
 from ..dtypes import BY_NAME
 from ..errors import UsageError
+from ..model import Checkpoint
 from ._errors import command, emit_json
 from .common import CkptArg, FilterOpt, JsonOpt, console, human_bytes, print_skipped, print_table, safe, shape_text
 

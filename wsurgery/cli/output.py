@@ -42,7 +42,7 @@ def _target(ckpt_path: Path, out: OutputOptions) -> str:
 
 
 def _default_target(p: Path, out: OutputOptions) -> Path:
-    from ..io.save import FORMATS
+    from ..io.registry import FORMATS
 
     if out.in_place and (p.is_dir() or (out.max_shard_size is None and not p.name.endswith(".index.json"))):
         return p
@@ -85,7 +85,7 @@ def write_result(
     """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
     ``extra``: the command's own keys for its JSON object."""
     from ..io.sharded_writer import parse_size
-    from ..io.save import plan_output
+    from ..io.targets import plan_output
 
     target = _target(ckpt_path, out)
     shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
@@ -98,7 +98,7 @@ def write_result(
         name = os.path.basename(target.rstrip(os.sep))
         with ByteProgress(result.total_bytes, f"writing {name}", enabled=not out.json) as bar:
             saved = result.save(
-                target,
+                plan,
                 overwrite=out.force,
                 replace_input=out.in_place,
                 max_shard_size=shard_size,
@@ -144,7 +144,7 @@ def write_result(
 
 
 def _kind(plan) -> str:
-    from ..io.save import FORMATS
+    from ..io.registry import FORMATS
 
     if not plan.folder:
         return plan.format

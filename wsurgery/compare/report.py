@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 
 from .. import numpy_apply
-from ..model import Checkpoint, Derived, FileStored, Stored, TensorStored, natural_key
 from ..distributed import map_by_bytes
 from ..errors import SurgeryError, UnknownNameError, UsageError
-from ..io.readers import from_tensors, load
+from ..io.registry import open as load
+from ..io.safetensors import FileStored
+from ..io.torch_format import from_tensors
+from ..model import Checkpoint, Derived, Stored, TensorStored, natural_key
 from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose, parse
 from .arrays import dtype_name, torch_to_numpy
 from .criteria import Criteria
@@ -311,9 +313,8 @@ def _from_state_dict(sd: Mapping, label: str, what: str) -> Checkpoint:
                 param=what,
             )
     tensors = {str(k): v for k, v in sd.items() if is_tensor(v)}
-    ckpt = from_tensors(tensors, path=label)
-    ckpt.skipped = [f"{k}: {type(v).__name__}" for k, v in sd.items() if not is_tensor(v)]
-    return ckpt
+    skipped = [f"{k}: {type(v).__name__}" for k, v in sd.items() if not is_tensor(v)]
+    return from_tensors(tensors, path=label, skipped=skipped)
 
 
 def _open(x, what: str, stack: contextlib.ExitStack) -> tuple[Checkpoint, str]:

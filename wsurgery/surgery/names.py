@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..model import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem
+from ..model import Checkpoint, Derived, Stored, natural_key
 from .ops import Op, check_orphans, derive, refuse, select
 
 

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from .. import dtypes
-from ..model import Checkpoint, SaveResult
+from .. import surgery as _verbs
 from ..errors import InputError, Problem, SurgeryError, TransformError, UnknownNameError, UsageError
+from ..io.options import SaveResult
+from ..model import Checkpoint
 from ..transforms import parse as parse_transform
 from .ops import matches
 
@@ -452,18 +454,24 @@ def _other(inputs: Mapping[str, Checkpoint], name: str | None) -> Checkpoint | N
 
 
 # kind -> how the step runs: the Checkpoint method of the same name, nothing else
+def _listed(names):
+    return [names] if isinstance(names, str) else list(names)
+
+
 _RUN: dict[str, Callable[[Checkpoint, dict, Mapping[str, Checkpoint]], Checkpoint]] = {
-    "rename": lambda c, a, i: c.rename(a["pattern"], a["to"]),
-    "drop": lambda c, a, i: c.drop(a["names"]),
-    "keep": lambda c, a, i: c.keep(a["names"]),
-    "cast": lambda c, a, i: c.cast(a["dtype"], only=a["only"], exclude=a["except"]),
-    "copy": lambda c, a, i: c.copy(a["src"], a["dst"], a["transform"], other=_other(i, a["from"]), new=a["new"]),
-    "tie": lambda c, a, i: c.tie(a["src"], a["dst"], a["transform"], new=a["new"]),
-    "untie": lambda c, a, i: c.untie(a["names"]),
-    "concat": lambda c, a, i: c.concat(a["srcs"], a["dst"], a["dim"], new=a["new"]),
-    "split": lambda c, a, i: c.split(a["src"], a["dsts"], a["dim"], a["sizes"], new=a["new"]),
-    "stack": lambda c, a, i: c.stack(a["src"], a["dst"], a["dim"], new=a["new"]),
-    "unstack": lambda c, a, i: c.unstack(a["src"], a["dst"], a["dim"], new=a["new"]),
+    "rename": lambda c, a, i: _verbs.rename(c, a["pattern"], a["to"]),
+    "drop": lambda c, a, i: _verbs.drop(c, _listed(a["names"])),
+    "keep": lambda c, a, i: _verbs.keep(c, _listed(a["names"])),
+    "cast": lambda c, a, i: _verbs.cast(c, a["dtype"], only=list(a["only"]), exclude=list(a["except"])),
+    "copy": lambda c, a, i: _verbs.copy(
+        c, a["src"], a["dst"], a["transform"], other=_other(i, a["from"]), new=a["new"]
+    ),
+    "tie": lambda c, a, i: _verbs.tie(c, a["src"], a["dst"], a["transform"], new=a["new"]),
+    "untie": lambda c, a, i: _verbs.untie(c, a["names"]),
+    "concat": lambda c, a, i: _verbs.concat(c, a["srcs"], a["dst"], a["dim"], new=a["new"]),
+    "split": lambda c, a, i: _verbs.split(c, a["src"], a["dsts"], a["dim"], a["sizes"], new=a["new"]),
+    "stack": lambda c, a, i: _verbs.stack(c, a["src"], a["dst"], a["dim"], new=a["new"]),
+    "unstack": lambda c, a, i: _verbs.unstack(c, a["src"], a["dst"], a["dim"], new=a["new"]),
 }
 
 
@@ -984,7 +992,7 @@ def prepare(
     """:func:`load` the recipe, open its inputs (``inputs`` in place of the recipe's, see
     :func:`resolve_inputs`) and :func:`plan` it. Inputs given as checkpoints are used as
     they are and left open; those opened here are closed by :meth:`Prepared.close`."""
-    from ..io.readers import load as open_checkpoint
+    from ..io.registry import open as open_checkpoint
 
     rec = load(recipe)
     resolved = resolve_inputs(rec, inputs)

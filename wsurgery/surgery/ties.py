@@ -46,9 +46,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..model import Checkpoint, ComputedStored, Derived, Stored, natural_key
 from ..devices import check_device
 from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
+from ..expressions import ComputedStored
+from ..model import Checkpoint, Derived, Stored, natural_key
 from ..show import shape_text
 from ..transforms import Reshape, Transform, parse
 from .ops import Op, check_new_names, dependents, derive, refuse

@@ -7,8 +7,9 @@ import fnmatch
 from collections.abc import Sequence
 
 from .. import dtypes
-from ..model import Checkpoint, ComputedStored, Derived, Stored
 from ..errors import Problem
+from ..expressions import ComputedStored
+from ..model import Checkpoint, Derived, Stored
 from ..transforms import Cast, Transform
 from .ops import Op, derive, refuse
 
