@@ -26,6 +26,7 @@ from wsurgery import numpy_apply
 from wsurgery.errors import TransformError
 from wsurgery.expressions import ComputedStored
 from wsurgery.io.safetensors import FileStored
+from wsurgery.io.sinks import FileSink
 from wsurgery.model import tensor_bytes
 from wsurgery.transforms import parse
 
@@ -332,7 +333,7 @@ class Spy:
 
 def written(stored: ComputedStored) -> bytes:
     buf = io.BytesIO()
-    stored.write(buf)
+    stored.write(FileSink(buf))
     return buf.getvalue()
 
 
