@@ -43,6 +43,25 @@ class Checkpoint(_model.Checkpoint):
         ...     tied.save("tied.safetensors")
     """
 
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, Any],
+        *,
+        aliases: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Checkpoint:
+        """A lazy checkpoint over torch tensors in memory; tensors that share storage
+        become aliases, and ``aliases`` adds ties ``{alias: (source, [view steps])}``.
+
+        Example:
+            >>> ckpt = wsurgery.Checkpoint.from_state_dict(model.state_dict())  # doctest: +SKIP
+        """
+        from .io.torch_format import from_tensors
+
+        explicit = dict(aliases) if aliases else None
+        return _facade(from_tensors(dict(state_dict), explicit=explicit, metadata=dict(metadata or {})))
+
     def tie(
         self,
         src: str | Sequence[str],
@@ -414,10 +433,7 @@ def save_state_dict(
     Example:
         >>> wsurgery.save_state_dict(model.state_dict(), "model.safetensors")  # doctest: +SKIP
     """
-    from .io.torch_format import from_tensors
-
-    explicit = dict(aliases) if aliases else None
-    ckpt = from_tensors(dict(state_dict), explicit=explicit, metadata=dict(metadata or {}))
+    ckpt = Checkpoint.from_state_dict(state_dict, aliases=aliases, metadata=metadata)
     return save(ckpt, path, WriteOptions(overwrite=True, in_place=True, sync=sync))
 
 

@@ -63,7 +63,7 @@ class ComputedStored(Stored):
         """Whether :meth:`write` computes with numpy rather than torch: on the CPU, over the
         bytes of a safetensors file, with steps that numpy computes bit for bit as torch
         does (``wsurgery.numpy_apply.supports``). Then writing never imports torch."""
-        if str(self.device) != "cpu" or self.base.raw() is None:
+        if str(self.device) != "cpu" or self.base.raw_location() is None:
             return False
         from .numpy_apply import supports
 

@@ -84,6 +84,8 @@ def write_result(
 ) -> int:
     """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
     ``extra``: the command's own keys for its JSON object."""
+    from ..api import save
+    from ..io.options import WriteOptions
     from ..io.sharded_writer import parse_size
     from ..io.targets import plan_output
 
@@ -97,15 +99,15 @@ def write_result(
     if not out.dry_run:
         name = os.path.basename(target.rstrip(os.sep))
         with ByteProgress(result.total_bytes, f"writing {name}", enabled=not out.json) as bar:
-            saved = result.save(
-                plan,
-                overwrite=out.force,
-                replace_input=out.in_place,
-                max_shard_size=shard_size,
-                progress=bar.advance,
-                sync=out.sync,
+            options = WriteOptions(
                 format=plan.format,
+                max_shard_size=shard_size,
+                overwrite=out.force,
+                in_place=out.in_place,
+                sync=out.sync,
+                progress=bar.advance,
             )
+            saved = save(result, plan, options)
     written = _written(saved)
     if out.json:
         emit_json(
