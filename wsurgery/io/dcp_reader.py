@@ -9,7 +9,7 @@ are read and assembled when the tensor is asked for, one tensor at a time; a ten
 whole by one chunk whose bytes lie verbatim in a file is written by copying those bytes.
 
 For a later DCP writer or a rank-split diff: :func:`open_layout` gives the tensors as
-``formats.dcp.TensorPlan`` objects (dtype, global shape, chunk boxes and their sources),
+``io.dcp.TensorPlan`` objects (dtype, global shape, chunk boxes and their sources),
 without building a ``Checkpoint``.
 """
 
@@ -142,11 +142,11 @@ def open_layout(folder: Folder, fmt: str, resources: Resources | None = None) ->
     Args:
         folder: a DCP, DCP-safetensors or Megatron ``torch_dist`` folder (on disk or in an
             archive).
-        fmt: its layout (``formats.layouts.DCP``, ``DCP_SAFETENSORS`` or ``MEGATRON``).
+        fmt: its layout (``io.layouts.DCP``, ``DCP_SAFETENSORS`` or ``MEGATRON``).
         resources: files to share with other parts of one checkpoint.
 
     Returns:
-        A ``formats.dcp.Layout``: ``tensors`` maps each name to a ``TensorPlan`` (dtype,
+        A ``io.dcp.Layout``: ``tensors`` maps each name to a ``TensorPlan`` (dtype,
         global shape, chunk boxes with their sources), with ``skipped``, ``metadata`` and
         ``input_files``.
 
@@ -283,10 +283,10 @@ def load_nemo(path: str) -> Checkpoint:
 
 
 def load_distributed(path: str, fmt: str) -> Checkpoint:
-    """Open a checkpoint of a distributed layout (``formats.layouts.DISTRIBUTED``) lazily.
+    """Open a checkpoint of a distributed layout (``io.layouts.DISTRIBUTED``) lazily.
 
     Args:
-        path: the folder or archive (as ``formats.sniff.sniff`` resolved it).
+        path: the folder or archive (as ``io.sniff.sniff`` resolved it).
         fmt: its layout.
 
     Returns:
