@@ -69,9 +69,8 @@ def unknown(names: Iterable[str], selector: str, *, path: str | None = None) -> 
         path=path,
         candidates=close_matches(names, selector),
         what=what,
-        message=None
-        if not is_glob(selector)
-        else f"{selector!r} matches no tensor name" + (f" in {path}" if path else ""),
+        message=None if not is_glob(selector) else f"{selector!r} matches no tensor name"
+        + (f" in {path}" if path else ""),
     )
 
 
