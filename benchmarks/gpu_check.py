@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wsurgery.formats.sharded_writer import parse_size  # noqa: E402
+from wsurgery.io.sharded_writer import parse_size  # noqa: E402
 
 SCHEMA = "wsurgery.gpu_check/1"
 

@@ -294,7 +294,7 @@ def dcp_chunk_grid(case) -> None:
 
     from tests.test_fuzz import TRIED
     from wsurgery.errors import InputError
-    from wsurgery.formats.dcp_metadata import Chunk, parse_metadata, tiling_problem, validate
+    from wsurgery.io.dcp_metadata import Chunk, parse_metadata, tiling_problem, validate
 
     shape, boxes = case
     TRIED["inputs"] += 1

@@ -65,7 +65,7 @@ def test_names_are_naturally_sorted(tmp_path):
 
 def test_lazy_load_reads_no_tensor_data(tmp_path, monkeypatch):
     save_file(lm(), tmp_path / "m.safetensors")
-    from wsurgery.formats.safetensors import SafetensorsFile
+    from wsurgery.io.safetensors import SafetensorsFile
 
     def boom(*a, **k):
         raise AssertionError("tensor data read")

@@ -42,7 +42,7 @@ def test_version_and_help_import_no_command_and_not_typer(args):
     modules, out = _imported(*args)
     assert out.strip()  # they did print
     assert not _command_modules(modules), _command_modules(modules)
-    heavy = {"torch", "typer", "rich", "numpy", "wsurgery.checkpoint", "wsurgery.api"} & modules
+    heavy = {"torch", "typer", "rich", "numpy", "wsurgery.model", "wsurgery.api"} & modules
     assert not heavy, heavy
 
 

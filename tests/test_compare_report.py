@@ -583,7 +583,7 @@ def test_safetensors_diff_releases_pages_behind_it(tmp_path, monkeypatch):
     x = rand(64, 64)
     a, b = pair(tmp_path, {"t": x}, {"t": x})
     released = []
-    from wsurgery.checkpoint import FileStored
+    from wsurgery.io.safetensors import FileStored
 
     real = FileStored.release
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import wsurgery
-from wsurgery.formats.dcp_writer import DcpItem, write_dcp
+from wsurgery.io.dcp_writer import DcpItem, write_dcp
 
 from .conftest import FIXTURES
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import wsurgery
-from wsurgery.formats.ranges import ByteRange, plain_tensor
+from wsurgery.io.ranges import ByteRange, plain_tensor
 
 from .conftest import FIXTURES, ROOT
 
@@ -129,7 +129,7 @@ def test_plain_chunk_values_match_torch_on_every_fixture_chunk():
 
 
 def test_the_storage_class_tables_are_torchs():
-    from wsurgery.formats.pickles.allowlist import _constructors, _storage_types
+    from wsurgery.io.pickles.allowlist import _constructors, _storage_types
 
     for dtype, cls in torch.storage._dtype_to_storage_type_map().items():
         st = _storage_types()[f"torch.{cls}"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import wsurgery
-from wsurgery.formats import layouts
-from wsurgery.formats.layouts import ModelParallelArchiveError
-from wsurgery.readers_distributed import ChunkedStored
+from wsurgery.io import layouts
+from wsurgery.io.dcp_reader import ChunkedStored
+from wsurgery.io.layouts import ModelParallelArchiveError
 
 from .conftest import FIXTURES, run_module
 
@@ -105,12 +105,12 @@ def test_dcp_inspect_imports_no_torch(fixtures, name):
     r = run_module("inspect", fixtures / name, "--json", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["format"] in ("dcp", "dcp-safetensors")
-    assert re.search(r"\|\s+wsurgery\.formats\.dcp$", r.stderr, re.M), "the log lists the reader's imports"
+    assert re.search(r"\|\s+wsurgery\.io\.dcp$", r.stderr, re.M), "the log lists the reader's imports"
     assert not re.search(r"\|\s+torch(\.|$)", r.stderr, re.M), "torch was imported"
 
 
 def test_opening_dcp_reads_only_the_metadata(fixtures, monkeypatch):
-    from wsurgery.formats import ranges
+    from wsurgery.io import ranges
 
     def refuse(*args, **kwargs):
         raise AssertionError("a chunk was read")

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 
 import wsurgery
 from wsurgery.errors import InputError, UnsafePickleError
-from wsurgery.formats import nemo
+from wsurgery.io import nemo
 
 from .conftest import FIXTURES
 from .test_hostile_pickles import Call, dumps, make_zip
@@ -423,10 +423,10 @@ def test_nemo_too_many_members(cli, tmp_path, monkeypatch):
 
 
 def test_dcp_metadata_size_is_bounded(cli, dcp, monkeypatch):
-    from wsurgery.formats import dcp_metadata
+    from wsurgery.io import dcp_metadata
 
     monkeypatch.setattr(dcp_metadata, "MAX_METADATA_BYTES", 1000)
-    monkeypatch.setattr("wsurgery.formats.dcp.MAX_METADATA_BYTES", 1000)
+    monkeypatch.setattr("wsurgery.io.dcp.MAX_METADATA_BYTES", 1000)
     refused(cli, dcp, "more than the 1000 expected")
 
 

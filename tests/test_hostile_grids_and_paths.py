@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-from wsurgery.formats.dcp_metadata import Chunk, tiling_problem
+from wsurgery.io.dcp_metadata import Chunk, tiling_problem
 
 from .test_hostile_distributed import GOOD, _member, copy_of, refused, rewrite_metadata, write_tar
 

@@ -19,9 +19,9 @@ import torch
 
 import wsurgery
 from wsurgery.errors import InputError, UnsafePickleError
-from wsurgery.formats import pickles
-from wsurgery.formats.pickles.load import _restricted_load
-from wsurgery.formats.sniff import TORCH_LEGACY, TORCH_ZIP
+from wsurgery.io import pickles
+from wsurgery.io.pickles.load import _restricted_load
+from wsurgery.io.sniff import TORCH_LEGACY, TORCH_ZIP
 
 from .conftest import run_module, sha256
 
@@ -567,7 +567,7 @@ def test_refused_global_policy():
 
 
 def test_sniffed_formats_of_the_crafts(tmp_path):
-    from wsurgery.formats.sniff import sniff
+    from wsurgery.io.sniff import sniff
 
     z = make_zip(tmp_path / "a.pt", dumps({}))
     main = dumps({})

@@ -28,10 +28,10 @@ import wsurgery
 from wsurgery import aliases as alias_codec
 from wsurgery import transforms as T
 from wsurgery.errors import HeaderError, InputError, TransformError, UsageError
-from wsurgery.formats import pickles
-from wsurgery.formats.safetensors import read_header
-from wsurgery.formats.sharded_writer import parse_size
-from wsurgery.formats.writer import atomic_file
+from wsurgery.io import pickles
+from wsurgery.io.safetensors import read_header
+from wsurgery.io.sharded_writer import parse_size
+from wsurgery.io.writer import atomic_file
 from wsurgery.limits import shape_problem
 
 from .hostile import bounded, run_cases
@@ -385,8 +385,8 @@ def test_what_torch_would_allocate_is_refused_first(bombs, name, needles):
 
 def test_the_restricted_route_checks_views_itself(tmp_path):
     """Even when handed a layout the scan would have refused, ``set_`` never grows a storage."""
-    from wsurgery.formats.pickles.layout import Layout, _Claim
-    from wsurgery.formats.pickles.load import _restricted_load
+    from wsurgery.io.pickles.layout import Layout, _Claim
+    from wsurgery.io.pickles.load import _restricted_load
 
     path = empty_storage_view_zip(tmp_path)
     layout = Layout(str(path), path.stat().st_size, True, zipfile.ZipFile(path).read("archive/data.pkl"), (0, 0),
@@ -421,7 +421,7 @@ def test_an_honest_pickle_stays_within_its_budget(tmp_path, monkeypatch):
     """An honest pickle spends less than one unit per byte of its file: long lists of ints
     (1 to 5 bytes an item), nested optimizer state and many tensors load with the fixed floor
     of the budget far below what they spend."""
-    from wsurgery.formats.pickles import interpreter
+    from wsurgery.io.pickles import interpreter
 
     monkeypatch.setattr(interpreter, "MIN_BUDGET", 1000)
     sd = {f"layer.{i}.w": torch.full((1,), float(i)) for i in range(300)}
@@ -454,7 +454,7 @@ def test_describing_a_list_shared_by_many_keys_is_linear(bombs):
 
 
 def test_the_placeholder_search_has_one_budget_for_the_whole_checkpoint():
-    from wsurgery.formats.pickles.state_dict import _Describer
+    from wsurgery.io.pickles.state_dict import _Describer
 
     shared = [pickles.Placeholder("pkg.Cfg")] * 1000
     describe = _Describer(budget=5000)
@@ -641,8 +641,8 @@ def test_in_place_keeps_a_read_only_inputs_mode(tmp_path, cli):
 
 
 def test_a_replaced_shard_folder_keeps_its_modes(tmp_path):
-    from wsurgery.formats.sharded_writer import INDEX_NAME, write_sharded
-    from wsurgery.formats.writer import WriteItem
+    from wsurgery.io.sharded_writer import INDEX_NAME, write_sharded
+    from wsurgery.io.writer import WriteItem
 
     folder = tmp_path / "shards"
     shards = [[WriteItem("w", "float32", (2,), 8, lambda f: f.write(b"\0" * 8))]]

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 import wsurgery
 from wsurgery.errors import HeaderError, InputError
-from wsurgery.formats.safetensors import MAX_HEADER_SIZE, read_header
+from wsurgery.io.safetensors import MAX_HEADER_SIZE, read_header
 
 from .conftest import run_module, sha256
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import wsurgery
-from wsurgery.formats import in_place
+from wsurgery.io import in_place
 
 from .test_model_folder import hf_folder, weights
 

@@ -31,7 +31,7 @@ def test_open_is_a_context_manager_that_releases_its_files(fixtures):
 def test_keys_get_tensor_and_tensors_read_what_the_file_holds(fixtures):
     expected = load_file(fixtures / "tiny_lm.safetensors")
     with wsurgery.open(fixtures / "tiny_lm.safetensors") as ckpt:
-        assert ckpt.keys() == sorted(expected, key=wsurgery.checkpoint.natural_key)
+        assert ckpt.keys() == sorted(expected, key=wsurgery.model.natural_key)
         assert torch.equal(ckpt.get_tensor("layers.1.mlp.up.weight", device="cpu"), expected["layers.1.mlp.up.weight"])
         seen = dict(ckpt.tensors())
     assert seen.keys() == expected.keys() and all(torch.equal(seen[k], expected[k]) for k in expected)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import wsurgery
 from wsurgery.errors import InputError, OutputError
-from wsurgery.formats.writer import TMP_SUFFIX
+from wsurgery.io.writer import TMP_SUFFIX
 
 from .conftest import sha256
 
@@ -162,7 +162,7 @@ def test_no_warning_when_config_and_file_agree(tmp_path, cli):
 
 
 def test_architecture_families_find_their_head_and_embedding(tmp_path):
-    from wsurgery.hf import head_and_embedding
+    from wsurgery.io.hf_config import head_and_embedding
 
     assert head_and_embedding({"model_type": "gpt2"}, ["transformer.wte.weight", "lm_head.weight"]) == (
         "lm_head.weight",
@@ -309,7 +309,7 @@ def test_an_existing_output_folder_needs_overwrite_and_survives_a_failure(tmp_pa
     assert code == 5 and "exists" in stderr and "--force" in stderr
     before = sha256(out)
 
-    from wsurgery.formats import hf as hf_files
+    from wsurgery.io import hf as hf_files
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import wsurgery
-from wsurgery.checkpoint import natural_key
+from wsurgery.model import natural_key
 
 LONG = ".".join(f"block{i}" for i in range(700)) + ".weight"  # ~6,000 characters, 700 levels deep
 NAMES = {

@@ -21,9 +21,13 @@ import torch
 from safetensors.torch import save_file
 
 import wsurgery
+import wsurgery.io.torch_format
 from wsurgery import numpy_apply
-from wsurgery.checkpoint import ComputedStored, FileStored, tensor_bytes
 from wsurgery.errors import TransformError
+from wsurgery.expressions import ComputedStored
+from wsurgery.io.safetensors import FileStored
+from wsurgery.io.sinks import FileSink
+from wsurgery.model import tensor_bytes
 from wsurgery.transforms import parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,7 +333,7 @@ class Spy:
 
 def written(stored: ComputedStored) -> bytes:
     buf = io.BytesIO()
-    stored.write(buf)
+    stored.write(FileSink(buf))
     return buf.getvalue()
 
 
@@ -422,7 +426,7 @@ def test_torch_inputs_and_other_devices_use_torch(monkeypatch, tmp_path):
         assert ComputedStored("y", base, parse("scale(2)"), device=torch.device("cpu"))._use_numpy()
         assert not ComputedStored("y", base, parse("scale(2)"), device="cuda")._use_numpy()
         assert not ComputedStored("y", base, parse("scale(2)"), device="cuda:0")._use_numpy()
-        in_memory = wsurgery.readers.from_tensors({"x": to_torch(arr)}).stored["x"]
+        in_memory = wsurgery.io.torch_format.from_tensors({"x": to_torch(arr)}).stored["x"]
         stored = ComputedStored("y", in_memory, parse("scale(2)"))
         assert not stored._use_numpy()
         spy = Spy(monkeypatch)

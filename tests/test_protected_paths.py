@@ -10,7 +10,7 @@ import pytest
 import wsurgery
 from tests.conftest import sha256
 from wsurgery.errors import OutputError
-from wsurgery.formats.destination import check_file_target, check_report_target
+from wsurgery.io.destination import check_file_target, check_report_target
 
 
 def test_report_into_a_dcp_folder_is_refused(fixtures, cli):

@@ -20,8 +20,8 @@ LIMIT = 12_000  # the readers' limit as these tests set it (bytes)
 
 @pytest.fixture(autouse=True)
 def small_limits(monkeypatch):
-    monkeypatch.setattr("wsurgery.formats.writer.MAX_HEADER_SIZE", LIMIT)
-    monkeypatch.setattr("wsurgery.formats.sharded_writer.MAX_INDEX_SIZE", LIMIT)
+    monkeypatch.setattr("wsurgery.io.writer.MAX_HEADER_SIZE", LIMIT)
+    monkeypatch.setattr("wsurgery.io.sharded_writer.MAX_INDEX_SIZE", LIMIT)
 
 
 @pytest.fixture

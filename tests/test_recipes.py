@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import wsurgery
-from wsurgery.checkpoint import Checkpoint
 from wsurgery.errors import InputError, SurgeryError, UsageError
-from wsurgery.formats.safetensors import SafetensorsFile
+from wsurgery.io.safetensors import SafetensorsFile
 from wsurgery.surgery import recipe as recipes
 
 from .conftest import FIXTURES, ROOT, sha256
@@ -587,14 +586,16 @@ def test_tie_verify_reads_and_refuses_values_that_differ_nothing_else_reads(tmp_
 
 def test_the_write_is_one_pass(tmp_path, monkeypatch, cli):
     src = model(tmp_path)
+    import wsurgery.io.targets as targets
+
     calls = []
-    real = Checkpoint.save
+    real = targets.save
 
-    def counting(self, *args, **kwargs):
+    def counting(ckpt, *args, **kwargs):
         calls.append(args)
-        return real(self, *args, **kwargs)
+        return real(ckpt, *args, **kwargs)
 
-    monkeypatch.setattr(Checkpoint, "save", counting)
+    monkeypatch.setattr(targets, "save", counting)
     steps = [STEP_CASES[k][0] for k in ("drop", "cast", "copy", "concat", "unstack")]
     rec = write_recipe(tmp_path, "version: 1\nsteps:\n" + "".join(f"  {s}\n" for s in steps))
     wsurgery.apply(rec, [src], tmp_path / "a.safetensors")

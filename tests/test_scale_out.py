@@ -151,8 +151,8 @@ def test_no_session_no_split():
 def work(tmp_path_factory) -> Path:
     """Inputs for the launch: fixtures, a copy of tiny_lm with one tensor changed, and a
     DCP folder one of whose chunks (a tensor rank 1 reads) is corrupt."""
-    from wsurgery.formats.folders import DirFolder
-    from wsurgery.readers_distributed import open_layout
+    from wsurgery.io.dcp_reader import open_layout
+    from wsurgery.io.folders import DirFolder
 
     w = tmp_path_factory.mktemp("scale")
     for name in ("tiny_lm.safetensors", "tiny_lm.pt", "shared_storage.pt", "tiny_lm_dcp"):

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 import wsurgery
 from wsurgery.aliases import ALIASES_KEY
 from wsurgery.errors import UsageError
-from wsurgery.formats.sharded_writer import parse_size, plan_shards
-from wsurgery.formats.writer import WriteItem
+from wsurgery.io.sharded_writer import parse_size, plan_shards
+from wsurgery.io.writer import WriteItem
 
 
 def _items(*sizes):

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import wsurgery
 from wsurgery import surgery
-from wsurgery.checkpoint import ComputedStored, FileStored
 from wsurgery.cli.output import summary
 from wsurgery.dtypes import BY_NAME
 from wsurgery.errors import SurgeryError, TransformError, UnknownNameError, UsageError
-from wsurgery.readers import from_tensors
+from wsurgery.expressions import ComputedStored
+from wsurgery.io.safetensors import FileStored
 from wsurgery.transforms import parse
 
 # ----------------------------------------------------------------------------- factories
@@ -170,7 +170,7 @@ _VIEW_STEP = st.one_of(
 @given(shape=st.sampled_from([(4, 6), (6, 4), (2, 3, 4), (24,), (4, 3, 2)]), specs=st.lists(_VIEW_STEP, max_size=3))
 def test_a_tie_is_planned_exactly_when_torch_can_view_it_and_loads_as_that_view(shape, specs):
     t = torch.arange(24.0).reshape(shape)
-    c = from_tensors({"a": t})
+    c = wsurgery.Checkpoint.from_state_dict({"a": t})
     try:
         expected = parse(specs).apply(t)  # view-only chains refuse to copy
     except TransformError:
@@ -440,12 +440,12 @@ def test_copy_from_another_checkpoint_with_an_alias_source_and_prefixes(tmp_path
 
 def test_a_copy_of_an_in_memory_tensor_owns_its_bytes():
     base = rand(4, 4)
-    c = from_tensors({"a": base, "b": rand(4, 4, seed=1)})
+    c = wsurgery.Checkpoint.from_state_dict({"a": base, "b": rand(4, 4, seed=1)})
     for specs in ([], ["slice(0,0,2)"], ["reshape(16)"]):
         p = c.copy("a", "c" + str(len(specs)), specs)
         t = p.tensor(p.changes[0].dst)
         assert torch.equal(t, parse(specs).apply(base)) and not shares_storage(t, base)
-    p = from_tensors({"a": base}, explicit={"v": ("a", ["slice(0,1,3)"])}).untie()
+    p = wsurgery.Checkpoint.from_state_dict({"a": base}, aliases={"v": ("a", ["slice(0,1,3)"])}).untie()
     assert not shares_storage(p.tensor("v"), base)
 
 

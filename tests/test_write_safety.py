@@ -20,8 +20,8 @@ from safetensors.numpy import save_file
 
 import wsurgery
 from wsurgery.errors import InputError, OutputError
-from wsurgery.formats import writer
-from wsurgery.formats.writer import TMP_SUFFIX, WriteItem, atomic_file, write_safetensors
+from wsurgery.io import writer
+from wsurgery.io.writer import TMP_SUFFIX, WriteItem, atomic_file, write_safetensors
 
 from .conftest import FIXTURES, run_module, sha256
 
@@ -158,7 +158,7 @@ def test_file_size_limit_on_sharded_output(tmp_path):
 # moment the test can reach on a loaded machine (copy_file_range moves 200 MB in a blink).
 _THROTTLED = """
 import sys, time
-import wsurgery.formats.writer as c
+import wsurgery.io.writer as c
 from wsurgery.cli.app import main
 _copy = c.copy_range
 def slow(*args):
@@ -537,7 +537,7 @@ def test_a_failing_unsynced_write_leaves_nothing(tmp_path, fsyncs):
     assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
 
     # sharded: the second shard fails, nothing appears at the destination
-    from wsurgery.formats.sharded_writer import write_sharded
+    from wsurgery.io.sharded_writer import write_sharded
 
     with pytest.raises(OutputError, match="No space left on device"):
         write_sharded(tmp_path / "shards", [items[:1], items[1:]], [{}, {}], {}, sync=False)

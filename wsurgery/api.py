@@ -1,16 +1,22 @@
 """The library's front door, in safetensors' idiom: ``open`` / ``load`` a checkpoint lazily,
 ``load_state_dict`` / ``save_state_dict`` for plain dicts of tensors, ``convert`` a file,
-``diff`` / ``check`` to compare."""
+``diff`` / ``check`` to compare; and the public :class:`Checkpoint`, the model's data
+with the verb methods (each one call of ``wsurgery.surgery``) and ``save`` (the io layer).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, SaveResult
-from .readers import from_tensors
-from .readers import load as _load
+from . import model as _model
+from .io.options import SaveResult, WriteOptions
+
+if TYPE_CHECKING:
+    from .io.options import Collective
+    from .io.targets import OutputPlan
 
 if TYPE_CHECKING:
     import torch
@@ -19,6 +25,340 @@ if TYPE_CHECKING:
     from .surgery.recipe import ApplyResult
 
 PathLike = str | os.PathLike
+
+
+class Checkpoint(_model.Checkpoint):
+    """A checkpoint: ordered names -> lazy tensors, aliases, metadata, the source format.
+
+    Nothing is read until asked: opening reads headers (or, for torch files, maps the
+    file), and :meth:`save` streams one tensor at a time, copying untouched tensors as
+    raw bytes. Use it as a context manager (or call :meth:`close`) to release the files.
+    Every verb returns a new lazy checkpoint and leaves this one as it is; each refuses
+    with every problem at once (``SurgeryError``, nothing applied); an unknown name is
+    an ``UnknownNameError``.
+
+    Example:
+        >>> with wsurgery.open("model.safetensors") as ckpt:          # doctest: +SKIP
+        ...     tied = ckpt.tie("embedding.weight", "projection.weight")
+        ...     tied.save("tied.safetensors")
+    """
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, Any],
+        *,
+        aliases: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Checkpoint:
+        """A lazy checkpoint over torch tensors in memory; tensors that share storage
+        become aliases, and ``aliases`` adds ties ``{alias: (source, [view steps])}``.
+
+        Example:
+            >>> ckpt = wsurgery.Checkpoint.from_state_dict(model.state_dict())  # doctest: +SKIP
+        """
+        from .io.torch_format import from_tensors
+
+        explicit = dict(aliases) if aliases else None
+        return _facade(from_tensors(dict(state_dict), explicit=explicit, metadata=dict(metadata or {})))
+
+    def tie(
+        self,
+        src: str | Sequence[str],
+        dst: str | Sequence[str],
+        transform=None,
+        *,
+        new: bool = False,
+        verify: bool = False,
+        atol: float = 0.0,
+        rtol: float = 0.0,
+    ) -> Checkpoint:
+        """``dst`` becomes an alias of ``transform(src)``, stored once.
+
+        Args:
+            src: a stored or alias name, or a module prefix (every tensor under it); a
+                list ties several pairs at once.
+            dst: the alias name (new, or an existing tensor of the same shape and dtype
+                after the transform); a prefix for a prefix; a list for a list.
+            transform: view steps only (``"transpose"``, ``["slice(0,0,8)"]``...).
+            new: ``dst`` is meant to be a new name, even one edit away from another.
+            verify: refuse unless ``dst`` already holds ``transform(src)`` within
+                ``atol``/``rtol`` (reads both): the safe way to dedupe a head stored twice.
+
+        Returns:
+            A new lazy :class:`Checkpoint`.
+
+        Example:
+            >>> tied = ckpt.tie("embedding.weight", "lm_head.weight", verify=True)  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.tie(self, src, dst, transform, new=new, verify=verify, atol=atol, rtol=rtol))
+
+    def copy(
+        self,
+        src: str | Sequence[str],
+        dst: str | Sequence[str],
+        transform=None,
+        *,
+        other: _model.Checkpoint | None = None,
+        device="cpu",
+        new: bool = False,
+    ) -> Checkpoint:
+        """``dst`` holds an independent ``transform(src)``.
+
+        Args:
+            src: a tensor or module prefix (a list for several pairs, all read from this
+                checkpoint as it is, so two copies can swap two tensors).
+            dst: the destination: new, or existing (replaced, whatever its shape or
+                dtype; aliases of a replaced tensor keep their values).
+            transform: any steps, ``cast`` and ``scale`` included.
+            other: take ``src`` from this checkpoint instead.
+            device: where the copies are computed when written or read (``"cuda"``).
+            new: ``dst`` is meant to be a new name, even one edit away from another.
+
+        Example:
+            >>> grown = ckpt.copy("layers.0", "layers.12")  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.copy(self, src, dst, transform, other=other, device=device, new=new))
+
+    def untie(self, names: str | Sequence[str] | None = None, *, device="cpu") -> Checkpoint:
+        """The named aliases (every alias by default) become stored tensors of their own,
+        for loaders that know no alias metadata.
+
+        Args:
+            names: aliases, stored tensors (every alias of them) or module prefixes.
+            device: where the untied values are computed when written.
+
+        Example:
+            >>> plain = ckpt.untie()  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.untie(self, names, device=device))
+
+    def rename(self, pattern: str, to: str) -> Checkpoint:
+        """Every name ``n`` becomes ``re.sub(pattern, to, n)``; aliases follow their sources.
+
+        Example:
+            >>> ckpt.rename(r"^module\\.", "")  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.rename(self, pattern, to))
+
+    def drop(self, names: str | Sequence[str]) -> Checkpoint:
+        """Without the tensors ``names`` select (a name, module prefix or glob each); a
+        source an alias still uses cannot go.
+
+        Example:
+            >>> ckpt.drop(["optimizer.*", "*._extra_state"])  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.drop(self, [names] if isinstance(names, str) else list(names)))
+
+    def keep(self, names: str | Sequence[str]) -> Checkpoint:
+        """Only the tensors ``names`` select (a name, module prefix or glob each).
+
+        Example:
+            >>> ckpt.keep(["layers.*", "embed.weight"])  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.keep(self, [names] if isinstance(names, str) else list(names)))
+
+    def cast(self, dtype: str, *, only: Sequence[str] = (), exclude: Sequence[str] = (), device="cpu") -> Checkpoint:
+        """Floating tensors (never integers or bool) cast to ``dtype``; ``only``/``exclude``
+        choose by glob or module prefix; a tied source is cast once, its aliases follow.
+
+        Example:
+            >>> ckpt.cast("bfloat16", exclude=["*norm*"])  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.cast(self, dtype, only=list(only), exclude=list(exclude), device=device))
+
+    def concat(self, srcs: Sequence[str], dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+        """``dst`` = ``srcs`` concatenated along ``dim`` (the sources are gone).
+
+        Example:
+            >>> ckpt.concat(["q.weight", "k.weight", "v.weight"], "qkv.weight")  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.concat(self, srcs, dst, dim, new=new))
+
+    def split(self, src: str, dsts: Sequence[str], dim: int, sizes: Sequence[int], *, new: bool = False) -> Checkpoint:
+        """``dsts`` = pieces of ``src`` along ``dim`` of the given ``sizes`` (``src`` is gone).
+
+        Example:
+            >>> ckpt.split("qkv.weight", ["q.weight", "k.weight", "v.weight"], 0, [64, 64, 64])  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.split(self, src, dsts, dim, sizes, new=new))
+
+    def stack(self, template: str, dst: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+        """``dst`` = the tensors ``template`` names (``"layers.{i}.w"``) on a new axis ``dim``;
+        a template of module prefixes stacks every tensor under them.
+
+        Example:
+            >>> ckpt.stack("layers.{i}.fc1.weight", "layers.fc1.weight")  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.stack(self, template, dst, dim, new=new))
+
+    def unstack(self, src: str, template: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
+        """The slices of ``src`` along ``dim`` become ``template`` with i = 0, 1, ...
+
+        Example:
+            >>> ckpt.unstack("layers.fc1.weight", "layers.{i}.fc1.weight")  # doctest: +SKIP
+        """
+        from . import surgery
+
+        return _facade(surgery.unstack(self, src, template, dim, new=new))
+
+    def save(
+        self,
+        path: PathLike | OutputPlan,
+        *,
+        overwrite: bool = False,
+        max_shard_size: int | str | None = None,
+        sync: bool = True,
+        progress: Callable[[int], None] | None = None,
+        replace_input: bool | None = None,
+        format: str | None = None,  # noqa: A002 - safetensors' and torch's word
+        keep_aliases: bool = False,
+        flat: bool = False,
+    ) -> SaveResult:
+        """Write the checkpoint atomically: safetensors (aliases recorded in the metadata),
+        a torch file (aliases as views of shared storage), a DCP folder, or a folder of
+        shards.
+
+        Args:
+            path: the output file; a folder with ``max_shard_size`` (Hugging Face-style
+                shards and their index), when it is an existing folder or ends with a
+                separator, or when this checkpoint was read from a folder and ``path``
+                has no weights file's suffix (the input folder's other files are carried
+                over, ``config.json``'s ``tie_word_embeddings`` true to the ties written).
+                An ``OutputPlan`` already made by ``wsurgery.io.targets.plan_output``.
+            overwrite: replace an existing file or folder; without it, an existing
+                output is an ``OutputError``, and so is one of this checkpoint's own inputs.
+            max_shard_size: bytes per shard (an int, or ``"5GB"``, ``"500MiB"``):
+                safetensors shards, or ``pytorch_model-*.bin`` shards with ``format="torch"``.
+            sync: fsync the output before renaming it into place (durable after a power
+                loss); ``False`` is faster and still atomic against the process dying.
+            progress: called with the byte count of each piece written.
+            replace_input: whether an input may be replaced; by default as ``overwrite``.
+            format: ``"safetensors"``, ``"torch"`` (``torch.load(weights_only=True)``
+                reads it) or ``"dcp"`` (``torch.distributed.checkpoint.load`` reads it;
+                aliases written as values); by default from ``path``'s suffix.
+            keep_aliases: a model-folder output keeps every alias as an alias; by default
+                those ``from_pretrained`` would not restore (all but the head tie) are
+                written as values.
+            flat: a torch file written from a torch file is a flat state dict; by default
+                it keeps the input's structure (containers, keys, non-tensor values).
+
+        Returns:
+            A :class:`SaveResult`.
+
+        Under a :func:`wsurgery.distributed.session` of several ranks, every rank calls
+        it: a folder is written by all of them and renamed into place by rank 0; a
+        single file is written by rank 0.
+
+        Raises:
+            OutputError: the output exists, is an input, or cannot be written.
+            UsageError: ``format`` is unknown or contradicts ``path``'s suffix.
+
+        Example:
+            >>> ckpt.save("out.safetensors", overwrite=True)  # doctest: +SKIP
+        """
+        options = WriteOptions(
+            format=format,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            in_place=overwrite if replace_input is None else replace_input,
+            sync=sync,
+            keep_aliases=keep_aliases,
+            flat=flat,
+            progress=progress,
+        )
+        return save(self, path, options)
+
+
+def save(ckpt: _model.Checkpoint, target: PathLike | OutputPlan, options: WriteOptions) -> SaveResult:
+    """Write ``ckpt`` at ``target`` as ``options`` say (see :meth:`Checkpoint.save`); under a
+    ``wsurgery.distributed`` session of several ranks, written by all of them together."""
+    from .io.targets import OutputPlan
+    from .io.targets import save as _save
+
+    if options.collective is None:
+        group = _collective()
+        if group is not None:
+            options = dataclasses.replace(options, collective=group)
+    return _save(ckpt, target if isinstance(target, OutputPlan) else os.fspath(target), options)
+
+
+def _facade(ckpt: _model.Checkpoint) -> Checkpoint:
+    """``ckpt`` as the public :class:`Checkpoint` (the same one when it is already)."""
+    if isinstance(ckpt, Checkpoint):
+        return ckpt
+    return Checkpoint(**{f.name: getattr(ckpt, f.name) for f in dataclasses.fields(ckpt)})
+
+
+class _SessionGroup:
+    """A ``wsurgery.distributed`` session as the io layer's ``Collective``."""
+
+    def __init__(self, session: Any):
+        self._s = session
+        self.rank: int = session.rank
+        self.world_size: int = session.world_size
+
+    @property
+    def is_first(self) -> bool:
+        return bool(self._s.is_first)
+
+    def exchange(self, phase: str, payload: Any = None) -> list[Any]:
+        return self._s.exchange(phase, payload)
+
+    def shared_folder(self, folder: str, *, replace: bool = False, sync: bool = True) -> Any:
+        return self._s.shared_folder(folder, replace=replace, sync=sync)
+
+    def first_writes(self, write: Callable[[], Any]) -> Any:
+        return self._s.first_writes(write)
+
+    def owners(self, sizes: Sequence[int]) -> list[int]:
+        from .distributed import split_by_bytes
+
+        return split_by_bytes(list(sizes), self.world_size)
+
+    def carry(self, exc: BaseException) -> BaseException:
+        from .distributed import carry
+
+        return carry(exc, self.rank)
+
+    def uncarry(self, exc: BaseException) -> BaseException:
+        from .distributed import uncarry
+
+        return uncarry(exc)
+
+
+def _collective() -> Collective | None:
+    """The running ``wsurgery.distributed`` session of several ranks, if any."""
+    from .distributed import current
+
+    s = current()
+    return None if s is None else _SessionGroup(s)
+
+
+def _load(path: PathLike) -> Checkpoint:
+    from .io.registry import open as _open
+
+    return _facade(_open(path))
 
 
 def open(path: PathLike) -> Checkpoint:  # noqa: A001 - the safe_open idiom
@@ -97,15 +437,13 @@ def save_state_dict(
         sync: fsync before the rename (durable after a power loss); ``False`` is faster.
 
     Returns:
-        A :class:`~wsurgery.checkpoint.SaveResult`.
+        A :class:`~wsurgery.SaveResult`.
 
     Example:
         >>> wsurgery.save_state_dict(model.state_dict(), "model.safetensors")  # doctest: +SKIP
     """
-    ckpt = from_tensors(dict(state_dict), explicit=dict(aliases) if aliases else None)
-    if metadata:
-        ckpt.metadata = dict(metadata)
-    return ckpt.save(path, overwrite=True, sync=sync)
+    ckpt = Checkpoint.from_state_dict(state_dict, aliases=aliases, metadata=metadata)
+    return save(ckpt, path, WriteOptions(overwrite=True, in_place=True, sync=sync))
 
 
 def convert(
@@ -137,7 +475,7 @@ def convert(
             default from ``out``'s suffix (``.pt``, ``.pth``, ``.bin``, ``.ckpt``: torch).
 
     Returns:
-        A :class:`~wsurgery.checkpoint.SaveResult`.
+        A :class:`~wsurgery.SaveResult`.
 
     Example:
         >>> wsurgery.convert("pytorch_model.bin", "model.safetensors")  # doctest: +SKIP
@@ -190,7 +528,7 @@ def apply(
 
     Returns:
         An ``ApplyResult``: ``checkpoint`` (the lazy result; its ``changes`` are the plan),
-        ``saved`` (a :class:`~wsurgery.checkpoint.SaveResult`, None for a dry run),
+        ``saved`` (a :class:`~wsurgery.SaveResult`, None for a dry run),
         ``output``, ``inputs``, ``steps``, ``expectations``, ``verified``.
 
     Raises:
@@ -218,18 +556,19 @@ def apply(
             target = os.fspath(default_out(next(iter(run.paths.values()), None)))
         saved = None
         if not dry_run:
-            saved = run.result.save(
-                target,
-                overwrite=overwrite,
+            options = WriteOptions(
+                format=format,
                 max_shard_size=shard_size,
+                overwrite=overwrite,
+                in_place=replace_input,
                 sync=sync,
                 progress=progress,
-                format=format,
-                replace_input=replace_input,
             )
+            assert target is not None
+            saved = save(run.result, target, options)
         info = run.describe()
         return recipes.ApplyResult(
-            run.result, saved, target, info["inputs"], info["steps"], info["expectations"], info["verified"]
+            _facade(run.result), saved, target, info["inputs"], info["steps"], info["expectations"], info["verified"]
         )
 
 

@@ -381,7 +381,7 @@ class Session:
         The folder must be visible to every rank at the same path (a shared file system
         across nodes).
         """
-        from .formats import sharded_writer as sw
+        from .io import sharded_writer as sw
 
         tmp, error = None, None
         if self.is_first:

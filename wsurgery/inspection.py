@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
-    from .hf import TieReport
+    from .io.hf_config import TieReport
+    from .model import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,12 @@ def inspect(source: str | os.PathLike[str] | Checkpoint, *, filter: str | None =
         >>> wsurgery.inspection.inspect("model.safetensors").total_params  # doctest: +SKIP
         1608
     """
-    from .checkpoint import Checkpoint
+    from .model import Checkpoint
 
     if isinstance(source, Checkpoint):
         return _describe(source, str(source.path), filter)
     from .api import open as open_checkpoint
-    from .formats.layouts import ModelParallelArchiveError
+    from .io.layouts import ModelParallelArchiveError
 
     try:
         ckpt = open_checkpoint(source)
@@ -205,7 +205,7 @@ def _describe(c: Checkpoint, path: str, selector: str | None) -> Inspection:
     if folder is not None:
         files = list(folder.files)
         if folder.config is not None:
-            from .hf import check_ties
+            from .io.hf_config import check_ties
 
             ties = check_ties(c, folder.config)
             config = {
@@ -237,7 +237,7 @@ def plan_summary(ckpt: Checkpoint) -> dict[str, Any]:
     """What a planned checkpoint holds and how it came to be (its ``changes``), as the
     JSON-ready keys the writing commands print: ``stored`` (count), ``aliases``,
     ``copied``, ``untied``, ``plan`` (every step) and ``skipped``."""
-    from .checkpoint import natural_key
+    from .model import natural_key
 
     ops = ckpt.changes
     return {

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoint import Checkpoint
     from .compare import Change, DiffReport, Tuning
+    from .model import Checkpoint
 
 __all__ = ["assert_checkpoint_equal"]
 

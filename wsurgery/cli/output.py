@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, SaveResult, natural_key
+from ..io.options import SaveResult
+from ..model import Checkpoint, natural_key
 from ._errors import emit_json
 from .common import ByteProgress, console, default_output, human_bytes, print_skipped, print_table, safe, shape_text
 from .options import OutputOptions
@@ -30,7 +31,7 @@ def _target(ckpt_path: Path, out: OutputOptions) -> str:
 
 
 def _default_target(p: Path, out: OutputOptions) -> Path:
-    from ..outputs import FORMATS
+    from ..io.registry import FORMATS
 
     if out.in_place and (p.is_dir() or (out.max_shard_size is None and not p.name.endswith(".index.json"))):
         return p
@@ -73,23 +74,35 @@ def write_result(
 ) -> int:
     """Write ``result`` as ``out`` says (nothing on a dry run) and report it; the exit code.
     ``extra``: the command's own keys for its JSON object."""
+    from ..api import save
+    from ..io.options import WriteOptions
+
     target = _target(ckpt_path, out)
+    plan = _plan(target, result, out, out.format)
     saved = None
     if not out.dry_run:
         name = os.path.basename(target.rstrip(os.sep))
         with ByteProgress(result.total_bytes, f"writing {name}", enabled=not (out.json or out.quiet)) as bar:
-            saved = result.save(
-                target,
+            options = WriteOptions(
+                format=plan.format,
+                max_shard_size=plan.max_shard_size,
                 overwrite=out.force,
-                replace_input=out.in_place,
-                max_shard_size=out.max_shard_size,
-                progress=bar.advance,
+                in_place=out.in_place,
                 sync=out.sync,
-                format=out.format,
                 keep_aliases=out.keep_aliases,
                 flat=out.flat,
+                progress=bar.advance,
             )
-    return report_write(command, target, result, saved, out, extra)
+            saved = save(result, plan, options)
+    return report_write(command, target, result, saved, out, extra, plan=plan)
+
+
+def _plan(target: str, result: Checkpoint, out: OutputOptions, fmt: str | None):
+    from ..io.sharded_writer import parse_size
+    from ..io.targets import plan_output
+
+    shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
+    return plan_output(target, format=fmt, max_shard_size=shard_size, folder_input=result.model_folder is not None)
 
 
 def report_write(
@@ -99,19 +112,14 @@ def report_write(
     saved: SaveResult | None,
     out: OutputOptions,
     extra: dict | None = None,
+    *,
+    plan=None,
 ) -> int:
     """Tell what a write did (or, on a dry run, would do): the JSON object, nothing with
-    ``--quiet``, else the plan table and a summary. The exit code."""
-    from ..formats.sharded_writer import parse_size
-    from ..outputs import plan_output
-
-    shard_size = None if out.max_shard_size is None else parse_size(out.max_shard_size)
-    plan = plan_output(
-        target,
-        format=saved.format if saved is not None else out.format,
-        max_shard_size=shard_size,
-        folder_input=result.model_folder is not None,
-    )
+    ``--quiet``, else the plan table and a summary. The exit code. ``plan``: the output
+    plan the write used (made here from ``saved`` when the library wrote on its own)."""
+    if plan is None:
+        plan = _plan(target, result, out, saved.format if saved is not None else out.format)
     folder = plan.folder or (saved is not None and saved.shards is not None)
     info = summary(result)
     if out.json:
@@ -135,7 +143,7 @@ def report_write(
         markup=False,
     )
     if out.dry_run and plan.folder:
-        from ..formats.in_place import describe_in_place
+        from ..io.in_place import describe_in_place
 
         text = describe_in_place(target, result)
         if text:
@@ -152,7 +160,7 @@ def report_write(
 
 
 def _kind(plan, sharded: bool = False) -> str:
-    from ..outputs import FORMATS
+    from ..io.registry import FORMATS
 
     if FORMATS[plan.format].folder_format:
         return f"a {plan.format.upper()} folder"

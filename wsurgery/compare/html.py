@@ -95,7 +95,7 @@ def _assets() -> tuple[str, str]:
 def render(report: DiffReport) -> str:
     """The report as one HTML page (the ``wsurgery.diff/1`` JSON inside, shown by the
     page's own script)."""
-    from .. import __version__
+    from ..version import __version__
 
     style, script = _assets()
     csp = (
@@ -110,8 +110,8 @@ def save(report: DiffReport, path: str | os.PathLike, *, sync: bool = True) -> N
     """Write the page to ``path`` atomically (a temporary file, then a rename); an
     existing file is replaced, but never one of the report's inputs, a folder or a
     special file (``OutputError``)."""
-    from ..formats.destination import check_report_target
-    from ..formats.writer import atomic_file
+    from ..io.destination import check_report_target
+    from ..io.writer import atomic_file
 
     target = os.fspath(path)
     check_report_target(target, (report.a, report.b))

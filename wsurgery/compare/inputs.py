@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 
 from .. import numpy_apply
-from ..checkpoint import Checkpoint, Derived, FileStored, Stored, TensorStored
 from ..errors import InputError, SurgeryError, UsageError
-from ..readers import from_tensors, load
+from ..io.registry import open as load
+from ..io.safetensors import FileStored
+from ..io.torch_format import from_tensors
+from ..model import Checkpoint, Derived, Stored, TensorStored
 from .arrays import dtype_name, torch_to_numpy
 
 Progress = Callable[[int, int], None]  # progress(done_bytes, total_bytes)
@@ -56,9 +58,8 @@ def _from_state_dict(sd: Mapping, label: str, what: str) -> Checkpoint:
                 f"{label}: tensor {name!r} is {problem}; only dense tensors holding data can be compared",
                 hint="convert it first (t.to_dense(), a real device, t.dequantize(), or one tensor per component)",
             )
-    ckpt = from_tensors(tensors, path=label)
-    ckpt.skipped = [f"{k}: {type(v).__name__}" for k, v in sd.items() if not is_tensor(v)]
-    return ckpt
+    skipped = [f"{k}: {type(v).__name__}" for k, v in sd.items() if not is_tensor(v)]
+    return from_tensors(tensors, path=label, skipped=skipped)
 
 
 def _not_comparable(t: Any) -> str | None:
@@ -193,8 +194,9 @@ def _flat(v: Derived, dev: str | None):
     An untransformed stored tensor is viewed in place; anything else is materialised.
     """
     s = v.base
-    if v.transform.is_identity and (isinstance(s, FileStored) or callable(getattr(s, "raw", None))):
-        return numpy_apply.numpy_view(s.raw(), s.dtype, s.shape).reshape(-1), s.release
+    raw = s.raw() if v.transform.is_identity else None  # bytes in a file (or chunks), read without torch
+    if raw is not None:
+        return numpy_apply.numpy_view(raw, s.dtype, s.shape).reshape(-1), s.release
     if v.transform.is_identity and isinstance(s, TensorStored):
         return (_cpu_flat(s.t) if dev is None else _device_flat(s.t)), None
     if dev is None and isinstance(s, FileStored) and v.transform.is_view:

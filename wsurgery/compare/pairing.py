@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import Checkpoint, Derived, natural_key
+from ..model import Checkpoint, Derived, natural_key
 from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose
 from .kernel import (
     TensorStats,

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint import natural_key
+from ..model import natural_key
 from .criteria import Criteria
 from .kernel import (
     TensorStats,

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import natural_key
+from ..model import natural_key
 from .kernel import TensorStats, json_float
 
 __all__ = ["AUTO_MAX_MODULES", "ModuleStats", "auto_depth", "module_of", "roll_up", "total"]

@@ -17,6 +17,7 @@ from .names import drop, keep, rename
 from .ops import Op, dependents
 from .ties import KINDS, Plan, Request, check_device, pair_names, plan, requests, untie_requests, verify_ties
 from .values import cast
+from .verbs import copy, tie, untie
 
 __all__ = [
     "KINDS",
@@ -26,6 +27,7 @@ __all__ = [
     "cast",
     "check_device",
     "concat",
+    "copy",
     "dependents",
     "drop",
     "keep",
@@ -35,7 +37,9 @@ __all__ = [
     "requests",
     "split",
     "stack",
+    "tie",
     "unstack",
+    "untie",
     "untie_requests",
     "verify_ties",
 ]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from ..checkpoint import Checkpoint, ComputedStored, Derived, Joined, Stored, natural_key
 from ..errors import Problem, UsageError
+from ..expressions import ComputedStored, Joined
+from ..model import Checkpoint, Derived, Stored, natural_key
 from ..show import shape_text
 from ..transforms import Reshape, Slice, Transform
 from .ops import Op, check_new_names, check_orphans, derive, refuse, select_under

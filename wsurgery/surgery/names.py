@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..checkpoint import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem, UnknownNameError
+from ..model import Checkpoint, Derived, Stored, natural_key
 from ..selectors import close_matches
 from .ops import Op, check_orphans, derive, refuse, select_entries
 from .patterns import NameTooLong, PatternError, rename_all

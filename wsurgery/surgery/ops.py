@@ -2,7 +2,7 @@
 names (and non-tensor entries) with the one selector, and refusing new names that look
 like typos.
 
-Invariants every verb keeps (``Checkpoint.check_invariants`` checks them on the result):
+Invariants every verb keeps (``Checkpoint`` checks them on the result when it is made):
 a name is stored or an alias, never both; every alias's base is the stored tensor of its
 source name. A verb never reads tensor data: it only builds lazy entries.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..checkpoint import Checkpoint, Derived, Stored, natural_key
 from ..errors import Problem, SurgeryError
+from ..model import Checkpoint, Derived, Stored, natural_key
 from ..selectors import matches as selectors_matches
 from ..selectors import select as selectors_select
 from ..selectors import unknown
@@ -93,20 +93,14 @@ def derive(
     files = list(ckpt.input_files)
     if other is not None:
         files += [f for f in other.input_files if f not in files]
-    result = Checkpoint(
+    return ckpt.evolve(
         stored=stored,
         aliases=aliases,
         metadata=dict(ckpt.metadata),
-        path=ckpt.path,
-        format=ckpt.format,
         skipped=list(ckpt.skipped if skipped is None else skipped),
-        container=ckpt.container,
         input_files=files,
         changes=[*ckpt.changes, *ops],
-        model_folder=ckpt.model_folder,
     )
-    result.check_invariants()
-    return result
 
 
 def dependents(ckpt: Checkpoint, name: str) -> list[str]:

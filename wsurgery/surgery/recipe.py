@@ -20,8 +20,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..checkpoint import Checkpoint, SaveResult
 from ..errors import InputError, Problem, SurgeryError, UnknownNameError, UsageError
+from ..io.options import SaveResult
+from ..model import Checkpoint
 from .recipe_schema import KINDS as KINDS
 from .recipe_schema import SCHEMA, Expectation, Recipe, Step, load
 from .recipe_yaml import MAX_BYTES as MAX_BYTES
@@ -214,7 +215,7 @@ def prepare(
     """:func:`load` the recipe, open its inputs (``inputs`` in place of the recipe's, see
     :func:`resolve_inputs`) and :func:`plan` it. Inputs given as checkpoints are used as
     they are and left open; those opened here are closed by :meth:`Prepared.close`."""
-    from ..readers import load as open_checkpoint
+    from ..io.registry import open as open_checkpoint
 
     rec = load(recipe)
     resolved = resolve_inputs(rec, inputs)

@@ -18,10 +18,12 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from .. import dtypes
-from ..checkpoint import Checkpoint
 from ..errors import Problem, SurgeryError, TransformError, UsageError
+from ..model import Checkpoint
 from ..selectors import matches
 from ..transforms import parse as parse_transform
+from . import fuse, values, verbs
+from . import names as name_verbs
 from .patterns import PatternError, compile_pattern, compile_template
 from .recipe_yaml import PathLike, parse_text, read
 
@@ -260,7 +262,7 @@ def _output_path(c: _Ctx, v):
 
 
 def _output_size(c: _Ctx, v):
-    from ..formats.sharded_writer import parse_size
+    from ..io.sharded_writer import parse_size
 
     if v is None:
         return None
@@ -339,19 +341,24 @@ def _other(inputs: Mapping[str, Checkpoint], name: str | None) -> Checkpoint | N
     return None if name is None else inputs[name]
 
 
-# kind -> how the step runs: the Checkpoint method of the same name, nothing else
+def _listed(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+# kind -> how the step runs: the surgery function of the same name (the one that the
+# Checkpoint method of that name calls), nothing else
 _RUN: dict[str, Callable[[Checkpoint, dict, Mapping[str, Checkpoint]], Checkpoint]] = {
-    "rename": lambda c, a, i: c.rename(a["pattern"], a["to"]),
-    "drop": lambda c, a, i: c.drop(a["names"]),
-    "keep": lambda c, a, i: c.keep(a["names"]),
-    "cast": lambda c, a, i: c.cast(a["dtype"], only=a["only"], exclude=a["except"]),
-    "copy": lambda c, a, i: c.copy(a["src"], a["dst"], a["transform"], other=_other(i, a["from"]), new=a["new"]),
-    "tie": lambda c, a, i: c.tie(a["src"], a["dst"], a["transform"], new=a["new"]),
-    "untie": lambda c, a, i: c.untie(a["names"]),
-    "concat": lambda c, a, i: c.concat(a["srcs"], a["dst"], a["dim"], new=a["new"]),
-    "split": lambda c, a, i: c.split(a["src"], a["dsts"], a["dim"], a["sizes"], new=a["new"]),
-    "stack": lambda c, a, i: c.stack(a["src"], a["dst"], a["dim"], new=a["new"]),
-    "unstack": lambda c, a, i: c.unstack(a["src"], a["dst"], a["dim"], new=a["new"]),
+    "rename": lambda c, a, i: name_verbs.rename(c, a["pattern"], a["to"]),
+    "drop": lambda c, a, i: name_verbs.drop(c, _listed(a["names"])),
+    "keep": lambda c, a, i: name_verbs.keep(c, _listed(a["names"])),
+    "cast": lambda c, a, i: values.cast(c, a["dtype"], only=list(a["only"]), exclude=list(a["except"])),
+    "copy": lambda c, a, i: verbs.copy(c, a["src"], a["dst"], a["transform"], other=_other(i, a["from"]), new=a["new"]),
+    "tie": lambda c, a, i: verbs.tie(c, a["src"], a["dst"], a["transform"], new=a["new"]),
+    "untie": lambda c, a, i: verbs.untie(c, a["names"]),
+    "concat": lambda c, a, i: fuse.concat(c, a["srcs"], a["dst"], a["dim"], new=a["new"]),
+    "split": lambda c, a, i: fuse.split(c, a["src"], a["dsts"], a["dim"], a["sizes"], new=a["new"]),
+    "stack": lambda c, a, i: fuse.stack(c, a["src"], a["dst"], a["dim"], new=a["new"]),
+    "unstack": lambda c, a, i: fuse.unstack(c, a["src"], a["dst"], a["dim"], new=a["new"]),
 }
 
 

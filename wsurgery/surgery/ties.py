@@ -46,9 +46,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored, natural_key
 from ..devices import check_device
 from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
+from ..expressions import ComputedStored
+from ..model import Checkpoint, Derived, Stored, natural_key
 from ..selectors import is_glob, select
 from ..show import shape_text
 from ..transforms import Reshape, Transform, parse

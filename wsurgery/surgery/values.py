@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .. import dtypes
-from ..checkpoint import Checkpoint, ComputedStored, Derived, Stored
 from ..errors import Problem
+from ..expressions import ComputedStored
+from ..model import Checkpoint, Derived, Stored
 from ..selectors import select_all
 from ..transforms import Cast, Transform
 from .ops import Op, derive, refuse

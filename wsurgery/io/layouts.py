@@ -1,6 +1,6 @@
 """Which distributed layout a folder or archive holds, from its structure and first bytes.
 
-Cheap on purpose (``formats.sniff`` calls it for every folder it is given): it lists one
+Cheap on purpose (``io.sniff`` calls it for every folder it is given): it lists one
 folder, reads at most a small ``metadata.json`` and one safetensors header prefix, and
 imports nothing beyond the standard library (and ``errors``). The readers validate
 everything again.

@@ -2,7 +2,7 @@
 ``model_weights.ckpt`` (NeMo's SaveRestoreConnector), read without extracting.
 
 An uncompressed archive is read in place: each member is a byte range of the archive
-(:class:`~wsurgery.formats.folders.TarFolder`), so ``model_weights.ckpt`` is mapped, not
+(:class:`~wsurgery.io.folders.TarFolder`), so ``model_weights.ckpt`` is mapped, not
 copied. A compressed one is decompressed as a stream into a private temporary folder,
 removed when the checkpoint is closed, within a budget (:data:`MAX_INFLATE_RATIO` times
 the archive's size, at least :data:`MIN_INFLATE_BUDGET`): a decompression bomb is refused

@@ -7,7 +7,7 @@ interpreter and a resolver that knows only DCP's metadata classes (:data:`ALLOWE
 ``BytesStorageMetadata``, ``MetadataIndex``, ``_StorageInfo``, ``StorageMeta``,
 ``TensorProperties`` and its ``_MEM_FORMAT_ENCODING``, ``torch.Size``, dtypes, the
 layout helper, ``pathlib`` paths (a ``checkpoint_id``) and builtin containers. Each is
-an inert :class:`~wsurgery.formats.pickles.Placeholder` that records its arguments and
+an inert :class:`~wsurgery.io.pickles.Placeholder` that records its arguments and
 state; nothing is imported and nothing is called. Any other global is an
 :class:`UnsafePickleError` naming it. The placeholders are then read into plain frozen
 dataclasses (:class:`DcpMetadata`), checking every type and value.

@@ -2,7 +2,7 @@
 data is read: torch.distributed.checkpoint (DCP) folders, DCP's safetensors layout (the
 Hugging Face storage writer), Megatron-Core ``torch_dist`` folders and NeMo 2 checkpoints.
 
-A folder is a :class:`~wsurgery.formats.folders.Folder` (a directory, or a folder inside
+A folder is a :class:`~wsurgery.io.folders.Folder` (a directory, or a folder inside
 an uncompressed ``.nemo`` tar), so the same code reads either. Opening reads metadata
 only (``.metadata``, safetensors headers, ``metadata.json``); each tensor is a
 :class:`TensorPlan`: dtype, global shape, and its chunks, each a box of the tensor with a

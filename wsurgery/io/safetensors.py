@@ -34,11 +34,12 @@ import re
 import struct
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..dtypes import BY_CODE, BY_NAME
 from ..errors import HeaderError, InputError, OutputError
 from ..limits import INT64_MAX, MAX_DIMS, shape_problem
+from ..model import Stored
 from ..show import short
 
 MAX_HEADER_SIZE = 100_000_000
@@ -264,7 +265,7 @@ class SafetensorsFile:
     path: str
     header: Header
     _mmap: mmap.mmap | None = field(default=None, repr=False)
-    _file: object = field(default=None, repr=False)
+    _file: Any = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path) -> SafetensorsFile:
@@ -355,3 +356,47 @@ def build_header(entries, metadata: dict[str, str] | None) -> tuple[bytes, list[
     pad = (-len(text)) % 8
     text += b" " * pad
     return struct.pack("<Q", len(text)) + text, layout
+
+
+class FileStored(Stored):
+    """Bytes in a safetensors file, reached lazily."""
+
+    __slots__ = ("file", "record", "name", "dtype", "shape")
+
+    def __init__(self, file: SafetensorsFile, record: TensorRecord, name: str | None = None):
+        self.file = file
+        self.record = record
+        self.name = name or record.name
+        self.dtype = record.dtype
+        self.shape = record.shape
+
+    def raw_location(self) -> tuple[str, int, int] | None:
+        offset, nbytes = self.file.absolute_range(self.record.name)
+        return self.file.path, offset, nbytes
+
+    def raw(self) -> memoryview:
+        return self.file.raw(self.record.name)
+
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Unmap the pages of bytes ``[start, stop)`` of this tensor (``MADV_DONTNEED`` on
+        the file's read-only shared map): the data stays in the page cache and is mapped
+        again on the next access. Keeps a streaming read's resident set bounded."""
+        import mmap
+
+        m = self.file._mmap
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        offset, nbytes = self.file.absolute_range(self.record.name)
+        stop = nbytes if stop is None else min(stop, nbytes)
+        lo = (offset + max(0, start)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if offset + stop > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, offset + stop - lo)
+
+    def tensor(self, device: Any = "cpu") -> Any:
+        import torch
+
+        buf = torch.empty(self.nbytes, dtype=torch.uint8)
+        if self.nbytes:
+            self.file.read_into(self.record.name, buf.numpy())
+        t = buf.view(getattr(torch, self.dtype)).reshape(self.shape)
+        return t if str(device) == "cpu" else t.to(device)

@@ -26,6 +26,7 @@ does wsurgery.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -33,6 +34,11 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..model import Checkpoint
+    from .options import Collective, WriteOptions
 
 
 @dataclass(frozen=True)
@@ -91,25 +97,25 @@ def _classes():
     from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 
     class LazyPlanner(DefaultSavePlanner):
-        """The default planner, whose write items are computed when they are written."""
+        """The default planner, whose write items are computed when they are written.
+        ``carry`` makes an error cross DCP's collectives as plain data."""
 
-        def __init__(self, items: dict[str, DcpItem], progress):
+        def __init__(self, items: dict[str, DcpItem], progress, carry):
             super().__init__()
             self._items = items
             self._progress = progress
+            self._carry = carry
 
         def resolve_data(self, write_item):
             item = self._items.get(write_item.index.fqn)
             if item is None:
                 return super().resolve_data(write_item)
-            from .. import distributed
-
             try:
                 t = _plain(item.tensor())
             except Exception as exc:  # crosses DCP's collectives as plain data
-                raise distributed.carry(exc) from None
+                raise self._carry(exc) from None
             if tuple(t.shape) != item.shape or str(t.dtype).removeprefix("torch.") != item.dtype:
-                raise distributed.carry(
+                raise self._carry(
                     RuntimeError(
                         f"{item.name!r} computed {t.dtype} {list(t.shape)}, expected {item.dtype} {list(item.shape)}"
                     )  # fmt: skip
@@ -178,7 +184,7 @@ def write_dcp(
     checkpoint_id: str,
     sync: bool = True,
     progress: Callable[[int], None] | None = None,
-    distributed: bool = False,
+    group: Collective | None = None,
 ) -> None:
     """Write ``items`` as a DCP checkpoint into the existing (temporary) ``folder``.
 
@@ -190,8 +196,8 @@ def write_dcp(
             path it writes to.
         sync: fsync every file written.
         progress: called with each tensor's bytes once it is written.
-        distributed: save under the default process group (every rank calls this with
-            its share); else in this process alone.
+        group: the process group saving together (every rank calls this with its
+            share); None: this process alone.
 
     Raises:
         The error met while computing a tensor (on every rank, under a process group),
@@ -201,18 +207,52 @@ def write_dcp(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from .. import distributed as dist_mod
-
     planner_cls, writer_cls = _classes()
     state = {i.name: torch.empty(i.shape, dtype=getattr(torch, i.dtype), device="meta") for i in items}
-    planner = planner_cls({i.name: i for i in items}, progress)
+    carry = group.carry if group is not None else (lambda exc: exc)
+    planner = planner_cls({i.name: i for i in items}, progress, carry)
     writer = writer_cls(folder, checkpoint_id, sync=sync, progress=progress)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group: saving in a single process"
-            dcp.save(state, storage_writer=writer, planner=planner, no_dist=not distributed)
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=group is None)
     except CheckpointException as exc:
         failures = exc.failures
         rank = min(failures)
-        first = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
-        raise dist_mod.uncarry(first) from None
+        failure: Any = failures[rank]
+        first: BaseException = failure[0] if isinstance(failure, tuple) else failure
+        raise (group.uncarry(first) if group is not None else first) from None
+
+
+def dcp_items(ckpt: Checkpoint) -> tuple[list[DcpItem], list[str]]:
+    """Every name of ``ckpt`` as a DCP state dict item, in natural order: DCP has no
+    aliases, so an alias is written as its value (a tensor of its own), as
+    ``dcp.save(model.state_dict())`` writes tied weights. Returns ``(items, aliases)``."""
+    items: list[DcpItem] = []
+    for name in ckpt.names():
+        e = ckpt.stored.get(name)
+        if e is not None:
+            items.append(DcpItem(name, e.dtype, tuple(e.shape), e.nbytes, functools.partial(e.tensor, "cpu")))
+        else:
+            a = ckpt.aliases[name]
+            items.append(DcpItem(name, a.dtype, tuple(a.shape), a.nbytes, functools.partial(_alias_value, a)))
+    return items, [n for n in ckpt.names() if n in ckpt.aliases]
+
+
+def _alias_value(a: Any) -> Any:
+    return a.transform.apply(a.base.tensor("cpu"))
+
+
+def write(
+    ckpt: Checkpoint, folder: str, options: WriteOptions, group: Collective | None, final: str
+) -> tuple[list[str], list[str]]:
+    """A DCP checkpoint of ``ckpt`` in the (temporary) ``folder``, recorded as ``final``;
+    under a process group each rank writes its share (balanced by bytes). Returns
+    ``(metadata keys not kept, aliases written as values)``."""
+    items, as_values = dcp_items(ckpt)
+    if group is not None:
+        owner = group.owners([i.nbytes for i in items])
+        items = [i for i, o in zip(items, owner, strict=True) if o == group.rank]
+        group.exchange("dcp")  # every rank is ready: DCP's own collectives follow
+    write_dcp(folder, items, checkpoint_id=final, sync=options.sync, progress=options.progress, group=group)
+    return sorted(k for k in ckpt.metadata if k != "format"), as_values

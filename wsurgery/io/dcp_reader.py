@@ -9,7 +9,7 @@ are read and assembled when the tensor is asked for, one tensor at a time; a ten
 whole by one chunk whose bytes lie verbatim in a file is written by copying those bytes.
 
 For a later DCP writer or a rank-split diff: :func:`open_layout` gives the tensors as
-``formats.dcp.TensorPlan`` objects (dtype, global shape, chunk boxes and their sources),
+``io.dcp.TensorPlan`` objects (dtype, global shape, chunk boxes and their sources),
 without building a ``Checkpoint``.
 """
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import Checkpoint, Stored
-from .errors import InputError
-from .formats import layouts
-from .formats.dcp import (
+from ..errors import InputError
+from ..model import ByteSink, Checkpoint, Stored
+from . import layouts
+from .dcp import (
     MEGATRON_COMMON,
     Layout,
     Resources,
@@ -29,8 +29,8 @@ from .formats.dcp import (
     open_dcp,
     open_dcp_safetensors,
 )
-from .formats.folders import DirFolder, Folder
-from .formats.writer import write_all
+from .folders import DirFolder, Folder
+from .sinks import FileSink
 
 MAX_CONFIG = 1 << 20
 MAX_LISTED = 50
@@ -71,31 +71,54 @@ class ChunkedStored(Stored):
         t = self.plan.tensor()
         return t if str(device) == "cpu" else t.to(device)
 
-    def write(self, f) -> None:
+    def write(self, f: ByteSink) -> None:
         one = self.plan.whole()
-        if one is not None:
-            one.write_to(f)
+        if one is not None and isinstance(f, FileSink):
+            one.write_to(f.f)  # copied in the kernel when the bytes lie verbatim in a file
+        elif one is not None:
+            f.write_bytes(one.array().reshape(-1))
         else:
-            write_all(f, self.plan.array().reshape(-1))
+            f.write_bytes(self.plan.array().reshape(-1))
 
 
-def _checkpoint(layout: Layout, path: str, fmt: str) -> Checkpoint:
-    stored: dict[str, Stored] = {n: ChunkedStored(p, layout.resources) for n, p in layout.tensors.items()}
-    return Checkpoint(
-        stored,
-        {},
-        dict(layout.metadata),
-        path=path,
-        format=fmt,
-        skipped=list(layout.skipped),
-        input_files=[os.path.abspath(p) for p in layout.input_files],
-    )
+class _Parts:
+    """What a checkpoint is made of, gathered before the one constructor call."""
+
+    def __init__(self, path: str, fmt: str):
+        self.path, self.format = path, fmt
+        self.stored: dict[str, Stored] = {}
+        self.aliases: dict = {}
+        self.metadata: dict[str, str] = {}
+        self.skipped: list[str] = []
+        self.container: str | None = None
+        self.input_files: list[str] = []
+
+    def build(self) -> Checkpoint:
+        return Checkpoint(
+            self.stored,
+            self.aliases,
+            self.metadata,
+            path=self.path,
+            format=self.format,
+            skipped=self.skipped,
+            container=self.container,
+            input_files=self.input_files,
+        )
+
+
+def _parts(layout: Layout, path: str, fmt: str) -> _Parts:
+    parts = _Parts(path, fmt)
+    parts.stored = {n: ChunkedStored(p, layout.resources) for n, p in layout.tensors.items()}
+    parts.metadata = dict(layout.metadata)
+    parts.skipped = list(layout.skipped)
+    parts.input_files = [os.path.abspath(p) for p in layout.input_files]
+    return parts
 
 
 def _torch_file(folder: Folder, name: str):
     """A torch checkpoint inside a folder (a file, or an archive member), safely loaded."""
-    from .formats.pickles import load_pickle
-    from .formats.ranges import ByteRange, load_state_dict, tensorless_state
+    from .pickles import load_pickle
+    from .ranges import ByteRange, load_state_dict, tensorless_state
 
     loc = folder.locate(name)
     tensorless = tensorless_state(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
@@ -111,19 +134,19 @@ def _torch_file(folder: Folder, name: str):
     return load_state_dict(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
 
 
-def _add_torch_file(ckpt: Checkpoint, folder: Folder, name: str, *, prefix_skipped: bool) -> None:
-    """Merge the tensors (and skipped entries) of a torch file into ``ckpt``."""
-    from .readers import from_tensors
+def _add_torch_file(parts: _Parts, folder: Folder, name: str, *, prefix_skipped: bool) -> None:
+    """Merge the tensors (and skipped entries) of a torch file into ``parts``."""
+    from .torch_format import from_tensors
 
     result = _torch_file(folder, name)
-    inner = from_tensors(result.tensors, path=folder.shown(name), fmt=ckpt.format)
-    clash = sorted(set(inner.stored).union(inner.aliases) & set(ckpt.stored))
+    inner = from_tensors(result.tensors, path=folder.shown(name), fmt=parts.format)
+    clash = sorted(set(inner.stored).union(inner.aliases) & set(parts.stored))
     if clash:
         raise InputError(f"{folder.shown(name)}: tensor {clash[0]!r} is also a tensor of the distributed checkpoint")
-    ckpt.stored.update(inner.stored)
-    ckpt.aliases.update(inner.aliases)
-    ckpt.skipped.extend(f"{name}: {s}" if prefix_skipped else s for s in result.skipped)
-    ckpt.container = result.container
+    parts.stored.update(inner.stored)
+    parts.aliases.update(inner.aliases)
+    parts.skipped.extend(f"{name}: {s}" if prefix_skipped else s for s in result.skipped)
+    parts.container = result.container
 
 
 def _text(folder: Folder, name: str) -> str:
@@ -136,11 +159,11 @@ def open_layout(folder: Folder, fmt: str, resources: Resources | None = None) ->
     Args:
         folder: a DCP, DCP-safetensors or Megatron ``torch_dist`` folder (on disk or in an
             archive).
-        fmt: its layout (``formats.layouts.DCP``, ``DCP_SAFETENSORS`` or ``MEGATRON``).
+        fmt: its layout (``io.layouts.DCP``, ``DCP_SAFETENSORS`` or ``MEGATRON``).
         resources: files to share with other parts of one checkpoint.
 
     Returns:
-        A ``formats.dcp.Layout``: ``tensors`` maps each name to a ``TensorPlan`` (dtype,
+        A ``io.dcp.Layout``: ``tensors`` maps each name to a ``TensorPlan`` (dtype,
         global shape, chunk boxes with their sources), with ``skipped``, ``metadata`` and
         ``input_files``.
 
@@ -160,23 +183,23 @@ def open_layout(folder: Folder, fmt: str, resources: Resources | None = None) ->
     return open_dcp(folder, resources)
 
 
-def _megatron(folder: Folder, path: str, fmt: str, res: Resources | None = None) -> Checkpoint:
+def _megatron(folder: Folder, path: str, fmt: str, res: Resources | None = None) -> _Parts:
     layout = open_layout(folder, layouts.MEGATRON, res)
-    ckpt = _checkpoint(layout, path, fmt)
+    parts = _parts(layout, path, fmt)
     if folder.exists(MEGATRON_COMMON):
-        _add_torch_file(ckpt, folder, MEGATRON_COMMON, prefix_skipped=True)
-        ckpt.input_files.append(os.path.abspath(folder.locate(MEGATRON_COMMON).path))
-    ckpt.input_files = sorted(set(ckpt.input_files))
-    return ckpt
+        _add_torch_file(parts, folder, MEGATRON_COMMON, prefix_skipped=True)
+        parts.input_files.append(os.path.abspath(folder.locate(MEGATRON_COMMON).path))
+    parts.input_files = sorted(set(parts.input_files))
+    return parts
 
 
-def _weights_folder(folder: Folder, path: str, fmt: str, res: Resources | None = None) -> Checkpoint:
+def _weights_folder(folder: Folder, path: str, fmt: str, res: Resources | None = None) -> _Parts:
     """A torch_dist folder, or a bare DCP folder."""
     if folder.exists("metadata.json"):
         return _megatron(folder, path, fmt, res)
     if not folder.exists(".metadata"):
         raise InputError(f"{folder.root}: neither a torch_dist (metadata.json) nor a DCP (.metadata) checkpoint")
-    return _checkpoint(open_layout(folder, layouts.DCP, res), path, fmt)
+    return _parts(open_layout(folder, layouts.DCP, res), path, fmt)
 
 
 def _listing(names: list[str]) -> str:
@@ -198,14 +221,14 @@ def load_nemo2(path: str) -> Checkpoint:
         >>> ckpt = load_nemo2("nemo2_ckpt")  # doctest: +SKIP
     """
     top = DirFolder(path)
-    ckpt = _weights_folder(top.sub("weights"), path, layouts.NEMO2)
+    parts = _weights_folder(top.sub("weights"), path, layouts.NEMO2)
     context = top.sub("context")
     names = context.names() if os.path.isdir(context.root) else []
     if names:
-        ckpt.metadata["nemo.context"] = _listing(names)
+        parts.metadata["nemo.context"] = _listing(names)
     if "model.yaml" in names:
-        ckpt.metadata["nemo.model_config"] = _text(context, "model.yaml")
-    return ckpt
+        parts.metadata["nemo.model_config"] = _text(context, "model.yaml")
+    return parts.build()
 
 
 def load_nemo(path: str) -> Checkpoint:
@@ -228,8 +251,8 @@ def load_nemo(path: str) -> Checkpoint:
     Example:
         >>> ckpt = load_nemo("megatron_gpt.nemo/mp_rank_00")  # doctest: +SKIP
     """
-    from .formats.layouts import ModelParallelArchiveError
-    from .formats.nemo import DIST_WEIGHTS, WEIGHTS, open_archive
+    from .layouts import ModelParallelArchiveError
+    from .nemo import DIST_WEIGHTS, WEIGHTS, open_archive
 
     archive_path, rank = path, None
     if not os.path.exists(path):
@@ -258,29 +281,29 @@ def load_nemo(path: str) -> Checkpoint:
             res = Resources()
             res.cleanups.append(arc.close)
             keep = True
-            ckpt = _weights_folder(arc.folder.sub(DIST_WEIGHTS), shown, layouts.NEMO, res)
+            parts = _weights_folder(arc.folder.sub(DIST_WEIGHTS), shown, layouts.NEMO, res)
         else:
             member = WEIGHTS if rank is None else f"{rank}/{WEIGHTS}"
-            ckpt = Checkpoint({}, {}, {}, path=shown, format=layouts.NEMO)
-            _add_torch_file(ckpt, arc.folder, member, prefix_skipped=False)
+            parts = _Parts(shown, layouts.NEMO)
+            _add_torch_file(parts, arc.folder, member, prefix_skipped=False)
         if config is not None:
-            ckpt.metadata["nemo.model_config"] = config
+            parts.metadata["nemo.model_config"] = config
         if ranks:
-            ckpt.metadata["nemo.ranks"] = _listing(ranks)
+            parts.metadata["nemo.ranks"] = _listing(ranks)
         if rank is not None:
-            ckpt.metadata["nemo.rank"] = rank
-        ckpt.input_files = [os.path.abspath(archive_path)]
-        return ckpt
+            parts.metadata["nemo.rank"] = rank
+        parts.input_files = [os.path.abspath(archive_path)]
+        return parts.build()
     finally:
         if not keep:
             arc.close()  # a decompressed weights file stays readable through its mapping
 
 
 def load_distributed(path: str, fmt: str) -> Checkpoint:
-    """Open a checkpoint of a distributed layout (``formats.layouts.DISTRIBUTED``) lazily.
+    """Open a checkpoint of a distributed layout (``io.layouts.DISTRIBUTED``) lazily.
 
     Args:
-        path: the folder or archive (as ``formats.sniff.sniff`` resolved it).
+        path: the folder or archive (as ``io.sniff.sniff`` resolved it).
         fmt: its layout.
 
     Returns:
@@ -295,5 +318,5 @@ def load_distributed(path: str, fmt: str) -> Checkpoint:
         return load_nemo2(path)
     folder = DirFolder(path)
     if fmt == layouts.MEGATRON:
-        return _megatron(folder, path, fmt)
-    return _checkpoint(open_layout(folder, fmt), path, fmt)
+        return _megatron(folder, path, fmt).build()
+    return _parts(open_layout(folder, fmt), path, fmt).build()

@@ -9,7 +9,7 @@
   (:func:`config_updates`): ``torch_dtype``/``dtype`` (the dtype most floating
   parameters have), the layer count (``num_hidden_layers``, ``n_layer``, ``num_layers``,
   ``n_layers``) where the weights hold another number of layers; ``tie_word_embeddings``
-  is kept true by :func:`wsurgery.hf.config_for_output`.
+  is kept true by :func:`wsurgery.io.hf_config.config_for_output`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..checkpoint import Checkpoint
+    from ..model import Checkpoint
 
 DTYPE_KEYS = ("torch_dtype", "dtype")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -34,7 +34,7 @@ def unrestored_aliases(ckpt: Checkpoint, config: dict) -> list[str]:
     """The aliases of ``ckpt`` that ``from_pretrained`` would not restore: all but the
     head tied to the embedding without a transform (either way round), which a config
     true to the ties (``tie_word_embeddings``) declares."""
-    from ..hf import head_and_embedding
+    from .hf_config import head_and_embedding
 
     head, embedding = head_and_embedding(config, ckpt.names())
     out = []
@@ -48,7 +48,7 @@ def unrestored_aliases(ckpt: Checkpoint, config: dict) -> list[str]:
 
 def as_values(ckpt: Checkpoint, names: list[str]) -> Checkpoint:
     """``ckpt`` with the aliases ``names`` stored as tensors of their own (their values)."""
-    from ..checkpoint import ComputedStored
+    from ..expressions import ComputedStored
 
     if not names:
         return ckpt
@@ -154,7 +154,7 @@ def for_folder_output(ckpt: Checkpoint, config: dict, *, safetensors: bool, keep
             storage, which ``torch.load`` reads as tensors: nothing to do).
         keep_aliases: keep every alias as an alias (a wsurgery record).
     """
-    from ..hf import config_for_output, dump_config
+    from .hf_config import config_for_output, dump_config
 
     names = [] if keep_aliases or not safetensors else unrestored_aliases(ckpt, config)
     ckpt = as_values(ckpt, names)

@@ -40,8 +40,9 @@ def _inside(folder: str, rel: str) -> bool:
     return os.path.commonpath([root, target]) == root
 
 
-def open_index(path) -> ShardedIndex:
-    """Parse the index and validate every shard and its agreement with ``weight_map``."""
+def read_index(path) -> tuple[dict, dict[str, str], str]:
+    """Parse an index (``*.index.json``): ``(metadata, weight_map, folder)``; any index
+    whose ``weight_map`` maps tensor names to shard files (safetensors or torch)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -65,10 +66,13 @@ def open_index(path) -> ShardedIndex:
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise _fail(path, '"metadata" is not an object')
-    folder = os.path.dirname(os.path.abspath(path))
+    return metadata, dict(weight_map), os.path.dirname(os.path.abspath(path))
 
-    shards: dict[str, SafetensorsFile] = {}
-    by_real: dict[str, tuple[str, SafetensorsFile]] = {}  # two spellings of one file: one shard
+
+def shard_files(path: str, folder: str, weight_map: dict[str, str]) -> dict[str, str]:
+    """Every shard the index names -> its real path; a shard that leaves the folder or
+    does not exist is refused. Two spellings of one file have one real path."""
+    out: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
         if not _inside(folder, shard):
             raise _fail(path, f"shard path {short(shard)} leaves the checkpoint's folder")
@@ -78,23 +82,43 @@ def open_index(path) -> ShardedIndex:
                 f"{path}: shard {short(shard)} named in weight_map does not exist",
                 hint="copy the missing shard beside the index, or pass a complete checkpoint folder",
             )
-        real = os.path.realpath(shard_path)
-        if real not in by_real:
-            by_real[real] = (shard, SafetensorsFile.open(shard_path))
-        shards[shard] = by_real[real][1]
+        out[shard] = os.path.realpath(shard_path)
+    return out
 
+
+def check_agreement(path: str, weight_map: dict[str, str], held: dict[str, list[str]]) -> None:
+    """The index and its shards agree: ``held`` maps each distinct shard (one spelling)
+    to the names it holds; every name is in exactly one shard, the one the index says."""
     owner: dict[str, str] = {}
-    for shard, sf in by_real.values():
-        for name in sf.tensors:
+    for shard, names in held.items():
+        for name in names:
             if name in owner:
                 raise _fail(path, f"tensor {short(name)} is stored in two shards: {owner[name]!r} and {shard!r}")
             owner[name] = shard
-    canonical = {shard: by_real[os.path.realpath(os.path.join(folder, shard))][0] for shard in shards}
     for name, shard in weight_map.items():
-        if owner.get(name) != canonical[shard]:
+        if owner.get(name) != shard:
             where = f"it is in {owner[name]!r}" if name in owner else "no shard holds it"
             raise _fail(path, f"weight_map puts {short(name)} in {shard!r} but {where}")
     for name, shard in owner.items():
         if name not in weight_map:
             raise _fail(path, f"shard {shard!r} holds {short(name)}, which weight_map does not list")
-    return ShardedIndex(path=path, folder=folder, metadata=metadata, weight_map=dict(weight_map), shards=shards)
+
+
+def open_index(path) -> ShardedIndex:
+    """Parse the index and validate every shard and its agreement with ``weight_map``."""
+    path = os.fspath(path)
+    metadata, weight_map, folder = read_index(path)
+    files = shard_files(path, folder, weight_map)
+    shards: dict[str, SafetensorsFile] = {}
+    by_real: dict[str, tuple[str, SafetensorsFile]] = {}  # two spellings of one file: one shard
+    for shard, real in files.items():
+        if real not in by_real:
+            by_real[real] = (shard, SafetensorsFile.open(os.path.join(folder, shard)))
+        shards[shard] = by_real[real][1]
+    canonical = {shard: by_real[files[shard]][0] for shard in shards}
+    check_agreement(
+        path,
+        {n: canonical[s] for n, s in weight_map.items()},
+        {shard: list(sf.tensors) for shard, sf in by_real.values()},
+    )
+    return ShardedIndex(path=path, folder=folder, metadata=metadata, weight_map=weight_map, shards=shards)

@@ -154,10 +154,6 @@ def open_folder(folder: str) -> ModelFolder:
     except OSError as exc:
         raise InputError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
     weights = next((os.path.join(folder, n) for n in WEIGHTS if os.path.isfile(os.path.join(folder, n))), None)
-    if weights is not None and weights.endswith(".bin.index.json"):
-        raise InputError(
-            f"{weights}: sharded .bin checkpoints are not read", hint="pass one shard file, or convert the model first"
-        )
     config = config_bytes = None
     files, left = [], []
     for name in names:

@@ -2,8 +2,8 @@
 ``.distcp`` file), a ``.nemo`` archive's ``model_weights.ckpt`` (a tar member).
 
 Such a file goes through exactly the checks of any torch file (the pickles package's
-:func:`~wsurgery.formats.pickles.scan`, then ``torch.load(weights_only=True)``, or
-:func:`~wsurgery.formats.pickles.load_pickle` with its restricted fallback), which read
+:func:`~wsurgery.io.pickles.scan`, then ``torch.load(weights_only=True)``, or
+:func:`~wsurgery.io.pickles.load_pickle` with its restricted fallback), which read
 a file by path. So the range is *staged*: a private scratch file (an in-memory
 ``memfd`` on Linux, a temporary file elsewhere or when large) that holds the range's
 bytes, except that the payload of every large stored ``data/<key>`` zip entry is left
@@ -372,7 +372,7 @@ def tensorless_state(rng: ByteRange):
         rng: where the checkpoint lies (a whole file, or a range of one).
 
     Returns:
-        A :class:`~wsurgery.formats.pickles.PickleResult` with no tensors and one skipped
+        A :class:`~wsurgery.io.pickles.PickleResult` with no tensors and one skipped
         line per top-level entry (unknown classes are inert placeholders, as the restricted
         unpickler makes them), or None when the file may hold a tensor (any storage, any
         tensor-making global), is not a zip, or is not a dict of string keys: the caller
@@ -466,13 +466,13 @@ class FileMaps:
 
 def load_state_dict(rng: ByteRange):
     """Load a torch checkpoint (a state dict) that lies in a byte range, as
-    :func:`~wsurgery.formats.pickles.load_pickle` loads a file.
+    :func:`~wsurgery.io.pickles.load_pickle` loads a file.
 
     Args:
         rng: where the checkpoint lies.
 
     Returns:
-        A :class:`~wsurgery.formats.pickles.PickleResult` whose tensors lie over a private
+        A :class:`~wsurgery.io.pickles.PickleResult` whose tensors lie over a private
         mapping of the original file (small ones over the scratch copy).
 
     Raises:

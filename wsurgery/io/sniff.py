@@ -23,6 +23,7 @@ SAFETENSORS = "safetensors"
 SHARDED = "safetensors-sharded"
 TORCH_ZIP = "torch-zip"
 TORCH_LEGACY = "torch-legacy"
+TORCH_SHARDED = "torch-sharded"
 
 INDEX_SUFFIX = ".index.json"
 
@@ -107,9 +108,9 @@ def sniff(path: str) -> tuple[str, str]:
     if is_archive(block):  # a NeMo 1 .nemo: tar or tar.gz (neither has "{" at byte 8 nor 0x80 at 0)
         return NEMO, path
     stripped = head.lstrip()
-    if stripped.startswith(b"{"):
+    if stripped.startswith(b"{"):  # an index: its name says whose shards it lists
         _refuse_model_config(path)
-        return SHARDED, path
+        return (TORCH_SHARDED if path.endswith(".bin" + INDEX_SUFFIX) else SHARDED), path
     if len(head) >= 8:
         # A safetensors prefix whose header is broken: let the strict parser say why.
         (n,) = struct.unpack("<Q", head[:8])

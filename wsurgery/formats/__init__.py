@@ -1,1 +1,0 @@
-"""Bytes and files: safetensors headers, sharded indexes, torch pickles, atomic writers."""
