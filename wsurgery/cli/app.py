@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 
 from . import apply, cast, check, concat, convert, copy, diff, drop, inspect_cmd, keep, rename, split, stack, tie, untie
+from . import merge as merge_cmd
+from . import merge_lora as merge_lora_cmd
 from ._errors import _emit_error_json, exit_code_for, one_line, says_nothing, stdout_error, stdout_failed
 
 app = typer.Typer(
@@ -69,6 +71,8 @@ for _name, _fn in [
     ("convert", convert.convert),
     ("diff", diff.diff),
     ("check", check.check),
+    ("merge", merge_cmd.merge),
+    ("merge-lora", merge_lora_cmd.merge_lora),
 ]:
     app.command(_name, help=_help(_fn))(_fn)
 
