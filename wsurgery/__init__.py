@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # wsurgery.distributed.session() (scale-out) and wsurgery.testing.assert_checkpoint_equal; neither imports torch
 from . import distributed, testing  # noqa: E402, F401
-from .api import apply, check, convert, diff, load, load_state_dict, open, save_state_dict  # noqa: E402
+from .api import apply, check, convert, diff, load, load_state_dict, merge, open, save_state_dict  # noqa: E402
 from .checkpoint import Checkpoint, Derived, SaveResult  # noqa: E402
 from .errors import (  # noqa: E402
     InputError,
@@ -41,6 +41,7 @@ __all__ = [
     "diff",
     "load",
     "load_state_dict",
+    "merge",
     "open",
     "save_state_dict",
     "testing",

@@ -330,3 +330,16 @@ def check(
         min_cosine=min_cosine,
         tuning=tuning,
     )
+
+
+def merge(checkpoints, **kwargs) -> Checkpoint:
+    """Merge checkpoints of one architecture tensor by tensor, lazily (``method`` mean,
+    task-arithmetic, ties or slerp; ``weights``, ``base``, ``density``, ``t``, ``only``,
+    ``dtype``, ``device``): see :func:`wsurgery.surgery.merge.merge`.
+
+    Example:
+        >>> wsurgery.merge(["ft1/", "ft2/"], method="ties", base="base/", density=0.5).save("merged/")  # doctest: +SKIP
+    """
+    from .surgery.merge import merge as _merge
+
+    return _merge(checkpoints, **kwargs)

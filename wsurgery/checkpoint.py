@@ -740,6 +740,17 @@ class Checkpoint:
 
         return unstack(self, src, template, dim, new=new)
 
+    def merge_lora(self, adapter, weight=None, *, device="cpu") -> Checkpoint:
+        """PEFT LoRA adapters (folders, in order; ``weight`` one multiplier each) folded in,
+        as ``merge_and_unload`` does: see :func:`wsurgery.surgery.lora.merge_lora`.
+
+        Example:
+            >>> merged = base.merge_lora("my-lora/")  # doctest: +SKIP
+        """
+        from .surgery.lora import merge_lora
+
+        return merge_lora(self, adapter, weight, device=device)
+
     # -- writing -------------------------------------------------------------------
     def _write_items(self):
         from .formats.writer import WriteItem
