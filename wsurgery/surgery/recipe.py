@@ -33,6 +33,7 @@ from .. import dtypes
 from ..checkpoint import Checkpoint, SaveResult
 from ..errors import InputError, Problem, SurgeryError, TransformError, UnknownNameError, UsageError
 from ..transforms import parse as parse_transform
+from .merge_steps import register as _register_merges
 from .ops import matches
 
 SCHEMA = "wsurgery.recipe/1"
@@ -444,7 +445,6 @@ _STEPS: dict[str, dict[str, _Field] | Callable] = {
     "stack": {"src": _Field(_template, True), "dst": _Field(_name, True), "dim": _DIM, "new": _NEW},
     "unstack": {"src": _Field(_name, True), "dst": _Field(_template, True), "dim": _DIM, "new": _NEW},
 }
-KINDS = tuple(_STEPS)
 
 
 def _other(inputs: Mapping[str, Checkpoint], name: str | None) -> Checkpoint | None:
@@ -465,6 +465,8 @@ _RUN: dict[str, Callable[[Checkpoint, dict, Mapping[str, Checkpoint]], Checkpoin
     "stack": lambda c, a, i: c.stack(a["src"], a["dst"], a["dim"], new=a["new"]),
     "unstack": lambda c, a, i: c.unstack(a["src"], a["dst"], a["dim"], new=a["new"]),
 }
+_register_merges(_STEPS, _RUN)  # merge and merge_lora (surgery/merge_steps.py)
+KINDS = tuple(_STEPS)
 
 
 @dataclass(frozen=True)
