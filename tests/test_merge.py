@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import wsurgery  # noqa: E402
-from wsurgery.errors import SurgeryError, UsageError  # noqa: E402
+from wsurgery.errors import SurgeryError  # noqa: E402
 from wsurgery.merging import round_once, trim_cut, trim_mask  # noqa: E402
 from wsurgery.surgery.merge import merge  # noqa: E402
 
@@ -239,8 +239,13 @@ def tiny_llamas(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("llamas")
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(cfg)
@@ -258,22 +263,44 @@ def tiny_llamas(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize(
-    "method, ours, theirs",
-    [
-        ("mean", {"weights": [1.0, 3.0]}, "merge_method: linear\nmodels:\n  - model: FT0\n    parameters: {weight: 1.0}\n  - model: FT1\n    parameters: {weight: 3.0}\n"),
-        ("task-arithmetic", {"weights": [0.6, 0.8]}, "merge_method: task_arithmetic\nbase_model: BASE\nmodels:\n  - model: FT0\n    parameters: {weight: 0.6}\n  - model: FT1\n    parameters: {weight: 0.8}\n"),
-        ("ties", {"weights": [1.0, 0.5], "density": 0.4}, "merge_method: ties\nbase_model: BASE\nparameters: {normalize: true}\nmodels:\n  - model: FT0\n    parameters: {weight: 1.0, density: 0.4}\n  - model: FT1\n    parameters: {weight: 0.5, density: 0.4}\n"),
-        ("slerp", {"t": 0.3}, "merge_method: slerp\nbase_model: FT0\nparameters: {t: 0.3}\nmodels:\n  - model: FT0\n  - model: FT1\n"),
-    ],
-)
-def test_agrees_with_mergekit(tmp_path, tiny_llamas, method, ours, theirs):
-    import yaml
+def _kit(method: str, models: list, base: str | None = None, **parameters) -> dict:
+    """A mergekit configuration: ``models`` as (name, its parameters)."""
+    config: dict = {"merge_method": method, "dtype": "float32"}
+    config["models"] = [{"model": m, **({"parameters": p} if p else {})} for m, p in models]
+    if base is not None:
+        config["base_model"] = base
+    if parameters:
+        config["parameters"] = parameters
+    return config
 
+
+MERGEKIT_CASES = [
+    ("mean", {"weights": [1.0, 3.0]}, _kit("linear", [("FT0", {"weight": 1.0}), ("FT1", {"weight": 3.0})])),
+    (
+        "task-arithmetic",
+        {"weights": [0.6, 0.8]},
+        _kit("task_arithmetic", [("FT0", {"weight": 0.6}), ("FT1", {"weight": 0.8})], "BASE"),
+    ),
+    (
+        "ties",
+        {"weights": [1.0, 0.5], "density": 0.4},
+        _kit(
+            "ties",
+            [("FT0", {"weight": 1.0, "density": 0.4}), ("FT1", {"weight": 0.5, "density": 0.4})],
+            "BASE",
+            normalize=True,
+        ),
+    ),
+    ("slerp", {"t": 0.3}, _kit("slerp", [("FT0", {}), ("FT1", {})], "FT0", t=0.3)),
+]
+
+
+@pytest.mark.parametrize("method, ours, theirs", MERGEKIT_CASES)
+def test_agrees_with_mergekit(tmp_path, tiny_llamas, method, ours, theirs):
     MergeConfiguration, MergeOptions, run_merge = _mergekit()
     base, ft0, ft1 = tiny_llamas
-    text = theirs.replace("BASE", str(base)).replace("FT0", str(ft0)).replace("FT1", str(ft1)) + "dtype: float32\n"
-    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    text = json.dumps(theirs).replace("BASE", str(base)).replace("FT0", str(ft0)).replace("FT1", str(ft1))
+    config = MergeConfiguration.model_validate(json.loads(text))
     run_merge(config, str(tmp_path / "mk"), options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
     kit = wsurgery.load_state_dict(tmp_path / "mk")
     kw = dict(ours)

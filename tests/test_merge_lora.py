@@ -126,7 +126,9 @@ def test_embedding_adapter_and_rslora(tmp_path):
         merge_lora(base, adapter_dir).save(tmp_path / "merged.safetensors")
     ours = wsurgery.load_state_dict(tmp_path / "merged.safetensors")
     _assert_close_to_peft(ours, theirs)
-    assert not torch.allclose(ours["model.embed_tokens.weight"], wsurgery.load_state_dict(base_dir)["model.embed_tokens.weight"])
+    assert not torch.allclose(
+        ours["model.embed_tokens.weight"], wsurgery.load_state_dict(base_dir)["model.embed_tokens.weight"]
+    )
 
 
 def test_conv2d_adapter(tmp_path):
@@ -179,8 +181,13 @@ def test_pattern_key_follows_peft():
     from peft.utils.other import get_pattern_key
 
     patterns = ["q_proj", "layers.1.self_attn.k_proj", "mlp\\..*_proj"]
-    for module in ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.0.self_attn.k_proj",
-                   "model.layers.0.mlp.up_proj", "xq_proj"]:
+    for module in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.mlp.up_proj",
+        "xq_proj",
+    ]:
         want = get_pattern_key(patterns, module)
         got = pattern_key(patterns, module)
         assert (got or module) == want
@@ -190,8 +197,14 @@ def test_adapter_that_does_not_fit_lists_every_module(tmp_path):
     config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"])
     _, adapter_dir, _, _ = _make(tmp_path, _llama, config)
     other = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)
+        transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     )
     other.save_pretrained(tmp_path / "other")
     with wsurgery.open(tmp_path / "other") as b, pytest.raises(SurgeryError) as err:

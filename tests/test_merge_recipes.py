@@ -41,8 +41,10 @@ def test_merge_step_uses_the_steps_before_it_and_checks_parameters(tmp_path):
     recipe = {
         "version": 1,
         "inputs": {"base": str(paths[0]), "a": str(paths[1]), "b": str(paths[2])},
-        "steps": [{"merge": {"inputs": ["a", "b"], "method": "ties", "base": "base", "density": 0.5}},
-                  {"rename": {"pattern": "^w$", "to": "weight"}}],
+        "steps": [
+            {"merge": {"inputs": ["a", "b"], "method": "ties", "base": "base", "density": 0.5}},
+            {"rename": {"pattern": "^w$", "to": "weight"}},
+        ],
     }
     result = wsurgery.apply(recipe, out=tmp_path / "o.safetensors")
     assert result.steps == 2
@@ -63,19 +65,33 @@ def test_merge_lora_example(tmp_path, cli):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     torch.manual_seed(0)
-    m = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    m = peft.get_peft_model(
+        transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    )
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 p.normal_()
     m.save_pretrained(tmp_path / "lora")
     ref = m.merge_and_unload().state_dict()
-    code, _, err = cli("apply", EXAMPLES / "merge_lora_adapter.yaml", str(tmp_path / "base"), str(tmp_path / "lora"),
-                       "-o", str(tmp_path / "merged"))
+    code, _, err = cli(
+        "apply",
+        EXAMPLES / "merge_lora_adapter.yaml",
+        str(tmp_path / "base"),
+        str(tmp_path / "lora"),
+        "-o",
+        str(tmp_path / "merged"),
+    )
     assert code == 0, err
     got = wsurgery.load_state_dict(tmp_path / "merged")
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -47,16 +47,23 @@ def merge(
     ] = None,
     base: Annotated[
         Optional[Path],
-        typer.Option("--base", readable=False, help="The base checkpoint of task-arithmetic and ties.", show_default=False),
+        typer.Option(
+            "--base", readable=False, help="The base checkpoint of task-arithmetic and ties.", show_default=False
+        ),
     ] = None,
     density: Annotated[
         Optional[float], typer.Option("--density", help="ties: the fraction of each task vector kept, in (0, 1].")
     ] = None,
-    t: Annotated[Optional[float], typer.Option("--t", help="slerp: in [0, 1]; 0 gives the first CKPT (default 0.5).")] = None,
+    t: Annotated[
+        Optional[float], typer.Option("--t", help="slerp: in [0, 1]; 0 gives the first CKPT (default 0.5).")
+    ] = None,
     only: Annotated[
         Optional[list[str]],
-        typer.Option("--only", metavar="SELECTOR", help="Merge only these names (name, prefix or glob; repeatable); "
-                     "the rest is carried from the first CKPT."),
+        typer.Option(
+            "--only",
+            metavar="SELECTOR",
+            help="Merge only these names (name, prefix or glob; repeatable); the rest is carried from the first CKPT.",
+        ),
     ] = None,
     dtype: Annotated[
         Optional[str], typer.Option("--dtype", help="The output's floating dtype (default: the first CKPT's).")

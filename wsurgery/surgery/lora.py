@@ -29,7 +29,9 @@ from .ops import Op, refuse
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIXES = ("base_model.model.", "base_model.")
-_LORA = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)$")
+_LORA = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)$"
+)
 
 
 @dataclass
@@ -187,7 +189,12 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
         kind = "embedding" if emb else ("conv" if len(a.shape) == 4 else "linear")
         if emb:
             want = (shape[1], shape[0])
-            ok = len(a.shape) == 2 and len(b.shape) == 2 and (b.shape[0], a.shape[1]) == want and b.shape[1] == a.shape[0]
+            ok = (
+                len(a.shape) == 2
+                and len(b.shape) == 2
+                and (b.shape[0], a.shape[1]) == want
+                and b.shape[1] == a.shape[0]
+            )
         elif kind == "conv":
             ok = len(shape) == 4 and b.shape[0] == shape[0] and a.shape[1] == shape[1] and b.shape[1] == a.shape[0]
         else:
@@ -195,13 +202,17 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
             ok = len(a.shape) == 2 and len(b.shape) == 2 and b.shape[1] == a.shape[0]
             ok = ok and (shape == (out_in[1], out_in[0]) if fan else shape == out_in)
         if ok and r != rank:
-            problems.append(Problem(f"merge_lora: {adapter.path}: {module} has rank {rank} but the config says r={r}", names=(target,)))
+            problems.append(
+                Problem(
+                    f"merge_lora: {adapter.path}: {module} has rank {rank} but the config says r={r}", names=(target,)
+                )
+            )
             continue
         if not ok:
             problems.append(
                 Problem(
-                    f"merge_lora: {adapter.path}: {module}'s update (A {list(a.shape)}, B {list(b.shape)}) does not fit "
-                    f"{target} {list(shape)}",
+                    f"merge_lora: {adapter.path}: {module}'s update (A {list(a.shape)}, B {list(b.shape)}) "
+                    f"does not fit {target} {list(shape)}",
                     names=(target,),
                 )
             )
@@ -219,7 +230,10 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
         shape, dtype = base.shape_dtype(target)
         if tuple(e.shape) != tuple(shape):
             problems.append(
-                Problem(f"merge_lora: {adapter.path}: {stripped} {list(e.shape)} does not fit {target} {list(shape)}", names=(target,))
+                Problem(
+                    f"merge_lora: {adapter.path}: {stripped} {list(e.shape)} does not fit {target} {list(shape)}",
+                    names=(target,),
+                )
             )
             continue
         src = e if isinstance(e, Stored) else e.base
@@ -293,9 +307,15 @@ def merge_lora(
         start = values.get(n)
         if start is None:
             e = base.entry(n)
-            start = e if isinstance(e, Stored) else (e.base if e.transform.is_identity else ComputedStored(n, e.base, e.transform, device))
+            start = (
+                e
+                if isinstance(e, Stored)
+                else (e.base if e.transform.is_identity else ComputedStored(n, e.base, e.transform, device))
+            )
         us = pending.get(n, [])
-        value: Stored = LoraStored(n, start, us, device=device) if us else start.renamed(n) if start.name != n else start
+        value: Stored = (
+            LoraStored(n, start, us, device=device) if us else start.renamed(n) if start.name != n else start
+        )
         note = ""
         if n in aliases:
             del aliases[n]

@@ -185,14 +185,18 @@ def merge_checkpoints(
         missing = [n for n in chosen if n not in c]
         if missing:
             shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-            problems.append(Problem(f"merge: {label} lacks {len(missing)} of the merged names: {shown}", names=tuple(missing)))
+            problems.append(
+                Problem(f"merge: {label} lacks {len(missing)} of the merged names: {shown}", names=tuple(missing))
+            )
     if not only:
         for c, label in zip(every[1:], labels[1:], strict=True):
             extra = sorted(set(c.names()) - set(names), key=natural_key)
             if extra:
                 shown = ", ".join(extra[:20]) + (f" and {len(extra) - 20} more" if len(extra) > 20 else "")
                 problems.append(
-                    Problem(f"merge: {label} holds {len(extra)} names the first input lacks: {shown}", names=tuple(extra))
+                    Problem(
+                        f"merge: {label} holds {len(extra)} names the first input lacks: {shown}", names=tuple(extra)
+                    )
                 )
     refuse(problems)
     for n in chosen:
@@ -200,7 +204,9 @@ def merge_checkpoints(
         for c, label in zip(every[1:], labels[1:], strict=True):
             s2, d2 = c.shape_dtype(n)
             if tuple(s2) != tuple(shape):
-                problems.append(Problem(f"merge: {n} has shape {list(shape)} in {labels[0]} but {list(s2)} in {label}", names=(n,)))
+                problems.append(
+                    Problem(f"merge: {n} has shape {list(shape)} in {labels[0]} but {list(s2)} in {label}", names=(n,))
+                )
             elif _is_float(d2) != _is_float(dt):
                 problems.append(Problem(f"merge: {n} is {dt} in {labels[0]} but {d2} in {label}", names=(n,)))
     refuse(problems)
@@ -211,7 +217,9 @@ def merge_checkpoints(
     ops: list[Op] = []
     label = f"merge({spec.method})"
     # Ties every input keeps alike follow their merged source; the others become values.
-    kept_ties = {n for n in first.aliases if n in chosen_set and _same_tie(every, n) and first.aliases[n].source in chosen_set}
+    kept_ties = {
+        n for n in first.aliases if n in chosen_set and _same_tie(every, n) and first.aliases[n].source in chosen_set
+    }
     for n in names:
         if n not in chosen_set:
             continue
@@ -242,6 +250,13 @@ def merge_checkpoints(
             ops.append(Op("merge", n, n, stored[n], note="carried as values: its source was merged"))
     ordered = {n: stored[n] for n in sorted(stored, key=natural_key)}
     files = list(dict.fromkeys(f for c in every for f in c.input_files))
-    result = replace(first, stored=ordered, aliases=aliases, input_files=files, changes=[*first.changes, *ops], metadata=dict(first.metadata))
+    result = replace(
+        first,
+        stored=ordered,
+        aliases=aliases,
+        input_files=files,
+        changes=[*first.changes, *ops],
+        metadata=dict(first.metadata),
+    )
     result.check_invariants()
     return result
