@@ -25,7 +25,7 @@ from .dtypes import BY_NAME
 from .errors import SurgeryError
 
 METHODS = ("mean", "task-arithmetic", "ties", "slerp")
-CHUNK = 1 << 21  # elements per float64 chunk and input (16 MiB)
+CHUNK = 1 << 20  # elements per float64 chunk and input (8 MiB)
 SLERP_LINEAR = 0.9995  # mergekit's DOT_THRESHOLD: above it, SLERP interpolates linearly
 SLERP_EPS = 1e-8  # mergekit's: a vector whose norm is at most this is not normalized
 
@@ -83,19 +83,17 @@ def round_once(x, dtype: str):
 
 def mean(xs: Sequence, weights: Sequence[float]):
     """sum(w_i x_i) / sum(w_i)."""
-    acc = None
-    for w, x in zip(weights, xs, strict=True):
-        term = x * w
-        acc = term if acc is None else acc + term
+    acc = xs[0] * weights[0]
+    for w, x in zip(weights[1:], xs[1:], strict=True):
+        acc = acc + x * w
     return acc / math.fsum(weights)
 
 
 def task_arithmetic(base, xs: Sequence, weights: Sequence[float]):
     """B + sum(w_i (x_i - B))."""
-    acc = None
-    for w, x in zip(weights, xs, strict=True):
-        term = (x - base) * w
-        acc = term if acc is None else acc + term
+    acc = (xs[0] - base) * weights[0]
+    for w, x in zip(weights[1:], xs[1:], strict=True):
+        acc = acc + (x - base) * w
     return base + acc
 
 
@@ -191,10 +189,16 @@ class _Flat:
             t = stored.tensor(device).reshape(-1)
         self.t = t
 
-    def chunk(self, a: int, b: int):
+    def chunk(self, a: int, b: int, out=None):
+        """Elements ``[a, b)`` as float64, into ``out`` (a float64 buffer of at least
+        ``b - a`` elements, reused chunk after chunk) when given."""
         import torch
 
-        return self.t[a:b].to(torch.float64)
+        if out is None:
+            return self.t[a:b].to(torch.float64)
+        view = out[: b - a]
+        view.copy_(self.t[a:b])
+        return view
 
     def done(self, a: int, b: int) -> None:
         if self.file is not None:
@@ -219,8 +223,6 @@ class MergedStored(Stored):
         device: where the arithmetic runs (``"cpu"``, ``"cuda"``).
     """
 
-    label = "merge"
-
     def __init__(
         self, name: str, inputs: Sequence[Stored], spec: MergeSpec, *, base: Stored | None, dtype: str, device="cpu"
     ):
@@ -237,8 +239,8 @@ class MergedStored(Stored):
         return (self.name,)
 
     @property
-    def how(self) -> str:
-        return self.spec.method
+    def label(self) -> str:
+        return f"merge({self.spec.method})"
 
     def _pieces(self):
         """The result, chunk by chunk in flat order, as float64 tensors on the device."""
@@ -270,14 +272,34 @@ class MergedStored(Stored):
                     x.done(lo, hi)
             s0, s1 = slerp_coefficients(spec.t, dot, math.sqrt(n0), math.sqrt(n1))
         equal_before = [0] * len(xs)
+        import torch
+
+        size = min(n, CHUNK)
+        bufs = [torch.empty(size, dtype=torch.float64, device=x.t.device) for x in every]
         for lo, hi in _chunks(n):
+            if spec.method in ("mean", "task-arithmetic"):
+                # in place, in reused buffers: the same operations, in the same order, as
+                # mean() and task_arithmetic(), without a fresh allocation per step
+                chunk = [x.chunk(lo, hi, buf) for x, buf in zip(every, bufs, strict=False)]
+                base = chunk[len(xs)] if b is not None else None
+                acc = chunk[0]
+                for i, (c, wi) in enumerate(zip(chunk[: len(xs)], w, strict=True)):
+                    if base is not None:
+                        c.sub_(base)
+                    if wi != 1.0:
+                        c.mul_(wi)
+                    if i:
+                        acc.add_(c)
+                if base is not None:
+                    acc.add_(base)
+                elif math.fsum(w) != 1.0:
+                    acc.div_(math.fsum(w))
+                yield acc
+                for x in every:
+                    x.done(lo, hi)
+                continue
             chunk = [x.chunk(lo, hi) for x in xs]
-            if spec.method == "mean":
-                out = mean(chunk, w)
-            elif spec.method == "task-arithmetic":
-                assert b is not None
-                out = task_arithmetic(b.chunk(lo, hi), chunk, w)
-            elif spec.method == "ties":
+            if spec.method == "ties":
                 assert b is not None
                 base = b.chunk(lo, hi)
                 trimmed = []

@@ -215,7 +215,6 @@ def merge_checkpoints(
     stored: dict[str, Stored] = {}
     aliases: dict[str, Derived] = {}
     ops: list[Op] = []
-    label = f"merge({spec.method})"
     # Ties every input keeps alike follow their merged source; the others become values.
     kept_ties = {
         n for n in first.aliases if n in chosen_set and _same_tie(every, n) and first.aliases[n].source in chosen_set
@@ -233,7 +232,6 @@ def merge_checkpoints(
             note = "a tie the inputs do not all store alike: written as values"
         if _is_float(dt):
             value: Stored = MergedStored(n, values, spec, base=b, dtype=dtype or dt, device=device)
-            value.label = label  # type: ignore[misc]
         else:
             value = CarriedStored(n, values, device=device)
         stored[n] = value
