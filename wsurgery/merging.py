@@ -186,7 +186,7 @@ class _Flat:
             else:
                 self.file = None
         if t is None:
-            t = stored.tensor(device).reshape(-1)
+            t = _read(stored, device).reshape(-1)
         self.t = t
 
     def chunk(self, a: int, b: int, out=None):
@@ -203,6 +203,15 @@ class _Flat:
     def done(self, a: int, b: int) -> None:
         if self.file is not None:
             self.file.release(a * self.itemsize, b * self.itemsize)
+
+
+def _read(stored: Stored, device):
+    """The whole tensor, read on ``device``; a safetensors file's mapped pages are released
+    after the copy, so they do not stay in this process's resident set."""
+    t = stored.tensor(device)
+    if isinstance(stored, FileStored):
+        stored.release()
+    return t
 
 
 def _chunks(n: int):
@@ -351,9 +360,9 @@ class CarriedStored(Stored):
     def tensor(self, device="cpu"):
         import torch
 
-        first = self.inputs[0].tensor(self.device)
+        first = _read(self.inputs[0], self.device)
         for i, s in enumerate(self.inputs[1:], start=2):
-            other = s.tensor(self.device)
+            other = _read(s, self.device)
             if other.dtype != first.dtype or not torch.equal(first, other):
                 raise SurgeryError(
                     f"merge: {self.name} is not floating and differs between input 1 and input {i}; "
@@ -430,11 +439,13 @@ class LoraStored(Stored):
     def _value(self):
         import torch
 
-        w = self.base.tensor(self.device).to(torch.float64)
+        w = _read(self.base, self.device).to(torch.float64)
         for u in self.updates:
-            a = u.a.tensor(self.device).to(torch.float64)
-            b = u.b.tensor(self.device).to(torch.float64)
-            w += lora_delta(a, b, u.kind, u.transpose, self.shape) * u.scale
+            a = _read(u.a, self.device).to(torch.float64)
+            b = _read(u.b, self.device).to(torch.float64)
+            d = lora_delta(a, b, u.kind, u.transpose, self.shape)
+            w += d.mul_(u.scale) if d.is_contiguous() else d * u.scale
+            del a, b, d
         return w
 
     def tensor(self, device="cpu"):
