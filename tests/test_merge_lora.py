@@ -244,3 +244,16 @@ def test_cli_merge_lora_folder(tmp_path, cli):
     assert json.loads(out)["schema"] == "wsurgery.merge-lora/1"
     assert (tmp_path / "merged" / "config.json").exists()
     _assert_close_to_peft(wsurgery.load_state_dict(tmp_path / "merged"), theirs)
+
+
+@pytest.mark.parametrize(
+    "model_fn, targets", [(_llama, ["q_proj", "v_proj", "down_proj"]), (_gpt2, ["c_attn", "c_fc"])]
+)
+def test_dora_equals_merge_and_unload(tmp_path, model_fn, targets):
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=targets, use_dora=True)
+    base_dir, adapter_dir, theirs, _ = _make(tmp_path, model_fn, config, seed=9)
+    names = wsurgery.open(adapter_dir / "adapter_model.safetensors").names()
+    assert any(n.endswith("lora_magnitude_vector") for n in names)
+    with wsurgery.open(base_dir) as base:
+        merge_lora(base, adapter_dir).save(tmp_path / "merged.safetensors")
+    _assert_close_to_peft(wsurgery.load_state_dict(tmp_path / "merged.safetensors"), theirs)

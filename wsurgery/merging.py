@@ -392,6 +392,7 @@ class LoraUpdate:
     scale: float
     kind: str = "linear"  # linear | embedding | conv
     transpose: bool = False
+    magnitude: Stored | None = None  # DoRA's magnitude vector (Linear only)
 
 
 def lora_delta(a, b, kind: str, transpose: bool, shape: Sequence[int]):
@@ -440,11 +441,20 @@ class LoraStored(Stored):
         import torch
 
         w = _read(self.base, self.device).to(torch.float64)
+        w0 = w.clone() if any(u.magnitude is not None for u in self.updates) else None
         for u in self.updates:
             a = _read(u.a, self.device).to(torch.float64)
             b = _read(u.b, self.device).to(torch.float64)
             d = lora_delta(a, b, u.kind, u.transpose, self.shape)
-            w += d.mul_(u.scale) if d.is_contiguous() else d * u.scale
+            d.mul_(u.scale)
+            if u.magnitude is None:
+                w += d
+            else:  # DoRA, as PEFT merges it: m / ||W0 + dW|| (per output row) times (W + dW)
+                assert w0 is not None
+                m = _read(u.magnitude, self.device).to(torch.float64)
+                rows = (w0 + d).T if u.transpose else (w0 + d)
+                factor = (m / torch.linalg.norm(rows, dim=1)).view(-1, 1)
+                w = (factor.T if u.transpose else factor) * (w + d)
             del a, b, d
         return w
 

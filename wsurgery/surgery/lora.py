@@ -9,7 +9,9 @@ tensors for ``modules_to_save`` (and embedding layers PEFT saved alongside). The
 of a module is ``s * (B @ A)`` with ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
 ``use_rslora``), ``r`` and ``lora_alpha`` taken from ``rank_pattern`` / ``alpha_pattern``
 by PEFT's rule (a pattern key matches a module name that equals it or ends with
-``.<key>``, as a regular expression).
+``.<key>``, as a regular expression). DoRA adapters of Linear layers (a
+``lora_magnitude_vector`` m) merge as PEFT merges them: m / ||W0 + dW|| * (W + dW), the
+norm per output row.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def open_adapter(adapter: str | os.PathLike | Adapter | Checkpoint) -> Adapter:
 
     Raises:
         InputError: no config or weights, or a config that is not JSON.
-        SurgeryError: an adapter type other than LoRA (IA3, LoHa, LoKr, ...), or DoRA.
+        SurgeryError: an adapter type other than LoRA (IA3, LoHa, LoKr, ...), or LoRA
+            biases.
     """
     from ..readers import load
 
@@ -101,11 +104,6 @@ def open_adapter(adapter: str | os.PathLike | Adapter | Checkpoint) -> Adapter:
     if kind != "LORA":
         raise SurgeryError(
             problems=[Problem(f"merge_lora: {folder} is a {kind} adapter; only LoRA adapters can be merged")],
-            hint="merge it with PEFT's merge_and_unload",
-        )
-    if config.get("use_dora"):
-        raise SurgeryError(
-            problems=[Problem(f"merge_lora: {folder} is a DoRA adapter (use_dora); DoRA is not merged here")],
             hint="merge it with PEFT's merge_and_unload",
         )
     if config.get("lora_bias"):
@@ -158,6 +156,9 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
     parts: dict[str, dict[str, str]] = {}
     whole: dict[str, str] = {}
     for name in adapter.weights.names():
+        if name.endswith(".lora_magnitude_vector"):
+            parts.setdefault(_strip(name[: -len(".lora_magnitude_vector")]), {})["magnitude"] = name
+            continue
         m = _LORA.match(name)
         if m is None:
             if "lora_" in name:
@@ -217,7 +218,22 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
                 )
             )
             continue
-        updates.setdefault(target, []).append(LoraUpdate(a_s, b_s, s * weight, kind, fan and kind == "linear"))
+        magnitude = None
+        if "magnitude" in got:
+            mag = adapter.weights.entry(got["magnitude"])
+            rows = shape[1] if fan else shape[0]
+            if kind != "linear" or tuple(mag.shape) != (rows,):
+                problems.append(
+                    Problem(
+                        f"merge_lora: {adapter.path}: {module} is a DoRA {kind} adapter; DoRA is merged for Linear "
+                        f"layers only (magnitude {list(mag.shape)}, weight {list(shape)})",
+                        names=(target,),
+                    )
+                )
+                continue
+            magnitude = mag if isinstance(mag, Stored) else mag.base
+        update = LoraUpdate(a_s, b_s, s * weight, kind, fan and kind == "linear", magnitude)
+        updates.setdefault(target, []).append(update)
     replaced: dict[str, Stored] = {}
     for name in whole:
         stripped = _strip(name).replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
