@@ -313,3 +313,12 @@ def test_agrees_with_mergekit(tmp_path, tiny_llamas, method, ours, theirs):
     assert (tmp_path / "ours" / "config.json").exists()  # model folder in, model folder out
     for name, ref in kit.items():
         torch.testing.assert_close(got[name], ref.to(got[name].dtype), rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_cli_default_output_is_beside_the_first_input(tmp_path, cli):
+    paths = _inputs(tmp_path, n=2)
+    before = [p.read_bytes() for p in paths]
+    code, _, err = cli("merge", *map(str, paths))
+    assert code == 0, err
+    assert (tmp_path / "m0.merged.safetensors").exists()
+    assert [p.read_bytes() for p in paths] == before

@@ -24,6 +24,16 @@ CkptsArg = Annotated[
 ]
 
 
+def beside(first: Path) -> Path:
+    """Where the output goes by default: ``<name>.merged.safetensors`` beside a file input
+    (its own ``.safetensors`` path would be the input itself); beside a folder as for every
+    command."""
+    p = Path(first)
+    if p.is_dir() or p.name.endswith(".index.json"):
+        return p
+    return p.with_name(f"{p.name.split('.')[0]}.merged{p.suffix}")
+
+
 def _weights(text: Optional[str]) -> Optional[list[float]]:
     if text is None:
         return None
@@ -85,12 +95,12 @@ def merge(
     from ..surgery.merge import merge_spec
 
     w = _weights(weights)
-    merge_spec(len(ckpts), method=method, weights=w, has_base=base is not None, density=density, t=t)  # before any read
+    spec = merge_spec(len(ckpts), method=method, weights=w, has_base=base is not None, density=density, t=t)
     result = merge_checkpoints(
         list(ckpts), method=method, weights=w, base=base, density=density, t=t, only=only, dtype=dtype, device=device
     )
     try:
-        extra = {"method": result.changes[-1].how if result.changes else method, "inputs": [str(c) for c in ckpts]}
-        return write_result("merge", ckpts[0], result, out, extra=extra)
+        extra = {"method": spec.method, "inputs": [str(c) for c in ckpts], "base": None if base is None else str(base)}
+        return write_result("merge", beside(ckpts[0]), result, out, extra=extra)
     finally:
         result.close()

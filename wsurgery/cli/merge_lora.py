@@ -9,7 +9,7 @@ import typer
 
 from ._errors import command
 from .common import CkptArg, DeviceOpt
-from .merge import _weights
+from .merge import _weights, beside
 from .options import OutputOptions, output_options
 from .output import write_result
 
@@ -51,6 +51,6 @@ def merge_lora(
     with open_checkpoint(ckpt) as c:
         result = fold(c, [str(a) for a in adapters], _weights(weights), device=device)
         try:
-            return write_result("merge-lora", ckpt, result, out, extra={"adapters": [str(a) for a in adapters]})
+            return write_result("merge-lora", beside(ckpt), result, out, extra={"adapters": [str(a) for a in adapters]})
         finally:
             result.close()
