@@ -257,3 +257,20 @@ def test_dora_equals_merge_and_unload(tmp_path, model_fn, targets):
     with wsurgery.open(base_dir) as base:
         merge_lora(base, adapter_dir).save(tmp_path / "merged.safetensors")
     _assert_close_to_peft(wsurgery.load_state_dict(tmp_path / "merged.safetensors"), theirs)
+
+
+def test_bin_adapter_and_a_base_saved_from_the_inner_model(tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"])
+    base = _llama()
+    inner = {k: v.clone() for k, v in base.model.state_dict().items()}  # layers.0..., no "model." prefix
+    wsurgery.save_state_dict(inner, tmp_path / "inner.safetensors")
+    pm = peft.get_peft_model(_llama(), config)
+    _randomize_lora(pm, 12)
+    pm.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").exists()
+    theirs = pm.merge_and_unload().model.state_dict()
+    with wsurgery.open(tmp_path / "inner.safetensors") as b:
+        merge_lora(b, tmp_path / "adapter").save(tmp_path / "out.safetensors")
+    ours = wsurgery.load_state_dict(tmp_path / "out.safetensors")
+    _assert_close_to_peft(ours, dict(theirs))
+    assert not torch.equal(ours["layers.0.mlp.up_proj.weight"], inner["layers.0.mlp.up_proj.weight"])
