@@ -214,6 +214,19 @@ def _read(stored: Stored, device):
     return t
 
 
+def _write_all(f, data) -> None:
+    """Every byte of ``data`` to ``f`` (a short write is an error), without importing a
+    writer: this module sits below the formats."""
+    import errno
+
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        if n is None or n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+
+
 def _chunks(n: int):
     for a in range(0, n, CHUNK):
         yield a, min(n, a + CHUNK)
@@ -333,10 +346,8 @@ class MergedStored(Stored):
         return out if str(out.device) == str(device) else out.to(device)
 
     def write(self, f) -> None:
-        from .formats.writer import write_all
-
         for p in self._pieces():
-            write_all(f, tensor_bytes(round_once(p, self.dtype)))
+            _write_all(f, tensor_bytes(round_once(p, self.dtype)))
 
 
 class CarriedStored(Stored):
@@ -372,9 +383,7 @@ class CarriedStored(Stored):
         return first if str(first.device) == str(device) else first.to(device)
 
     def write(self, f) -> None:
-        from .formats.writer import write_all
-
-        write_all(f, tensor_bytes(self.tensor("cpu")))
+        _write_all(f, tensor_bytes(self.tensor("cpu")))
 
 
 # --- LoRA ------------------------------------------------------------------------------------
@@ -463,6 +472,4 @@ class LoraStored(Stored):
         return out if str(out.device) == str(device) else out.to(device)
 
     def write(self, f) -> None:
-        from .formats.writer import write_all
-
-        write_all(f, tensor_bytes(round_once(self._value(), self.dtype)))
+        _write_all(f, tensor_bytes(round_once(self._value(), self.dtype)))
