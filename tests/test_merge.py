@@ -322,3 +322,12 @@ def test_cli_default_output_is_beside_the_first_input(tmp_path, cli):
     assert code == 0, err
     assert (tmp_path / "m0.merged.safetensors").exists()
     assert [p.read_bytes() for p in paths] == before
+
+
+def test_closing_the_result_closes_every_input(tmp_path):
+    paths = _inputs(tmp_path, n=3)
+    m = merge(paths[1:], method="ties", base=paths[0], density=0.5)
+    files = {id(s.file): s.file for s in (m.stored["embed.weight"].stored_inputs())}
+    assert len(files) == 3 and all(f._mmap is not None for f in files.values())
+    m.close()
+    assert all(f._mmap is None for f in files.values())

@@ -450,6 +450,7 @@ class Checkpoint:
                 todo.append(s.base)
             elif isinstance(s, Joined):
                 todo.extend(p.base for p in s.parts)
+            todo.extend(getattr(s, "stored_inputs", tuple)())  # merged values (wsurgery.merging)
             f = getattr(s, "file", None)
             if f is not None and id(f) not in seen:
                 seen.add(id(f))

@@ -264,6 +264,10 @@ class MergedStored(Stored):
     def label(self) -> str:
         return f"merge({self.spec.method})"
 
+    def stored_inputs(self) -> tuple[Stored, ...]:
+        """The stored tensors it reads (for ``Checkpoint.close``)."""
+        return (*self.inputs, *([self.base] if self.base is not None else []))
+
     def _pieces(self):
         """The result, chunk by chunk in flat order, as float64 tensors on the device."""
         spec, n = self.spec, self.numel
@@ -357,6 +361,10 @@ class CarriedStored(Stored):
 
     label = "carried (equal in every input)"
 
+    def stored_inputs(self) -> tuple[Stored, ...]:
+        """The stored tensors it reads (for ``Checkpoint.close``)."""
+        return self.inputs
+
     def __init__(self, name: str, inputs: Sequence[Stored], device="cpu"):
         self.name = name
         self.inputs = tuple(inputs)
@@ -445,6 +453,11 @@ class LoraStored(Stored):
     @property
     def how(self) -> str:
         return f"+ {len(self.updates)} LoRA update{'s' if len(self.updates) != 1 else ''}"
+
+    def stored_inputs(self) -> tuple[Stored, ...]:
+        """The stored tensors it reads (for ``Checkpoint.close``)."""
+        extra = [s for u in self.updates for s in (u.a, u.b, u.magnitude) if s is not None]
+        return (self.base, *extra)
 
     def _value(self):
         import torch
