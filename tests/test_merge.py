@@ -327,6 +327,7 @@ def test_cli_default_output_is_beside_the_first_input(tmp_path, cli):
 def test_closing_the_result_closes_every_input(tmp_path):
     paths = _inputs(tmp_path, n=3)
     m = merge(paths[1:], method="ties", base=paths[0], density=0.5)
+    m.get_tensor("embed.weight")  # maps every input's file
     files = {id(s.file): s.file for s in (m.stored["embed.weight"].stored_inputs())}
     assert len(files) == 3 and all(f._mmap is not None for f in files.values())
     m.close()
