@@ -332,3 +332,14 @@ def test_closing_the_result_closes_every_input(tmp_path):
     assert len(files) == 3 and all(f._mmap is not None for f in files.values())
     m.close()
     assert all(f._mmap is None for f in files.values())
+
+
+def test_only_a_tied_source_leaves_its_alias_with_the_first_inputs_values(tmp_path):
+    paths = _inputs(tmp_path, tie=True)
+    m = merge(paths, only=["embed.weight"])
+    first = wsurgery.load_state_dict(paths[0])
+    assert "head.weight" in m.stored and not m.aliases
+    assert torch.equal(m.get_tensor("head.weight"), first["embed.weight"])
+    assert not torch.equal(m.get_tensor("embed.weight"), first["embed.weight"])
+    m.save(tmp_path / "o.safetensors")
+    assert torch.equal(wsurgery.load_state_dict(tmp_path / "o.safetensors")["head.weight"], first["embed.weight"])

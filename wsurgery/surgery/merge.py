@@ -240,12 +240,13 @@ def merge_checkpoints(
         if n not in chosen_set:
             stored[n] = s  # carried from the first input as it is
     for n, a in first.aliases.items():
-        if n in kept_ties or (n not in chosen_set and a.source in stored):
+        if n in kept_ties or (n not in chosen_set and a.source not in chosen_set):
             src = stored[a.source]
             aliases[n] = a if src is a.base else Derived.of(src, a.transform)
-        elif n not in chosen_set:  # its source was merged away from it: keep its own value
-            stored[n] = _value_as_stored(first, n, device)
-            ops.append(Op("merge", n, n, stored[n], note="carried as values: its source was merged"))
+        elif n not in chosen_set:  # carried, but its source was merged: it keeps its own value
+            value = _value_as_stored(first, n, device)
+            stored[n] = value if value.name == n else value.renamed(n)
+            ops.append(Op("merge", n, n, stored[n], note="a tie left out of the merge: carried as values"))
     ordered = {n: stored[n] for n in sorted(stored, key=natural_key)}
     files = list(dict.fromkeys(f for c in every for f in c.input_files))
     result = replace(
