@@ -97,13 +97,16 @@ def largest(path: Path) -> int:
         return max(s.nbytes for s in c.stored.values())
 
 
-def measure(cmd, out: Path, rounds: int) -> tuple[float, int]:
-    walls, peaks = [], []
+def measure(cmd, out: Path, rounds: int) -> tuple[float, int, float]:
+    """Median wall seconds, largest peak RSS, median CPU seconds (the steadier figure on a
+    shared machine)."""
+    walls, peaks, cpus = [], [], []
     for _ in range(rounds):
-        wall, peak, _, _ = run(cmd, remove=out)
+        wall, peak, _, cpu = run(cmd, remove=out)
         walls.append(wall)
         peaks.append(peak)
-    return statistics.median(walls), max(peaks)
+        cpus.append(cpu)
+    return statistics.median(walls), max(peaks), statistics.median(cpus)
 
 
 def main(argv=None) -> int:
@@ -136,10 +139,10 @@ def main(argv=None) -> int:
     report = []
     print(
         f"| case ({args.size}, {args.dtype}) | wsurgery s | plain s | ratio (target 0.5) "
-        "| wsurgery RSS MiB | plain RSS MiB | RSS target MiB |"
+        "| wsurgery RSS MiB | plain RSS MiB | RSS target MiB | wsurgery CPU s | plain CPU s |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for name, (w1, r1), (w2, r2), target in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (w1, r1, c1), (w2, r2, c2), target in rows:
         ratio = w1 / w2
         report.append(
             {
@@ -151,9 +154,14 @@ def main(argv=None) -> int:
                 "wsurgery_rss_mib": round(r1 / 2**20),
                 "plain_rss_mib": round(r2 / 2**20),
                 "target_rss_mib": round(target),
+                "wsurgery_cpu_s": round(c1, 2),
+                "plain_cpu_s": round(c2, 2),
             }
         )
-        print(f"| {name} | {w1:.2f} | {w2:.2f} | {ratio:.2f} | {r1 / 2**20:.0f} | {r2 / 2**20:.0f} | {target:.0f} |")
+        print(
+            f"| {name} | {w1:.2f} | {w2:.2f} | {ratio:.2f} | {r1 / 2**20:.0f} | {r2 / 2**20:.0f} | {target:.0f} "
+            f"| {c1:.2f} | {c2:.2f} |"
+        )
     (work / "merge.json").write_text(json.dumps(report, indent=2))
     return 0
 
