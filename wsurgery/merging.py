@@ -15,6 +15,7 @@ the surgery verbs and a reader may build these values.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -227,6 +228,24 @@ def _write_all(f, data) -> None:
         view = view[n:]
 
 
+@contextlib.contextmanager
+def _one_thread(device):
+    """torch's CPU ops on one thread while chunks are combined: each op streams a few MiB
+    of memory, and splitting it across threads costs more in hand-offs (spinning waits on a
+    busy machine: 4x the wall time of one thread, measured) than it gains."""
+    import torch
+
+    if str(device) != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _chunks(n: int):
     for a in range(0, n, CHUNK):
         yield a, min(n, a + CHUNK)
@@ -344,14 +363,16 @@ class MergedStored(Stored):
     def tensor(self, device="cpu"):
         import torch
 
-        parts = [round_once(p, self.dtype) for p in self._pieces()]
+        with _one_thread(self.device):
+            parts = [round_once(p, self.dtype) for p in self._pieces()]
         out = torch.cat(parts) if parts else torch.empty(0, dtype=getattr(torch, self.dtype))
         out = out.reshape(self.shape)
         return out if str(out.device) == str(device) else out.to(device)
 
     def write(self, f) -> None:
-        for p in self._pieces():
-            _write_all(f, tensor_bytes(round_once(p, self.dtype)))
+        with _one_thread(self.device):
+            for p in self._pieces():
+                _write_all(f, tensor_bytes(round_once(p, self.dtype)))
 
 
 class CarriedStored(Stored):
