@@ -343,3 +343,29 @@ def test_only_a_tied_source_leaves_its_alias_with_the_first_inputs_values(tmp_pa
     assert not torch.equal(m.get_tensor("embed.weight"), first["embed.weight"])
     m.save(tmp_path / "o.safetensors")
     assert torch.equal(wsurgery.load_state_dict(tmp_path / "o.safetensors")["head.weight"], first["embed.weight"])
+
+
+def _unaligned_safetensors(path, t):
+    """A safetensors file whose data starts at an odd offset (the format allows it)."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": list(t.shape), "data_offsets": [0, t.numel() * 4]}})
+    if (8 + len(header)) % 4 == 0:
+        header += " "
+    data = t.contiguous().numpy().tobytes()
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + data)
+    return path
+
+
+def test_inputs_whose_bytes_are_not_aligned_are_read_chunk_by_chunk(tmp_path, monkeypatch):
+    import wsurgery.merging as merging
+
+    monkeypatch.setattr(merging, "CHUNK", 7)
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(5, 9, generator=g) for _ in range(2)]
+    paths = [_unaligned_safetensors(tmp_path / f"u{i}.safetensors", t) for i, t in enumerate(ts)]
+    with wsurgery.open(paths[0]) as c:
+        assert merging._Flat(c.stored["w"], "cpu").u8 is not None  # the path under test
+    got = merge(paths, weights=[1, 2]).get_tensor("w")
+    ref = (ts[0].double() + 2 * ts[1].double()) / 3
+    assert torch.equal(got, ref.float())

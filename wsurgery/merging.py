@@ -167,28 +167,37 @@ def slerp_coefficients(t: float, dot: float, norm0: float, norm1: float) -> tupl
 
 
 class _Flat:
-    """One input tensor, flat, on ``device``: zero-copy over a safetensors file's map on
-    the CPU (pages released as chunks are done), else read whole once."""
+    """One input tensor, flat, on ``device``: over a safetensors file's map on the CPU
+    (zero-copy where the bytes are aligned for the dtype, else copied a chunk at a time;
+    pages released as chunks are done), else read whole once."""
 
     def __init__(self, stored: Stored, device):
         import torch
 
         self.stored = stored
         self.itemsize = BY_NAME[stored.dtype].itemsize
+        self.dtype = getattr(torch, stored.dtype)
+        self.device = torch.device(device)
         self.file = stored if isinstance(stored, FileStored) and str(device) == "cpu" else None
-        t = None
+        self.t = None  # the elements, when they can be viewed or were read whole
+        self.u8 = None  # the bytes of a map not aligned for the dtype
         if self.file is not None and stored.numel:
             raw = self.file.raw()
             with warnings.catch_warnings():  # the map is read-only, and nothing writes to it
                 warnings.simplefilter("ignore", UserWarning)
                 u8 = torch.frombuffer(raw, dtype=torch.uint8)
             if u8.data_ptr() % self.itemsize == 0:
-                t = u8.view(getattr(torch, stored.dtype))
+                self.t = u8.view(self.dtype)
             else:
-                self.file = None
-        if t is None:
-            t = _read(stored, device).reshape(-1)
-        self.t = t
+                self.u8 = u8
+        elif self.file is None:
+            self.t = _read(stored, device).reshape(-1)
+
+    def _elements(self, a: int, b: int):
+        if self.u8 is not None:  # an aligned copy of this chunk's bytes
+            return self.u8[a * self.itemsize : b * self.itemsize].clone().view(self.dtype)
+        assert self.t is not None
+        return self.t[a:b]
 
     def chunk(self, a: int, b: int, out=None):
         """Elements ``[a, b)`` as float64, into ``out`` (a float64 buffer of at least
@@ -196,9 +205,9 @@ class _Flat:
         import torch
 
         if out is None:
-            return self.t[a:b].to(torch.float64)
+            return self._elements(a, b).to(torch.float64)
         view = out[: b - a]
-        view.copy_(self.t[a:b])
+        view.copy_(self._elements(a, b))
         return view
 
     def done(self, a: int, b: int) -> None:
@@ -301,7 +310,7 @@ class MergedStored(Stored):
             import torch
 
             for x in xs:  # one task vector at a time, built chunk by chunk
-                tv = torch.empty(n, dtype=torch.float64, device=x.t.device)
+                tv = torch.empty(n, dtype=torch.float64, device=x.device)
                 for lo, hi in _chunks(n):
                     tv[lo:hi] = x.chunk(lo, hi) - b.chunk(lo, hi)
                 cuts.append(trim_cut(tv, spec.density))
@@ -320,7 +329,7 @@ class MergedStored(Stored):
         import torch
 
         size = min(n, CHUNK)
-        bufs = [torch.empty(size, dtype=torch.float64, device=x.t.device) for x in every]
+        bufs = [torch.empty(size, dtype=torch.float64, device=x.device) for x in every]
         for lo, hi in _chunks(n):
             if spec.method in ("mean", "task-arithmetic"):
                 # in place, in reused buffers: the same operations, in the same order, as
