@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -116,10 +117,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--work", default=str(ROOT / "build" / "bench"))
     ap.add_argument("--only", choices=["mean", "lora"], default=None)
+    ap.add_argument("--make", choices=["mean", "lora"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.make:  # in a child process: a forked child's peak RSS starts at its parent's
+        make_three(work, size, args.dtype) if args.make == "mean" else make_lora(work, size)
+        return 0
+    for what in [args.only] if args.only else ["mean", "lora"]:
+        subprocess.run([PY, __file__, "--make", what, "--size", args.size, "--dtype", args.dtype, "--work", str(work)],
+                       check=True)  # fmt: skip
     ws = [PY, "-m", "wsurgery"]
     rows = []
     if args.only in (None, "mean"):

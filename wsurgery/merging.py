@@ -239,9 +239,10 @@ def _write_all(f, data) -> None:
 
 @contextlib.contextmanager
 def _one_thread(device):
-    """torch's CPU ops on one thread while chunks are combined: each op streams a few MiB
-    of memory, and splitting it across threads costs more in hand-offs (spinning waits on a
-    busy machine: 4x the wall time of one thread, measured) than it gains."""
+    """torch's CPU ops on one thread while a merged tensor is computed: each op streams a
+    few MiB of memory (a LoRA update is a rank-r product), and splitting it across threads
+    costs more in hand-offs (spinning waits on a busy machine: 2-4x the wall time of one
+    thread, measured) than it gains."""
     import torch
 
     if str(device) != "cpu":
@@ -511,8 +512,10 @@ class LoraStored(Stored):
         return w
 
     def tensor(self, device="cpu"):
-        out = round_once(self._value(), self.dtype)
+        with _one_thread(self.device):
+            out = round_once(self._value(), self.dtype)
         return out if str(out.device) == str(device) else out.to(device)
 
     def write(self, f) -> None:
-        _write_all(f, tensor_bytes(round_once(self._value(), self.dtype)))
+        with _one_thread(self.device):
+            _write_all(f, tensor_bytes(round_once(self._value(), self.dtype)))
