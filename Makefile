@@ -38,6 +38,7 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_merge.py $(MERGE_BENCH_ARGS)
 
 fuzz: $(STAMP)
 	$(BIN)/python fuzz/campaign.py --minutes $(or $(FUZZ_MINUTES),10)

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "wsurgery"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base/model", ("model", "errors", "dtypes", "limits", "show", "devices", "partition", "version")),
-    ("transforms", ("transforms", "numpy_apply", "views", "aliases", "selectors", "expressions")),
+    ("transforms", ("transforms", "numpy_apply", "views", "aliases", "selectors", "expressions", "merging")),
     ("io", ("io",)),
     ("surgery", ("surgery",)),
     ("compare", ("compare",)),

@@ -334,7 +334,7 @@ def test_every_static_problem_is_reported_at_once_with_its_step_and_line(tmp_pat
         "step 4 (tie, line 11): a tie takes view steps only (same, transpose, permute, reshape, slice); "
         "scale(2.0) would need a copy (use a copy step)",
         "step 5 (line 12): unknown step 'frobnicate' "
-        "(one of rename, drop, keep, cast, copy, tie, untie, concat, split, stack, unstack)",
+        "(one of rename, drop, keep, cast, copy, tie, untie, concat, split, stack, unstack, merge, merge_lora)",
         "step 6 (copy, line 13): unknown key 'colour' (one of src, dst, transform, from, new)",
         "step 6 (copy, line 13): from: 'donor' is not an input of the recipe (the inputs are base)",
         "step 7 (split, line 14): dim: expected an integer, got '0'",

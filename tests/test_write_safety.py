@@ -290,6 +290,15 @@ INVOCATIONS = {
         ["apply", str(RECIPES / "cast_untie.yaml"), "{ckpt}", "-o", "{out}", "--dry-run", "--json"],
     ],
     "diff": [["diff", "{ckpt}", "{other}"], ["diff", "{ckpt}", "{ckpt}", "--json"]],
+    "merge": [
+        ["merge", "{ckpt}", "{ckpt}", "--weights", "1,3", "-o", "{out}"],
+        ["merge", "{ckpt}", "{other}", "-o", "{out}"],
+        ["merge", "{ckpt}", "{ckpt}", "--method", "slerp", "--t", "0.5", "-o", "{out}.folder/", "--dry-run"],
+    ],
+    "merge-lora": [
+        ["merge-lora", "{ckpt}", str(FIXTURES / "tiny_lm_lora"), "-o", "{out}"],
+        ["merge-lora", "{ckpt}", "{other}", "-o", "{out}"],
+    ],
     "check": [
         ["check", "{ckpt}", "--src", "{a}", "--dst", "{b}"],
         ["check", "{ckpt}", "--src", "{a}", "--dst", "{a}", "--from", "{other}", "--json"],
@@ -463,6 +472,8 @@ NO_SYNC_CASES = {
     "stack": ["stack", "{fx}/tiny_lm.safetensors", "--src", "layers.{{i}}", "--dst", "layers"],
     "unstack": ["unstack", "{fx}/tiny_lm.safetensors", "--src", "embedding.weight", "--dst", "rows.{{i}}"],
     "apply": ["apply", "{fx}/../tests/recipes/cast_untie.yaml", "{fx}/tiny_lm.safetensors"],
+    "merge": ["merge", "{fx}/tiny_lm.safetensors", "{fx}/tiny_lm.pt", "--weights", "1,2"],
+    "merge-lora": ["merge-lora", "{fx}/tiny_lm.safetensors", "{fx}/tiny_lm_lora"],
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .version import __version__
+from .version import __version__ as __version__
 
 # public name -> the submodule that defines it (a name that is a submodule maps to itself)
 _WHERE = {
@@ -39,6 +39,7 @@ _WHERE = {
     "distributed": "distributed",  # wsurgery.distributed.session() (scale-out)
     "load": "api",
     "load_state_dict": "api",
+    "merge": "api",
     "open": "api",
     "save_state_dict": "api",
     "testing": "testing",  # wsurgery.testing.assert_checkpoint_equal
@@ -69,6 +70,8 @@ __all__ = [
     "distributed",
     "load",
     "load_state_dict",
+    "merge",
+    "merge",
     "open",
     "save_state_dict",
     "testing",
@@ -92,7 +95,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from . import distributed, testing
-    from .api import Checkpoint, apply, check, convert, diff, load, load_state_dict, open, save_state_dict
+    from .api import Checkpoint, apply, check, convert, diff, load, load_state_dict, merge, open, save_state_dict
     from .compare import CheckReport, DiffReport, Tuning
     from .errors import (
         DistributedError,

@@ -222,6 +222,19 @@ class Checkpoint(_model.Checkpoint):
 
         return _facade(surgery.unstack(self, src, template, dim, new=new))
 
+    def merge_lora(
+        self, adapter: PathLike | Sequence[PathLike], weight: float | Sequence[float] | None = None, *, device="cpu"
+    ) -> Checkpoint:
+        """PEFT LoRA adapters (folders, in order; ``weight`` one multiplier each) folded in,
+        as ``merge_and_unload`` does: see :func:`wsurgery.surgery.lora.merge_lora`.
+
+        Example:
+            >>> merged = base.merge_lora("my-lora/")  # doctest: +SKIP
+        """
+        from .surgery.lora import merge_lora
+
+        return _facade(merge_lora(self, adapter, weight, device=device))
+
     def save(
         self,
         path: PathLike | OutputPlan,
@@ -696,3 +709,52 @@ def check(
         tuning=tuning if tuning is not None else compare_tuning(),
     )
     return _check(ckpt, src, dst, transform, other, options, progress=progress, mapper=compare_mapper())
+
+
+def merge(
+    checkpoints: Sequence[PathLike | Checkpoint],
+    *,
+    method: str = "mean",
+    weights: Sequence[float] | None = None,
+    base: PathLike | Checkpoint | None = None,
+    density: float | None = None,
+    t: float | None = None,
+    only: Sequence[str] | str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+) -> Checkpoint:
+    """Merge checkpoints of one architecture tensor by tensor, lazily: nothing is read until
+    the result is written. Every floating tensor is computed in float64, rounded once.
+
+    Args:
+        checkpoints: paths or opened checkpoints, any format (formats may differ).
+        method: ``mean``, ``task-arithmetic``, ``ties`` or ``slerp`` (mergekit's).
+        weights: one per checkpoint (default 1 each).
+        base: the base of ``task-arithmetic`` and ``ties``.
+        density: ``ties``: the fraction of each task vector kept, in (0, 1].
+        t: ``slerp``: in [0, 1]; 0 gives the first checkpoint.
+        only: selectors of the names to merge; the rest is carried from the first.
+        dtype: the output's floating dtype (default: the first checkpoint's).
+        device: where the arithmetic runs.
+
+    Returns:
+        A lazy :class:`~wsurgery.Checkpoint` (see :func:`wsurgery.surgery.merge.merge`).
+
+    Example:
+        >>> wsurgery.merge(["ft1/", "ft2/"], method="ties", base="base/", density=0.5).save("merged/")  # doctest: +SKIP
+    """
+    from .surgery.merge import merge as _merge
+
+    return _facade(
+        _merge(
+            checkpoints,
+            method=method,
+            weights=weights,
+            base=base,
+            density=density,
+            t=t,
+            only=only,
+            dtype=dtype,
+            device=device,
+        )
+    )

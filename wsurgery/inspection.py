@@ -206,6 +206,7 @@ def _describe(c: Checkpoint, path: str, selector: str | None) -> Inspection:
         files = list(folder.files)
         if folder.config is not None:
             from .io.hf_config import check_ties
+            from .io.hf_contract import unrestored_warning
 
             ties = check_ties(c, folder.config)
             config = {
@@ -213,7 +214,7 @@ def _describe(c: Checkpoint, path: str, selector: str | None) -> Inspection:
                 "architectures": folder.config.get("architectures"),
                 **{k: v for k, v in ties.to_dict().items() if k != "warnings"},
             }
-            warnings = list(ties.warnings)
+            warnings = [*ties.warnings, *unrestored_warning(c, folder.config)]
     return Inspection(
         path=path,
         format=c.format,

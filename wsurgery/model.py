@@ -273,6 +273,7 @@ class Checkpoint:
             if base is not None:
                 todo.append(base)
             todo.extend(p.base for p in getattr(s, "parts", ()))
+            todo.extend(getattr(s, "stored_inputs", tuple)())  # merged values (wsurgery.merging)
             f = getattr(s, "file", None)
             if f is not None and id(f) not in seen:
                 seen.add(id(f))

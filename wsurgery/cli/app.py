@@ -54,6 +54,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "(alias) and value differences with statistics (max |a-b|, max rel, rel l2 = ||a-b|| / ||a||, cosine).",
     ),
     "check": ("check", "check", "Assert that transform(SRC) equals DST, in CKPT or with DST taken from --from."),
+    "merge": ("merge", "merge", "Merge checkpoints of one architecture, tensor by tensor, in float64 rounded once."),
+    "merge-lora": (
+        "merge_lora",
+        "merge_lora",
+        "Fold PEFT LoRA adapters into the base checkpoint CKPT: W + w * s * (B @ A) per targeted module.",
+    ),
 }
 
 ABOUT = "Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely."

@@ -195,25 +195,8 @@ def check_ties(ckpt: Checkpoint, config: dict, *, compare: bool = True) -> TieRe
         if state == "absent" or ckpt.format.startswith("safetensors"):
             what = "not in the file" if state == "absent" else "not stored in the file (only an alias record)"
             report.warnings.append(f"{said}, but {head} is {what}: transformers will initialize {head} randomly")
-    report.warnings.extend(unrestored_warning(ckpt, config))
     return report
 
-
-def unrestored_warning(ckpt: Checkpoint, config: dict) -> list[str]:
-    """A warning for the aliases of a safetensors folder that ``from_pretrained`` does not
-    restore (it reads no alias record: they load as missing keys)."""
-    from .hf_contract import unrestored_aliases
-
-    if not ckpt.format.startswith("safetensors"):
-        return []
-    lost = unrestored_aliases(ckpt, config)
-    if not lost:
-        return []
-    shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
-    return [
-        f"{len(lost)} ties are only alias records that from_pretrained does not read ({shown}): it loads them as "
-        "missing keys, initialized randomly; write the folder again without keeping aliases to store their values"
-    ]
 
 
 def _same_values(ckpt: Checkpoint, a: str, b: str) -> tuple[bool, str]:

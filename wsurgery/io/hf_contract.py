@@ -170,3 +170,18 @@ def for_folder_output(ckpt: Checkpoint, config: dict, *, safetensors: bool, keep
     notes.extend(notes_for(changes))
     notes.extend(warnings)
     return Prepared(ckpt, dump_config(new) if changes else None, changes, names, notes)
+
+
+def unrestored_warning(ckpt: Checkpoint, config: dict) -> list[str]:
+    """A warning for the aliases of a safetensors folder that ``from_pretrained`` does not
+    restore (it reads no alias record: they load as missing keys)."""
+    if not ckpt.format.startswith("safetensors"):
+        return []
+    lost = unrestored_aliases(ckpt, config)
+    if not lost:
+        return []
+    shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
+    return [
+        f"{len(lost)} ties are only alias records that from_pretrained does not read ({shown}): it loads them as "
+        "missing keys, initialized randomly; write the folder again without keeping aliases to store their values"
+    ]
