@@ -175,7 +175,7 @@ def has_nan(arr: np.ndarray) -> bool:
     bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
     exp = {"float16": 0x7C00, "bfloat16": 0x7F80, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
     inf = bits(exp[str(arr.dtype)])
-    magnitude = bits((1 << (8 * size - 1)) - 1)  # every bit but the sign
+    magnitude = np.asarray((1 << (8 * size - 1)) - 1, dtype=bits)  # every bit but the sign
     flat = np.ascontiguousarray(arr).reshape(-1).view(bits)
     buf = np.empty(min(flat.size, _NAN_CHUNK), dtype=bits)
     for start in range(0, flat.size, _NAN_CHUNK):
