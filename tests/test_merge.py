@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import wsurgery  # noqa: E402
+from wsurgery import merge  # noqa: E402
 from wsurgery.errors import SurgeryError  # noqa: E402
 from wsurgery.merging import round_once, trim_cut, trim_mask  # noqa: E402
-from wsurgery import merge  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _save(path, sd, aliases=None):
@@ -225,13 +230,16 @@ def test_mixed_formats(tmp_path):
 # --- mergekit itself ----------------------------------------------------------------------------
 
 
-def _mergekit():
-    try:
-        from mergekit.config import MergeConfiguration
-        from mergekit.merge import MergeOptions, run_merge
-    except Exception as exc:  # noqa: BLE001 - any failure to import means it is not usable here
-        pytest.skip(f"mergekit is not installed or does not import here ({type(exc).__name__}: {exc})")
-    return MergeConfiguration, MergeOptions, run_merge
+MERGEKIT = ROOT / ".venv-peers" / "bin" / "mergekit-yaml"
+
+
+def _mergekit() -> Path:
+    """mergekit's own command line, from the environment ``make test`` gives it
+    (``.venv-peers``: mergekit pins its own safetensors, click and accelerate, so it does
+    not share wsurgery's environment)."""
+    if not MERGEKIT.exists():
+        pytest.skip(f"mergekit is not installed at {MERGEKIT} (make peers installs it)")
+    return MERGEKIT
 
 
 @pytest.fixture(scope="module")
@@ -297,11 +305,18 @@ MERGEKIT_CASES = [
 
 @pytest.mark.parametrize("method, ours, theirs", MERGEKIT_CASES)
 def test_agrees_with_mergekit(tmp_path, tiny_llamas, method, ours, theirs):
-    MergeConfiguration, MergeOptions, run_merge = _mergekit()
+    mergekit_yaml = _mergekit()
     base, ft0, ft1 = tiny_llamas
     text = json.dumps(theirs).replace("BASE", str(base)).replace("FT0", str(ft0)).replace("FT1", str(ft1))
-    config = MergeConfiguration.model_validate(json.loads(text))
-    run_merge(config, str(tmp_path / "mk"), options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
+    (tmp_path / "config.yml").write_text(text)  # JSON is YAML
+    run = subprocess.run(
+        [str(mergekit_yaml), str(tmp_path / "config.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
     kit = wsurgery.load_state_dict(tmp_path / "mk")
     kw = dict(ours)
     if method in ("task-arithmetic", "ties"):
