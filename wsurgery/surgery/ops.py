@@ -117,7 +117,8 @@ class NameBudget:
     At most :data:`~wsurgery.limits.MAX_TENSORS` names and
     :data:`~wsurgery.limits.MAX_NAMES_BYTES` characters, or as many as the inputs
     (``given``) already hold when they hold more; every name a verb makes at most
-    :data:`~wsurgery.limits.MAX_NAME_LENGTH` characters. A shape is only a claim (a
+    :data:`~wsurgery.limits.MAX_NAME_LENGTH` characters, or as long as the longest input name.
+    A shape is only a claim (a
     ``(10**9, 0)`` tensor holds no byte), so a verb that makes one name per slice or per
     tensor under a prefix checks the count with :meth:`made` *before* building anything;
     :meth:`check_result` (run by :func:`derive` on every result) is the backstop.
@@ -129,6 +130,7 @@ class NameBudget:
         self.chars = sum(len(n) for c in inputs for n in (*c.stored, *c.aliases))
         self.max_count = max(MAX_TENSORS, self.held)
         self.max_chars = max(MAX_NAMES_BYTES, self.chars)
+        self.max_length = max([MAX_NAME_LENGTH, *(len(n) for c in inputs for n in (*c.stored, *c.aliases))])
 
     def made(self, verb: str, what: str, count: int, chars: int, longest: int, names: Sequence[str] = ()) -> None:
         """Refuse (``SurgeryError``) ``what``, which would leave ``count`` names of ``chars``
@@ -138,8 +140,8 @@ class NameBudget:
             why = f"would make a result of {count:,} names; a result holds at most {self.max_count:,}"
         elif chars > self.max_chars:
             why = f"would make names of {chars:,} characters in all; names hold at most {self.max_chars:,}"
-        elif longest > MAX_NAME_LENGTH:
-            why = f"would make a name of {longest:,} characters; a name holds at most {MAX_NAME_LENGTH:,}"
+        elif longest > self.max_length:
+            why = f"would make a name of {longest:,} characters; a name holds at most {self.max_length:,}"
         else:
             return
         refuse([Problem(f"{verb}: {what} {why} (the input holds {self.held:,} names)", names=tuple(names))])

@@ -215,7 +215,7 @@ def plan(
     ops: list[Op] = []
     budget = NameBudget(ckpt, other)
     prefixes = _Prefixes(ckpt)
-    count = chars = longest = 0
+    count = chars = 0
     for req in reqs:
         kind, src, dst, spec = req.kind, req.src, req.dst, req.transform
         if kind == "untie":
@@ -246,9 +246,10 @@ def plan(
         # tensors copied to k destinations makes n * k names)
         fresh = [d for _, d in pairs if d not in ckpt]
         count, chars = count + len(fresh), chars + sum(map(len, fresh))
-        longest = max([longest, *(len(d) for _, d in pairs)])
         what = f"{src} -> {dst} ({len(pairs):,} names, {count:,} new in this plan)"
-        budget.made(kind, what, len(ckpt) + count, budget.chars + chars, longest)
+        budget.made(
+            kind, what, len(ckpt) + count, budget.chars + chars, 0
+        )  # names given, or a given prefix + an input name
         for s, d in pairs:
             op = _pair_op(kind, s, d, user_t, source_ckpt, ckpt, from_other, prefixes, problems)
             if op is not None:
