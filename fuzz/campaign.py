@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     from fuzz.recipes import TARGETS as RECIPE_TARGETS
 
     fuzz.TARGETS.update(RECIPE_TARGETS)  # recipes: YAML, rename patterns, integers (fuzz/recipes.py)
+    from fuzz.tensors import TARGETS as TENSOR_TARGETS
+
+    fuzz.TARGETS.update(TENSOR_TARGETS)  # in-memory tensors of every kind to diff/check (fuzz/tensors.py)
 
     names = args.target or list(fuzz.TARGETS)
     unknown = [n for n in names if n not in fuzz.TARGETS]

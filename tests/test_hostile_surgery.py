@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import wsurgery
 from wsurgery.errors import InputError, SurgeryError, UnknownNameError
-from wsurgery.limits import MAX_NAME_LENGTH
+from wsurgery.limits import MAX_NAME_LENGTH, MAX_TENSORS
 from wsurgery.surgery import recipe as recipes
 from wsurgery.surgery.patterns import PatternError, rename_all
 
@@ -246,3 +246,113 @@ def test_verify_ties_compares_like_isclose_with_nan_equal(tmp_path):
             verify_ties(c, "a", "b")
         with pytest.raises(SurgeryError, match=r"1 of 3 elements differ, max \|a-b\| inf"):
             verify_ties(c, "a", "c", atol=1.0)
+
+
+# ----------------------------------------------------------------------------- names a verb makes
+
+
+def zero_byte_header(path: Path, shapes: dict[str, list[int]]) -> Path:
+    """A safetensors file of tensors without elements (shapes such as ``[10**9, 0]``)."""
+    raw = json.dumps({n: {"dtype": "F32", "shape": s, "data_offsets": [0, 0]} for n, s in shapes.items()}).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path
+
+
+def test_unstack_of_a_billion_empty_slices_is_refused_before_anything_is_made(tmp_path):
+    src = zero_byte_header(tmp_path / "big.safetensors", {"x.w": [10**9, 0], "y": [0]})
+    r = bounded(cli=["unstack", src, "--src", "x.w", "--dst", "layers.{i}.w", "--dry-run"], timeout=30)
+    assert r.returncode == 4, r.stderr
+    assert (
+        "unstack: x.w (1000000000, 0) along dim 0 (1,000,000,000 slices) would make a result of 1,000,000,001"
+        in r.last_line
+    )
+    assert f"a result holds at most {MAX_TENSORS:,}" in r.last_line
+    assert r.wall_s is not None and r.wall_s < 10 and r.peak_rss_mib is not None and r.peak_rss_mib < 600
+
+
+def test_unstack_counts_every_tensor_under_a_prefix_and_the_length_of_the_names(tmp_path):
+    half = MAX_TENSORS // 2 + 1
+    src = zero_byte_header(tmp_path / "m.safetensors", {"s.a": [half, 0], "s.b": [half, 0], "t": [3, 0]})
+    with wsurgery.open(src) as c:
+        slices = (
+            rf"unstack: s \(2 tensors\) along dim 0 \({2 * half:,} slices\) would make a result of {2 * half + 1:,}"
+        )
+        with pytest.raises(SurgeryError, match=slices):
+            c.unstack("s", "l.{i}")
+        long = "x" * (MAX_NAME_LENGTH - 2) + ".{i}"  # "x...x.2" fits; "x...x.12" is one character too long
+        with pytest.raises(SurgeryError, match=f"would make a name of {MAX_NAME_LENGTH + 1:,} characters"):
+            c.unstack("t", long.replace("{i}", "1{i}"), new=True)
+        assert len(c.unstack("t", long, new=True).names()) == 5
+
+
+def test_the_characters_an_unstack_makes_are_counted_without_writing_them_out():
+    from wsurgery.surgery.fuse import _digits_below
+
+    for n in [0, 1, 9, 10, 11, 99, 100, 101, 12345]:
+        assert _digits_below(n) == sum(len(str(i)) for i in range(n))
+    assert _digits_below(10**18) == 1 + sum(9 * 10 ** (w - 1) * w for w in range(1, 19))  # 0, then 1 .. 10**18 - 1
+
+
+def test_copies_that_double_a_prefix_step_after_step_are_refused_when_they_pass_the_bound(tmp_path):
+    src = tiny_header(tmp_path / "m.safetensors", ["m.w"])
+    rec = tmp_path / "double.yaml"  # step k copies the 2**k tensors under m to m.ck: 2**24 names by the end
+    rec.write_text("version: 1\nsteps:\n" + "".join(f"  - copy: {{src: m, dst: m.c{k}}}\n" for k in range(24)))
+    code = f"""
+import wsurgery
+from wsurgery.errors import SurgeryError
+from wsurgery.surgery import ops
+ops.MAX_TENSORS = 4096  # the bound, lowered so the test is quick: 2**12 names pass, 2**13 do not
+try:
+    wsurgery.apply({str(rec)!r}, [{str(src)!r}], dry_run=True)
+except SurgeryError as exc:
+    print("\\n".join(p.message for p in exc.problems))
+"""
+    r = bounded(code=code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == (
+        "step 13 (copy, line 15): copy: m -> m.c12 (4,096 names, 4,096 new in this plan) would make a result of "
+        "8,192 names; a result holds at most 4,096 (the input holds 4,096 names)"
+    )
+    assert len(lines) == 24 - 12 and r.wall_s is not None and r.wall_s < 30
+
+
+def test_a_prefix_copied_to_many_destinations_is_counted_across_the_whole_plan(tmp_path):
+    n, k = 1000, MAX_TENSORS // 1000 + 1  # 1,000 tensors to 263 prefixes: 263,000 new names
+    zero_byte_header(tmp_path / "m.safetensors", {f"m.{i}": [0] for i in range(n)})
+    code = f"""
+import wsurgery
+from wsurgery.errors import SurgeryError
+with wsurgery.open({str(tmp_path / "m.safetensors")!r}) as c:
+    try:
+        c.copy(["m"] * {k}, [f"d{{j}}" for j in range({k})], new=True)
+    except SurgeryError as exc:
+        print(exc)
+"""
+    r = bounded(code=code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    # refused at the 262nd destination, the first to pass the bound, before the others are paired
+    assert f"m -> d261 ({n:,} names, {262 * n:,} new in this plan) would make a result of {263 * n:,} names" in r.stdout
+    assert r.peak_rss_mib is not None and r.peak_rss_mib < 800
+
+
+def test_split_and_stack_bound_the_names_they_make(tmp_path):
+    src = zero_byte_header(tmp_path / "m.safetensors", {"e": [0], "l.0.w": [0], "l.1.w": [0]})
+    with wsurgery.open(src) as c:
+        pieces = rf"split: e \(0\) \({MAX_TENSORS + 1:,} pieces\) would make a result of {MAX_TENSORS + 3:,} names"
+        with pytest.raises(SurgeryError, match=pieces):
+            c.split("e", [f"p{i}" for i in range(MAX_TENSORS + 1)], 0, [0] * (MAX_TENSORS + 1), new=True)
+        with pytest.raises(SurgeryError, match="stack: 'l.{i}.w' would make a name of"):
+            c.stack("l.{i}.w", "s" * (MAX_NAME_LENGTH + 1), new=True)
+        assert c.split("e", ["p", "q"], 0, [0, 0], new=True).shape_dtype("q")[0] == (0,)
+
+
+def test_every_result_is_checked_against_the_bounds(tmp_path):
+    from wsurgery.surgery.ops import NameBudget
+
+    with wsurgery.open(tiny_header(tmp_path / "m.safetensors", ["a", "b"])) as c:
+        budget = NameBudget(c)
+        budget.check_result({f"n{i}": None for i in range(MAX_TENSORS)}, {}, "copy")  # type: ignore[misc]
+        with pytest.raises(SurgeryError, match=f"copy: the result would make a result of {MAX_TENSORS + 1:,} names"):
+            budget.check_result({f"n{i}": None for i in range(MAX_TENSORS + 1)}, {}, "copy")  # type: ignore[misc]

@@ -49,5 +49,11 @@ def shape_problem(shape, itemsize: int) -> str | None:
 
 MAX_NAME_LENGTH = 4096  # characters of one tensor name a verb makes (real ones are under 300)
 MAX_NAMES_BYTES = 64 << 20  # characters of all names together (a safetensors header is at most 100 MB)
+# Names a verb's result may hold, unless its input already held more. The largest real
+# checkpoints hold about 10**5 tensors (hundreds of experts times layers); each name a verb
+# makes costs about 1 KiB of plan before anything is written, so this bounds a plan made
+# from a tiny input (an unstack of a (10**9, 0) tensor, copies that double a prefix) to
+# some 300 MB. The characters of the names are bounded by MAX_NAMES_BYTES the same way.
+MAX_TENSORS = 1 << 18
 MAX_INT_DIGITS = 100  # digits of an integer in a recipe (a dim, a size, a version)
 MAX_INDEX_DIGITS = 18  # digits of a layer index that stack reads (a name holds fewer layers)

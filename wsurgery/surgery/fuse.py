@@ -17,7 +17,7 @@ from ..expressions import ComputedStored, Joined
 from ..model import Checkpoint, Derived, Stored, natural_key
 from ..show import shape_text
 from ..transforms import Reshape, Slice, Transform
-from .ops import Op, check_new_names, check_orphans, derive, refuse, select_under
+from .ops import NameBudget, Op, check_new_names, check_orphans, derive, refuse, select_under
 
 
 def _dim(rank: int, dim: int, verb: str, problems: list, what: str = "", result: bool = False) -> int | None:
@@ -45,6 +45,18 @@ def _move(
     stored.update(made)
     aliases = {n: a for n, a in ckpt.aliases.items() if n not in leaving}
     return stored, aliases, [n for n in made if n in ckpt]
+
+
+def _made_names(
+    ckpt: Checkpoint, verb: str, what: str, made: Sequence[str], about: Sequence[str], leaving: Sequence[str] = ()
+) -> None:
+    """Refuse ``made`` (names a verb would make, ``leaving`` gone) past the bounds of
+    :class:`~.ops.NameBudget`."""
+    budget = NameBudget(ckpt)
+    fresh = [n for n in made if n not in ckpt]
+    count = budget.held - len(leaving) + len(fresh)
+    chars = budget.chars - sum(map(len, leaving)) + sum(map(len, fresh))
+    budget.made(verb, what, count, chars, max(map(len, made), default=0), about)
 
 
 def _values(ckpt: Checkpoint, names: Sequence[str]) -> list[Derived]:
@@ -81,6 +93,7 @@ def concat(ckpt: Checkpoint, srcs: Sequence[str], dst: str, dim: int = 0, *, new
     problems: list[Problem | str] = []
     if len(srcs) < 2:
         raise UsageError(f"concat takes at least two sources, got {len(srcs)}", param="src")
+    _made_names(ckpt, "concat", f"{len(srcs)} tensors", [dst], [dst])
     parts = _values(ckpt, srcs)
     d = _dim(len(parts[0].shape), dim, "concat", problems, srcs[0])
     if d is not None:
@@ -116,6 +129,7 @@ def split(
     if len(set(dsts)) != len(dsts):
         problems.append(Problem(f"split: a destination is named twice in {dsts}"))
     refuse(problems)
+    _made_names(ckpt, "split", f"{src} {shape_text(value.shape)} ({len(dsts):,} pieces)", dsts, [src], [src])
     assert d is not None  # refused above otherwise
     made: dict[str, ComputedStored] = {}
     offset = 0
@@ -193,6 +207,7 @@ def stack(ckpt: Checkpoint, template: str, dst: str, dim: int = 0, *, new: bool 
     every tensor under them into ``dst.<suffix>``. The sources are gone."""
     problems: list[Problem | str] = []
     groups = _indexed(ckpt, template, "stack", problems)
+    _made_names(ckpt, "stack", repr(template), [_join(dst, suffix) for suffix in groups], [dst])
     made: dict[str, Stored] = {}
     sources: list[str] = []
     for suffix, names in groups.items():
@@ -208,26 +223,52 @@ def stack(ckpt: Checkpoint, template: str, dst: str, dim: int = 0, *, new: bool 
     return derive(ckpt, stored, aliases, ops)
 
 
+def _digits_below(n: int) -> int:
+    """The digits of ``0, 1, ..., n - 1`` written out, in all (without building them)."""
+    total, width, low = 0, 1, 0
+    while low < n:
+        high = min(n, 10**width)
+        total += (high - low) * width
+        low, width = high, width + 1
+    return total
+
+
 def unstack(ckpt: Checkpoint, src: str, template: str, dim: int = 0, *, new: bool = False) -> Checkpoint:
     """The reverse of :func:`stack`: ``template`` with i = 0 .. n-1 names the slices of
     ``src`` along ``dim`` (that axis removed). A module prefix ``src`` unstacks every
-    tensor under it into ``<template>.<suffix>``. ``src`` is gone."""
-    _template(template, "unstack")
+    tensor under it into ``<template>.<suffix>``. ``src`` is gone.
+
+    The slices are counted before any is made: a shape is only a claim (a ``(10**9, 0)``
+    tensor holds no byte), so names past the bounds of :class:`~.ops.NameBudget` are
+    refused, naming the tensor and the count.
+    """
+    before, after = _template(template, "unstack")
     problems: list[Problem | str] = []
-    made: dict[str, ComputedStored] = {}
-    sources: list[str] = []
+    found: list[tuple[str, str, Derived, int]] = []
+    count = chars = longest = 0
     for name, suffix in select_under(ckpt, src):  # UnknownNameError when it selects nothing
         value = ckpt.value(name)
         d = _dim(len(value.shape), dim, "unstack", problems, name)
         if d is None:
             continue
+        n = value.shape[d]
+        fixed = len(before) + len(after) + (len(suffix) + 1 if suffix else 0)
+        count, chars = count + n, chars + n * fixed + _digits_below(n)
+        longest = max(longest, fixed + len(str(max(n - 1, 0))))
+        found.append((name, suffix, value, d))
+    refuse(problems)
+    n_made = count
+    what = f"{found[0][0]} {shape_text(found[0][2].shape)}" if len(found) == 1 else f"{src} ({len(found)} tensors)"
+    budget = NameBudget(ckpt)
+    count, chars = budget.held - len(found) + count, budget.chars - sum(len(f[0]) for f in found) + chars
+    budget.made("unstack", f"{what} along dim {dim} ({n_made:,} slices)", count, chars, longest, [f[0] for f in found])
+    made: dict[str, ComputedStored] = {}
+    for _, suffix, value, d in found:
         rest = value.shape[:d] + value.shape[d + 1 :]
         for i in range(value.shape[d]):
-            out = _join(template.replace("{i}", str(i)), suffix)
+            out = _join(f"{before}{i}{after}", suffix)
             piece = Transform((Slice(d, i, i + 1), Reshape(rest)))
             made[out] = ComputedStored(out, value.base, value.transform.then(piece))
-        sources.append(name)
-    refuse(problems)
-    stored, aliases, replaced = _move(ckpt, sources, made, "unstack", problems, new)
+    stored, aliases, replaced = _move(ckpt, [f[0] for f in found], made, "unstack", problems, new)
     ops = [Op("unstack", src, n, s.value, replaces=n in replaced) for n, s in made.items()]
     return derive(ckpt, stored, aliases, ops)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..errors import Problem, SurgeryError
+from ..limits import MAX_NAME_LENGTH, MAX_NAMES_BYTES, MAX_TENSORS
 from ..model import Checkpoint, Derived, Stored, natural_key
 from ..selectors import matches as selectors_matches
 from ..selectors import select as selectors_select
@@ -90,6 +91,7 @@ def derive(
     """A new checkpoint: ``ckpt``'s metadata and provenance, these entries, ``ops`` appended
     to its changes (``skipped``: its non-tensor entries, by default ``ckpt``'s). Checks the
     invariants."""
+    NameBudget(ckpt, other).check_result(stored, aliases, ops[0].kind if ops else "surgery")
     files = list(ckpt.input_files)
     if other is not None:
         files += [f for f in other.input_files if f not in files]
@@ -101,6 +103,48 @@ def derive(
         input_files=files,
         changes=[*ckpt.changes, *ops],
     )
+
+
+class NameBudget:
+    """How many names, and how many characters of names, a verb's result may hold.
+
+    At most :data:`~wsurgery.limits.MAX_TENSORS` names and
+    :data:`~wsurgery.limits.MAX_NAMES_BYTES` characters, or as many as the inputs
+    (``given``) already hold when they hold more; every name a verb makes at most
+    :data:`~wsurgery.limits.MAX_NAME_LENGTH` characters, or as long as the longest input name.
+    A shape is only a claim (a
+    ``(10**9, 0)`` tensor holds no byte), so a verb that makes one name per slice or per
+    tensor under a prefix checks the count with :meth:`made` *before* building anything;
+    :meth:`check_result` (run by :func:`derive` on every result) is the backstop.
+    """
+
+    def __init__(self, *given: Checkpoint | None):
+        inputs = [c for c in given if c is not None]
+        self.held = sum(len(c) for c in inputs)
+        self.chars = sum(len(n) for c in inputs for n in (*c.stored, *c.aliases))
+        self.max_count = max(MAX_TENSORS, self.held)
+        self.max_chars = max(MAX_NAMES_BYTES, self.chars)
+        self.max_length = max([MAX_NAME_LENGTH, *(len(n) for c in inputs for n in (*c.stored, *c.aliases))])
+
+    def made(self, verb: str, what: str, count: int, chars: int, longest: int, names: Sequence[str] = ()) -> None:
+        """Refuse (``SurgeryError``) ``what``, which would leave ``count`` names of ``chars``
+        characters in all in the result and make a name of ``longest`` characters, when
+        that passes the bounds."""
+        if count > self.max_count:
+            why = f"would make a result of {count:,} names; a result holds at most {self.max_count:,}"
+        elif chars > self.max_chars:
+            why = f"would make names of {chars:,} characters in all; names hold at most {self.max_chars:,}"
+        elif longest > self.max_length:
+            why = f"would make a name of {longest:,} characters; a name holds at most {self.max_length:,}"
+        else:
+            return
+        refuse([Problem(f"{verb}: {what} {why} (the input holds {self.held:,} names)", names=tuple(names))])
+
+    def check_result(self, stored: dict[str, Stored], aliases: dict[str, Derived], verb: str) -> None:
+        """Refuse a result past the bounds (the names it holds, all of them)."""
+        count = len(stored) + len(aliases)
+        chars = sum(len(n) for n in stored) + sum(len(n) for n in aliases)
+        self.made(verb, "the result", count, chars, 0)
 
 
 def dependents(ckpt: Checkpoint, name: str) -> list[str]:

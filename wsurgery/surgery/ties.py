@@ -53,7 +53,7 @@ from ..model import Checkpoint, Derived, Stored, natural_key
 from ..selectors import is_glob, select
 from ..show import shape_text
 from ..transforms import Reshape, Transform, parse
-from .ops import Op, check_new_names, dependents, derive, refuse, select_under
+from .ops import NameBudget, Op, check_new_names, dependents, derive, refuse, select_under
 
 KINDS = ("tie", "copy", "untie")
 
@@ -147,9 +147,24 @@ def pair_names(src_ckpt: Checkpoint, src: str, dst_ckpt: Checkpoint, dst: str) -
     return [(name, f"{base}.{suffix}" if base else suffix) for name, suffix in found]
 
 
-def _is_module_prefix(ckpt: Checkpoint, name: str) -> bool:
-    prefix = name + "."
-    return any(n.startswith(prefix) for n in ckpt.names())
+class _Prefixes:
+    """Whether a name is a module prefix of ``ckpt`` (``encoder`` of ``encoder.w``): every
+    prefix of every name, gathered once per plan, so a copy of a prefix of n tensors takes
+    time linear in the names, not n sorts of them."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.known: set[str] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        if self.known is None:
+            self.known = set()
+            for n in (*self.ckpt.stored, *self.ckpt.aliases):
+                at = n.find(".")
+                while at >= 0:
+                    self.known.add(n[:at])
+                    at = n.find(".", at + 1)
+        return name in self.known
 
 
 def _needs_stride_check(transform: Transform) -> bool:
@@ -199,6 +214,9 @@ def plan(
     """
     problems: list[Problem | str] = []
     ops: list[Op] = []
+    budget = NameBudget(ckpt, other)
+    prefixes = _Prefixes(ckpt)
+    count = chars = 0
     for req in reqs:
         kind, src, dst, spec = req.kind, req.src, req.dst, req.transform
         if kind == "untie":
@@ -225,8 +243,16 @@ def plan(
         except SurgeryError as exc:
             problems.append(f"{kind} {src} -> {dst}: {exc}")
             continue
+        # every pair is a name in the result: counted before any is made (a prefix of n
+        # tensors copied to k destinations makes n * k names)
+        fresh = [d for _, d in pairs if d not in ckpt]
+        count, chars = count + len(fresh), chars + sum(map(len, fresh))
+        what = f"{src} -> {dst} ({len(pairs):,} names, {count:,} new in this plan)"
+        budget.made(
+            kind, what, len(ckpt) + count, budget.chars + chars, 0
+        )  # names given, or a given prefix + an input name
         for s, d in pairs:
-            op = _pair_op(kind, s, d, user_t, source_ckpt, ckpt, from_other, problems)
+            op = _pair_op(kind, s, d, user_t, source_ckpt, ckpt, from_other, prefixes, problems)
             if op is not None:
                 ops.append(op)
     ops = _dedupe_unties(ops)
@@ -248,6 +274,7 @@ def _pair_op(
     source_ckpt: Checkpoint,
     ckpt: Checkpoint,
     from_other: bool,
+    prefixes: _Prefixes,
     problems: list[Problem | str],
 ) -> Op | None:
     """One (source name, destination name) pair checked into an ``Op``, or None with problems."""
@@ -287,7 +314,7 @@ def _pair_op(
             a = ckpt.aliases[d]
             was = f"was an alias of {a.source}" + (f" ({a.transform})" if not a.transform.is_identity else "")
             note = f"{was}, {note.removeprefix('was ')}" if note else was
-    elif _is_module_prefix(ckpt, d):
+    elif d in prefixes:
         problems.append(f"{label}: {d} is a module prefix in {ckpt.path or 'the checkpoint'}, not a tensor name")
         return None
     origin = (source_ckpt.path or "<other>") if from_other else None
