@@ -71,7 +71,6 @@ __all__ = [
     "load",
     "load_state_dict",
     "merge",
-    "merge",
     "open",
     "save_state_dict",
     "testing",
