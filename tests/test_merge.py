@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import wsurgery  # noqa: E402
+from wsurgery import merge  # noqa: E402
 from wsurgery.errors import SurgeryError  # noqa: E402
 from wsurgery.merging import round_once, trim_cut, trim_mask  # noqa: E402
-from wsurgery import merge  # noqa: E402
 
 
 def _save(path, sd, aliases=None):

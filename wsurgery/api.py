@@ -62,6 +62,17 @@ class Checkpoint(_model.Checkpoint):
         explicit = dict(aliases) if aliases else None
         return _facade(from_tensors(dict(state_dict), explicit=explicit, metadata=dict(metadata or {})))
 
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        """``(shape, dtype)`` of a tensor or alias, from the header: no tensor data is read.
+
+        Example:
+            >>> ckpt.shape_dtype("projection.weight")  # doctest: +SKIP
+            ((32, 8), 'float32')
+        """
+        from .lookup import shape_dtype
+
+        return shape_dtype(self, name)
+
     def tie(
         self,
         src: str | Sequence[str],

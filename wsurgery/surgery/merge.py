@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from .. import dtypes
+from .. import dtypes, lookup
 from ..errors import Problem, UsageError
 from ..expressions import ComputedStored
 from ..merging import METHODS, CarriedStored, MergedStored, MergeSpec
@@ -82,7 +82,7 @@ def merge_spec(
 
 def _value_as_stored(ckpt: Checkpoint, name: str, device) -> Stored:
     """``name``'s value in ``ckpt`` as a stored tensor (an alias computed from its source)."""
-    e = ckpt.entry(name)
+    e = lookup.entry(ckpt, name)
     if isinstance(e, Derived):
         return e.base if e.transform.is_identity else ComputedStored(name, e.base, e.transform, device)
     return e
@@ -200,9 +200,9 @@ def merge_checkpoints(
                 )
     refuse(problems)
     for n in chosen:
-        shape, dt = first.shape_dtype(n)
+        shape, dt = lookup.shape_dtype(first, n)
         for c, label in zip(every[1:], labels[1:], strict=True):
-            s2, d2 = c.shape_dtype(n)
+            s2, d2 = lookup.shape_dtype(c, n)
             if tuple(s2) != tuple(shape):
                 problems.append(
                     Problem(f"merge: {n} has shape {list(shape)} in {labels[0]} but {list(s2)} in {label}", names=(n,))
@@ -226,7 +226,7 @@ def merge_checkpoints(
             continue
         values = [_value_as_stored(c, n, device) for c in ckpts]
         b = None if base is None else _value_as_stored(base, n, device)
-        dt = first.shape_dtype(n)[1]
+        dt = lookup.shape_dtype(first, n)[1]
         note = ""
         if n in first.aliases or any(n in c.aliases for c in every[1:]):
             note = "a tie the inputs do not all store alike: written as values"
