@@ -50,4 +50,3 @@ def shape_problem(shape, itemsize: int) -> str | None:
 MAX_NAME_LENGTH = 4096  # characters of one tensor name a verb makes (real ones are under 300)
 MAX_NAMES_BYTES = 64 << 20  # characters of all names together (a safetensors header is at most 100 MB)
 MAX_INT_DIGITS = 100  # digits of an integer in a recipe (a dim, a size, a version)
-MAX_INDEX_DIGITS = 18  # digits of a layer index that stack reads (a name holds fewer layers)

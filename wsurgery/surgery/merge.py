@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from .. import dtypes, lookup
 from ..errors import Problem, UsageError
 from ..expressions import ComputedStored
-from ..merging import METHODS, CarriedStored, MergedStored, MergeSpec
+from ..merging import METHODS, NEEDS_BASE, CarriedStored, MergedStored, MergeSpec
 from ..model import Checkpoint, Derived, Stored, natural_key
 from .ops import Op, refuse
 
@@ -63,9 +63,9 @@ def merge_spec(
         raise UsageError("slerp takes t, not weights", param="weights")
     if method == "mean" and math.fsum(w) == 0:
         raise UsageError(f"the weights {list(w)} sum to zero: a mean divides by their sum", param="weights")
-    if method in ("task-arithmetic", "ties") and not has_base:
+    if method in NEEDS_BASE and not has_base:
         raise UsageError(f"{method} needs a base checkpoint (the task vectors are x - base)", param="base")
-    if method not in ("task-arithmetic", "ties") and has_base:
+    if method not in NEEDS_BASE and has_base:
         raise UsageError(f"{method} takes no base checkpoint", param="base")
     if density is not None and method != "ties":
         raise UsageError(f"density is a parameter of ties, not of {method}", param="density")
