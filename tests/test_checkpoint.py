@@ -13,6 +13,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 import wsurgery
 from wsurgery.aliases import ALIASES_KEY
 from wsurgery.errors import InputError
+from wsurgery.lookup import entry
+from wsurgery.selectors import select
 
 
 def lm(seed=0, vocab=12, dim=4):
@@ -229,13 +231,14 @@ def test_sharded_index_metadata_aliases_are_read(tmp_path):
 
 def test_unknown_name_lists_close_matches(fixtures):
     c = wsurgery.load(fixtures / "tiny_lm.safetensors")
-    with pytest.raises(InputError) as err:
-        c.resolve("embeding.weight")
-    assert "embedding.weight" in err.value.candidates
+    for look_up in (lambda n: entry(c, n), c.get_tensor, lambda n: select(c.names(), n)):
+        with pytest.raises(InputError) as err:
+            look_up("embeding.weight")
+        assert "embedding.weight" in err.value.candidates
 
 
-def test_module_prefix_resolves_every_tensor_under_it(fixtures):
+def test_module_prefix_selects_every_tensor_under_it(fixtures):
     c = wsurgery.load(fixtures / "tiny_lm.safetensors")
-    names = [n for n, _ in c.resolve("layers.0.attn")]
+    names = select(c.names(), "layers.0.attn")
     assert names == ["layers.0.attn.out.weight", "layers.0.attn.qkv.bias", "layers.0.attn.qkv.weight"]
-    assert c.resolve("layers.0.attn.out.weight") == [("layers.0.attn.out.weight", "")]
+    assert select(c.names(), "layers.0.attn.out.weight") == ["layers.0.attn.out.weight"]

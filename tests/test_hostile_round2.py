@@ -641,15 +641,14 @@ def test_in_place_keeps_a_read_only_inputs_mode(tmp_path, cli):
 
 
 def test_a_replaced_shard_folder_keeps_its_modes(tmp_path):
-    from wsurgery.io.sharded_writer import INDEX_NAME, write_sharded
-    from wsurgery.io.writer import WriteItem
+    from wsurgery.io.sharded_writer import INDEX_NAME
 
     folder = tmp_path / "shards"
-    shards = [[WriteItem("w", "float32", (2,), 8, lambda f: f.write(b"\0" * 8))]]
-    write_sharded(folder, shards, [{}], {})
+    ckpt = wsurgery.Checkpoint.from_state_dict({"w": torch.zeros(2)})
+    ckpt.save(folder, max_shard_size=64)
     (folder / INDEX_NAME).chmod(0o400)
     folder.chmod(0o700)
-    write_sharded(folder, shards, [{}], {}, replace=True)
+    ckpt.save(folder, max_shard_size=64, overwrite=True)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE((folder / INDEX_NAME).stat().st_mode) == 0o400
     assert stat.S_IMODE((folder / "model-00001-of-00001.safetensors").stat().st_mode) == 0o644 & ~_umask()

@@ -171,7 +171,7 @@ def test_cast_only_that_selects_nothing_is_an_unknown_name_with_close_matches(tm
         assert "conv1_bn*" in str(info.value)
         with pytest.raises(UnknownNameError):
             c.cast("bfloat16", exclude=["nope"])
-        assert c.cast("bfloat16", only=["conv1_BN*"]).entry("conv1_BN.weight").dtype == "bfloat16"
+        assert c.cast("bfloat16", only=["conv1_BN*"]).stored["conv1_BN.weight"].dtype == "bfloat16"
     r = bounded(cli=["cast", tmp_path / "m.safetensors", "bfloat16", "--only", "conv1_bn*", "--dry-run"])
     assert r.returncode == 3, r.stderr
 

@@ -61,7 +61,7 @@ def test_in_place_leaves_every_other_file(tmp_path, cli, as_):
             assert after.get(name) == value, name
     assert "in place: wrote" in text
     with wsurgery.open(src) as c:
-        assert {c.entry(n).dtype for n in c.stored} == {"bfloat16"}
+        assert {c.stored[n].dtype for n in c.stored} == {"bfloat16"}
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".wsurgery-tmp")]
 
 

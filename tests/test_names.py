@@ -10,6 +10,7 @@ import torch
 
 import wsurgery
 from wsurgery.model import natural_key
+from wsurgery.selectors import select
 
 LONG = ".".join(f"block{i}" for i in range(700)) + ".weight"  # ~6,000 characters, 700 levels deep
 NAMES = {
@@ -150,11 +151,11 @@ def ambiguous(tmp_path):
     return path, sd
 
 
-def test_resolve_prefers_the_tensor(ambiguous):
+def test_a_name_selects_the_tensor_before_the_module(ambiguous):
     path, _ = ambiguous
     c = wsurgery.load(path)
-    assert c.resolve("a") == [("a", "")]
-    assert c.resolve("a.") == [("a.b", "b"), ("a.c", "c")]
+    assert select(c.names(), "a") == ["a"]
+    assert select(c.names(), "a.") == ["a.b", "a.c"]
 
 
 def test_tie_and_copy_take_the_tensor_not_the_module(ambiguous, cli, tmp_path):

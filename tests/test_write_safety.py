@@ -548,10 +548,20 @@ def test_a_failing_unsynced_write_leaves_nothing(tmp_path, fsyncs):
     assert dest.read_bytes() == b"old contents" and leftovers(tmp_path) == []
 
     # sharded: the second shard fails, nothing appears at the destination
-    from wsurgery.io.sharded_writer import write_sharded
+    import wsurgery
+    from wsurgery.model import Stored
 
+    class Full(Stored):
+        name, dtype, shape = "b", "uint8", (4,)
+
+        def write(self, f):
+            f.write_bytes(b"ab")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    first = wsurgery.Checkpoint.from_state_dict({"a": torch.arange(3, dtype=torch.uint8)})
+    ckpt = first.evolve(stored={**first.stored, "b": Full()})
     with pytest.raises(OutputError, match="No space left on device"):
-        write_sharded(tmp_path / "shards", [items[:1], items[1:]], [{}, {}], {}, sync=False)
+        ckpt.save(tmp_path / "shards", max_shard_size=4, sync=False)
     assert not (tmp_path / "shards").exists() and leftovers(tmp_path) == []
     assert fsyncs == []
 

@@ -22,9 +22,15 @@ if TYPE_CHECKING:
     import torch
 
     from .compare import CheckReport, DiffReport, Tuning
+    from .compare.options import Mapper
     from .surgery.recipe import ApplyResult
+    from .transforms import Transform
 
-PathLike = str | os.PathLike
+    Device = str | torch.device
+    # a transform: None (identity), one step or chain as text, a list of steps, or a Transform
+    Steps = str | Sequence[str] | Transform | None
+
+PathLike = str | os.PathLike[str]
 
 
 class Checkpoint(_model.Checkpoint):
@@ -62,11 +68,22 @@ class Checkpoint(_model.Checkpoint):
         explicit = dict(aliases) if aliases else None
         return _facade(from_tensors(dict(state_dict), explicit=explicit, metadata=dict(metadata or {})))
 
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        """``(shape, dtype)`` of a tensor or alias, from the header: no tensor data is read.
+
+        Example:
+            >>> ckpt.shape_dtype("projection.weight")  # doctest: +SKIP
+            ((32, 8), 'float32')
+        """
+        from .lookup import shape_dtype
+
+        return shape_dtype(self, name)
+
     def tie(
         self,
         src: str | Sequence[str],
         dst: str | Sequence[str],
-        transform=None,
+        transform: Steps = None,
         *,
         new: bool = False,
         verify: bool = False,
@@ -99,10 +116,10 @@ class Checkpoint(_model.Checkpoint):
         self,
         src: str | Sequence[str],
         dst: str | Sequence[str],
-        transform=None,
+        transform: Steps = None,
         *,
         other: _model.Checkpoint | None = None,
-        device="cpu",
+        device: Device = "cpu",
         new: bool = False,
     ) -> Checkpoint:
         """``dst`` holds an independent ``transform(src)``.
@@ -124,7 +141,7 @@ class Checkpoint(_model.Checkpoint):
 
         return _facade(surgery.copy(self, src, dst, transform, other=other, device=device, new=new))
 
-    def untie(self, names: str | Sequence[str] | None = None, *, device="cpu") -> Checkpoint:
+    def untie(self, names: str | Sequence[str] | None = None, *, device: Device = "cpu") -> Checkpoint:
         """The named aliases (every alias by default) become stored tensors of their own,
         for loaders that know no alias metadata.
 
@@ -170,7 +187,9 @@ class Checkpoint(_model.Checkpoint):
 
         return _facade(surgery.keep(self, [names] if isinstance(names, str) else list(names)))
 
-    def cast(self, dtype: str, *, only: Sequence[str] = (), exclude: Sequence[str] = (), device="cpu") -> Checkpoint:
+    def cast(
+        self, dtype: str, *, only: Sequence[str] = (), exclude: Sequence[str] = (), device: Device = "cpu"
+    ) -> Checkpoint:
         """Floating tensors (never integers or bool) cast to ``dtype``; ``only``/``exclude``
         choose by glob or module prefix; a tied source is cast once, its aliases follow.
 
@@ -223,7 +242,11 @@ class Checkpoint(_model.Checkpoint):
         return _facade(surgery.unstack(self, src, template, dim, new=new))
 
     def merge_lora(
-        self, adapter: PathLike | Sequence[PathLike], weight: float | Sequence[float] | None = None, *, device="cpu"
+        self,
+        adapter: PathLike | Sequence[PathLike],
+        weight: float | Sequence[float] | None = None,
+        *,
+        device: Device = "cpu",
     ) -> Checkpoint:
         """PEFT LoRA adapters (folders, in order; ``weight`` one multiplier each) folded in,
         as ``merge_and_unload`` does: see :func:`wsurgery.surgery.lora.merge_lora`.
@@ -336,7 +359,8 @@ class _SessionGroup:
         return bool(self._s.is_first)
 
     def exchange(self, phase: str, payload: Any = None) -> list[Any]:
-        return self._s.exchange(phase, payload)
+        gathered: list[Any] = self._s.exchange(phase, payload)
+        return gathered
 
     def shared_folder(self, folder: str, *, replace: bool = False, sync: bool = True) -> Any:
         return self._s.shared_folder(folder, replace=replace, sync=sync)
@@ -657,7 +681,7 @@ def compare_tuning() -> Tuning:
     return Tuning(workers=min(local_workers(), Tuning.detect().workers))
 
 
-def compare_mapper():
+def compare_mapper() -> Mapper:
     """How ``diff`` / ``check`` spread their tensor pairs: over the ranks of an active
     ``wsurgery.distributed`` session (each rank compares its share), else serially."""
     from .distributed import map_by_bytes

@@ -15,6 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+MAX_CANDIDATES = 3
+
+
+def close_matches(names: Iterable[str], name: str) -> list[str]:
+    """Up to three names close to ``name``: the one did-you-mean rule for names (the
+    ``candidates`` of :class:`UnknownNameError`)."""
+    import difflib  # only when a name is unknown: start-up stays lean
+
+    return difflib.get_close_matches(name, list(names), n=MAX_CANDIDATES, cutoff=0.6)
+
 
 class WsurgeryError(Exception):
     """Base of every error wsurgery raises on purpose.

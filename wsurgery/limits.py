@@ -56,4 +56,3 @@ MAX_NAMES_BYTES = 64 << 20  # characters of all names together (a safetensors he
 # some 300 MB. The characters of the names are bounded by MAX_NAMES_BYTES the same way.
 MAX_TENSORS = 1 << 18
 MAX_INT_DIGITS = 100  # digits of an integer in a recipe (a dim, a size, a version)
-MAX_INDEX_DIGITS = 18  # digits of a layer index that stack reads (a name holds fewer layers)

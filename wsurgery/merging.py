@@ -1,8 +1,8 @@
 """Merge arithmetic and the stored values that compute merged tensors lazily.
 
-The methods (DESIGN.md "Merges") as functions over float64 torch tensors (:func:`mean`,
-:func:`task_arithmetic`, :func:`ties`, :func:`slerp_coefficients`, :func:`trim_cut`),
-and :class:`MergedStored` / :class:`LoraStored`, ``Stored`` values that compute one
+The methods (DESIGN.md "Merges") over float64 torch tensors (mean and task arithmetic
+computed chunk by chunk in :class:`MergedStored`; :func:`ties`, :func:`slerp_coefficients`,
+:func:`trim_cut`), and :class:`MergedStored` / :class:`LoraStored`, ``Stored`` values that compute one
 tensor when written or read: the inputs are read one tensor each (zero-copy from a
 safetensors file's map where possible) and combined chunk by chunk in float64, then
 rounded once to the output dtype (:func:`round_once`). Memory holds one tensor per input
@@ -26,6 +26,7 @@ from .errors import SurgeryError
 from .model import Stored, tensor_bytes
 
 METHODS = ("mean", "task-arithmetic", "ties", "slerp")
+NEEDS_BASE = ("task-arithmetic", "ties")  # the methods over task vectors (x - base)
 CHUNK = 1 << 20  # elements per float64 chunk and input (8 MiB)
 SLERP_LINEAR = 0.9995  # mergekit's DOT_THRESHOLD: above it, SLERP interpolates linearly
 SLERP_EPS = 1e-8  # mergekit's: a vector whose norm is at most this is not normalized
@@ -46,10 +47,6 @@ class MergeSpec:
     weights: tuple[float, ...]
     density: float = 1.0
     t: float = 0.5
-
-    @property
-    def needs_base(self) -> bool:
-        return self.method in ("task-arithmetic", "ties")
 
 
 # --- rounding ------------------------------------------------------------------------------
@@ -80,22 +77,6 @@ def round_once(x, dtype: str):
 
 
 # --- the methods, over float64 tensors -------------------------------------------------------
-
-
-def mean(xs: Sequence, weights: Sequence[float]):
-    """sum(w_i x_i) / sum(w_i)."""
-    acc = xs[0] * weights[0]
-    for w, x in zip(weights[1:], xs[1:], strict=True):
-        acc = acc + x * w
-    return acc / math.fsum(weights)
-
-
-def task_arithmetic(base, xs: Sequence, weights: Sequence[float]):
-    """B + sum(w_i (x_i - B))."""
-    acc = (xs[0] - base) * weights[0]
-    for w, x in zip(weights[1:], xs[1:], strict=True):
-        acc = acc + (x - base) * w
-    return base + acc
 
 
 def trim_cut(task_vector, density: float) -> tuple[float, int]:
@@ -319,8 +300,8 @@ class MergedStored(Stored):
         bufs = [torch.empty(size, dtype=torch.float64, device=x.device) for x in every]
         for lo, hi in _chunks(n):
             if spec.method in ("mean", "task-arithmetic"):
-                # in place, in reused buffers: the same operations, in the same order, as
-                # mean() and task_arithmetic(), without a fresh allocation per step
+                # in place, in reused buffers, without a fresh allocation per step:
+                # mean: sum(w_i x_i) / sum(w_i); task arithmetic: B + sum(w_i (x_i - B))
                 chunk = [x.chunk(lo, hi, buf) for x, buf in zip(every, bufs, strict=False)]
                 base = chunk[len(xs)] if b is not None else None
                 acc = chunk[0]

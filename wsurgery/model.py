@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .dtypes import BY_NAME, name_of_torch_dtype
-from .errors import InputError, UnknownNameError
+from .errors import InputError, UnknownNameError, close_matches
 
 if TYPE_CHECKING:
     from .transforms import Transform
 
-# The transforms are imported where they are used: `inspect` of a file without aliases
-# needs none, and it must stay well under 0.2 s as a whole process.
+# The transforms sit above the model (annotations only here); looking a name up
+# (entry, value, shape and dtype) is ``wsurgery.lookup``.
 
 
 _DIGITS = re.compile(r"[0-9]+")
@@ -167,12 +167,9 @@ class Derived(_Sized):
     dtype: str
 
     @classmethod
-    def of(cls, base: Stored, transform: Transform | None = None) -> Derived:
-        """``transform(base)``; raises ``TransformError`` when the transform does not fit."""
-        if transform is None:
-            from .transforms import IDENTITY
-
-            transform = IDENTITY
+    def of(cls, base: Stored, transform: Transform) -> Derived:
+        """``transform(base)`` (``transforms.IDENTITY`` for the base itself); raises
+        ``TransformError`` when the transform does not fit."""
         shape, dtype = transform.infer(base.shape, base.dtype)
         return cls(base, transform, tuple(shape), dtype)
 
@@ -297,46 +294,6 @@ class Checkpoint:
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
-    def entry(self, name: str) -> Stored | Derived:
-        """The stored tensor or the alias under ``name``; ``UnknownNameError`` if none."""
-        if name in self.stored:
-            return self.stored[name]
-        if name in self.aliases:
-            return self.aliases[name]
-        raise self.unknown(name)
-
-    def value(self, name: str, extra: Transform | None = None) -> Derived:
-        """``extra(name)`` as a :class:`Derived` over a stored tensor (aliases followed)."""
-        e = self.entry(name)
-        d = e if isinstance(e, Derived) else Derived.of(e)
-        return d if extra is None else d.then(extra)
-
-    def unknown(self, name: str, what: str = "tensor or module") -> UnknownNameError:
-        """The error for a name this checkpoint does not hold, with close matches."""
-        import difflib
-
-        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
-        return UnknownNameError(name, path=self.path, candidates=close, what=what)
-
-    def resolve(self, name: str) -> list[tuple[str, str]]:
-        """``[(full name, suffix)]`` for a tensor name or a module prefix.
-
-        A name that is a tensor resolves to that tensor (suffix ``""``), even if it is
-        also a module prefix. Otherwise every tensor under ``name.`` is returned, with
-        the part after the prefix as suffix (``""`` prefix means every tensor).
-        """
-        if name in self:
-            return [(name, "")]
-        prefix = name.rstrip(".") + "." if name else ""
-        found = [(n, n[len(prefix) :]) for n in self.names() if n.startswith(prefix)]
-        if not found:
-            raise self.unknown(name)
-        return found
-
-    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
-        e = self.entry(name)
-        return e.shape, e.dtype
-
     # -- data ----------------------------------------------------------------------
     def get_tensor(self, name: str, device="cpu"):
         """One tensor, read now, as a ``torch.Tensor`` on ``device``.
@@ -347,10 +304,13 @@ class Checkpoint:
             >>> with wsurgery.open("model.safetensors") as ckpt:   # doctest: +SKIP
             ...     w = ckpt.get_tensor("embedding.weight", device="cuda")
         """
-        e = self.entry(name)
-        if isinstance(e, Derived):
-            return e.transform.apply(e.base.tensor(device))
-        return e.tensor(device)
+        stored = self.stored.get(name)
+        if stored is not None:
+            return stored.tensor(device)
+        alias = self.aliases.get(name)
+        if alias is None:
+            raise UnknownNameError(name, path=self.path, candidates=close_matches(self.names(), name))
+        return alias.transform.apply(alias.base.tensor(device))
 
     tensor = get_tensor
 

@@ -20,14 +20,14 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Iterable, Sequence
 
-from .errors import UnknownNameError
+from .errors import UnknownNameError, close_matches
+
+__all__ = ["GLOB_CHARS", "close_matches", "is_glob", "matches", "select", "select_all", "unknown", "unmatched"]
 
 GLOB_CHARS = "*?["
-MAX_CANDIDATES = 3
 
 
 def is_glob(selector: str) -> bool:
@@ -54,11 +54,6 @@ def matches(names: Sequence[str], selector: str, *, known: frozenset[str] | set[
     if is_glob(selector):
         return [n for n in names if fnmatch.fnmatchcase(n, selector)]
     return []
-
-
-def close_matches(names: Iterable[str], selector: str) -> list[str]:
-    """Up to three names close to ``selector`` (for did-you-mean hints)."""
-    return difflib.get_close_matches(selector, list(names), n=MAX_CANDIDATES, cutoff=0.6)
 
 
 def unknown(names: Iterable[str], selector: str, *, path: str | None = None) -> UnknownNameError:

@@ -50,7 +50,7 @@ def _worst_first(changes: list[Change]) -> list[Change]:
     them; then shape, dtype and tie changes (in the report's order); then value changes by
     ``rel_l2``, largest first."""
 
-    def key(c: Change) -> tuple:
+    def key(c: Change) -> tuple[bool, bool, float]:
         rel = c.stats.rel_l2 if c.stats is not None and c.stats.rel_l2 is not None else -1.0
         return (not c.unbounded, c.reason == "value", -rel if c.reason == "value" else 0.0)
 
@@ -94,8 +94,8 @@ def _message(report: DiffReport, shown: int) -> str:
 
 
 def assert_checkpoint_equal(
-    actual: Checkpoint | Mapping[str, Any] | torch.nn.Module | str | os.PathLike,
-    expected: Checkpoint | Mapping[str, Any] | torch.nn.Module | str | os.PathLike,
+    actual: Checkpoint | Mapping[str, Any] | torch.nn.Module | str | os.PathLike[str],
+    expected: Checkpoint | Mapping[str, Any] | torch.nn.Module | str | os.PathLike[str],
     *,
     atol: float = 0.0,
     rtol: float = 0.0,

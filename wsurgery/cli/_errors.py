@@ -30,8 +30,6 @@ from ..errors import (
 from .text import safe
 
 # The exit codes (the README's table).
-EXIT_OK = 0
-EXIT_DIFFERENT = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 EXIT_CODES: dict[type[WsurgeryError], int] = {
@@ -131,12 +129,6 @@ def hint(exc: WsurgeryError) -> str | None:
         target = f" {shlex.quote(exc.checkpoint)}" if exc.checkpoint else ""
         return f"run `wsurgery inspect{target}` to list the names"
     return exc.hint
-
-
-def one_line(exc: WsurgeryError) -> str:
-    text = message(exc)
-    h = hint(exc)
-    return f"{text} (hint: {h})" if h else text
 
 
 # --- reporting --------------------------------------------------------------------------

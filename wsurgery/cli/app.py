@@ -178,7 +178,7 @@ def _usage_error(exc, args: list[str]) -> int:
     return int(exc.exit_code)
 
 
-def _terminate(signum, frame):
+def _terminate(signum, _frame):
     from ._errors import emit_error
 
     emit_error("terminated")

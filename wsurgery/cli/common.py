@@ -272,13 +272,6 @@ def print_skipped(con, skipped: list[str], title: str, shown: int = 10) -> None:
     con.file.write("\n".join(lines) + "\n")
 
 
-def markup_safe(text) -> str:
-    """``text`` for use inside a rich markup string."""
-    from rich.markup import escape
-
-    return escape(safe(text))
-
-
 # --- outputs ----------------------------------------------------------------------------
 
 

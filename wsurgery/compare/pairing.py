@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import lookup
 from ..model import Checkpoint, Derived, natural_key
 from ..transforms import IDENTITY, Permute, Reshape, Transform, Transpose
 from .kernel import (
@@ -17,7 +18,7 @@ from .kernel import (
 
 
 def _info(ckpt: Checkpoint, name: str) -> dict[str, Any]:
-    e = ckpt.entry(name)
+    e = lookup.entry(ckpt, name)
     return {
         "dtype": e.dtype,
         "shape": list(e.shape),
@@ -133,11 +134,11 @@ def _plan_diff(
             sa, sb = A.stored[name], B.stored[name]
             if sa.shape != sb.shape:
                 return None
-            jobs[key] = _Job(key, A.value(name), B.value(name))
+            jobs[key] = _Job(key, lookup.value(A, name), lookup.value(B, name))
         return key
 
     for name in common:
-        ea, eb = A.entry(name), B.entry(name)
+        ea, eb = lookup.entry(A, name), lookup.entry(B, name)
         if tuple(ea.shape) != tuple(eb.shape):
             entries.append(_Entry(name, "shape"))
             continue
@@ -154,6 +155,6 @@ def _plan_diff(
             key = stored_job(ra[0])  # the source's statistics are the alias's
         if key is None:
             key = "value:" + name
-            jobs[key] = _Job(key, A.value(name), B.value(name))
+            jobs[key] = _Job(key, lookup.value(A, name), lookup.value(B, name))
         entries.append(_Entry(name, reason, key))
     return entries, jobs

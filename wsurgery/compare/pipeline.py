@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import lookup
 from ..errors import UnknownNameError, UsageError
 from ..selectors import matches, unknown
 from ..transforms import Transform, parse
@@ -394,7 +395,7 @@ def check(
         missing = [d for _, d in pairs if d not in D]
         if missing:
             if len(pairs) == 1:
-                raise D.unknown(missing[0])
+                raise lookup.unknown(D, missing[0])
             where = f" in {D.path}" if D.path else ""
             raise UnknownNameError(
                 missing[0],
@@ -403,7 +404,7 @@ def check(
                 + (" ..." if len(missing) > 5 else ""),
                 hint="check the destination, or that both module prefixes hold the same tensors",
             )
-        values = [(s, d, C.value(s, t), D.value(d)) for s, d in pairs]  # infer first: fails early
+        values = [(s, d, lookup.value(C, s, t), lookup.value(D, d)) for s, d in pairs]  # infer first: fails early
         jobs = {d: _Job(d, vs, vd) for s, d, vs, vd in values}
         run.compare([jobs[d] for _, d, vs, vd in values if vs.shape == vd.shape])
         crit = run.criteria

@@ -23,7 +23,6 @@ Torch is never imported here: ``inspect`` of a DCP folder reads this file only.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -362,31 +361,6 @@ def parse_metadata(data, path: str) -> DcpMetadata:
     return reader.read(root)
 
 
-def read_metadata(path: str) -> DcpMetadata:
-    """Read and parse a ``.metadata`` file (see :func:`parse_metadata`).
-
-    Args:
-        path: the ``.metadata`` file.
-
-    Returns:
-        The parsed metadata.
-
-    Example:
-        >>> meta = read_metadata("ckpt/.metadata")  # doctest: +SKIP
-    """
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_METADATA_BYTES:
-                raise InputError(
-                    f"{path}: {size} bytes, more than the {MAX_METADATA_BYTES} a DCP metadata file may hold"
-                )
-            data = f.read()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return parse_metadata(data, path)
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -523,7 +497,7 @@ def validate(meta: DcpMetadata, where: str) -> tuple[dict[str, list[Piece]], lis
             leaves the folder, a shape whose byte size overflows.
 
     Example:
-        >>> pieces, skipped = validate(read_metadata("ckpt/.metadata"), "ckpt/.metadata")  # doctest: +SKIP
+        >>> pieces, skipped = validate(parse_metadata(data, "ckpt/.metadata"), "ckpt/.metadata")  # doctest: +SKIP
     """
     pieces: dict[str, list[Piece]] = {}
     skipped = [f"{printable(n)}: bytes item (a pickled object, not read)" for n in meta.byte_entries]

@@ -300,7 +300,7 @@ def load_nemo(path: str) -> Checkpoint:
 
 
 def load_distributed(path: str, fmt: str) -> Checkpoint:
-    """Open a checkpoint of a distributed layout (``io.layouts.DISTRIBUTED``) lazily.
+    """Open a checkpoint of a distributed layout (DCP, its Hugging Face layout, Megatron, NeMo 2 or ``.nemo``) lazily.
 
     Args:
         path: the folder or archive (as ``io.sniff.sniff`` resolved it).

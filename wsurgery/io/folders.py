@@ -110,10 +110,6 @@ class Folder:
         """Where the bytes of file ``name`` lie; ``InputError`` if there is no such file."""
         raise NotImplementedError
 
-    def real_files(self) -> list[str]:
-        """The files on disk that hold this folder's files (for the input checks of a write)."""
-        raise NotImplementedError
-
     def exists(self, name: str) -> bool:
         return name in set(self.names())
 
@@ -141,11 +137,6 @@ class Folder:
     def sub(self, name: str) -> Folder:
         """The folder ``name`` inside this one."""
         raise NotImplementedError
-
-    def subfolders(self) -> list[str]:
-        """The names of the folders directly inside this one."""
-        found = {n.split("/", 1)[0] for n in self.names() if "/" in n}
-        return sorted(found)
 
 
 class DirFolder(Folder):
@@ -191,9 +182,6 @@ class DirFolder(Folder):
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{path}: not a regular file")
         return Located(real, 0, st.st_size)
-
-    def real_files(self) -> list[str]:
-        return [os.path.abspath(os.path.join(self.root, n)) for n in self.names()]
 
     def sub(self, name: str) -> Folder:
         """The subfolder ``name``; refused when it is a link that leaves this folder."""
@@ -247,9 +235,6 @@ class TarFolder(Folder):
         if m is None:
             raise InputError(f"{self.shown(name)}: no such member in the archive (the checkpoint's metadata names it)")
         return Located(self.archive, m.offset, m.size)
-
-    def real_files(self) -> list[str]:
-        return [os.path.abspath(self.archive)]
 
     def sub(self, name: str) -> Folder:
         return TarFolder(self.archive, self.members, self._full(name))

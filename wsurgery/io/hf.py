@@ -90,11 +90,6 @@ class ModelFolder:
     files: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
 
-    @property
-    def is_hf(self) -> bool:
-        """A Hugging Face model folder: it has a ``config.json``."""
-        return self.config is not None
-
 
 def _read_config(path: str) -> tuple[dict, bytes]:
     try:

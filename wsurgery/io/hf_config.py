@@ -198,9 +198,10 @@ def check_ties(ckpt: Checkpoint, config: dict, *, compare: bool = True) -> TieRe
     return report
 
 
-
 def _same_values(ckpt: Checkpoint, a: str, b: str) -> tuple[bool, str]:
-    sa, sb = ckpt.entry(a), ckpt.entry(b)
+    from .. import lookup
+
+    sa, sb = lookup.entry(ckpt, a), lookup.entry(ckpt, b)
     if tuple(sa.shape) != tuple(sb.shape):
         return False, f"shapes {tuple(sa.shape)} and {tuple(sb.shape)}"
     if sa.dtype != sb.dtype:

@@ -19,7 +19,6 @@ DCP_SAFETENSORS = "dcp-safetensors"  # torch's Hugging Face storage writer: DCP_
 MEGATRON = "megatron-torch-dist"  # Megatron-Core torch_dist: metadata.json + common.pt + DCP
 NEMO2 = "nemo2"  # NeMo 2 checkpoint folder: weights/ (torch_dist) + context/
 NEMO = "nemo"  # NeMo 1 .nemo archive (tar or tar.gz)
-DISTRIBUTED = frozenset({DCP, DCP_SAFETENSORS, MEGATRON, NEMO2, NEMO})
 
 _PROBE = 1 << 16
 

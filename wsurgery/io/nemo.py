@@ -145,9 +145,6 @@ class _Extracted(DirFolder):
     def shown(self, name: str) -> str:
         return "/".join(p for p in (self.archive, self.prefix, name) if p)
 
-    def real_files(self) -> list[str]:
-        return [os.path.abspath(self.archive)]
-
     def sub(self, name: str) -> Folder:
         return _Extracted(self.tmp, self.archive, f"{self.prefix}/{name}" if self.prefix else name)
 

@@ -105,11 +105,11 @@ class SaveResult:
     path: str
     stored: int
     nbytes: int
-    aliases: dict[str, dict]
+    aliases: dict[str, dict[str, Any]]
     shards: list[str] | None = None
     format: str = "safetensors"
     files: list[str] | None = None
-    config: dict | None = None
+    config: dict[str, Any] | None = None
     dropped_metadata: list[str] = field(default_factory=list)
     aliases_as_values: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

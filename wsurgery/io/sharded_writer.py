@@ -99,30 +99,6 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def write_sharded(
-    folder,
-    shards: list[list[WriteItem]],
-    shard_metadata: list[dict[str, str]],
-    index_metadata: dict,
-    *,
-    replace: bool = False,
-    progress=None,
-    sync: bool = True,
-) -> list[str]:
-    """Write the shards and the index into ``folder`` atomically; returns the shard names.
-
-    ``sync=False`` skips every fsync (each shard, the index and the folders): the folder
-    still appears whole or not at all if the process dies, but an operating-system crash
-    or power loss soon after may leave shards empty or partial.
-    """
-    names = [shard_name(i, len(shards)) for i in range(len(shards))]
-    with atomic_folder(folder, replace=replace, sync=sync) as tmp:
-        write_shards_into(
-            tmp, names, shards, shard_metadata, index_metadata, progress=progress, sync=sync, modes_of=folder
-        )
-    return names
-
-
 def write_shards_into(
     folder: str,
     names: list[str],
@@ -134,16 +110,12 @@ def write_shards_into(
     sync: bool = True,
     only: set[int] | None = None,
     index: bool = True,
-    modes_of=None,
 ) -> None:
-    """The shards and the index, written into an existing (temporary) folder; each takes
-    the mode of the file of its name in ``modes_of`` (the folder it will replace), if any.
+    """The shards and the index, written into an existing (temporary) folder (the folder's
+    commit gives each file the mode of the one it replaces).
 
     ``only``: the indices of the shards to write (a rank's share), all by default;
     ``index``: whether to write the index (it needs no shard's data)."""
-
-    def like(name: str):
-        return None if modes_of is None else os.path.join(os.fspath(modes_of), name)
 
     for name, items, meta in zip(names, shards, shard_metadata, strict=True):
         safetensors_prefix(os.path.join(folder, name), items, meta)  # every shard readable, before any is written
@@ -161,12 +133,10 @@ def write_shards_into(
         )
     for i, (name, items, meta) in enumerate(zip(names, shards, shard_metadata, strict=True)):
         if only is None or i in only:
-            write_safetensors(
-                os.path.join(folder, name), items, meta, progress=progress, sync=sync, mode_like=like(name)
-            )
+            write_safetensors(os.path.join(folder, name), items, meta, progress=progress, sync=sync)
     if not index:
         return
-    with atomic_file(os.path.join(folder, INDEX_NAME), sync=sync, mode_like=like(INDEX_NAME)) as f:
+    with atomic_file(os.path.join(folder, INDEX_NAME), sync=sync) as f:
         write_all(f, data)
 
 
@@ -207,10 +177,16 @@ def make_temporary_folder(folder, *, replace: bool = False) -> str:
 
 def commit_temporary_folder(tmp: str, folder, *, sync: bool = True) -> None:
     """Rename the finished temporary folder ``tmp`` into place as ``folder`` (swapping an
-    existing one out whole); with ``sync``, fsync the parent folder after."""
+    existing one out whole); with ``sync``, fsync the parent folder after. The folder and
+    each file in it that replaces one of the same name keep the replaced one's mode."""
     folder = os.path.abspath(os.fspath(folder))
     try:
         os.chmod(tmp, mode_for(folder, folder=True))
+        if os.path.isdir(folder):
+            for name in os.listdir(tmp):
+                new, old = os.path.join(tmp, name), os.path.join(folder, name)
+                if os.path.isfile(new) and not os.path.islink(new) and os.path.lexists(old):
+                    os.chmod(new, mode_for(old))
         _swap_in(tmp, folder)
     except OSError as exc:
         raise os_error(folder, exc) from None

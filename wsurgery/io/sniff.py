@@ -10,7 +10,6 @@ from ..errors import InputError
 from .layouts import (  # noqa: F401  (the new kinds)
     DCP,
     DCP_SAFETENSORS,
-    DISTRIBUTED,
     MEGATRON,
     NEMO,
     NEMO2,

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .. import lookup
 from ..transforms import parse as parse_transform
 from .slots import (
     _PARAM,
@@ -126,7 +127,7 @@ def _load_into(module: nn.Module, ckpt: Any, strict: bool) -> LoadResult:
             values.append(name)
     for name in values:
         target = slots.get(name) or buffers[name]
-        shape, _ = ckpt.shape_dtype(name)
+        shape, _ = lookup.shape_dtype(ckpt, name)
         current = _buffer(target.owner, target.attr) if target.kind == "buffer" else target.value()
         if tuple(shape) != _shape(current):
             misfit.append(

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import SurgeryError, TransformError, UnknownNameError
+from ..selectors import close_matches
 from ..transforms import IDENTITY, Transform
 from ..transforms import parse as parse_transform
 
@@ -257,7 +258,7 @@ def _describe(module: nn.Module) -> str:
 
 
 def _unknown(name: str, known: Iterable[str], where: str) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    close = close_matches(known, name)
     text = f"no weight {name!r} in {where}"
     if close:
         text += f" (did you mean {', '.join(repr(c) for c in close)}?)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from .. import lookup
 from ..errors import Problem, UsageError
 from ..expressions import ComputedStored, Joined
 from ..model import Checkpoint, Derived, Stored, natural_key
@@ -60,7 +61,7 @@ def _made_names(
 
 
 def _values(ckpt: Checkpoint, names: Sequence[str]) -> list[Derived]:
-    return [ckpt.value(n) for n in names]  # UnknownNameError for a name it does not hold
+    return [lookup.value(ckpt, n) for n in names]  # UnknownNameError for a name it does not hold
 
 
 def _agree(parts: Sequence[Derived], names: Sequence[str], dim: int | None, verb: str, problems: list) -> bool:
@@ -113,7 +114,7 @@ def split(
     is gone (unless it is one of the pieces)."""
     dsts, sizes = list(dsts), [int(s) for s in sizes]
     problems: list[Problem | str] = []
-    value = ckpt.value(src)
+    value = lookup.value(ckpt, src)
     if len(sizes) != len(dsts):
         problems.append(Problem(f"split: {len(dsts)} destinations but {len(sizes)} sizes"))
     if any(s < 0 for s in sizes):
@@ -247,7 +248,7 @@ def unstack(ckpt: Checkpoint, src: str, template: str, dim: int = 0, *, new: boo
     found: list[tuple[str, str, Derived, int]] = []
     count = chars = longest = 0
     for name, suffix in select_under(ckpt, src):  # UnknownNameError when it selects nothing
-        value = ckpt.value(name)
+        value = lookup.value(ckpt, name)
         d = _dim(len(value.shape), dim, "unstack", problems, name)
         if d is None:
             continue

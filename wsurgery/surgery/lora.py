@@ -23,6 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .. import lookup
 from ..errors import InputError, Problem, SurgeryError, UsageError
 from ..expressions import ComputedStored
 from ..merging import LoraStored, LoraUpdate
@@ -182,10 +183,10 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
         if target is None:
             problems.append(Problem(f"merge_lora: {adapter.path}: {module}.weight is not in the base", names=(module,)))
             continue
-        a, b = adapter.weights.entry(got[ka]), adapter.weights.entry(got[kb])
+        a, b = lookup.entry(adapter.weights, got[ka]), lookup.entry(adapter.weights, got[kb])
         a_s = a if isinstance(a, Stored) else a.base
         b_s = b if isinstance(b, Stored) else b.base
-        shape = tuple(base.shape_dtype(target)[0])
+        shape = tuple(lookup.shape_dtype(base, target)[0])
         rank = a.shape[0]
         r, s = _scale(adapter.config, module, rank)
         kind = "embedding" if emb else ("conv" if len(a.shape) == 4 else "linear")
@@ -221,7 +222,7 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
             continue
         magnitude = None
         if "magnitude" in got:
-            mag = adapter.weights.entry(got["magnitude"])
+            mag = lookup.entry(adapter.weights, got["magnitude"])
             rows = shape[1] if fan else shape[0]
             if kind != "linear" or tuple(mag.shape) != (rows,):
                 problems.append(
@@ -243,8 +244,8 @@ def _plan(base: Checkpoint, adapter: Adapter, weight: float, problems: list) -> 
         if target is None:
             problems.append(Problem(f"merge_lora: {adapter.path}: {stripped} (a module to save) is not in the base"))
             continue
-        e = adapter.weights.entry(name)
-        shape, dtype = base.shape_dtype(target)
+        e = lookup.entry(adapter.weights, name)
+        shape, dtype = lookup.shape_dtype(base, target)
         if tuple(e.shape) != tuple(shape):
             problems.append(
                 Problem(
@@ -323,7 +324,7 @@ def merge_lora(
     for n in sorted(set(values) | set(pending), key=natural_key):
         start = values.get(n)
         if start is None:
-            e = base.entry(n)
+            e = lookup.entry(base, n)
             start = (
                 e
                 if isinstance(e, Stored)

@@ -13,10 +13,10 @@ import math
 import os
 from collections.abc import Sequence
 
-from .. import dtypes
+from .. import dtypes, lookup
 from ..errors import Problem, UsageError
 from ..expressions import ComputedStored
-from ..merging import METHODS, CarriedStored, MergedStored, MergeSpec
+from ..merging import METHODS, NEEDS_BASE, CarriedStored, MergedStored, MergeSpec
 from ..model import Checkpoint, Derived, Stored, natural_key
 from .ops import Op, refuse
 
@@ -63,9 +63,9 @@ def merge_spec(
         raise UsageError("slerp takes t, not weights", param="weights")
     if method == "mean" and math.fsum(w) == 0:
         raise UsageError(f"the weights {list(w)} sum to zero: a mean divides by their sum", param="weights")
-    if method in ("task-arithmetic", "ties") and not has_base:
+    if method in NEEDS_BASE and not has_base:
         raise UsageError(f"{method} needs a base checkpoint (the task vectors are x - base)", param="base")
-    if method not in ("task-arithmetic", "ties") and has_base:
+    if method not in NEEDS_BASE and has_base:
         raise UsageError(f"{method} takes no base checkpoint", param="base")
     if density is not None and method != "ties":
         raise UsageError(f"density is a parameter of ties, not of {method}", param="density")
@@ -82,7 +82,7 @@ def merge_spec(
 
 def _value_as_stored(ckpt: Checkpoint, name: str, device) -> Stored:
     """``name``'s value in ``ckpt`` as a stored tensor (an alias computed from its source)."""
-    e = ckpt.entry(name)
+    e = lookup.entry(ckpt, name)
     if isinstance(e, Derived):
         return e.base if e.transform.is_identity else ComputedStored(name, e.base, e.transform, device)
     return e
@@ -200,9 +200,9 @@ def merge_checkpoints(
                 )
     refuse(problems)
     for n in chosen:
-        shape, dt = first.shape_dtype(n)
+        shape, dt = lookup.shape_dtype(first, n)
         for c, label in zip(every[1:], labels[1:], strict=True):
-            s2, d2 = c.shape_dtype(n)
+            s2, d2 = lookup.shape_dtype(c, n)
             if tuple(s2) != tuple(shape):
                 problems.append(
                     Problem(f"merge: {n} has shape {list(shape)} in {labels[0]} but {list(s2)} in {label}", names=(n,))
@@ -226,7 +226,7 @@ def merge_checkpoints(
             continue
         values = [_value_as_stored(c, n, device) for c in ckpts]
         b = None if base is None else _value_as_stored(base, n, device)
-        dt = first.shape_dtype(n)[1]
+        dt = lookup.shape_dtype(first, n)[1]
         note = ""
         if n in first.aliases or any(n in c.aliases for c in every[1:]):
             note = "a tie the inputs do not all store alike: written as values"

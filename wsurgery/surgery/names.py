@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from ..errors import Problem, UnknownNameError
 from ..model import Checkpoint, Derived, Stored, natural_key
 from ..selectors import close_matches
+from ..transforms import IDENTITY
 from .ops import Op, check_orphans, derive, refuse, select_entries
 from .patterns import NameTooLong, PatternError, rename_all
 
@@ -54,7 +55,7 @@ def rename(ckpt: Checkpoint, pattern: str, to: str) -> Checkpoint:
         base = stored[new_names[a.source]]
         aliases[new_names[name]] = a if base is a.base else Derived(base, a.transform, a.shape, a.dtype)
     ops = [
-        Op("rename", old, new, aliases.get(new) or Derived.of(stored[new]), replaces=False)
+        Op("rename", old, new, aliases.get(new) or Derived.of(stored[new], IDENTITY), replaces=False)
         for old, new in new_names.items()
         if old != new
     ]

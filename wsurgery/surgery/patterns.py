@@ -23,7 +23,6 @@ from typing import Any
 
 from ..limits import MAX_NAME_LENGTH, MAX_NAMES_BYTES
 
-ENGINE = "RE2"
 _UNSUPPORTED = (
     "RE2, the linear-time engine rename uses, has no backreferences, lookaround, atomic groups, "
     "possessive repeats, conditionals, \\Z or (?x)"

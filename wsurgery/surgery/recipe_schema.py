@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from .. import lookup
 from ..errors import SurgeryError, UsageError
 from ..model import Checkpoint
 from ..selectors import matches
@@ -279,12 +280,12 @@ class Expectation(_Located):
 
 
 def _dtype_is(ckpt: Checkpoint, n: str, c: dict) -> str | None:
-    dtype = ckpt.entry(n).dtype
+    dtype = lookup.entry(ckpt, n).dtype
     return None if dtype == c["dtype"] else f"{n} is {dtype}, expected {c['dtype']}"
 
 
 def _shape_is(ckpt: Checkpoint, n: str, c: dict) -> str | None:
-    shape = list(ckpt.entry(n).shape)
+    shape = list(lookup.entry(ckpt, n).shape)
     return None if shape == c["shape"] else f"{n} has shape {shape}, expected {c['shape']}"
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .. import lookup
 from ..devices import check_device
 from ..errors import Problem, SurgeryError, TransformError, UnknownNameError, UsageError
 from ..expressions import ComputedStored
@@ -278,7 +279,7 @@ def _pair_op(
     problems: list[Problem | str],
 ) -> Op | None:
     """One (source name, destination name) pair checked into an ``Op``, or None with problems."""
-    first = source_ckpt.value(s)
+    first = lookup.value(source_ckpt, s)
     base, t, stored = first.source, first.transform.then(user_t), first.base
     where = f" of {source_ckpt.path}" if from_other and source_ckpt.path else ""
     label = f"{kind} {s}{where} -> {d}"
@@ -303,9 +304,9 @@ def _pair_op(
     replaces = d in ckpt
     note = ""
     if replaces:
-        dshape, ddtype = ckpt.shape_dtype(d)
+        dshape, ddtype = lookup.shape_dtype(ckpt, d)
         if kind == "tie" and (tuple(dshape) != value.shape or ddtype != dtype):
-            own = None if user_t.is_identity else source_ckpt.shape_dtype(s)
+            own = None if user_t.is_identity else lookup.shape_dtype(source_ckpt, s)
             problems.append(_misfit(label, value.shape, dtype, d, tuple(dshape), ddtype, source=own))
             return None
         if (tuple(dshape), ddtype) != (value.shape, dtype):
