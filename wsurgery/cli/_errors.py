@@ -56,7 +56,21 @@ FLAGS = {
     "max_rel_l2": "--max-rel-l2",
     "min_cosine": "--min-cosine",
     "by_module": "--by-module",
+    "keep_aliases": "--keep-aliases",
+    "flat": "--flat",
 }
+
+
+def flag(param: str) -> str:
+    """The command line's name of the library parameter ``param`` (``--keep-aliases``)."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def note_text(note: str) -> str:
+    """A library note as the command line says it: a parameter it names as its flag."""
+    render = getattr(note, "render", None)
+    return render(flag) if render is not None else note
+
 
 # What to do about an output that cannot be written, by OutputError.reason.
 _OUTPUT_HINTS = {

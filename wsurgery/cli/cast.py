@@ -20,10 +20,14 @@ def cast(
     ckpt: CkptArg,
     dtype: Annotated[str, typer.Argument(metavar="DTYPE", help="float32, bfloat16, float16, float8_e4m3fn, ...")],
     only: Annotated[
-        GlobsOpt, typer.Option("--only", help="Cast only names matching this glob or prefix (repeatable).")
+        GlobsOpt,
+        typer.Option("--only", help="Cast only these tensors: an exact name, a module prefix or a glob (repeatable)."),
     ] = None,
     exclude: Annotated[
-        GlobsOpt, typer.Option("--except", help="Leave names matching this glob or prefix as they are (repeatable).")
+        GlobsOpt,
+        typer.Option(
+            "--except", help="Leave these tensors as they are: an exact name, a module prefix or a glob (repeatable)."
+        ),
     ] = None,
     device: DeviceOpt = "cpu",
     *,

@@ -64,7 +64,9 @@ DimOpt = Annotated[int, typer.Option("--dim", help="The axis.")]
 NamesArg = Annotated[
     list[str],
     typer.Argument(
-        metavar="NAME...", help="Tensor names, module prefixes or globs ('optimizer.*').", show_default=False
+        metavar="NAME...",
+        help="Selectors, each an exact tensor name, a module prefix or a glob ('optimizer.*').",
+        show_default=False,
     ),
 ]
 TieTransformOpt = Annotated[
@@ -89,7 +91,12 @@ TransformOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 FilterOpt = Annotated[
-    Optional[str], typer.Option("--filter", help="Only tensors whose name matches this glob.", show_default=False)
+    Optional[str],
+    typer.Option(
+        "--filter",
+        help="Only the tensors this selector chooses: an exact name, a module prefix or a glob ('*.weight').",
+        show_default=False,
+    ),
 ]
 FromOpt = Annotated[
     Optional[Path],

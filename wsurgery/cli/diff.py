@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UnknownNameError
 from ..transforms import chain_text
 from ._errors import command, emit_json
 from .common import (
@@ -322,16 +324,22 @@ def diff(
         depth = "auto"  # a chart needs modules
     elif depth is None and not (json_out or quiet):
         depth, min_changed = "auto", AUTO_MIN_CHANGED  # the default view when many tensors change
-    with ProgressBar("diff", enabled=not (json_out or quiet)) as bar:
-        report = run_diff(
-            a,
-            b,
-            filter=filter,
-            ignore_ties=ignore_ties,
-            by_module=depth,
-            by_module_min_changed=min_changed,
-            **compare_options(tol, device=device, progress=bar),
-        )
+    try:
+        with ProgressBar("diff", enabled=not (json_out or quiet)) as bar:
+            report = run_diff(
+                a,
+                b,
+                filter=filter,
+                ignore_ties=ignore_ties,
+                by_module=depth,
+                by_module_min_changed=min_changed,
+                **compare_options(tol, device=device, progress=bar),
+            )
+    except UnknownNameError as exc:
+        if exc.hint is None:  # looked for in both: one runnable command for each
+            shown = " or ".join(f"`wsurgery inspect {shlex.quote(str(p))}`" for p in (a, b))
+            exc.hint = f"run {shown} to list the names"
+        raise
     if html is not None:
         report.save_html(html)
     code = 0 if report.equal else 1

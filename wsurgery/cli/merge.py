@@ -72,7 +72,8 @@ def merge(
         typer.Option(
             "--only",
             metavar="SELECTOR",
-            help="Merge only these names (name, prefix or glob; repeatable); the rest is carried from the first CKPT.",
+            help="Merge only these tensors (exact name, module prefix or glob; repeatable); the rest is carried "
+            "from the first CKPT.",
         ),
     ] = None,
     dtype: Annotated[

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..io.options import SaveResult
+from ..io.options import Note, SaveResult
 from ..model import Checkpoint, natural_key
-from ._errors import emit_json
+from ._errors import emit_json, note_text
 from .common import ByteProgress, console, default_output, human_bytes, print_skipped, print_table, safe, shape_text
 from .options import OutputOptions
 
@@ -122,9 +122,14 @@ def report_write(
         plan = _plan(target, result, out, saved.format if saved is not None else out.format)
     folder = plan.folder or (saved is not None and saved.shards is not None)
     info = summary(result)
+    left_out = _left_out(result, saved)
     if out.json:
         head = {"output": target, "format": plan.format, "folder": folder, "dry_run": out.dry_run}
         written = {} if saved is None else {k: v for k, v in saved.to_dict().items() if k != "output"}
+        if "notes" in written:
+            written["notes"] = [note_text(n) for n in written["notes"]]
+        if left_out is not None:
+            written["skipped"] = left_out
         emit_json({"schema": f"wsurgery.{command}/1", **head, **info, **written, **(extra or {})})
         return 0
     if out.quiet:
@@ -134,12 +139,15 @@ def report_write(
     if result.changes:
         _plan_table(con, result.changes, out.dry_run)
     verb = "would write" if out.dry_run else "wrote"
-    n_alias = len(info["aliases"])
+    # what was written (a tie may have gone out as values), else what the plan holds
+    stored = info["stored"] if saved is None else saved.stored
+    aliases = [a["name"] for a in info["aliases"]] if saved is None else list(saved.aliases)
+    nbytes = result.total_bytes if saved is None else saved.nbytes
     sharded = saved is not None and saved.shards is not None
     kind = "" if plan.format == "safetensors" and not folder else f" ({_kind(plan, sharded)})"
     con.print(
-        f"{verb} {safe(target)}{kind}: {info['stored']} stored tensor{'s' if info['stored'] != 1 else ''} "
-        f"({human_bytes(result.total_bytes)}), {n_alias} alias{'es' if n_alias != 1 else ''}",
+        f"{verb} {safe(target)}{kind}: {stored} stored tensor{'s' if stored != 1 else ''} "
+        f"({human_bytes(nbytes)}), {len(aliases)} alias{'es' if len(aliases) != 1 else ''}",
         markup=False,
     )
     if out.dry_run and plan.folder:
@@ -152,11 +160,29 @@ def report_write(
     for kind in ("copied", "untied"):
         if info[kind]:
             con.print(f"  {len(info[kind])} {kind}", markup=False)
-    for name in sorted(result.aliases, key=natural_key):
+    for name in sorted(aliases, key=natural_key):
         a = result.aliases[name]
         con.print(safe(f"  {name} = {a.transform}({a.source})"), markup=False)
-    print_skipped(con, result.skipped, "left out (not tensors)", shown=3)
+    if left_out is not None:
+        print_skipped(con, left_out, "left out (not tensors)", shown=3)
+    elif plan.format == "torch" and not out.flat:  # a dry run: the structure the write keeps is not known yet
+        print_skipped(con, result.skipped, "not tensors (kept where the input's structure carries them)", shown=3)
+    else:
+        print_skipped(con, result.skipped, "left out (not tensors)", shown=3)
     return 0
+
+
+def _left_out(result: Checkpoint, saved: SaveResult | None) -> list[str] | None:
+    """The entries of the input that are not tensors and that the output does not hold:
+    for a torch file that kept its input's structure, what the structure could not carry
+    (its note says); else every one (a flat or safetensors/DCP output holds tensors
+    only). None on a dry run."""
+    if saved is None:
+        return None
+    for note in saved.notes:
+        if isinstance(note, Note) and note.kind == "structure":
+            return list(note.entries)
+    return list(result.skipped)
 
 
 def _kind(plan, sharded: bool = False) -> str:
@@ -165,7 +191,7 @@ def _kind(plan, sharded: bool = False) -> str:
     if FORMATS[plan.format].folder_format:
         return f"a {plan.format.upper()} folder"
     if plan.max_shard_size is not None or sharded:
-        return "a folder of safetensors shards"
+        return f"a folder of {plan.format} shards"
     if not plan.folder:
         return plan.format
     return f"a folder with {plan.weights_file}"
@@ -199,7 +225,7 @@ def _print_written(con, extra: dict, result: Checkpoint) -> None:
         if left:
             con.print(safe(f"  not carried (not files of the model folder): {', '.join(left)}"), markup=False)
     for note in extra.get("notes") or ():
-        con.print(safe(f"  {note}"), markup=False)
+        con.print(safe(f"  {note_text(note)}"), markup=False)
     holder = "a DCP checkpoint" if extra.get("format") == "dcp" else "a torch file"
     if extra.get("dropped_metadata"):
         con.print(

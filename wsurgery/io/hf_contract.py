@@ -155,14 +155,21 @@ def for_folder_output(ckpt: Checkpoint, config: dict, *, safetensors: bool, keep
         keep_aliases: keep every alias as an alias (a wsurgery record).
     """
     from .hf_config import config_for_output, dump_config
+    from .options import Note
 
     names = [] if keep_aliases or not safetensors else unrestored_aliases(ckpt, config)
     ckpt = as_values(ckpt, names)
-    notes = []
+    notes: list[str] = []
     if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         notes.append(
-            f"ties written as values ({len(names)}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
-            "from_pretrained restores no tie but the head's; keep_aliases keeps them as aliases"
+            Note(
+                f"ties written as values ({len(names)}: {shown}): "
+                "from_pretrained restores no tie but the head's; {option} keeps them as aliases",
+                option="keep_aliases",
+                kind="as_values",
+                entries=names,
+            )
         )
     tied, changes = config_for_output(ckpt, config)
     new, more, warnings = config_updates(ckpt, tied if tied is not None else config)

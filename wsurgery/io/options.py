@@ -49,6 +49,39 @@ class Collective(Protocol):
         """The error :meth:`carry` wrapped (``exc`` itself otherwise)."""
 
 
+class Note(str):
+    """A line of :attr:`SaveResult.notes` that carries data besides its words.
+
+    It reads as its text (``str``, JSON); a caller that names things its own way renders
+    it with :meth:`render`.
+
+    Attributes:
+        template: the text, with ``{option}`` where the :class:`WriteOptions` field
+            ``option`` is named.
+        option: that field's name (None: the text names none).
+        kind: what the note tells, for a caller that acts on it (``"structure"``: a torch
+            file kept its input's structure; ``"as_values"``: ties written as values).
+        entries: the entries the note is about (for ``"structure"``: what the structure
+            could not carry, as ``"where: what"``).
+    """
+
+    template: str
+    option: str | None
+    kind: str | None
+    entries: tuple[str, ...]
+
+    def __new__(
+        cls, template: str, *, option: str | None = None, kind: str | None = None, entries: Sequence[str] = ()
+    ) -> Note:
+        self = super().__new__(cls, template.replace("{option}", option) if option else template)
+        self.template, self.option, self.kind, self.entries = template, option, kind, tuple(entries)
+        return self
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """The text with the option named by ``name(option)`` (a CLI gives its flag)."""
+        return self.template.replace("{option}", name(self.option)) if self.option else str(self)
+
+
 @dataclass(frozen=True)
 class WriteOptions:
     """How to write a checkpoint.

@@ -11,7 +11,7 @@ from ..model import Checkpoint, Derived, Stored, natural_key
 from ..selectors import close_matches
 from ..transforms import IDENTITY
 from .ops import Op, check_orphans, derive, refuse, select_entries
-from .patterns import NameTooLong, PatternError, rename_all
+from .patterns import NameTooLong, PatternError, rename_all, shown
 
 
 def rename(ckpt: Checkpoint, pattern: str, to: str) -> Checkpoint:
@@ -32,7 +32,7 @@ def rename(ckpt: Checkpoint, pattern: str, to: str) -> Checkpoint:
         raise UnknownNameError(
             pattern,
             path=ckpt.path,
-            message=f"the rename pattern {pattern!r} matches no name" + (f" in {ckpt.path}" if ckpt.path else ""),
+            message=f"the rename pattern {shown(pattern)} matches no name" + (f" in {ckpt.path}" if ckpt.path else ""),
             candidates=close_matches(ckpt.names(), pattern),
         )
     for name, new in new_names.items():

@@ -31,6 +31,15 @@ _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v
 _TEMPLATE = re.compile(r"\\(g<([^>]*)>|[0-9]{1,2}|.)", re.DOTALL)
 
 
+def shown(text: str) -> str:
+    """A pattern or replacement quoted as typed (``'(a)\\1'``, one backslash), not as a
+    Python literal (which doubles each backslash); ``repr`` where a quote or a control
+    character would make it ambiguous."""
+    if "'" in text or not text.isprintable():
+        return repr(text)
+    return f"'{text}'"
+
+
 class PatternError(ValueError):
     """A pattern or replacement that cannot be used; ``str()`` says why in one line."""
 
@@ -56,8 +65,8 @@ def compile_pattern(pattern: str) -> Any:
         try:
             re.compile(pattern)
         except re.error as py_exc:
-            raise PatternError(f"{pattern!r} is not a valid regular expression: {py_exc}") from None
-        raise PatternError(f"{pattern!r} is not supported ({why}): {_UNSUPPORTED}") from None
+            raise PatternError(f"{shown(pattern)} is not a valid regular expression: {py_exc}") from None
+        raise PatternError(f"{shown(pattern)} is not supported ({why}): {_UNSUPPORTED}") from None
 
 
 Piece = str | int  # a literal, or a group (its number; a name is looked up when compiled)
@@ -79,16 +88,18 @@ def compile_template(to: str, regex: Any) -> list[str | int]:
         if named is not None:
             group = int(named) if named.isdigit() else names.get(named)
             if group is None or group > groups:
-                raise PatternError(f"the replacement {to!r} refers to the group {named!r}, which the pattern lacks")
+                raise PatternError(
+                    f"the replacement {shown(to)} refers to the group {named!r}, which the pattern lacks"
+                )
             pieces.append(group)
         elif body.isdigit():
             if int(body) > groups:
-                raise PatternError(f"the replacement {to!r} refers to group {body}, which the pattern lacks")
+                raise PatternError(f"the replacement {shown(to)} refers to group {body}, which the pattern lacks")
             pieces.append(int(body))
         elif body in _ESCAPES:
             pieces.append(_ESCAPES[body])
         elif body.isascii() and body.isalpha():
-            raise PatternError(f"the replacement {to!r} holds the bad escape \\{body}")
+            raise PatternError(f"the replacement {shown(to)} holds the bad escape \\{body}")
         else:
             pieces.append("\\" + body)
     pieces.append(to[pos:])

@@ -220,6 +220,8 @@ def structure_for(ckpt, names: list[str], notes: list[str] | None = None):
     of the torch file it was read from, as ``(tree, {slot name: tensor carried as it
     is})``; None when it was not read from one (a flat state dict is written). ``notes``
     gets a line naming what could not be carried."""
+    from ..options import Note
+
     path = getattr(ckpt, "path", None)
     if not path or not str(getattr(ckpt, "format", "")).startswith("torch"):
         return None
@@ -232,7 +234,9 @@ def structure_for(ckpt, names: list[str], notes: list[str] | None = None):
         return None
     if lost and notes is not None:
         shown = "; ".join(lost[:5]) + (f"; and {len(lost) - 5} more" if len(lost) > 5 else "")
-        notes.append(f"structure kept, but not carried: {shown}")
+        notes.append(Note(f"structure kept, but not carried: {shown}", kind="structure", entries=lost))
     elif notes is not None:
-        notes.append("the input's structure kept (flat writes a flat state dict)")
+        notes.append(
+            Note("the input's structure kept ({option} writes a flat state dict)", option="flat", kind="structure")
+        )
     return tree, extra
