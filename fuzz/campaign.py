@@ -1,4 +1,4 @@
-"""The long fuzzing campaign: the property targets of tests/test_fuzz.py, for minutes.
+"""The long fuzzing campaign: the property targets of tests/fuzz/test_formats.py, for minutes.
 
     python fuzz/campaign.py --minutes 10
     python fuzz/campaign.py --examples 20000 --target structural_pickles
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_COLOR", "1")
     from hypothesis import settings
 
-    import tests.test_fuzz as fuzz
+    import tests.fuzz.test_formats as fuzz
     from fuzz.distributed import TARGETS as DISTRIBUTED_TARGETS
 
     fuzz.TARGETS.update(DISTRIBUTED_TARGETS)  # DCP, Megatron and .nemo layouts (fuzz/distributed.py)

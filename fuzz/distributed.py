@@ -3,11 +3,11 @@ structural DCP layouts (random chunk boxes, storage records and file names over 
 ``torch.save`` blobs), DCP's safetensors sharding info, and ``.nemo`` archives (byte
 mutations, random member lists, tar and tar.gz).
 
-Each target obeys the contract of ``tests/test_fuzz.py`` (:func:`exercise`): a load,
+Each target obeys the contract of ``tests/fuzz/test_formats.py`` (:func:`exercise`): a load,
 then reading every tensor and writing the checkpoint back, either succeeds or raises a
 one-line wsurgery error; never another exception, never a hang, never code run. A
 structural layout that is valid by construction must load, with the values it was built
-from. ``tests/test_fuzz_distributed.py`` runs them bounded; ``fuzz/campaign.py`` runs
+from. ``tests/fuzz/test_distributed.py`` runs them bounded; ``fuzz/campaign.py`` runs
 them for minutes beside the others.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from hypothesis import strategies as st
 
-from tests.test_fuzz import MARKER, exercise, mutated, workdir
+from tests.fuzz.test_formats import MARKER, exercise, mutated, workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -292,7 +292,7 @@ def dcp_chunk_grid(case) -> None:
     and a metadata file of the layout parses and validates to the same verdict."""
     import time
 
-    from tests.test_fuzz import TRIED
+    from tests.fuzz.test_formats import TRIED
     from wsurgery.errors import InputError
     from wsurgery.io.dcp_metadata import Chunk, parse_metadata, tiling_problem, validate
 
@@ -371,7 +371,7 @@ def _seed(name: str) -> bytes:
 
 NEMO_SEEDS = {"tar": _seed("tiny_lm.nemo"), "gz": _seed("tiny_lm_gz.nemo"), "dist": _seed("megatron_tiny.nemo")}
 
-# name -> (strategy of one input, target), as tests/test_fuzz.py's TARGETS
+# name -> (strategy of one input, target), as tests/fuzz/test_formats.py's TARGETS
 TARGETS = {
     "mutated_dcp_metadata": (mutated(_seed("tiny_lm_dcp_sharded/.metadata")), mutated_dcp_metadata),
     "mutated_dcp_chunks": (mutated(_seed("tiny_lm_dcp/__0_0.distcp")), mutated_dcp_chunks),

@@ -1,9 +1,9 @@
 """Fuzz targets for recipes: YAML structure, rename patterns, integers of any length and
 renames that grow names, each run as a dry run over a small checkpoint.
 
-The contract is that of ``tests/test_fuzz.py``: a recipe is planned, or refused with one
+The contract is that of ``tests/fuzz/test_formats.py``: a recipe is planned, or refused with one
 wsurgery error of one line; any other exception, a hang (the watchdog) or a MemoryError
-(the campaign's address-space limit) is a finding. ``tests/test_fuzz_recipes.py`` runs the
+(the campaign's address-space limit) is a finding. ``tests/fuzz/test_recipes.py`` runs the
 targets bounded; ``fuzz/campaign.py`` runs them for minutes.
 """
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import wsurgery
-from tests.test_fuzz import TRIED, watchdog, workdir
+from tests.fuzz.test_formats import TRIED, watchdog, workdir
 from wsurgery.errors import WsurgeryError
 from wsurgery.surgery import recipe as recipes
 
@@ -187,7 +187,7 @@ def recipe_integers(case: tuple[int, str, str]) -> None:
     _run(template.format(n=_integer(n_digits, form)))
 
 
-# name -> (strategy of one input, target), as tests/test_fuzz.py's TARGETS
+# name -> (strategy of one input, target), as tests/fuzz/test_formats.py's TARGETS
 TARGETS = {
     "recipe_yaml": (yaml_recipes, recipe_yaml),
     "recipe_renames": (

@@ -8,7 +8,7 @@ The property: the report agrees with a plain torch reference (``torch.equal`` pe
 or the call is refused with wsurgery's own ``InputError``/``UsageError`` (the kinds
 without plain data must be); any other exception, a hang (the watchdog) or a MemoryError
 (the campaign's address-space limit: an expanded tensor read whole would pass it) is a
-finding. ``tests/test_fuzz_tensors.py`` runs the target bounded; ``fuzz/campaign.py`` for
+finding. ``tests/fuzz/test_tensors.py`` runs the target bounded; ``fuzz/campaign.py`` for
 minutes.
 """
 
@@ -18,7 +18,7 @@ import torch
 from hypothesis import strategies as st
 
 import wsurgery
-from tests.test_fuzz import TRIED, watchdog
+from tests.fuzz.test_formats import TRIED, watchdog
 from wsurgery.errors import InputError, UsageError
 from wsurgery.testing import assert_checkpoint_equal
 
@@ -135,5 +135,5 @@ def in_memory_tensors(case: list[tuple[str, torch.dtype, int, int, int, bool]]) 
     TRIED["loaded"] += 1
 
 
-# name -> (strategy of one input, target), as tests/test_fuzz.py's TARGETS
+# name -> (strategy of one input, target), as tests/fuzz/test_formats.py's TARGETS
 TARGETS = {"in_memory_tensors": (entries, in_memory_tensors)}
