@@ -71,3 +71,14 @@ def test_the_registry_says_what_each_command_docstring_says():
 def test_version_prints_the_package_version():
     _, out = _imported("--version")
     assert out == f"wsurgery {wsurgery.__version__}\n"
+
+
+def test_a_tie_of_safetensors_loads_no_other_format_and_not_numpy(tmp_path):
+    """The format table imports a distributed format's reader and writer only when one is
+    read or written: a tie between safetensors files never loads them (nor numpy)."""
+    path = tmp_path / "m.safetensors"
+    wsurgery.save_state_dict({"a": torch.zeros(2, 3), "b": torch.ones(2, 3)}, path)
+    modules, _ = _imported("tie", path, "--src", "a", "--dst", "b", "-o", tmp_path / "o.safetensors", "--quiet")
+    assert (tmp_path / "o.safetensors").exists()
+    loaded = {"wsurgery.io.dcp_reader", "wsurgery.io.dcp_writer", "wsurgery.io.dcp", "numpy", "torch"} & modules
+    assert not loaded, loaded

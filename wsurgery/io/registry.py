@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model import Checkpoint
-from . import dcp_reader, dcp_writer, layouts, safetensors_format, sniff, torch_format
+from . import layouts, safetensors_format, sniff, torch_format
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,19 @@ class Format:
         return self.write_shards is not None
 
 
+# The distributed formats' modules (numpy, the DCP metadata reader) are imported when one
+# is read or written, so that a command on a safetensors or torch file never loads them.
 def _distributed(path: str, kind: str, **fields: Any) -> Checkpoint:
+    from . import dcp_reader
+
     ckpt = dcp_reader.load_distributed(path, kind)
     return ckpt.evolve(**fields) if fields else ckpt
+
+
+def _write_dcp(*args: Any, **kwargs: Any) -> tuple[list[str], list[str]]:
+    from . import dcp_writer
+
+    return dcp_writer.write(*args, **kwargs)
 
 
 TABLE: tuple[Format, ...] = (
@@ -77,7 +87,7 @@ TABLE: tuple[Format, ...] = (
         "pytorch_model.bin",
     ),
     Format(
-        "dcp", (layouts.DCP, layouts.DCP_SAFETENSORS), _distributed, dcp_writer.write, suffix="-dcp", folder_format=True
+        "dcp", (layouts.DCP, layouts.DCP_SAFETENSORS), _distributed, _write_dcp, suffix="-dcp", folder_format=True
     ),
     Format("megatron", (layouts.MEGATRON, layouts.NEMO2), _distributed),
     Format("nemo", (layouts.NEMO,), _distributed),
