@@ -134,7 +134,7 @@ def report_write(
         return 0
     if out.quiet:
         return 0
-    written = _written(saved)
+    written = {} if saved is None else saved.to_dict()
     con = console()
     if result.changes:
         _plan_table(con, result.changes, out.dry_run)
@@ -195,26 +195,6 @@ def _kind(plan, sharded: bool = False) -> str:
     if not plan.folder:
         return plan.format
     return f"a folder with {plan.weights_file}"
-
-
-def _written(saved) -> dict:
-    """What a write did besides the tensors, as JSON-ready keys (none on a dry run)."""
-    if saved is None:
-        return {}
-    extra: dict = {}
-    if saved.shards is not None:
-        extra["shards"] = saved.shards
-    if saved.files is not None:
-        extra["files"] = saved.files
-    if saved.files is not None or saved.config:
-        extra["config"] = saved.config or {}
-    if saved.notes:
-        extra["notes"] = saved.notes
-    if saved.dropped_metadata:
-        extra["dropped_metadata"] = saved.dropped_metadata
-    if saved.aliases_as_values:
-        extra["aliases_as_values"] = saved.aliases_as_values
-    return extra
 
 
 def _print_written(con, extra: dict, result: Checkpoint) -> None:
