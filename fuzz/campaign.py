@@ -10,7 +10,7 @@ per-input watchdog), a MemoryError under the address-space limit set here, or a 
 file created by a pickle. Hypothesis shrinks each finding and prints its minimal input.
 
 The hostile targets (``hostile_pickles``, ``hostile_safetensors``,
-``reserved_names_round_trip``) build the bombs of issue 11 at full size (memo and stack
+``reserved_names_round_trip``) build the known bombs at full size (memo and stack
 growth, copying calls, shared containers, long names, colliding keys, views larger than
 their storage, huge and many dims, reserved metadata keys, long alias chains): the
 address-space limit (4 GiB by default) makes a bomb that comes back a MemoryError finding

@@ -1,5 +1,5 @@
 """What the command line prints: complete or a failure, escaped, bounded, never a crash on
-names that are only unusual (issue: hostile input, round two, items 3, 9, 11 and minor)."""
+names that are only unusual."""
 
 from __future__ import annotations
 

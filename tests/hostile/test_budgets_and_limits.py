@@ -1,8 +1,9 @@
-"""Hostile input, round two: bombs, hangs and silent corruption found by a fresh attack.
+"""Budgets and limits: pickle bombs, alias chains, shapes torch cannot hold, sizes, file modes
+and colliding keys, refused in bounded time and memory.
 
 Each reproducer is built by a seeded factory in a temporary folder; the bombs and hangs run
 in one child process under an address-space limit, a watchdog per case and a timeout
-(:func:`tests.hostile.run_cases`), so a regression fails its test instead of swapping the
+(:func:`tests.bounded.run_cases`), so a regression fails its test instead of swapping the
 machine or stalling the suite. ``BOMBS`` lists them; ``python -m tests.hostile.test_budgets_and_limits
 [NAME...]`` prints the time and peak memory of each, one child per case
 (``WSURGERY_PYTHONPATH=old/tree`` measures another checkout).
