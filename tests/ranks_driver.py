@@ -39,4 +39,10 @@ def main(commands_path: str, prefix: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    code = main(*sys.argv[1:])
+    # Leave as the console script does (os._exit, no interpreter teardown): tearing down the
+    # process group kept for the process (its atexit hook) can race with the other rank's
+    # gloo threads and abort ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
