@@ -33,9 +33,13 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import InputError, WsurgeryError
 from .folders import PositionedReader
+
+if TYPE_CHECKING:
+    from .pickles.layout import Layout
 
 TAG_BYTES = 16
 MIN_TAGGED = 64  # payloads smaller than this are copied into the scratch file as they are
@@ -313,6 +317,25 @@ def _plain_globals() -> frozenset[str]:
                       *typed})  # fmt: skip
 
 
+def _scanned(rng: ByteRange) -> Layout | None:
+    """The inert scan of the torch zip at ``rng`` (its pickle and entries, nothing run), or
+    None when the range is not a zip (a legacy torch file: torch's loader reads it)."""
+    from .pickles.layout import scan_zip
+
+    try:
+        fd = os.open(rng.path, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if rng.offset + rng.length > os.fstat(fd).st_size:
+            raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
+        if os.pread(fd, 2, rng.offset) != b"PK":
+            return None
+        return scan_zip(rng.what, _View(fd, rng.offset, rng.length), rng.length)
+    finally:
+        os.close(fd)
+
+
 def plain_tensor(rng: ByteRange) -> PlainTensor | None:
     """Read a ``torch.save(tensor)`` blob's layout without torch, as DCP writes each chunk.
 
@@ -338,20 +361,10 @@ def plain_tensor(rng: ByteRange) -> PlainTensor | None:
         PlainTensor(dtype='float32', path='ck/__0_0.distcp', start=3226, nbytes=24, ...)
     """
     from .pickles.allowlist import ScannedTensor
-    from .pickles.layout import scan_zip
 
-    try:
-        fd = os.open(rng.path, os.O_RDONLY)
-    except OSError as exc:
-        raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
-    try:
-        if rng.offset + rng.length > os.fstat(fd).st_size:
-            raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
-        if os.pread(fd, 2, rng.offset) != b"PK":
-            return None
-        layout = scan_zip(rng.what, _View(fd, rng.offset, rng.length), rng.length)
-    finally:
-        os.close(fd)
+    layout = _scanned(rng)
+    if layout is None:
+        return None
     value = layout.value
     if layout.big_endian or not isinstance(value, ScannedTensor) or value.plain is None:
         return None
@@ -387,21 +400,11 @@ def tensorless_state(rng: ByteRange):
         ['iteration: int', 'args: placeholder for argparse.Namespace']
     """
     from .pickles.allowlist import _ScanChecks
-    from .pickles.layout import scan_zip
     from .pickles.state_dict import PickleResult, describe
 
-    try:
-        fd = os.open(rng.path, os.O_RDONLY)
-    except OSError as exc:
-        raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
-    try:
-        if rng.offset + rng.length > os.fstat(fd).st_size:
-            raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
-        if os.pread(fd, 2, rng.offset) != b"PK":
-            return None
-        layout = scan_zip(rng.what, _View(fd, rng.offset, rng.length), rng.length)
-    finally:
-        os.close(fd)
+    layout = _scanned(rng)
+    if layout is None:
+        return None
     makers = set(_ScanChecks(0).table()) - {"builtins.bytearray", "_codecs.encode"}
     value = layout.value
     if layout.claims or layout.named & makers or not isinstance(value, dict):
