@@ -5,7 +5,6 @@ difference is exit 6 on every rank, naming it. Loopback only, a free port, bound
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 import wsurgery
 from wsurgery import distributed
 
-from ..distributed.test_scale_out import LAUNCH_TIMEOUT, free_port, rank_env
+from ..distributed.test_scale_out import launch, wsurgery_argv
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="loopback interface 'lo'"),
@@ -30,30 +29,7 @@ def _state(seed: int, names=("w", "v")) -> dict:
 
 def launch_in(folders: list[Path], *args) -> list[dict]:
     """Run ``wsurgery ARGS`` as one rank per folder, each rank in its own folder."""
-    port = free_port()
-    argv = [sys.executable, "-m", "wsurgery", *map(str, args)]
-    procs = [
-        subprocess.Popen(
-            argv,
-            env=rank_env(r, len(folders), port, 60),
-            cwd=folder,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r, folder in enumerate(folders)
-    ]
-    out = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=LAUNCH_TIMEOUT)
-            out.append({"code": p.returncode, "stdout": stdout, "stderr": stderr})
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return out
+    return launch(wsurgery_argv(*args), world=len(folders), timeout=60, cwds=folders)
 
 
 def two_nodes(tmp_path: Path, a0: dict, a1: dict, b: dict) -> list[Path]:

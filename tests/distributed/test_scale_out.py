@@ -63,14 +63,17 @@ def rank_env(rank: int, world: int, port: int, timeout: float = COLLECTIVE_TIMEO
     return env
 
 
-def launch(argv: list[str], world: int = 2, timeout: float = COLLECTIVE_TIMEOUT, cwd=None) -> list[dict]:
-    """Run ``argv`` as ``world`` ranks; ``[{code, stdout, stderr}]`` per rank."""
+def launch(
+    argv: list[str], world: int = 2, timeout: float = COLLECTIVE_TIMEOUT, cwd=None, cwds: list | None = None
+) -> list[dict]:
+    """Run ``argv`` as ``world`` ranks (``cwds``: one working folder per rank, else ``cwd``
+    for all); ``[{code, stdout, stderr}]`` per rank."""
     port = free_port()
     procs = [
         subprocess.Popen(
             argv,
             env=rank_env(r, world, port, timeout),
-            cwd=cwd,
+            cwd=cwd if cwds is None else cwds[r],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

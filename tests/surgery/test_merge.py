@@ -19,6 +19,8 @@ from wsurgery import merge  # noqa: E402
 from wsurgery.errors import SurgeryError  # noqa: E402
 from wsurgery.merging import round_once, trim_cut, trim_mask  # noqa: E402
 
+from ..models import tiny_llama  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -244,24 +246,13 @@ def _mergekit() -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_llamas(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("llamas")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg)
+    base = tiny_llama(0)
     base.save_pretrained(root / "base")
     out = [root / "base"]
     for i in range(2):
-        m = transformers.LlamaForCausalLM(cfg)
-        m.load_state_dict(base.state_dict())
+        m = tiny_llama(0)  # the base's weights
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for p in m.parameters():

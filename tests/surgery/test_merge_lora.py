@@ -15,20 +15,7 @@ import wsurgery  # noqa: E402
 from wsurgery.errors import SurgeryError  # noqa: E402
 from wsurgery.surgery.lora import merge_lora, pattern_key  # noqa: E402
 
-
-def _llama(seed: int = 0, tie: bool = False):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+from ..models import tiny_llama as _llama  # noqa: E402
 
 
 def _gpt2(seed: int = 0):
