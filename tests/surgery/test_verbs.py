@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import wsurgery
@@ -228,6 +231,41 @@ def test_a_new_destination_one_edit_away_is_refused_unless_new(tmp_path):
         c.copy("module.layers.0.q.weight", "module.layers.0.q.wieght", new=True)
         c.copy("module.layers.0", "module.layers.12")  # a new layer, not a typo
         c.copy("module.layers.0.q.weight", "module.layers.0.k2.weight")
+
+
+_WORDS = ["layers", "layer", "lyaers", "weight", "wieght", "Weight", "bias", "q", "k", "0", "1", "12", "norm", "nrom"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(_WORDS), min_size=1, max_size=4).map(".".join), max_size=30, unique=True),
+    st.lists(st.lists(st.sampled_from(_WORDS), min_size=1, max_size=4).map(".".join), min_size=1, max_size=5),
+)
+def test_close_names_are_those_found_by_comparing_every_pair(existing, fresh):
+    from wsurgery.model import natural_key
+    from wsurgery.surgery.ops import _one_edit, close_names
+
+    found = close_names(existing, fresh)
+    for n in fresh:
+        every = {e for e in existing if (e != n and e.lower() == n.lower()) or _one_edit(n, e)}
+        assert found[n] == sorted(every, key=natural_key)
+
+
+def test_the_typo_check_of_many_long_names_holds_no_index_of_them(tmp_path):
+    """1,200 names of about 4,000 characters (4.9 M in all): an index of every one-character
+    deletion of every name would take some 20 GB; the check streams the names instead."""
+    from safetensors.numpy import save_file
+
+    from ..bounded import bounded
+
+    names = [f"{'abcd.' * 800}layer{i:05d}.weight" for i in range(1200)]
+    path = tmp_path / "long.safetensors"
+    save_file({n: np.zeros(1, dtype=np.float32) for n in names}, str(path))
+    typo = names[7].replace(".weight", ".wieght")
+    r = bounded(cli=["copy", path, "--src", names[7], "--dst", typo, "-o", tmp_path / "o.safetensors"])
+    assert r.returncode == 4, r.stderr
+    assert "a typo?" in r.stderr and f"{names[7][-20:]}" in r.stderr
+    assert r.peak_rss_mib is not None and r.peak_rss_mib < 600, r.peak_rss_mib
 
 
 def test_tie_verify_dedupes_a_head_stored_twice_and_refuses_different_values(tmp_path):

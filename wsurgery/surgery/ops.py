@@ -225,9 +225,6 @@ def select_under(ckpt: Checkpoint, selector: str) -> list[tuple[str, str]]:
 
 # --- new names that look like typos ----------------------------------------------------
 
-_INDEX_LIMIT = 5_000_000  # characters of names indexed for the typo check; past it, siblings only
-
-
 def _component(text: str, i: int) -> str:
     """The dot-separated part of ``text`` that holds position ``i``."""
     start = text.rfind(".", 0, i) + 1
@@ -257,35 +254,58 @@ def _one_edit(a: str, b: str) -> bool:
     return min(len(_component(a, i)), len(_component(b, i))) >= 4
 
 
-def _deletions(text: str) -> set[str]:
-    return {text} | {text[:i] + text[i + 1 :] for i in range(len(text))}
+_HASH_MOD = (1 << 61) - 1
+_HASH_BASE = 1_000_003
 
 
-class NameIndex:
-    """Existing names, indexed to find those one edit (or a change of case) away from a
-    new name."""
+def _masked(name: str) -> list[tuple[int, int, int, int]]:
+    """Keys of ``name`` with each dot-separated component of four characters or more in
+    turn masked out: two names one edit apart (``_one_edit``: the edit never touches a dot,
+    and stays in a component of at least four characters) share the key that masks the
+    component the edit is in. A key is the number of components, the masked position and
+    hashes of the components before and after it, computed in one pass each way: linear
+    in the name, however many components it has. Two names that share a key by a hash
+    collision only cost one more exact comparison."""
+    parts = name.split(".")
+    n = len(parts)
+    hashes = [hash(p) for p in parts]
+    before = [0] * (n + 1)
+    for i, h in enumerate(hashes):
+        before[i + 1] = (before[i] * _HASH_BASE + h) % _HASH_MOD
+    after = [0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        after[i] = (after[i + 1] * _HASH_BASE + hashes[i]) % _HASH_MOD
+    return [(n, k, before[k], after[k + 1]) for k in range(n) if len(parts[k]) >= 4]
 
-    def __init__(self, names: Iterable[str]):
-        self.names = list(names)
-        self.lower: dict[str, list[str]] = {}
-        for n in self.names:
-            self.lower.setdefault(n.lower(), []).append(n)
-        self.by_deletion: dict[str, list[str]] | None = None
-        if sum(len(n) for n in self.names) <= _INDEX_LIMIT:
-            self.by_deletion = {}
-            for n in self.names:
-                for d in _deletions(n):
-                    self.by_deletion.setdefault(d, []).append(n)
 
-    def close_to(self, name: str) -> list[str]:
-        found = [n for n in self.lower.get(name.lower(), []) if n != name]
-        if self.by_deletion is not None:
-            pool = {c for d in _deletions(name) for c in self.by_deletion.get(d, [])}
-        else:  # a huge checkpoint: compare with the names of the same module only
-            parent = name.rpartition(".")[0]
-            pool = {n for n in self.names if n.rpartition(".")[0] == parent}
-        found += [n for n in pool if _one_edit(name, n) and n not in found]
-        return sorted(found, key=natural_key)
+def close_names(existing: Iterable[str], fresh: Iterable[str]) -> dict[str, list[str]]:
+    """For each name of ``fresh``, the ``existing`` names one edit (``_one_edit``) or a
+    change of case away from it, in natural order.
+
+    Only ``fresh`` is indexed (by its masked keys, ``_masked``); ``existing`` is streamed
+    once: memory grows with the new names, never with the checkpoint, and time with the
+    characters of its names times their components (the typo check of a 100,000-name
+    checkpoint holds no index of its names).
+    """
+    found: dict[str, dict[str, None]] = {}
+    by_case: dict[str, list[str]] = {}
+    by_key: dict[tuple[int, int, int, int], list[str]] = {}
+    for n in fresh:
+        if n in found:
+            continue
+        found[n] = {}
+        by_case.setdefault(n.lower(), []).append(n)
+        for key in _masked(n):
+            by_key.setdefault(key, []).append(n)
+    for e in existing:
+        for n in by_case.get(e.lower(), ()):
+            if n != e:
+                found[n][e] = None
+        for key in _masked(e):
+            for n in by_key.get(key, ()):
+                if _one_edit(n, e):
+                    found[n][e] = None
+    return {n: sorted(close, key=natural_key) for n, close in found.items()}
 
 
 def check_new_names(ckpt: Checkpoint, names: Iterable[str], verb: str, problems: list) -> None:
@@ -294,9 +314,9 @@ def check_new_names(ckpt: Checkpoint, names: Iterable[str], verb: str, problems:
     fresh = [n for n in names if n not in ckpt]
     if not fresh:
         return
-    index = NameIndex(ckpt.names())
+    near = close_names(ckpt.names(), fresh)
     for n in fresh:
-        close = index.close_to(n)
+        close = near[n]
         if close:
             problems.append(
                 Problem(
