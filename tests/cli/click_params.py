@@ -4,7 +4,8 @@ default, type and its settings, metavar, help, ...) in order, and the command's 
 
 ``tests/cli/click_params.json`` holds this as it was while the commands declared their
 parameters with typer's own objects; ``test_fastpath.py`` checks that typer still sees
-exactly that now that the declarations are typer-free data (``wsurgery.cli.params``). Regenerate it (only for a deliberate change of a flag) with
+exactly that now that the declarations are typer-free data (``wsurgery.cli.params``).
+Regenerate it (only for a deliberate change of a flag) with
 
     .venv/bin/python -m tests.cli.click_params > tests/cli/click_params.json
 """
