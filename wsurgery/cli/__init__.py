@@ -1,1 +1,1 @@
-"""The command line: a thin typer layer over the library. The only place that prints."""
+"""The command line: a thin layer over the library (typer for help and usage errors). The only place that prints."""

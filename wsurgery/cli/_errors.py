@@ -1,7 +1,8 @@
 """Library errors as the command line shows them: one line, a hint that names flags, and
 an exit code. Library errors carry data (``problems``, ``candidates``, ``reason``,
 ``param``); every error line and every JSON error object is made here, and the
-exit-code table lives here and nowhere else. typer is imported only where a command runs.
+exit-code table lives here and nowhere else. A command returns its exit code (typer is
+not needed to run one: see ``params.for_typer`` for how typer gets it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import os
 import shlex
 import sys
-import traceback
 from typing import Any
 
 from ..errors import (
@@ -174,6 +174,14 @@ def debug() -> bool:
     return os.environ.get("WSURGERY_DEBUG", "") not in ("", "0")
 
 
+def print_traceback() -> None:
+    """The traceback of the error being handled, on stderr (``WSURGERY_DEBUG``); traceback
+    is imported only then (it costs a few ms of every command's start-up)."""
+    import traceback
+
+    traceback.print_exc()
+
+
 def emit_json(obj: dict) -> None:
     """Print one JSON object on stdout; a failed write is an ``OutputError``."""
     try:
@@ -234,7 +242,7 @@ def report_error(command: str, exc: WsurgeryError, json_out: bool) -> int:
     ``--json``); its exit code."""
     code = exit_code_for(exc)
     if debug():
-        traceback.print_exc()
+        print_traceback()
     if not says_nothing(exc):
         emit_error(message(exc), hint(exc))
     if isinstance(exc, OutputError) and exc.reason in ("stdout", "stdout_closed"):
@@ -256,22 +264,21 @@ def report_stdout_failure(exc: OSError) -> OutputError:
     return err
 
 
-def _internal_error(name: str, exc: Exception, json_out: bool) -> Any:
+def _internal_error(name: str, exc: Exception, json_out: bool) -> int:
     """A bug in wsurgery: one line (a traceback only with WSURGERY_DEBUG), exit 70."""
-    import typer
-
     if debug():
-        traceback.print_exc()
+        print_traceback()
     first = str(exc).splitlines()[0] if str(exc) else ""
     emit_error(f"internal error: {type(exc).__name__}: {first}", "set WSURGERY_DEBUG=1 for a traceback and report it")
     if json_out:
         emit_error_json(name, "internal", first, None, EXIT_INTERNAL)
-    return typer.Exit(EXIT_INTERNAL)
+    return EXIT_INTERNAL
 
 
 def command(name: str):
-    """Wrap a command: library errors become one stderr line and the table's exit code; a
-    command launched as several ranks runs as one of them (see ``ranks``)."""
+    """Wrap a command: library errors become one stderr line and the table's exit code,
+    which the command returns; a command launched as several ranks runs as one of them
+    (see ``ranks``)."""
 
     def deco(fn):
         return _reporting(name)(_as_rank(name)(fn))
@@ -283,8 +290,6 @@ def _as_rank(name: str):
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            import typer
-
             from .ranks import ranks, silent
 
             try:
@@ -292,8 +297,7 @@ def _as_rank(name: str):
                     return fn(*args, **kwargs)
             except Exception as exc:
                 if silent(exc):  # every rank raised it: rank 0 prints it, the others exit with its code
-                    code = exit_code_for(exc) if isinstance(exc, WsurgeryError) else EXIT_INTERNAL
-                    raise typer.Exit(code) from None
+                    return exit_code_for(exc) if isinstance(exc, WsurgeryError) else EXIT_INTERNAL
                 raise
 
         return wrapper
@@ -310,33 +314,29 @@ def _json_of(kwargs: dict[str, Any]) -> bool:
 
 
 def _reporting(name: str):
-    """Library errors become one stderr line and the table's exit code."""
+    """Library errors become one stderr line and the table's exit code (returned)."""
 
     def deco(fn):
         @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            import typer
-
+        def wrapper(*args, **kwargs) -> int:
             json_out = _json_of(kwargs)
             try:
                 code = fn(*args, **kwargs)
             except WsurgeryError as exc:
-                raise typer.Exit(report_error(name, exc, json_out)) from None
+                return report_error(name, exc, json_out)
             except KeyboardInterrupt:
                 emit_error("interrupted")
-                raise typer.Exit(130) from None
+                return 130
             except MemoryError:
                 oom = InputError("out of memory", hint="the checkpoint or a tensor is too large for this machine")
-                raise typer.Exit(report_error(name, oom, json_out)) from None
-            except (typer.Exit, typer.Abort, SystemExit):
-                raise
+                return report_error(name, oom, json_out)
             except OSError as exc:
                 if exc.errno not in _WRITE_ERRNOS:
-                    raise _internal_error(name, exc, json_out) from None
-                raise typer.Exit(report_error(name, stdout_error(exc), False)) from None
+                    return _internal_error(name, exc, json_out)
+                return report_error(name, stdout_error(exc), False)
             except Exception as exc:  # a bug in wsurgery: still one line, never a traceback unless asked
-                raise _internal_error(name, exc, json_out) from None
-            raise typer.Exit(code or 0)
+                return _internal_error(name, exc, json_out)
+            return code or 0
 
         return wrapper
 

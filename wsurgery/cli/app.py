@@ -1,8 +1,13 @@
 """The console script: commands registered by name, each imported only when it runs.
 
-``wsurgery --version`` and the top-level help import neither typer nor any command; a
-command imports typer, its own module and what that module uses (the registry below
-holds each command's place and one-line summary, so listing them imports none).
+Two paths, one behaviour. A well-formed command line (``wsurgery inspect m.safetensors``)
+imports its command's module and what that module uses, and nothing else: the fast path
+(:mod:`wsurgery.cli.fastpath`) parses it from the command's declarations and calls the
+command. Everything else goes to typer (click), the one authority on help screens, usage
+errors and anything unusual: the fast path declines whatever it is not sure of.
+``wsurgery --version`` and the top-level help import neither typer nor any command (the
+registry below holds each command's place and one-line summary, so listing them imports
+none).
 """
 
 from __future__ import annotations
@@ -114,9 +119,11 @@ def build_app(names: list[str] | None = None) -> typer.Typer:
     ) -> None:
         """Weight surgery on PyTorch checkpoints: inspect, tie, copy, rename, cast, fuse, diff and convert, safely."""
 
+    from .params import for_typer
+
     for name in COMMANDS if names is None else names:
         fn = command_function(name)
-        app.command(name, help=_help(fn))(fn)
+        app.command(name, help=_help(fn))(for_typer(fn))
     return app
 
 
@@ -223,7 +230,23 @@ def main(argv: list[str] | None = None) -> None:
     if args in ([], ["--help"], ["-h"]):
         sys.stdout.write(top_level_help())
         _finish(0, argv)
-    _finish(_run(args), argv)
+    code = _run_fast(args)
+    _finish(_run(args) if code is None else code, argv)
+
+
+def _run_fast(args: list[str]) -> int | None:
+    """Run a well-formed command line without typer; ``None`` where the fast path declines
+    (typer then runs it). Shell completion (click's ``_WSURGERY_COMPLETE``) is typer's."""
+    if args[0] not in COMMANDS or os.environ.get("_WSURGERY_COMPLETE") or not all(isinstance(a, str) for a in args):
+        return None
+    from .fastpath import parse
+
+    fn = command_function(args[0])
+    kwargs = parse(fn, args[1:])
+    if kwargs is None:
+        return None
+    code = fn(**kwargs)
+    return code if isinstance(code, int) else 0
 
 
 def _run(args: list[str]) -> int:

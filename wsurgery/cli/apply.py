@@ -5,22 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from ._errors import command
 from .common import LateProgress, console, safe
 from .options import OutputOptions, output_options
 from .output import _target, report_write
+from .params import Arg
 
 RecipeArg = Annotated[
     Path,
-    typer.Argument(
-        metavar="RECIPE", help="A recipe file: YAML (or JSON), schema wsurgery.recipe/1.", show_default=False
-    ),
+    Arg(metavar="RECIPE", help="A recipe file: YAML (or JSON), schema wsurgery.recipe/1.", show_default=False),
 ]
 CkptsArg = Annotated[
     Optional[list[Path]],
-    typer.Argument(
+    Arg(
         metavar="[CKPT...]",
         help="Checkpoints in place of the recipe's inputs, in the recipe's order (the first is the one the steps "
         "change).",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-import typer
-
 from ._errors import command
 from .common import CkptArg, DeviceOpt
 from .options import OutputOptions, output_options
 from .output import write_result
+from .params import Arg, Opt
 
 GlobsOpt = Optional[list[str]]
 
@@ -18,16 +17,14 @@ GlobsOpt = Optional[list[str]]
 @output_options()
 def cast(
     ckpt: CkptArg,
-    dtype: Annotated[str, typer.Argument(metavar="DTYPE", help="float32, bfloat16, float16, float8_e4m3fn, ...")],
+    dtype: Annotated[str, Arg(metavar="DTYPE", help="float32, bfloat16, float16, float8_e4m3fn, ...")],
     only: Annotated[
         GlobsOpt,
-        typer.Option("--only", help="Cast only these tensors: an exact name, a module prefix or a glob (repeatable)."),
+        Opt("--only", help="Cast only these tensors: an exact name, a module prefix or a glob (repeatable)."),
     ] = None,
     exclude: Annotated[
         GlobsOpt,
-        typer.Option(
-            "--except", help="Leave these tensors as they are: an exact name, a module prefix or a glob (repeatable)."
-        ),
+        Opt("--except", help="Leave these tensors as they are: an exact name, a module prefix or a glob (repeatable)."),
     ] = None,
     device: DeviceOpt = "cpu",
     *,

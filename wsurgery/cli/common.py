@@ -8,16 +8,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from ..show import shape_text  # noqa: F401 - the commands' import of it
+from .params import Arg, Opt
 from .text import LONG, safe  # noqa: F401 - the commands' import of them
 
 # --- shared options ---------------------------------------------------------------------
 
 CkptArg = Annotated[
     Path,
-    typer.Argument(
+    Arg(
         help="Checkpoint: .safetensors, a sharded *.index.json or its folder, a torch .pt/.pth/.bin/.ckpt, or a "
         "Hugging Face model folder (config.json beside the weights).",
         metavar="CKPT",
@@ -27,7 +26,7 @@ CkptArg = Annotated[
 ]
 SrcOpt = Annotated[
     list[str],
-    typer.Option(
+    Opt(
         "--src",
         help="Source tensor, or a module prefix for every tensor under it. A name that is both a tensor and a "
         "prefix means the tensor. Repeat --src/--dst in pairs for several at once.",
@@ -36,7 +35,7 @@ SrcOpt = Annotated[
 ]
 DstOpt = Annotated[
     list[str],
-    typer.Option(
+    Opt(
         "--dst",
         help="Destination tensor (new or existing), or a module prefix; one per --src, in order. A name that is "
         "both a tensor and a prefix means the tensor.",
@@ -45,7 +44,7 @@ DstOpt = Annotated[
 ]
 CheckSrcOpt = Annotated[
     str,
-    typer.Option(
+    Opt(
         "--src",
         help="Source tensor, or a module prefix for every tensor under it. A name that is both a tensor and a "
         "prefix means the tensor.",
@@ -54,16 +53,16 @@ CheckSrcOpt = Annotated[
 ]
 CheckDstOpt = Annotated[
     str,
-    typer.Option("--dst", help="Tensor (or module prefix) to compare with transform(SRC).", show_default=False),
+    Opt("--dst", help="Tensor (or module prefix) to compare with transform(SRC).", show_default=False),
 ]
 NewOpt = Annotated[
     bool,
-    typer.Option("--new", help="The destinations are new names, even one edit away from existing ones (not typos)."),
+    Opt("--new", help="The destinations are new names, even one edit away from existing ones (not typos)."),
 ]
-DimOpt = Annotated[int, typer.Option("--dim", help="The axis.")]
+DimOpt = Annotated[int, Opt("--dim", help="The axis.")]
 NamesArg = Annotated[
     list[str],
-    typer.Argument(
+    Arg(
         metavar="NAME...",
         help="Selectors, each an exact tensor name, a module prefix or a glob ('optimizer.*').",
         show_default=False,
@@ -71,7 +70,7 @@ NamesArg = Annotated[
 ]
 TieTransformOpt = Annotated[
     Optional[list[str]],
-    typer.Option(
+    Opt(
         "--transform",
         "-t",
         help="View step, repeatable, applied in order: same, transpose, transpose(d0,d1), permute(...), "
@@ -81,7 +80,7 @@ TieTransformOpt = Annotated[
 ]
 TransformOpt = Annotated[
     Optional[list[str]],
-    typer.Option(
+    Opt(
         "--transform",
         "-t",
         help="Transform step, repeatable, applied in order: same, transpose, transpose(d0,d1), permute(...), "
@@ -89,10 +88,10 @@ TransformOpt = Annotated[
         show_default=False,
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+JsonOpt = Annotated[bool, Opt("--json", help="Print one JSON object on stdout.")]
 FilterOpt = Annotated[
     Optional[str],
-    typer.Option(
+    Opt(
         "--filter",
         help="Only the tensors this selector chooses: an exact name, a module prefix or a glob ('*.weight').",
         show_default=False,
@@ -100,7 +99,7 @@ FilterOpt = Annotated[
 ]
 FromOpt = Annotated[
     Optional[Path],
-    typer.Option(
+    Opt(
         "--from",
         readable=False,
         help="Take the source from this second checkpoint (any readable format); the output still defaults to "
@@ -110,41 +109,37 @@ FromOpt = Annotated[
 ]
 CheckFromOpt = Annotated[
     Optional[Path],
-    typer.Option(
+    Opt(
         "--from", readable=False, help="Take DST from this second checkpoint (any readable format).", show_default=False
     ),
 ]
 DeviceOpt = Annotated[
     str,
-    typer.Option(
-        "--device", help="Where computed tensors (transforms, untied aliases) are computed: cpu, cuda, cuda:N."
-    ),
+    Opt("--device", help="Where computed tensors (transforms, untied aliases) are computed: cpu, cuda, cuda:N."),
 ]
 UntieDstOpt = Annotated[
     Optional[list[str]],
-    typer.Option(
+    Opt(
         "--dst",
         help="Alias to store as a tensor of its own, repeatable; a stored name unties every alias of it, a module "
         "prefix every tie under it (default: every alias).",
         show_default=False,
     ),
 ]
-AtolOpt = Annotated[
-    float, typer.Option("--atol", min=0.0, help="Absolute tolerance: equal when |a - b| <= atol + rtol * |b|.")
-]
-RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance (see --atol); 0 and 0 = bitwise.")]
+AtolOpt = Annotated[float, Opt("--atol", min=0.0, help="Absolute tolerance: equal when |a - b| <= atol + rtol * |b|.")]
+RtolOpt = Annotated[float, Opt("--rtol", min=0.0, help="Relative tolerance (see --atol); 0 and 0 = bitwise.")]
 CompareDeviceOpt = Annotated[
     Optional[str],
-    typer.Option(
+    Opt(
         "--device",
         help="Where to compare: cpu (default), cuda or cuda:N (tensors move there in chunks).",
         show_default=False,
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code says it all.")]
+QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="Print nothing; the exit code says it all.")]
 MaxRelL2Opt = Annotated[
     Optional[float],
-    typer.Option(
+    Opt(
         "--max-rel-l2",
         metavar="X",
         help="A tensor whose ||a - b|| / ||a|| is at most X counts as equal (with --atol/--rtol: both must hold).",
@@ -153,7 +148,7 @@ MaxRelL2Opt = Annotated[
 ]
 MinCosineOpt = Annotated[
     Optional[float],
-    typer.Option(
+    Opt(
         "--min-cosine",
         metavar="X",
         help="A tensor whose cosine similarity is at least X counts as equal (every stated criterion must hold).",

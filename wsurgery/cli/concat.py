@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
 from ._errors import command
 from .common import CkptArg, DimOpt, NewOpt
 from .options import OutputOptions, output_options
 from .output import write_result
+from .params import Opt
 
 
 @command("concat")
 @output_options()
 def concat(
     ckpt: CkptArg,
-    src: Annotated[list[str], typer.Option("--src", help="A tensor to fuse, repeated in order.", show_default=False)],
-    dst: Annotated[str, typer.Option("--dst", help="The fused tensor.", show_default=False)],
+    src: Annotated[list[str], Opt("--src", help="A tensor to fuse, repeated in order.", show_default=False)],
+    dst: Annotated[str, Opt("--dst", help="The fused tensor.", show_default=False)],
     dim: DimOpt = 0,
     new: NewOpt = False,
     *,

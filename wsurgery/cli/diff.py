@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from ..errors import UnknownNameError
 from ..transforms import chain_text
 from ._errors import command, emit_json
@@ -28,26 +26,27 @@ from .common import (
     shape_text,
 )
 from .options import Tolerances, tolerance_options
+from .params import Arg, Opt
 
 DiffArgA = Annotated[
-    Path, typer.Argument(metavar="A", help="First checkpoint, any readable format.", show_default=False, readable=False)
+    Path, Arg(metavar="A", help="First checkpoint, any readable format.", show_default=False, readable=False)
 ]
 DiffArgB = Annotated[
     Path,
-    typer.Argument(metavar="B", help="Second checkpoint, any readable format.", show_default=False, readable=False),
+    Arg(metavar="B", help="Second checkpoint, any readable format.", show_default=False, readable=False),
 ]
 
 
 IgnoreTiesOpt = Annotated[
     bool,
-    typer.Option(
+    Opt(
         "--ignore-ties",
         help="Compare values only: a tie in one file and a stored copy in the other are equal when the values are.",
     ),
 ]
 ByModuleOpt = Annotated[
     Optional[str],
-    typer.Option(
+    Opt(
         "--by-module",
         metavar="DEPTH",
         help="Roll tensors up into modules of DEPTH name components (2: layers.0), with rel_l2 and cosine per "
@@ -57,7 +56,7 @@ ByModuleOpt = Annotated[
 ]
 HtmlOpt = Annotated[
     Optional[Path],
-    typer.Option(
+    Opt(
         "--html",
         metavar="REPORT",
         help="Also write a self-contained HTML report: summary, rel_l2 per module (chart), sortable table.",
@@ -67,7 +66,7 @@ HtmlOpt = Annotated[
 ]
 ChartOpt = Annotated[
     Optional[bool],
-    typer.Option(
+    Opt(
         "--chart/--no-chart",
         help="Draw rel_l2 per module as text bars, rolling up at --by-module auto unless told (default: on a "
         "terminal, when modules are shown).",

@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from ._errors import command
 from .common import DeviceOpt
 from .options import OutputOptions, output_options
 from .output import write_result
+from .params import Arg, Opt
 
 CkptsArg = Annotated[
     list[Path],
-    typer.Argument(
+    Arg(
         metavar="CKPT CKPT...",
         help="The checkpoints to merge (any format wsurgery reads; formats may differ).",
         readable=False,
@@ -49,27 +48,21 @@ def _weights(text: Optional[str]) -> Optional[list[float]]:
 @output_options()
 def merge(
     ckpts: CkptsArg,
-    method: Annotated[
-        str, typer.Option("--method", "-m", help="mean, task-arithmetic, ties or slerp (mergekit's).")
-    ] = "mean",
+    method: Annotated[str, Opt("--method", "-m", help="mean, task-arithmetic, ties or slerp (mergekit's).")] = "mean",
     weights: Annotated[
-        Optional[str], typer.Option("--weights", "-w", metavar="W,W,...", help="One weight per CKPT (default 1 each).")
+        Optional[str], Opt("--weights", "-w", metavar="W,W,...", help="One weight per CKPT (default 1 each).")
     ] = None,
     base: Annotated[
         Optional[Path],
-        typer.Option(
-            "--base", readable=False, help="The base checkpoint of task-arithmetic and ties.", show_default=False
-        ),
+        Opt("--base", readable=False, help="The base checkpoint of task-arithmetic and ties.", show_default=False),
     ] = None,
     density: Annotated[
-        Optional[float], typer.Option("--density", help="ties: the fraction of each task vector kept, in (0, 1].")
+        Optional[float], Opt("--density", help="ties: the fraction of each task vector kept, in (0, 1].")
     ] = None,
-    t: Annotated[
-        Optional[float], typer.Option("--t", help="slerp: in [0, 1]; 0 gives the first CKPT (default 0.5).")
-    ] = None,
+    t: Annotated[Optional[float], Opt("--t", help="slerp: in [0, 1]; 0 gives the first CKPT (default 0.5).")] = None,
     only: Annotated[
         Optional[list[str]],
-        typer.Option(
+        Opt(
             "--only",
             metavar="SELECTOR",
             help="Merge only these tensors (exact name, module prefix or glob; repeatable); the rest is carried "
@@ -77,7 +70,7 @@ def merge(
         ),
     ] = None,
     dtype: Annotated[
-        Optional[str], typer.Option("--dtype", help="The output's floating dtype (default: the first CKPT's).")
+        Optional[str], Opt("--dtype", help="The output's floating dtype (default: the first CKPT's).")
     ] = None,
     device: DeviceOpt = "cpu",
     *,

@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from ._errors import command
 from .common import CkptArg, DeviceOpt
 from .merge import _weights, beside
 from .options import OutputOptions, output_options
 from .output import write_result
+from .params import Arg, Opt
 
 AdaptersArg = Annotated[
     list[Path],
-    typer.Argument(
+    Arg(
         metavar="ADAPTER...",
         help="PEFT adapter folders (adapter_config.json and adapter_model.safetensors or .bin), merged in order.",
         readable=False,
@@ -30,7 +29,7 @@ def merge_lora(
     ckpt: CkptArg,
     adapters: AdaptersArg,
     weights: Annotated[
-        Optional[str], typer.Option("--weights", "-w", metavar="W,...", help="One multiplier per ADAPTER (default 1).")
+        Optional[str], Opt("--weights", "-w", metavar="W,...", help="One multiplier per ADAPTER (default 1).")
     ] = None,
     device: DeviceOpt = "cpu",
     *,

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from .common import JsonOpt
+from .params import Opt
 
 OutOpt = Annotated[
     Optional[str],  # a str, not a Path: a final "/" (a folder output) must survive
-    typer.Option(
+    Opt(
         "--output",
         "-o",
         metavar="PATH",
@@ -34,19 +33,19 @@ OutOpt = Annotated[
 ]
 FormatOpt = Annotated[
     Optional[str],
-    typer.Option(
+    Opt(
         "--format",
         help="safetensors, torch (a torch.save zip file that torch.load reads, ties as shared storage) or dcp (a "
         "torch.distributed.checkpoint folder, ties written as values); default: from -o's suffix.",
         show_default=False,
     ),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
-InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Allow the output to replace the input.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Print the plan and write nothing (no -o needed).")]
+ForceOpt = Annotated[bool, Opt("--force", "-f", help="Overwrite an existing output.")]
+InPlaceOpt = Annotated[bool, Opt("--in-place", help="Allow the output to replace the input.")]
+DryRunOpt = Annotated[bool, Opt("--dry-run", "-n", help="Print the plan and write nothing (no -o needed).")]
 MaxShardOpt = Annotated[
     Optional[str],
-    typer.Option(
+    Opt(
         "--max-shard-size",
         help="Write shards of at most this size (5GB, 500MiB, bytes) and an index into the folder OUT.",
         show_default=False,
@@ -54,7 +53,7 @@ MaxShardOpt = Annotated[
 ]
 NoSyncOpt = Annotated[
     bool,
-    typer.Option(
+    Opt(
         "--no-sync",
         help="Do not wait for the output to reach the disk (skip fsync): faster, still atomic, but an OS crash or "
         "power loss soon after may lose or truncate it.",
@@ -62,7 +61,7 @@ NoSyncOpt = Annotated[
 ]
 KeepAliasesOpt = Annotated[
     bool,
-    typer.Option(
+    Opt(
         "--keep-aliases",
         help="In a model-folder output, keep every tie as a wsurgery alias record (from_pretrained restores only "
         "the head tie; by default the others are written as values).",
@@ -70,12 +69,12 @@ KeepAliasesOpt = Annotated[
 ]
 FlatOpt = Annotated[
     bool,
-    typer.Option("--flat", help="Write a torch output as a flat state dict, not in the input's structure."),
+    Opt("--flat", help="Write a torch output as a flat state dict, not in the input's structure."),
 ]
 
 
 WriteQuietOpt = Annotated[
-    bool, typer.Option("--quiet", "-q", help="Print no plan and no summary, only errors; the exit code says it all.")
+    bool, Opt("--quiet", "-q", help="Print no plan and no summary, only errors; the exit code says it all.")
 ]
 
 

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
 from ._errors import command
 from .common import CkptArg
 from .options import OutputOptions, output_options
 from .output import write_result
+from .params import Arg
 
 
 @command("rename")
 @output_options()
 def rename(
     ckpt: CkptArg,
-    pattern: Annotated[str, typer.Argument(metavar="PATTERN", help="A Python regular expression.")],
-    replacement: Annotated[str, typer.Argument(metavar="REPLACEMENT", help="What it becomes (\\1 for groups).")],
+    pattern: Annotated[str, Arg(metavar="PATTERN", help="A Python regular expression.")],
+    replacement: Annotated[str, Arg(metavar="REPLACEMENT", help="What it becomes (\\1 for groups).")],
     *,
     out: OutputOptions,
 ) -> int:

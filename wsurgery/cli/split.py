@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
 from ..errors import UsageError
 from ._errors import command
 from .common import CkptArg, DimOpt, NewOpt
 from .options import OutputOptions, output_options
 from .output import write_result
+from .params import Opt
 
 
 def _sizes(text: str) -> list[int]:
@@ -24,9 +23,9 @@ def _sizes(text: str) -> list[int]:
 @output_options()
 def split(
     ckpt: CkptArg,
-    src: Annotated[str, typer.Option("--src", help="The tensor to cut.", show_default=False)],
-    dst: Annotated[list[str], typer.Option("--dst", help="A piece, repeated in order.", show_default=False)],
-    sizes: Annotated[str, typer.Option("--sizes", help="The pieces' sizes along --dim: N,N,...", show_default=False)],
+    src: Annotated[str, Opt("--src", help="The tensor to cut.", show_default=False)],
+    dst: Annotated[list[str], Opt("--dst", help="A piece, repeated in order.", show_default=False)],
+    sizes: Annotated[str, Opt("--sizes", help="The pieces' sizes along --dim: N,N,...", show_default=False)],
     dim: DimOpt = 0,
     new: NewOpt = False,
     *,

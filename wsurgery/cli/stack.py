@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
 from ._errors import command
 from .common import CkptArg, DimOpt, NewOpt
 from .options import OutputOptions, output_options
 from .output import write_result
+from .params import Opt
 
 
 @command("stack")
 @output_options()
 def stack(
     ckpt: CkptArg,
-    src: Annotated[
-        str, typer.Option("--src", help="Template of the per-layer names: 'layers.{i}.fc1.weight' or 'layers.{i}'.")
-    ],
-    dst: Annotated[str, typer.Option("--dst", help="The stacked tensor (or module prefix).", show_default=False)],
+    src: Annotated[str, Opt("--src", help="Template of the per-layer names: 'layers.{i}.fc1.weight' or 'layers.{i}'.")],
+    dst: Annotated[str, Opt("--dst", help="The stacked tensor (or module prefix).", show_default=False)],
     dim: DimOpt = 0,
     new: NewOpt = False,
     *,
@@ -42,8 +39,8 @@ def stack(
 @output_options()
 def unstack(
     ckpt: CkptArg,
-    src: Annotated[str, typer.Option("--src", help="The stacked tensor, or a module prefix.", show_default=False)],
-    dst: Annotated[str, typer.Option("--dst", help="Template of the per-layer names: 'layers.{i}.fc1.weight'.")],
+    src: Annotated[str, Opt("--src", help="The stacked tensor, or a module prefix.", show_default=False)],
+    dst: Annotated[str, Opt("--dst", help="Template of the per-layer names: 'layers.{i}.fc1.weight'.")],
     dim: DimOpt = 0,
     new: NewOpt = False,
     *,

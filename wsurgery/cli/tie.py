@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import typer
-
 from ._errors import command
 from .common import CkptArg, DstOpt, NewOpt, SrcOpt, TieTransformOpt
 from .options import OutputOptions, Tolerances, output_options, tolerance_options
 from .output import write_result
+from .params import Opt
 
 VerifyOpt = Annotated[
     bool,
-    typer.Option("--verify", help="Refuse unless DST already equals transform(SRC) within --atol/--rtol (reads both)."),
+    Opt("--verify", help="Refuse unless DST already equals transform(SRC) within --atol/--rtol (reads both)."),
 ]
 
 
