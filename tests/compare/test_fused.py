@@ -6,6 +6,7 @@ and used wherever a C compiler is."""
 from __future__ import annotations
 
 import os
+import platform
 import shlex
 import shutil
 import sysconfig
@@ -34,6 +35,14 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _openblas() -> bool:
     if not th.ONE_THREAD_BLAS.usable:
         return False
@@ -53,7 +62,9 @@ def test_the_library_is_built_and_used_where_a_compiler_is():
         assert lib.blas_dot() is not None
     cmp = bk._Cmp(np, bk._NumpyBackend(np, "cpu"), "float", "float32", "float32", 0.0, 0.0)
     kernel = fk._FloatKernel(cmp, np.float32, np.float32, 1 << 16)
-    assert kernel._fused is not None
+    assert (kernel._fused is not None) == lib.fast  # used where its loops are vectorized
+    if platform.machine().lower() in ("x86_64", "amd64") and "avx2" in _cpu_flags():
+        assert lib.fast
 
 
 def test_the_switch_turns_the_pass_off(monkeypatch):
@@ -171,8 +182,8 @@ def test_every_path_gives_the_numpy_bits(dtype, block, monkeypatch):
     """Seeded pairs with an edge case per block, zero and non-zero tolerances, 1 and 2
     workers, whole and partial blocks: the fused pass equals the numpy passes to the bit."""
     lib = fused.library()
-    if lib is None:
-        pytest.skip("the fused pass is not built here")
+    if lib is None or not lib.fast:
+        pytest.skip("the fused pass is not used here")
     n = {7: 14 * 7 + 1, 64: 13 * 64 + 33}.get(block, 3 * block + 777)  # partial last blocks, one of 1 element
     a, b = _pair(n, block, dtype, seed=block)
     monkeypatch.setattr(fk, "_FAST_ELEMS", block)
@@ -200,8 +211,8 @@ def test_every_path_gives_the_numpy_bits(dtype, block, monkeypatch):
 )
 def test_mixed_dtypes_give_the_numpy_bits(pair, monkeypatch):
     """Pairs of two dtypes: equality is of the float64 values (no raw-bytes shortcut)."""
-    if fused.library() is None:
-        pytest.skip("the fused pass is not built here")
+    if fused.library() is None or not fused.library().fast:
+        pytest.skip("the fused pass is not used here")
     block = 64
     a, _ = _pair(9 * block + 5, block, pair[0], seed=3)
     _, b = _pair(9 * block + 5, block, pair[1], seed=3)
@@ -266,8 +277,8 @@ def test_the_blas_dot_is_checked_against_numpy():
 
 
 def test_a_compare_through_the_public_api_uses_the_pass(monkeypatch):
-    if fused.library() is None:
-        pytest.skip("the fused pass is not built here")
+    if fused.library() is None or not fused.library().fast:
+        pytest.skip("the fused pass is not used here")
     from wsurgery.compare import compare_arrays
 
     seen = _spy(monkeypatch)

@@ -28,7 +28,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define WS_ABI 2
+#define WS_ABI 3
 
 enum { K_F64 = 0, K_F32 = 1, K_F16 = 2, K_BF16 = 3 };
 enum { F_TOLERANCE = 1, F_PORTABLE = 2, F_DOT_ILP64 = 4 };
@@ -40,7 +40,7 @@ typedef struct {
     double max_rel;    /* max |(a - b) / b| over non-NaN quotients; NaN if none */
     double aa, bb, ab, dd; /* with a dot function: A.A, and unless identical B.B, A.B, D.D */
     int32_t identical; /* same dtype, identical bytes: only A written */
-    int32_t vector;    /* the vector loops ran (else the portable ones) */
+    int32_t vector;    /* the x86 vector loops ran (else the portable ones) */
 } ws_result;
 
 typedef double (*ddot64_fn)(int64_t, const double *, int64_t, const double *, int64_t);
@@ -54,20 +54,18 @@ static const int SIZES[4] = {8, 4, 2, 2};
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* float16 bits to float64 with masks, not branches (so that the portable loop vectorizes):
+ * normal values 2^(exp - 15) (1 + man / 1024), subnormals man 2^-24 (exact), exp 31 inf or NaN */
 INLINE double f16_to_f64(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    float f;
-    if (exp == 0) { /* zero or subnormal: man * 2^-24, exact in float32 */
-        f = (float)man * 0x1p-24f;
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    memcpy(&f, &bits, 4);
-    return (double)f;
+    uint64_t sign = (uint64_t)(h >> 15) << 63, exp = (h >> 10) & 0x1f, man = h & 0x3ff, sub;
+    double tiny = (double)(int32_t)man * 0x1p-24;
+    memcpy(&sub, &tiny, 8);
+    uint64_t is_sub = -(uint64_t)(exp == 0), is_special = -(uint64_t)(exp == 31);
+    uint64_t e = (((exp + 1008) << 52) & ~is_special) | ((0x7ffull << 52) & is_special);
+    uint64_t bits = sign | (sub & is_sub) | ((e | (man << 42)) & ~is_sub);
+    double v;
+    memcpy(&v, &bits, 8);
+    return v;
 }
 
 INLINE double load1(int k, const unsigned char *p, int64_t i) {
@@ -90,47 +88,67 @@ INLINE double load1(int k, const unsigned char *p, int64_t i) {
     return (double)v;
 }
 
-/* raw bytes of element i equal on both sides (same dtype) */
-INLINE int raw_eq1(int size, const unsigned char *a, const unsigned char *b, int64_t i) {
-    return memcmp(a + (int64_t)size * i, b + (int64_t)size * i, (size_t)size) == 0;
+/* the raw bytes of element i, as an integer */
+INLINE uint64_t raw1(int k, const unsigned char *p, int64_t i) {
+    if (k == K_F64) {
+        uint64_t v;
+        memcpy(&v, p + 8 * i, 8);
+        return v;
+    }
+    if (k == K_F32) {
+        uint32_t v;
+        memcpy(&v, p + 4 * i, 4);
+        return v;
+    }
+    uint16_t v;
+    memcpy(&v, p + 2 * i, 2);
+    return v;
 }
 
-INLINE int bits_eq1(double x, double y) {
-    uint64_t u, v;
+INLINE int64_t bits1(double x) {
+    int64_t u;
     memcpy(&u, &x, 8);
-    memcpy(&v, &y, 8);
-    return u == v;
+    return u;
+}
+
+INLINE double from_bits(int64_t u) {
+    double x;
+    memcpy(&x, &u, 8);
+    return x;
 }
 
 INLINE void cast_tail(int ka, const unsigned char *a, int64_t i, int64_t n, double *A) {
     for (; i < n; i++) A[i] = load1(ka, a, i);
 }
 
-/* Elements [i, n) of a block: the portable loop, also the vector loops' tail. */
+/* Elements [i, n) of a block: the portable loop, also the vector loops' tail. Every value
+ * compared is >= +0 or NaN, and such values order as their bit patterns do as integers
+ * (NaN above inf): the comparisons and maxima are integer ones, which compilers vectorize
+ * (a floating-point comparison may trap, which keeps them from it). */
+#define INF_BITS 0x7ff0000000000000ll
 INLINE void tail(int ka, int kb, int tol, const unsigned char *a, const unsigned char *b, int64_t i, int64_t n,
                  double *A, double *B, double *D, double atol, double rtol, ws_result *r) {
-    int same = ka == kb, size = SIZES[ka];
-    int64_t equal = 0, close = 0;
-    double max_abs = r->max_abs, max_rel = r->max_rel;
+    int64_t equal = 0, close = 0, numbers = 0, max_abs = 0, max_rel = 0;
     for (; i < n; i++) {
         double x = load1(ka, a, i), y = load1(kb, b, i), d = x - y;
         A[i] = x;
         B[i] = y;
         D[i] = d;
-        equal += same ? raw_eq1(size, a, b, i) : bits_eq1(x, y);
-        double ad = fabs(d), q = fabs(d / y);
+        equal += ka == kb ? raw1(ka, a, i) == raw1(kb, b, i) : bits1(x) == bits1(y);
+        int64_t kd = bits1(fabs(d)), kq = bits1(fabs(d / y)), number = kq <= INF_BITS;
         if (tol) {
-            double bound = fabs(y) * rtol;
-            if (atol != 0.0) bound = bound + atol;
-            close += ad <= bound;
+            int64_t kb_ = bits1(fabs(y) * rtol + atol); /* + 0.0 changes no value >= +0 */
+            close += (kd <= kb_) & (kb_ <= INF_BITS); /* |a - b| <= bound, false with a NaN */
         }
-        max_abs = ad > max_abs ? ad : max_abs;
-        max_rel = q > max_rel ? q : max_rel; /* a NaN quotient never is */
+        numbers += number;
+        kq = number ? kq : 0; /* NaN quotients (0 / 0) are skipped */
+        max_abs = kd > max_abs ? kd : max_abs;
+        max_rel = kq > max_rel ? kq : max_rel;
     }
     r->equal += equal;
     r->close += close;
-    r->max_abs = max_abs;
-    r->max_rel = max_rel;
+    if (from_bits(max_abs) > r->max_abs) r->max_abs = from_bits(max_abs);
+    if (numbers && from_bits(max_rel) > r->max_rel) r->max_rel = from_bits(max_rel);
 }
 
 /* ------------------------------------------------------------------ x86 vector loops */
@@ -224,6 +242,17 @@ static const int have_avx2 = 0;
 #endif
 
 /* ------------------------------------------------------------------ entry point */
+
+/* Whether the loops run vectorized here: the AVX2 ones on x86-64, the portable ones on
+ * aarch64 (compilers vectorize them for NEON); elsewhere (x86-64 without AVX2: SSE2 has
+ * no 64-bit integer comparison) they are slower than numpy's, and the caller keeps numpy. */
+int wsurgery_fused_fast(void) {
+#if defined(__aarch64__)
+    return 1;
+#else
+    return have_avx2;
+#endif
+}
 
 typedef void (*block_fn)(const unsigned char *, const unsigned char *, int64_t, double *, double *, double *, double,
                          double, ws_result *);

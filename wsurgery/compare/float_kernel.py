@@ -87,7 +87,7 @@ class _FloatKernel:
         self._fused: fused.FusedPass | None = None
         self.D: np.ndarray | None = None
         lib = fused.library() if use_fused and fused.enabled() and all(map(fused.supported, self.dtypes)) else None
-        if lib is not None:
+        if lib is not None and lib.fast:
             self.D = np.empty(self.size, dtype=np.float64)
             tol = (cmp.atol, cmp.rtol)
             self._fused = fused.FusedPass(lib, *self.dtypes, self.A, self.B, self.D, *tol, blocks=_FUSED_GROUP)

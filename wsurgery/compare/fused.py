@@ -26,7 +26,7 @@ from .threads import ONE_THREAD_BLAS
 
 __all__ = ["ABI", "DISABLE_ENV", "FusedPass", "Result", "enabled", "library", "library_path", "supported", "usable_on"]
 
-ABI = 2  # WS_ABI of _fused.c: a library built from another version of the file is not used
+ABI = 3  # WS_ABI of _fused.c: a library built from another version of the file is not used
 DISABLE_ENV = "WSURGERY_NO_FUSED"
 _KINDS = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
 _TOLERANCE, _PORTABLE, _DOT_ILP64 = 1, 2, 4
@@ -75,6 +75,8 @@ class _Library:
 
     def __init__(self, lib: ctypes.CDLL):
         p, d, i, i64 = ctypes.c_void_p, ctypes.c_double, ctypes.c_int, ctypes.c_int64
+        lib.wsurgery_fused_fast.restype = i
+        self.fast = bool(lib.wsurgery_fused_fast())  # vectorized here: faster than numpy's passes
         self.blocks = lib.wsurgery_fused_blocks
         self.blocks.argtypes = [i, i, p, p, i64, i64, p, p, p, d, d, i, p, p]
         self.blocks.restype = i
