@@ -88,20 +88,10 @@ INLINE double load1(int k, const unsigned char *p, int64_t i) {
     return (double)v;
 }
 
-/* the raw bytes of element i, as an integer */
+/* the raw bytes of element i in an integer (compared for equality only: any byte order) */
 INLINE uint64_t raw1(int k, const unsigned char *p, int64_t i) {
-    if (k == K_F64) {
-        uint64_t v;
-        memcpy(&v, p + 8 * i, 8);
-        return v;
-    }
-    if (k == K_F32) {
-        uint32_t v;
-        memcpy(&v, p + 4 * i, 4);
-        return v;
-    }
-    uint16_t v;
-    memcpy(&v, p + 2 * i, 2);
+    uint64_t v = 0;
+    memcpy(&v, p + (int64_t)SIZES[k] * i, (size_t)SIZES[k]);
     return v;
 }
 
