@@ -13,7 +13,8 @@ PEERS_STAMP := $(PEERS)/.installed
 
 .PHONY: install peers demo test lint fixtures bench fuzz clean gpu-check
 
-$(STAMP): pyproject.toml Makefile
+# the fused compare kernel is compiled at install: its source rebuilds it
+$(STAMP): pyproject.toml Makefile hatch_build.py wsurgery/compare/_fused.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"

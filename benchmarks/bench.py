@@ -305,12 +305,17 @@ SAME_COMMAND_CASES = ("tie-nosync", "convert-nosync", "copy-scale", "inspect")
 def baseline_cases(a: Path, b: Path, out: Path, ref: str, tree: Path):
     """``diff``, ``diff-all`` (and its module rollup), ``tie``/``convert`` without the fsync,
     ``copy-scale`` and ``inspect`` of this tree against the same commands of ``ref``: the
-    cost of what changed since (target: at most 10% slower)."""
+    cost of what changed since (target: at most 10% slower); and ``ref``'s own
+    ``diff-all-vs-cat`` and ``diff-same-vs-cat`` (rows ``NAME@REF``): before and after
+    against their limits in one run."""
     ws = [PY, "-m", "wsurgery"]
     theirs = [PY, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); from wsurgery.cli.app import main; main()"]
     for name, ours, _plain, nbytes, _target in cases(a, b, out):
         if name in SAME_COMMAND_CASES:
             yield (f"{name}-vs-{ref}", ours, theirs + ours[len(ws) :], nbytes, 1.10)
+    for name, ours, plain, nbytes, target in cases(a, b, out):
+        if name in ("diff-all-vs-cat", "diff-same-vs-cat"):  # REF's ratios to the limits, in the same run
+            yield (f"{name}@{ref}", theirs + ours[len(ws) :], plain, nbytes, target)
     c = a.with_name(a.name.replace("a-", "c-", 1))
     for name, other in (("diff", b), ("diff-all", c)):
         args = ["diff", str(a), str(other), "--quiet"]
@@ -491,7 +496,7 @@ def main(argv=None) -> int:
             todo += [
                 c
                 for c in baseline_cases(a, b, out, args.baseline, tree)
-                if not only or c[0].split("-vs-")[0].removesuffix("-by-module") in only
+                if not only or c[0].split("-vs-")[0].removesuffix("-by-module") in only or c[0].split("@")[0] in only
             ]
         for name, ours, plain, nbytes, target in todo:
             if only and name not in only and "-vs-" not in name:

@@ -649,16 +649,16 @@ def test_float_kernel_results_do_not_depend_on_threads(specials):
 def test_float_kernel_propagates_worker_errors():
     a, b = _fine_tune(300, np.float32, False)
     calls = []
-    real = fk._FloatKernel._block
+    real = fk._FloatKernel._blocks  # one work item: a block, or a group for the fused pass
 
-    def boom(self, x, y, acc):
+    def boom(self, x, y):
         calls.append(1)
         if len(calls) == 3:
             raise MemoryError("boom")
-        return real(self, x, y, acc)
+        return real(self, x, y)
 
     p1, p2, p3 = _kernel_patch(8, 2)
-    with p1, p2, p3, mock.patch.object(fk._FloatKernel, "_block", boom), pytest.raises(MemoryError):
+    with p1, p2, p3, mock.patch.object(fk._FloatKernel, "_blocks", boom), pytest.raises(MemoryError):
         compare_arrays(a, b)
 
 

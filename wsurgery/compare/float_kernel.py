@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from . import fused
 from .arrays import UINT, dtype_name, itemsize
 from .backends import (
     _CPU_STATS_ELEMS,
@@ -38,6 +39,7 @@ from .threads import _DOT_PIECE, ONE_THREAD_BLAS, _float64_dot, _fold, _with_one
 
 _FAST_ELEMS = 1 << 16
 _PARALLEL_MIN_BLOCKS = 4  # fewer kernel blocks than this run on the calling thread
+_FUSED_GROUP = 8  # blocks per call of the fused pass where it takes the dot products too
 
 
 class _FloatKernel:
@@ -61,31 +63,52 @@ class _FloatKernel:
 
     Same-dtype blocks whose bytes are identical only add their sum of squares.
 
-    Blocks run on up to ``workers`` threads (numpy releases the GIL), each with its own
-    buffers. Every block gets its own partial statistics, merged in block order:
+    Where the fused C pass is built (``fused.py``) and reads both dtypes, one call per
+    block does every element-wise pass above (the casts, the difference into a third
+    buffer D, the count, the extremes and the quotients, with the same IEEE operations),
+    and where it can call numpy's own BLAS ddot, the block's four dot products too, for
+    ``_FUSED_GROUP`` blocks per call: the same decisions on the same sums, to the bit.
+
+    Blocks run on up to ``workers`` threads (numpy and ctypes release the GIL), each with
+    its own buffers. Every block gets its own partial statistics, merged in block order:
     the results do not depend on the number of threads or on their timing.
     """
 
-    def __init__(self, cmp: _Cmp, dtype_a, dtype_b, size: int, workers: int = 1):
+    def __init__(self, cmp: _Cmp, dtype_a, dtype_b, size: int, workers: int = 1, *, use_fused: bool = True):
         self.cmp = cmp
         self.workers = workers
         self.dtypes = (np.dtype(dtype_a), np.dtype(dtype_b))
         self.size = max(1, int(size))
         self.A = np.empty(self.size, dtype=np.float64)
         self.B = np.empty(self.size, dtype=np.float64)
+        # The fused C pass (fused.py) where the library is there and reads both dtypes:
+        # one pass writes A, B and D = A - B and gives the counts and maxima; else the
+        # numpy passes of _block.
+        self._fused: fused.FusedPass | None = None
+        self.D: np.ndarray | None = None
+        lib = fused.library() if use_fused and fused.enabled() and all(map(fused.supported, self.dtypes)) else None
+        if lib is not None and lib.fast:
+            self.D = np.empty(self.size, dtype=np.float64)
+            tol = (cmp.atol, cmp.rtol)
+            self._fused = fused.FusedPass(lib, *self.dtypes, self.A, self.B, self.D, *tol, blocks=_FUSED_GROUP)
+        # blocks per work item: a fused pass that takes the dot products too takes several
+        self.group = self._fused.blocks if self._fused is not None else 1
+        self._bufs = (self.A, self.B) if self.D is None else (self.A, self.B, self.D)
         # Where BLAS cannot be held on one thread, a whole block's dot products: the pieces'
         # matmul over reused views of the buffers (the same pieces, the same sums as
         # _float64_dot, fewer Python calls per block).
         self._pieces = None
         if not ONE_THREAD_BLAS.usable and self.size > _DOT_PIECE and self.size % _DOT_PIECE == 0:
             k = self.size // _DOT_PIECE
-            rows = tuple(buf.reshape(k, 1, _DOT_PIECE) for buf in (self.A, self.B))
-            cols = tuple(buf.reshape(k, _DOT_PIECE, 1) for buf in (self.A, self.B))
+            rows = tuple(buf.reshape(k, 1, _DOT_PIECE) for buf in self._bufs)
+            cols = tuple(buf.reshape(k, _DOT_PIECE, 1) for buf in self._bufs)
             self._pieces = (rows, cols, np.empty((k, 1, 1)))
-        self.T = None if cmp.exact else np.empty(self.size, dtype=np.float64)
-        self.mask = np.empty(self.size, dtype=bool)
+        numpy_passes = self._fused is None
+        self.T = np.empty(self.size, dtype=np.float64) if numpy_passes and not cmp.exact else None
+        self.mask = np.empty(self.size if numpy_passes else 0, dtype=bool)
         self.ucode = UINT.get(self.dtypes[0].itemsize) if self.dtypes[0] == self.dtypes[1] else None
         self._local = threading.local()  # other threads' kernels: own buffers, own backend
+        self._numpy: _FloatKernel | None = None  # the numpy passes, for strided inputs
 
     def _for_this_thread(self, caller: int) -> _FloatKernel:
         if threading.get_ident() == caller:
@@ -94,31 +117,64 @@ class _FloatKernel:
         if kernel is None:
             c = self.cmp
             cmp = _Cmp(np, _NumpyBackend(np, "cpu"), c.plan, c.name_a, c.name_b, c.atol, c.rtol)
-            kernel = self._local.kernel = _FloatKernel(cmp, *self.dtypes, self.size)
+            use_fused = self._fused is not None
+            kernel = self._local.kernel = _FloatKernel(cmp, *self.dtypes, self.size, use_fused=use_fused)
         return kernel
 
     def run(self, a, b, acc: _Acc) -> None:
         """Add the statistics of two 1-D numpy arrays of the same length to ``acc``."""
-        size, caller = self.size, threading.get_ident()
+        if self._fused is not None and not (fused.usable_on(a) and fused.usable_on(b)):
+            self._numpy_kernel().run(a, b, acc)  # strided pieces
+            return
+        caller, n = threading.get_ident(), a.shape[0]
+        step = self.size * self.group
 
-        def block(k: int) -> _Acc:
-            part = _Acc()
-            self._for_this_thread(caller)._block(a[k * size : (k + 1) * size], b[k * size : (k + 1) * size], part)
-            return part
+        def item(k: int) -> list[_Acc]:
+            return self._for_this_thread(caller)._blocks(a[k * step : (k + 1) * step], b[k * step : (k + 1) * step])
 
-        nblocks = -(-a.shape[0] // size)
-        for part in parallel_map(block, nblocks, workers=self.workers, min_items=_PARALLEL_MIN_BLOCKS):
-            acc.merge(part)
+        workers = self.workers if -(-n // self.size) >= _PARALLEL_MIN_BLOCKS else 1
+        min_items = _PARALLEL_MIN_BLOCKS if self.group == 1 else 1
+        for parts in parallel_map(item, -(-n // step), workers=workers, min_items=min_items):
+            for part in parts:
+                acc.merge(part)
+
+    def _blocks(self, x, y) -> list[_Acc]:
+        """The statistics of each block of ``x`` and ``y`` (at most ``group`` blocks), in order."""
+        size, fp = self.size, self._fused
+        starts = range(0, x.shape[0], size)
+        parts = [_Acc() for _ in starts]
+        if fp is None or not fp.blas:
+            for part, i in zip(parts, starts, strict=True):
+                self._block(x[i : i + size], y[i : i + size], part)
+            return parts
+        results = fp(x, y)  # every block: counts, maxima and the BLAS dot products
+        for k, i in enumerate(starts):
+            self._add_fused(results[k], x[i : i + size], y[i : i + size], parts[k], sums=True)
+        return parts
+
+    def _numpy_kernel(self) -> _FloatKernel:
+        """A kernel of the same comparison that runs the numpy passes."""
+        if self._numpy is None:
+            self._numpy = _FloatKernel(self.cmp, *self.dtypes, self.size, self.workers, use_fused=False)
+        return self._numpy
 
     def _dot(self, m: int, i: int, j: int) -> float:
-        """The dot product of buffers ``i`` and ``j`` (0: A, 1: B) over the first ``m`` elements."""
+        """The dot product of buffers ``i`` and ``j`` (0: A, 1: B, 2: D) over the first ``m`` elements."""
         if m == self.size and self._pieces is not None:
             rows, cols, parts = self._pieces
             return _fold(np.matmul(rows[i], cols[j], out=parts))
-        bufs = (self.A, self.B)
-        return _float64_dot(bufs[i][:m], bufs[j][:m])
+        return _float64_dot(self._bufs[i][:m], self._bufs[j][:m])
+
+    def _general(self, a, b, acc: _Acc) -> None:
+        """A block with a non-finite value or one above ~1e154: ``_Cmp``'s sub-blocks."""
+        step = _CPU_STATS_ELEMS
+        for i in range(0, a.shape[0], step):
+            self.cmp.block(a[i : i + step], b[i : i + step], acc)
 
     def _block(self, a, b, acc: _Acc) -> None:
+        if self._fused is not None:  # one block, its dot products from here
+            self._add_fused(self._fused(a, b)[0], a, b, acc, sums=False)
+            return
         cmp = self.cmp
         m = a.shape[0]
         mask = self.mask[:m]
@@ -135,9 +191,7 @@ class _FloatKernel:
         np.copyto(B, b, casting="unsafe")
         na, nb = self._dot(m, 0, 0), self._dot(m, 1, 1)
         if not (math.isfinite(na) and math.isfinite(nb)):
-            step = _CPU_STATS_ELEMS
-            for i in range(0, m, step):
-                cmp.block(a[i : i + step], b[i : i + step], acc)
+            self._general(a, b, acc)
             return
         acc.dot += self._dot(m, 0, 1)
         acc.na += na
@@ -166,6 +220,29 @@ class _FloatKernel:
             r = float(np.fmax.reduce(np.divide(diff, absb, out=diff)))
         if r > acc.max_rel:  # NaN (every quotient 0 / 0) never is
             acc.max_rel = r
+
+    def _add_fused(self, r: fused.Result, a, b, acc: _Acc, *, sums: bool) -> None:
+        """Add the statistics of one block from the fused pass's results ``r``: the
+        decisions of ``_block`` on the same sums. ``sums``: ``r`` holds the block's dot
+        products, else they are taken here from the buffers (which hold this block)."""
+        cmp = self.cmp
+        m = a.shape[0]
+        if r.identical:
+            s = r.aa if sums else self._dot(m, 0, 0)
+            acc.add_identical(s if math.isfinite(s) else cmp.self_dot(a, cmp.name_a))
+            return
+        na, nb = (r.aa, r.bb) if sums else (self._dot(m, 0, 0), self._dot(m, 1, 1))
+        if not (math.isfinite(na) and math.isfinite(nb)):
+            self._general(a, b, acc)
+            return
+        acc.dot += r.ab if sums else self._dot(m, 0, 1)
+        acc.na += na
+        acc.nb += nb
+        acc.dd += r.dd if sums else self._dot(m, 2, 2)
+        acc.max_abs = max(acc.max_abs, r.max_abs)
+        acc.mismatched += m - (r.equal if cmp.exact else r.close)
+        if r.max_rel > acc.max_rel:  # NaN (every quotient 0 / 0) never is
+            acc.max_rel = r.max_rel
 
 
 def _differing(cmp: _Cmp, be: _Backend, kernel: _FloatKernel | None, x, y, acc: _Acc, small: int) -> None:

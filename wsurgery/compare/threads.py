@@ -117,6 +117,12 @@ class _OneThreadBlas:
         self._controller = controller
         return ok
 
+    def library_paths(self) -> list[str]:
+        """The files of the BLAS libraries held (numpy's among them), where ``usable``."""
+        if not self.usable or self._controller is None:
+            return []
+        return [lib.filepath for lib in self._controller.select(user_api="blas").lib_controllers]
+
     @property
     def held_here(self) -> bool:
         """Whether this thread holds a share (then the hold cannot end under it)."""
