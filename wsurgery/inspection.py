@@ -151,8 +151,8 @@ def inspect(source: str | os.PathLike[str] | Checkpoint, *, filter: str | None =
 
     if isinstance(source, Checkpoint):
         return _describe(source, str(source.path), filter)
-    from .api import open as open_checkpoint
     from .io.layouts import ModelParallelArchiveError
+    from .io.registry import open as open_checkpoint
 
     try:
         ckpt = open_checkpoint(source)

@@ -58,6 +58,17 @@ def test_inspect_of_safetensors_imports_only_its_own_command_and_neither_torch_n
     assert not {"torch", "rich"} & modules, {"torch", "rich"} & modules
 
 
+def test_inspect_of_safetensors_imports_no_writer_facade_or_transforms(tmp_path):
+    """Reading headers needs neither the writers (tempfile, shutil, the sinks), the public
+    facade, nor the transform language when the file records no alias."""
+    path = tmp_path / "m.safetensors"
+    wsurgery.save_state_dict({"a.weight": torch.zeros(2, 3)}, path)
+    modules, out = _imported("inspect", path)
+    assert "a.weight" in out
+    unused = {"wsurgery.io.writer", "wsurgery.io.sinks", "wsurgery.api", "wsurgery.transforms", "tempfile"}
+    assert not unused & modules, unused & modules
+
+
 def test_the_registry_says_what_each_command_docstring_says():
     """The top-level help lists commands from the registry without importing them: each
     summary there is its command's first docstring paragraph, so the two cannot drift."""

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import aliases as alias_codec
 from ..errors import InputError
 from ..model import Checkpoint, Derived, Stored
 from . import sniff as _sniff
-from .options import Collective, WriteOptions
 from .safetensors import FileStored, SafetensorsFile
-from .sinks import write_items
+
+if TYPE_CHECKING:
+    from .options import Collective, WriteOptions
 
 KINDS = (_sniff.SAFETENSORS, _sniff.SHARDED)
 
@@ -28,10 +29,12 @@ def alias_records(ckpt: Checkpoint) -> dict[str, alias_codec.AliasRecord]:
 
 def with_aliases(stored: dict[str, Stored], metadata: Any, path: str) -> tuple[dict[str, Derived], dict[str, str]]:
     """The aliases the metadata records over ``stored``, and the other metadata."""
-    from ..transforms import parse
-
     facts = {n: (s.shape, s.dtype) for n, s in stored.items()}
     records, others = alias_codec.decode(metadata, facts, path)
+    if not records:
+        return {}, others
+    from ..transforms import parse  # only where there are aliases (an import start-up skips otherwise)
+
     out = {name: Derived.of(stored[rec.source], parse(list(rec.specs))) for name, rec in records.items()}
     return out, others
 
@@ -93,6 +96,7 @@ def open(path: str, kind: str, **given: Any) -> Checkpoint:  # noqa: A001 - the 
 
 def write(ckpt: Checkpoint, path: str, options: WriteOptions, *, notes: list[str] | None = None) -> list[str]:
     """One safetensors file, atomically; returns the metadata keys not kept (none)."""
+    from .sinks import write_items
     from .writer import write_safetensors
 
     meta = alias_codec.encode(alias_records(ckpt), ckpt.metadata)
@@ -105,6 +109,7 @@ def shard_plan(ckpt: Checkpoint, max_shard_size: int) -> tuple[list, list[dict[s
     the index's ``metadata`` records them all, ``weight_map`` lists stored tensors only.
     Returns ``(shards, shard metadata, index metadata)``."""
     from .sharded_writer import plan_shards
+    from .sinks import write_items
 
     shards = plan_shards(write_items(ckpt), max_shard_size)
     records = alias_records(ckpt)

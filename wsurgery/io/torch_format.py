@@ -13,16 +13,17 @@ from __future__ import annotations
 import builtins
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import aliases as alias_codec
 from ..dtypes import name_of_torch_dtype
 from ..errors import InputError, OutputError
 from ..model import Checkpoint, Derived, Stored, TensorStored
 from . import sniff as _sniff
-from .options import Collective, WriteOptions
-from .sinks import item_of
-from .writer import WriteItem
+
+if TYPE_CHECKING:
+    from .options import Collective, WriteOptions
+    from .writer import WriteItem
 
 KINDS = (_sniff.TORCH_ZIP, _sniff.TORCH_LEGACY, _sniff.TORCH_SHARDED)
 INDEX_NAME = "pytorch_model.bin.index.json"
@@ -157,6 +158,7 @@ def torch_layout(ckpt: Checkpoint) -> tuple[list[WriteItem], list[Any]]:
         OutputError: an alias whose view would not read back as the same tie.
     """
     from ..views import Strided, contiguous_strides, layout_of, view_steps
+    from .sinks import item_of
     from .torch_writer import TorchTensor
 
     index: dict[str, int] = {}
@@ -222,6 +224,7 @@ def _with_carried(storages: list[WriteItem], tensors: list[Any], carried: dict) 
     """``storages`` and ``tensors`` with the tensors a kept structure carries as they are
     (outside the state dict), each a storage of its own."""
     from ..views import contiguous_strides
+    from .sinks import item_of
     from .torch_writer import TorchTensor
 
     storages, tensors = list(storages), list(tensors)
