@@ -31,10 +31,9 @@ place (:class:`FileMaps`); staging and torch's loader are for everything else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import secrets
 import struct
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -123,6 +122,9 @@ class _Scratch:
     """The staged copy of a range: a path for the checks and torch, and the tags."""
 
     def __init__(self, rng: ByteRange, src: int, holes: list[tuple[int, int]]):
+        import secrets  # staging only: a plain chunk or state never gets here
+        import tempfile
+
         self.tags: dict[bytes, tuple[int, int]] = {}
         kept = rng.length - sum(n for _, n in holes)
         self._unlink: str | None = None
@@ -314,6 +316,7 @@ class PlainTensor:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def _plain_globals() -> frozenset[str]:
     from ..dtypes import BY_NAME
     from .pickles.allowlist import _storage_types
@@ -510,11 +513,10 @@ def plain_state(rng: ByteRange) -> PlainState | None:
     if used != set(layout.claims):
         return None  # a storage outside the state dict (in an object): torch's path reads what it holds
     skipped = list(result.skipped)
-    shown_placeholders = [p for p in layout.placeholders if p != "collections.OrderedDict"]
-    if shown_placeholders:
-        shown = ", ".join(shown_placeholders[:5]) + (
-            f" and {len(shown_placeholders) - 5} more" if len(shown_placeholders) > 5 else ""
-        )
+    # the OrderedDicts were made dicts, and torch's loader makes the torch values (dtypes) real
+    named = [p for p in layout.placeholders if p != "collections.OrderedDict" and not p.startswith("torch.")]
+    if named:
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
         skipped.insert(0, f"(read by wsurgery's scan, without torch; inert placeholders for {shown})")
     return PlainState(tensors, skipped, result.container)
 
