@@ -138,6 +138,48 @@ def test_inspect_and_convert_of_contiguous_chunks_import_no_numpy(tmp_path, name
     assert all(torch.equal(got[k], v) for k, v in expect.items())
 
 
+def test_tensors_split_along_their_first_dim_are_copied_chunk_by_chunk_without_numpy(tmp_path):
+    """A tensor split into contiguous runs (rows: FSDP's dim-0 shards, a column-parallel
+    weight) is its chunks' bytes one after another: each copied in the kernel, nothing
+    assembled. The fixture's one tensor split along dim 1 is dropped first."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('version: 1\nsteps:\n  - drop: ["layers.0.mlp.up.weight"]\n')
+    out = tmp_path / "c.safetensors"
+    _run_all([f"apply|{recipe}|{FIXTURES / 'tiny_lm_dcp_sharded'}|-o|{out}"], "torch,numpy")
+    expect = wsurgery.load_state_dict(FIXTURES / "tiny_lm.safetensors")
+    got = wsurgery.load_state_dict(out)
+    assert sorted(got) == sorted(k for k in expect if k != "layers.0.mlp.up.weight")
+    assert all(torch.equal(got[k], expect[k]) for k in got)
+
+
+class _Src:
+    def __init__(self, name: str):
+        self.name = name
+
+
+@pytest.mark.parametrize(
+    ("shape", "boxes", "order"),
+    [
+        ((4, 6), [((2, 0), (2, 6)), ((0, 0), (2, 6))], [1, 0]),  # rows, listed out of order
+        ((2, 4, 6), [((1, 0, 0), (1, 4, 6)), ((0, 0, 0), (1, 4, 6))], [1, 0]),
+        # each box inside one outer slice, split along dim 1: still one run each
+        ((2, 4, 6), [((0, 0, 0), (1, 2, 6)), ((1, 2, 0), (1, 2, 6)), ((0, 2, 0), (1, 2, 6)), ((1, 0, 0), (1, 2, 6))],
+         [0, 2, 3, 1]),
+        ((2, 4, 6), [((0, 0, 0), (2, 2, 6)), ((0, 2, 0), (2, 2, 6))], None),  # dim 1 of both layers: not runs
+        ((4, 6), [((0, 0), (4, 3)), ((0, 3), (4, 3))], None),  # columns
+        ((4,), [((0,), (0,)), ((0,), (4,))], [1]),  # an empty chunk holds no bytes
+    ],
+)  # fmt: skip
+def test_chunks_are_runs_only_when_each_is_contiguous_in_the_tensor(shape, boxes, order):
+    from wsurgery.io.dcp import TensorPlan
+    from wsurgery.io.dcp_metadata import Chunk, tiling_problem
+
+    chunks = [(Chunk(o, s), _Src(str(i))) for i, (o, s) in enumerate(boxes)]
+    assert tiling_problem(shape, [c for c, _ in chunks]) is None
+    runs = TensorPlan("t", "float32", shape, chunks).runs()  # type: ignore[arg-type]
+    assert (None if runs is None else [int(r.name) for r in runs]) == order
+
+
 def _one_chunk_copy(src: Path, dst: Path) -> None:
     """A Megatron folder like ``src`` whose DCP data torch wrote in one process: every
     tensor one chunk (common.pt, with its tensor, and metadata.json copied)."""

@@ -245,6 +245,26 @@ class TensorPlan:
         full = [src for c, src in self.chunks if c.sizes == self.shape]
         return full[0] if len(self.chunks) == 1 and full else None
 
+    def runs(self) -> list[ChunkSource] | None:
+        """The chunks in the tensor's row-major order when each is one contiguous run of
+        its elements (a split along the first dim that is split, as FSDP shards every
+        tensor along dim 0 and tensor parallelism a column-parallel weight): the tensor's
+        bytes are then the chunks' bytes one after another. None otherwise. The chunks
+        tile the tensor (checked at open), so the runs leave no gap."""
+        starts = []
+        for c, src in self.chunks:
+            if not c.numel:
+                continue
+            split = [d for d, (n, full) in enumerate(zip(c.sizes, self.shape, strict=True)) if n != full]
+            if split and any(n != 1 for n in c.sizes[: split[-1]]):
+                return None  # rows of several outer slices: not one run
+            start, stride = 0, 1
+            for o, n in zip(reversed(c.offsets), reversed(self.shape), strict=True):
+                start += o * stride
+                stride *= n
+            starts.append((start, src))
+        return [src for _, src in sorted(starts, key=lambda p: p[0])]
+
     def array(self) -> np.ndarray:
         """The whole tensor's bytes, assembled chunk by chunk: ``uint8`` of shape
         ``(*shape, itemsize)``. Memory holds the result and one chunk."""

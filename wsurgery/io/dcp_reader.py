@@ -77,12 +77,16 @@ class ChunkedStored(Stored):
 
     def write(self, f: ByteSink) -> None:
         one = self.plan.whole()
-        if one is not None and isinstance(f, FileSink):
-            one.write_to(f.f)  # copied in the kernel when the bytes lie verbatim in a file
-        elif one is not None:
-            f.write_bytes(one.array().reshape(-1))
-        else:
-            f.write_bytes(self.plan.array().reshape(-1))
+        if isinstance(f, FileSink):  # copied in the kernel where the bytes lie verbatim in a file
+            if one is not None:
+                one.write_to(f.f)
+                return
+            runs = self.plan.runs()
+            if runs is not None and all(src.raw_location() is not None for src in runs):
+                for src in runs:  # the tensor's bytes are the chunks' bytes, one after another
+                    src.write_to(f.f)
+                return
+        f.write_bytes((self.plan if one is None else one).array().reshape(-1))
 
 
 class _Parts:
