@@ -140,6 +140,42 @@ def make_dcp(a: Path) -> Path:
     return folder
 
 
+def make_megatron(a: Path) -> Path:
+    """A's DCP folder as a Megatron-Core ``torch_dist`` folder: the same DCP files (hard
+    links), ``metadata.json``, and a ``common.pt`` that holds tensors beside the
+    arguments, as training writes it (RNG states, the loss scaler)."""
+    import argparse
+
+    import torch
+
+    dcp_folder = make_dcp(a)
+    folder = a.with_name(a.name.replace(".safetensors", "-megatron"))
+    if (folder / "common.pt").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for f in dcp_folder.iterdir():
+        os.link(f, folder / f.name)
+    meta = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+            "common_backend_version": 1}  # fmt: skip
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    g = torch.Generator().manual_seed(3)
+    common = {
+        "args": argparse.Namespace(num_layers=2, params_dtype=torch.bfloat16, tensor_model_parallel_size=1),
+        "checkpoint_version": 3.0,
+        "iteration": 1000,
+        "rng_state": [
+            {
+                "random_rng_state": torch.randint(0, 255, (5056,), generator=g, dtype=torch.uint8),
+                "torch_rng_state": torch.randint(0, 255, (5056,), generator=g, dtype=torch.uint8),
+            }
+        ],
+        "grad_scaler": {"scale": torch.tensor(65536.0), "growth_tracker": torch.tensor(0, dtype=torch.int32)},
+    }
+    torch.save(common, folder / "common.pt")
+    return folder
+
+
 def recipe_file(folder: Path, renames: int) -> Path:
     path = folder / f"recipe-{renames}.yaml"
     path.write_text(RECIPE.format(renames="  - rename: {pattern: '^(.)', to: '\\1'}\n" * renames))
@@ -299,15 +335,25 @@ def baseline_tree(ref: str, work: Path) -> Path:
 
 
 # the cases whose commands an older revision runs as they are, timed against it by --baseline
-SAME_COMMAND_CASES = ("tie-nosync", "convert-nosync", "copy-scale", "inspect")
+SAME_COMMAND_CASES = ("tie-nosync", "convert-nosync", "copy-scale", "inspect", "dcp-convert-nosync", "dcp-diff",
+                      "dcp-inspect", "megatron-inspect")  # fmt: skip
+
+
+def baseline_wanted(name: str, ref: str, only: set[str]) -> bool:
+    """Whether the --baseline row ``name`` runs under ``--only``: its case is named, or a
+    case of the same command against a limit (``dcp-convert-nosync-vs-cp`` brings
+    ``dcp-convert-nosync-vs-REF``)."""
+    base = name.removesuffix(f"-vs-{ref}").removesuffix("-by-module")
+    return not only or base in only or any(o.startswith(base + "-vs-") for o in only)
 
 
 def baseline_cases(a: Path, b: Path, out: Path, ref: str, tree: Path):
     """``diff``, ``diff-all`` (and its module rollup), ``tie``/``convert`` without the fsync,
-    ``copy-scale`` and ``inspect`` of this tree against the same commands of ``ref``: the
-    cost of what changed since (target: at most 10% slower); and ``ref``'s own
-    ``diff-all-vs-cat`` and ``diff-same-vs-cat`` (rows ``NAME@REF``): before and after
-    against their limits in one run."""
+    ``copy-scale``, ``inspect`` and the DCP and Megatron cases of :data:`SAME_COMMAND_CASES`
+    of this tree against the same commands of ``ref``: the cost (or gain) of what changed
+    since (target: at most 10% slower); and ``ref``'s own ``diff-all-vs-cat`` and
+    ``diff-same-vs-cat`` (rows ``NAME@REF``): before and after against their limits in one
+    run."""
     ws = [PY, "-m", "wsurgery"]
     theirs = [PY, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); from wsurgery.cli.app import main; main()"]
     for name, ours, _plain, nbytes, _target in cases(a, b, out):
@@ -426,6 +472,11 @@ def cases(a: Path, b: Path, out: Path):
         2 * a.stat().st_size,
         2.0,
     )
+    # metadata only: against inspect of the safetensors twin
+    inspect_a = ws + ["inspect", str(a), "--json"]
+    yield ("dcp-inspect", ws + ["inspect", str(folder), "--json"], inspect_a, 0, None)
+    megatron = a.with_name(a.name.replace(".safetensors", "-megatron"))  # common.pt holds tensors
+    yield ("megatron-inspect", ws + ["inspect", str(megatron), "--json"], inspect_a, 0, None)
     written = out.with_name("out-dcp")
     yield (
         "dcp-write-nosync",
@@ -448,7 +499,8 @@ def main(argv=None) -> int:
         default="",
         help="comma-separated subset: diff,diff-all,diff-all-vs-cat,diff-same-vs-cat,tie,convert,tie-nosync,"
         "convert-nosync,copy-scale,recipe,recipe-nosync,recipe-20-renames-nosync,inspect,dcp-convert,"
-        "dcp-convert-nosync,dcp-convert-nosync-vs-cp,dcp-diff,dcp-write-nosync,diff-all-2-ranks,"
+        "dcp-convert-nosync,dcp-convert-nosync-vs-cp,dcp-diff,dcp-inspect,megatron-inspect,dcp-write-nosync,"
+        "diff-all-2-ranks,"
         "startup (--version, --help and inspect against python -c pass)",
     )
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
@@ -458,8 +510,9 @@ def main(argv=None) -> int:
         "--baseline",
         default=None,
         metavar="REF",
-        help="also time diff, diff-all, tie-nosync, convert-nosync, copy-scale and inspect against git revision "
-        "REF's wsurgery (rows NAME-vs-REF, ratio this / REF)",
+        help="also time diff, diff-all, tie-nosync, convert-nosync, copy-scale, inspect, dcp-convert-nosync, "
+        "dcp-diff, dcp-inspect and megatron-inspect against git revision REF's wsurgery (rows NAME-vs-REF, "
+        "ratio this / REF)",
     )
     args = ap.parse_args(argv)
 
@@ -482,25 +535,23 @@ def main(argv=None) -> int:
         # in a child process, so this process stays small: a forked child's peak RSS starts at its parent's
         code = (
             f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-            "from benchmarks.bench import make_all_different, make_dcp, make_pair; "
+            "from benchmarks.bench import make_all_different, make_megatron, make_pair; "
             f"from pathlib import Path; a, _ = make_pair(Path({str(work)!r}), {size}, {dtype!r}); "
-            f"make_all_different(Path({str(work)!r}), {size}, {dtype!r}); make_dcp(a)"
+            f"make_all_different(Path({str(work)!r}), {size}, {dtype!r}); make_megatron(a)"
         )
         subprocess.run([PY, "-c", code], check=True)
         a, b = make_pair(work, size, dtype)
         out = work / "out.safetensors"
         read_rate = page_cache_read_rate(a)
-        todo = list(cases(a, b, out))
+        todo = [c for c in cases(a, b, out) if not only or c[0] in only]
         if args.baseline:
             tree = baseline_tree(args.baseline, work)
             todo += [
                 c
                 for c in baseline_cases(a, b, out, args.baseline, tree)
-                if not only or c[0].split("-vs-")[0].removesuffix("-by-module") in only or c[0].split("@")[0] in only
+                if baseline_wanted(c[0], args.baseline, only) or c[0].split("@")[0] in only
             ]
         for name, ours, plain, nbytes, target in todo:
-            if only and name not in only and "-vs-" not in name:
-                continue
             # Every run writes a new file: deleting the previous run's output (which on a
             # disk mounted with `discard` costs up to 1 s per GiB) is not part of the work.
             target_path = out.with_name("out-dcp") if name.startswith("dcp-write") else out
@@ -540,6 +591,7 @@ def main(argv=None) -> int:
                       out, out.with_name(out.name + ".pt")):  # fmt: skip
                 p.unlink(missing_ok=True)
             shutil.rmtree(a.with_name(a.name.replace(".safetensors", "-dcp")), ignore_errors=True)
+            shutil.rmtree(a.with_name(a.name.replace(".safetensors", "-megatron")), ignore_errors=True)
             shutil.rmtree(out.with_name("out-dcp"), ignore_errors=True)
     report = {
         "schema": "wsurgery.bench/1",

@@ -187,7 +187,8 @@ def test_nemo2_folder(fixtures):
 
 
 def test_nemo_archive_is_read_in_place(fixtures, tmp_path, monkeypatch):
-    """An uncompressed .nemo is never extracted: no temporary file, tensors map the archive."""
+    """An uncompressed .nemo is never extracted: no temporary file, tensors are read from a
+    map of the archive."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
@@ -198,9 +199,9 @@ def test_nemo_archive_is_read_in_place(fixtures, tmp_path, monkeypatch):
         assert c.metadata["nemo.model_config"].startswith("target: nemo.collections")
         assert c.input_files == [str((fixtures / "tiny_lm.nemo").resolve())]
         sd = c.state_dict()
+        maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else str(fixtures / "tiny_lm.nemo")
+        assert str((fixtures / "tiny_lm.nemo").resolve()) in maps
     assert os.listdir(scratch) == []
-    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else str(fixtures / "tiny_lm.nemo")
-    assert str((fixtures / "tiny_lm.nemo").resolve()) in maps
     assert all(torch.equal(sd[n], t) for n, t in _tiny_lm().items())
 
 

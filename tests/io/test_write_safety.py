@@ -65,13 +65,16 @@ def test_disk_full_at_fsync_is_an_output_error(tmp_path, monkeypatch):
     assert not dest.exists() and leftovers(tmp_path) == []
 
 
-def test_disk_full_in_copy_file_range(tmp_path, monkeypatch, cli):
+@pytest.mark.parametrize("call", ["copy_file_range", "splice"])
+def test_disk_full_in_copy_file_range(tmp_path, monkeypatch, cli, call):
     src = big_safetensors(tmp_path / "in.safetensors", 1)
 
-    def full(*args):
+    def full(*args, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer.os, "copy_file_range", full, raising=False)
+    # the route taken wherever the test runs: splice on a local file system, else copy_file_range
+    monkeypatch.setattr(writer, "_fs_type", lambda fd: "ext4" if call == "splice" else "nfs4")
+    monkeypatch.setattr(writer.os, call, full, raising=False)
     code, _, stderr = cli("convert", src, "-o", tmp_path / "out.safetensors")
     assert code == 5 and stderr.count("\n") == 1 and "No space left on device" in stderr
     assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []

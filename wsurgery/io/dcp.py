@@ -22,8 +22,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..dtypes import BY_NAME
 from ..errors import InputError
@@ -33,6 +32,9 @@ from .pickles.interpreter import printable
 from .ranges import ByteRange, FileMaps, PlainTensor, load_tensor, plain_tensor
 from .safetensors import SafetensorsFile
 from .writer import copy_range, write_all
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where a chunk is decoded: a chunk copied as raw bytes needs none
 
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"  # torch's Hugging Face storage writer
 MEGATRON_METADATA = "metadata.json"
@@ -68,12 +70,46 @@ class ChunkSource:
 
 
 @dataclass
+class PlainChunk(ChunkSource):
+    """A plain dense tensor whose layout the pickles package's inert scan found
+    (:class:`.ranges.PlainTensor`): its values are viewed in place through ``maps``, never
+    decoded to be copied; torch and numpy are imported only where a step asks for a
+    tensor or an array."""
+
+    plain: PlainTensor
+    maps: FileMaps
+
+    def raw_location(self):
+        return self.plain.raw()
+
+    def array(self) -> np.ndarray:
+        import numpy as np
+
+        p = self.plain
+        storage = np.frombuffer(self.maps.view(p.path, p.start, p.nbytes), dtype=np.uint8)
+        if p.raw() is not None:
+            return storage.reshape(*p.size, p.itemsize)
+        strides = (*(st * p.itemsize for st in p.stride), 1)
+        view = np.lib.stride_tricks.as_strided(
+            storage[p.offset * p.itemsize :], shape=(*p.size, p.itemsize), strides=strides, writeable=False
+        )
+        return np.ascontiguousarray(view)  # np.array would keep a transposed view's order
+
+    def tensor(self):
+        import numpy as np
+        import torch
+
+        flat = torch.from_numpy(np.array(self.array()).reshape(-1))
+        return flat.view(getattr(torch, self.plain.dtype)).reshape(self.plain.size)
+
+
+@dataclass
 class TorchChunk(ChunkSource):
     """A ``torch.save(tensor)`` blob: ``rng`` of a ``.distcp`` file.
 
     A plain dense tensor (what DCP writes) is read without torch: its layout by the
-    pickles package's inert scan (:func:`.ranges.plain_tensor`), its values viewed in
-    place through ``maps``. Anything else goes through ``torch.load(weights_only=True)``.
+    pickles package's inert scan (:func:`.ranges.plain_tensor`), then a
+    :class:`PlainChunk`. Anything else goes through ``torch.load(weights_only=True)``.
     """
 
     rng: ByteRange
@@ -83,7 +119,7 @@ class TorchChunk(ChunkSource):
     maps: FileMaps | None = None
     _raw: tuple[str, int, int] | None = field(default=None, repr=False)
     _probed: bool = field(default=False, repr=False)
-    _plain: PlainTensor | None = field(default=None, repr=False)
+    _plain: PlainChunk | None = field(default=None, repr=False)
 
     def _refuse_transforms(self) -> None:
         if self.transforms:
@@ -112,7 +148,8 @@ class TorchChunk(ChunkSource):
             raise InputError(f"{self.rng.what}: the chunk is a view larger than its storage (an expanded tensor)")
         if plain.dtype != self.dtype or plain.size != self.sizes:
             raise self._mismatch(plain.dtype, plain.size)
-        self._plain, self._raw, self._probed = plain, plain.raw(), True
+        self._plain = PlainChunk(plain, self.maps if self.maps is not None else FileMaps())
+        self._raw, self._probed = plain.raw(), True
 
     def _load(self):
         self._refuse_transforms()
@@ -132,12 +169,7 @@ class TorchChunk(ChunkSource):
 
     def tensor(self):
         self._probe()
-        if self._plain is None:
-            return self._load()
-        import torch
-
-        flat = torch.from_numpy(np.array(self.array()).reshape(-1))
-        return flat.view(getattr(torch, self.dtype)).reshape(self.sizes)
+        return self._load() if self._plain is None else self._plain.tensor()
 
     def write_to(self, f) -> None:
         self._probe()
@@ -145,22 +177,15 @@ class TorchChunk(ChunkSource):
             path, offset, nbytes = self._raw
             copy_range(path, offset, nbytes, f)
         else:
+            import numpy as np
+
             write_all(f, np.ascontiguousarray(self.array()).reshape(-1))
 
     def array(self) -> np.ndarray:
         self._probe()
-        p = self._plain
-        if p is None:
+        if self._plain is None:
             return _uint8(self._load()).numpy().reshape(*self.sizes, BY_NAME[self.dtype].itemsize)
-        maps = self.maps if self.maps is not None else FileMaps()
-        storage = np.frombuffer(maps.view(p.path, p.start, p.nbytes), dtype=np.uint8)
-        if self._raw is not None:
-            return storage.reshape(*self.sizes, p.itemsize)
-        strides = (*(st * p.itemsize for st in p.stride), 1)
-        view = np.lib.stride_tricks.as_strided(
-            storage[p.offset * p.itemsize :], shape=(*p.size, p.itemsize), strides=strides, writeable=False
-        )
-        return np.array(view)
+        return self._plain.array()
 
 
 def _uint8(t):
@@ -183,6 +208,8 @@ class SafetensorsChunk(ChunkSource):
         return self.file.path, offset, nbytes
 
     def array(self) -> np.ndarray:
+        import numpy as np
+
         rec = self.file.tensors[self.name]
         raw = np.frombuffer(self.file.raw(self.name), dtype=np.uint8)
         return raw.reshape(*rec.shape, BY_NAME[rec.dtype].itemsize)
@@ -218,9 +245,31 @@ class TensorPlan:
         full = [src for c, src in self.chunks if c.sizes == self.shape]
         return full[0] if len(self.chunks) == 1 and full else None
 
+    def runs(self) -> list[ChunkSource] | None:
+        """The chunks in the tensor's row-major order when each is one contiguous run of
+        its elements (a split along the first dim that is split, as FSDP shards every
+        tensor along dim 0 and tensor parallelism a column-parallel weight): the tensor's
+        bytes are then the chunks' bytes one after another. None otherwise. The chunks
+        tile the tensor (checked at open), so the runs leave no gap."""
+        starts = []
+        for c, src in self.chunks:
+            if not c.numel:
+                continue
+            split = [d for d, (n, full) in enumerate(zip(c.sizes, self.shape, strict=True)) if n != full]
+            if split and any(n != 1 for n in c.sizes[: split[-1]]):
+                return None  # rows of several outer slices: not one run
+            start, stride = 0, 1
+            for o, n in zip(reversed(c.offsets), reversed(self.shape), strict=True):
+                start += o * stride
+                stride *= n
+            starts.append((start, src))
+        return [src for _, src in sorted(starts, key=lambda p: p[0])]
+
     def array(self) -> np.ndarray:
         """The whole tensor's bytes, assembled chunk by chunk: ``uint8`` of shape
         ``(*shape, itemsize)``. Memory holds the result and one chunk."""
+        import numpy as np
+
         one = self.whole()
         if one is not None:
             return one.array()

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..dtypes import BY_NAME
 from ..errors import InputError, UnsafePickleError
 from .folders import safe_relative
 from .pickles import Placeholder, refused_global
 from .pickles.interpreter import Malformed, Source, Unpickler, printable, short
+
+if TYPE_CHECKING:
+    import numpy as np  # imported only to check a layout of many chunks
 
 METADATA_FILE = ".metadata"
 MAX_METADATA_BYTES = 1 << 30  # a .metadata larger than this is refused before it is read
@@ -405,6 +407,7 @@ def tiling_problem(shape: tuple[int, ...], chunks) -> str | None:
 
 _GRID_CELLS_PER_CHUNK = 8  # the cell grid is used when it has at most this many cells per chunk
 _MIN_GRID_CELLS = 1 << 16
+_FEW_BOXES = 32  # up to this many boxes the sweep (a few hundred comparisons) decides, without numpy
 
 
 def _first_overlap(shape: tuple[int, ...], boxes: list[Chunk]) -> tuple[Chunk, Chunk] | None:
@@ -416,12 +419,17 @@ def _first_overlap(shape: tuple[int, ...], boxes: list[Chunk]) -> tuple[Chunk, C
     box is located by binary search and the cells are counted in one array: n log n plus
     the cells. An irregular layout (a brick wall of differently cut rows) falls back to
     a sweep along the dim with the most distinct corners, comparing a box only with the
-    boxes that are still open where it starts."""
+    boxes that are still open where it starts; so do a few boxes (a tensor split over
+    a few ranks), which then need no numpy."""
     if len(boxes) < 2:
         return None
     ndim = len(shape)
     if ndim == 0:
         return boxes[0], boxes[1]
+    if len(boxes) <= _FEW_BOXES:
+        return _sweep_overlap(boxes)
+    import numpy as np
+
     cuts = [np.unique(np.array([v for c in boxes for v in (c.offsets[d], c.offsets[d] + c.sizes[d])], dtype=np.int64))
             for d in range(ndim)]  # fmt: skip
     cells = math.prod(len(k) - 1 for k in cuts)
@@ -431,6 +439,8 @@ def _first_overlap(shape: tuple[int, ...], boxes: list[Chunk]) -> tuple[Chunk, C
 
 
 def _grid_overlap(cuts: list[np.ndarray], boxes: list[Chunk]) -> tuple[Chunk, Chunk] | None:
+    import numpy as np
+
     offsets = np.array([c.offsets for c in boxes], dtype=np.int64)
     ends = offsets + np.array([c.sizes for c in boxes], dtype=np.int64)
     lo = np.stack([np.searchsorted(k, offsets[:, d]) for d, k in enumerate(cuts)], axis=1)

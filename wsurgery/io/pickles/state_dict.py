@@ -164,9 +164,8 @@ def _collision(path, name: str, first: str, second: str) -> InputError:
     )
 
 
-def _module_state(value, names: _Names) -> OrderedDict | None:
+def _module_state(value, names: _Names, tensor_type) -> OrderedDict | None:
     """A pickled ``nn.Module`` (a placeholder with module state) as its ``state_dict()``."""
-    import torch
 
     def module_dict(p):
         if isinstance(p, Placeholder) and isinstance(p.state, dict) and isinstance(p.state.get("_parameters"), dict):
@@ -191,7 +190,7 @@ def _module_state(value, names: _Names) -> OrderedDict | None:
             entries = state.get(group)
             if isinstance(entries, dict):
                 for name, t in entries.items():
-                    if isinstance(name, str) and isinstance(t, torch.Tensor) and name not in skip:
+                    if isinstance(name, str) and isinstance(t, tensor_type) and name not in skip:
                         full = prefix + name
                         names.charge(full)
                         where = f"{group[1:-1]} {_label(name)!r} of module {_label(prefix[:-1]) or '(root)'!r}"
@@ -232,21 +231,30 @@ def _valid_name(name) -> bool:
     return True
 
 
-def extract_state_dict(obj, path: str) -> PickleResult:
-    """Find the tensors in what a torch checkpoint unpickled to."""
-    import torch
+def extract_state_dict(obj, path: str, *, tensor_type=None, file_size: int | None = None) -> PickleResult:
+    """Find the tensors in what a torch checkpoint unpickled to.
 
-    try:
-        file_size = os.path.getsize(path)
-    except (OSError, TypeError):
-        file_size = 0
+    ``tensor_type``: the class of the tensors to find, ``torch.Tensor`` when None; the
+    scan's ``ScannedTensor`` for a checkpoint read without torch, whose tensors the caller
+    checks (nothing is checked or remembered here). ``file_size``: the bytes of the
+    checkpoint (by default the size of the file at ``path``)."""
+    scanned = tensor_type is not None
+    if tensor_type is None:
+        import torch
+
+        tensor_type = torch.Tensor
+    if file_size is None:
+        try:
+            file_size = os.path.getsize(path)
+        except (OSError, TypeError):
+            file_size = 0
     names = _Names(path, file_size)
     describe_ = _Describer()
-    as_module = _module_state(obj, names)
+    as_module = _module_state(obj, names, tensor_type)
     whole = obj if as_module is None else None  # a pickled module has no structure to keep
     if as_module is not None:
         obj = as_module
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, tensor_type):
         raise InputError(f"{path}: the file holds a single tensor, not a state dict")
     if not isinstance(obj, dict):
         raise InputError(
@@ -257,8 +265,8 @@ def extract_state_dict(obj, path: str) -> PickleResult:
     skipped: list[str] = []
     for key in STATE_DICT_KEYS:
         inner = obj.get(key)
-        inner = _module_state(inner, names) or inner
-        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+        inner = _module_state(inner, names, tensor_type) or inner
+        if isinstance(inner, dict) and any(isinstance(v, tensor_type) for v in inner.values()):
             container = key
             skipped.extend(f"{_label(k)}: {describe_(v)}" for k, v in obj.items() if k != key)
             obj = inner
@@ -290,10 +298,10 @@ def extract_state_dict(obj, path: str) -> PickleResult:
             continue
         name = f"{prefix}{key}"
         names.charge(name)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, tensor_type):
             if not _valid_name(name):
                 raise InputError(f"{path}: tensor name {short(name)} is not valid Unicode")
-            why = _check_tensor(name, value, file_size, path)
+            why = None if scanned else _check_tensor(name, value, file_size, path)
             if why:
                 skipped.append(f"{_label(name)}: {why}")
             elif name in tensors:
@@ -301,7 +309,7 @@ def extract_state_dict(obj, path: str) -> PickleResult:
             else:
                 tensors[name] = value
                 origin[name] = (keys, key)
-        elif _walks_into(value, torch.Tensor, looked):
+        elif _walks_into(value, tensor_type, looked):
             if id(value) in on_path:
                 skipped.append(f"{_label(name)}: a reference cycle")
                 continue
@@ -312,7 +320,7 @@ def extract_state_dict(obj, path: str) -> PickleResult:
             todo.append((name + ".", iter(items), id(value), inner_keys, (value, name), len(skipped), len(tensors)))
         else:
             skipped.append(f"{_label(name)}: {describe_(value)}")
-    if isinstance(whole, dict):
+    if isinstance(whole, dict) and not scanned:
         from .structure import remember, skeleton
 
         remember(path, skeleton(whole, {(*keys, key): name for name, (keys, key) in origin.items()}))
