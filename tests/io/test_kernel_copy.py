@@ -98,3 +98,16 @@ def test_the_file_system_type_is_read_from_the_mount_table(tmp_path):
         assert isinstance(kind, str) and kind
     else:
         assert kind is None
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux's")
+def test_page_congruent_offsets_keep_copy_file_range(tmp_path, spliced):
+    """Source and destination alike placed in their pages: whole pages move, and
+    copy_file_range was the faster there."""
+    src, data = _source(tmp_path, 3 * MIB)
+    dest = tmp_path / "out.bin"
+    with atomic_file(dest, sync=False) as f:
+        f.write(b"h" * 13)
+        writer.copy_range(src, 4096 + 13, 2 * MIB, f)
+    assert dest.read_bytes() == b"h" * 13 + data[4096 + 13 : 4096 + 13 + 2 * MIB]
+    assert spliced == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import stat
 import tempfile
@@ -164,15 +165,19 @@ def _spliced(src: int, dst: int, offset: int, nbytes: int) -> int:
     there: 0 where splice does not serve).
 
     ``copy_file_range`` between two files of a local file system without reflink is the
-    kernel's own splice through a 16-page pipe: a pipe of 1 MiB takes 1.3x (source and
-    destination offsets congruent modulo the page size) to 1.6x (not: a DCP chunk's
-    bytes into a safetensors file) less time per byte on ext4. Other file systems keep
+    kernel's own splice through a 16-page pipe. Where the source and destination offsets
+    are not congruent modulo the page size (a DCP chunk's bytes into a safetensors file),
+    that moves bytes 1.5x slower than a 1 MiB pipe on ext4; where they are, whole pages
+    move and ``copy_file_range`` was the faster, and the steadier, in whole-process runs
+    (a safetensors convert: 0.37 s against 0.56 s, medians of 10). Other file systems keep
     ``copy_file_range``, which may clone extents or copy on the server."""
     import fcntl
 
     setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
     if nbytes < _SPLICE_MIN or setsize is None or not hasattr(os, "splice"):
         return 0
+    if (offset - os.lseek(dst, 0, os.SEEK_CUR)) % mmap.PAGESIZE == 0:
+        return 0  # page-aligned alike: copy_file_range moves whole pages, and is faster here
     if _fs_type(src) not in _SPLICE_FS or _fs_type(dst) not in _SPLICE_FS:
         return 0
     r, w = os.pipe()
