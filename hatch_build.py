@@ -17,7 +17,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+try:
+    from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+except ImportError:  # imported as a plain module: benchmarks/bench.py builds a baseline tree's library
+    BuildHookInterface = object  # type: ignore[assignment,misc]
 
 SOURCE = Path("wsurgery", "compare", "_fused.c")
 LIBRARY = SOURCE.with_name("_fused.dll" if sys.platform == "win32" else "_fused.so")  # as fused.library_path()
