@@ -59,6 +59,27 @@ def test_a_tie_of_two_layers_loads_with_equal_weights(tmp_path, cli):
     assert code == 0 and "alias" not in err
 
 
+def test_a_dry_run_reports_what_the_folder_write_stores(tmp_path, cli):
+    """The dry run of a folder output says what the write will store (the ties as
+    values), not the plan's aliases: its counts and notes are the write's."""
+    src = _bert(tmp_path / "minilm")
+    out = tmp_path / "shared"
+    args = ["tie", src, "--src", "encoder.layer.0", "--dst", "encoder.layer.1", "-o", f"{out}/"]
+    code, dry, err = cli(*args, "--dry-run", "--json")
+    assert code == 0, err
+    assert not out.exists()
+    code, real, err = cli(*args, "--json")
+    assert code == 0, err
+    dry, real = json.loads(dry), json.loads(real)
+    for key in ("stored", "aliases", "aliases_as_values"):
+        assert dry[key] == real[key], key
+    assert dry["aliases"] == [] and len(dry["aliases_as_values"]) == 16
+    assert any("ties written as values" in n for n in dry["notes"])
+    code, text, err = cli(*args, "--dry-run")
+    assert code == 0, err
+    assert "0 aliases" in text and "ties written as values" in text
+
+
 def test_keep_aliases_keeps_them_and_inspect_warns(tmp_path, cli):
     src = _bert(tmp_path / "minilm")
     out = tmp_path / "kept"

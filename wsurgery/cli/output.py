@@ -121,11 +121,14 @@ def report_write(
     if plan is None:
         plan = _plan(target, result, out, saved.format if saved is not None else out.format)
     folder = plan.folder or (saved is not None and saved.shards is not None)
+    would: dict = {}
+    if saved is None:  # a dry run: what the write would store, not the plan's aliases
+        result, would = _as_written(result, plan, out)
     info = summary(result)
     left_out = _left_out(result, saved)
     if out.json:
         head = {"output": target, "format": plan.format, "folder": folder, "dry_run": out.dry_run}
-        written = {} if saved is None else {k: v for k, v in saved.to_dict().items() if k != "output"}
+        written = dict(would) if saved is None else {k: v for k, v in saved.to_dict().items() if k != "output"}
         if "notes" in written:
             written["notes"] = [note_text(n) for n in written["notes"]]
         if left_out is not None:
@@ -134,7 +137,7 @@ def report_write(
         return 0
     if out.quiet:
         return 0
-    written = {} if saved is None else saved.to_dict()
+    written = dict(would) if saved is None else saved.to_dict()
     con = console()
     if result.changes:
         _plan_table(con, result.changes, out.dry_run)
@@ -170,6 +173,22 @@ def report_write(
     else:
         print_skipped(con, result.skipped, "left out (not tensors)", shown=3)
     return 0
+
+
+def _as_written(result: Checkpoint, plan, out: OutputOptions) -> tuple[Checkpoint, dict]:
+    """A dry run's checkpoint as its write would store it, and what that write would
+    report: a model-folder output stores the ties ``from_pretrained`` does not restore as
+    values (unless ``--keep-aliases``) and makes its config true to the weights."""
+    from ..io.hf_contract import for_folder_output
+    from ..io.registry import FORMATS
+
+    source = result.model_folder
+    if not plan.folder or FORMATS[plan.format].folder_format or source is None or source.config is None:
+        return result, {}
+    ready = for_folder_output(
+        result, source.config, safetensors=plan.format == "safetensors", keep_aliases=out.keep_aliases
+    )
+    return ready.ckpt, {"notes": list(ready.notes), "aliases_as_values": list(ready.as_values)}
 
 
 def _left_out(result: Checkpoint, saved: SaveResult | None) -> list[str] | None:
