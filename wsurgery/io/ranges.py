@@ -164,15 +164,25 @@ class _Scratch:
                 os.unlink(self._unlink)
 
 
-@contextlib.contextmanager
-def _staged(rng: ByteRange, *, whole: bool = False):
+def _open_range(rng: ByteRange) -> int:
+    """A descriptor of ``rng``'s file, which holds the whole range (else an input error)."""
     try:
-        src = os.open(rng.path, os.O_RDONLY)
+        fd = os.open(rng.path, os.O_RDONLY)
     except OSError as exc:
         raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
     try:
-        if rng.offset + rng.length > os.fstat(src).st_size:
+        if rng.offset + rng.length > os.fstat(fd).st_size:
             raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def _staged(rng: ByteRange, *, whole: bool = False):
+    src = _open_range(rng)
+    try:
         head = os.pread(src, 4, rng.offset)
         is_zip = head[:2] == b"PK"
         holes = _payloads(src, rng) if is_zip and not whole else []
@@ -331,13 +341,8 @@ def _scanned(rng: ByteRange) -> Layout | None:
     None when the range is not a zip (a legacy torch file: torch's loader reads it)."""
     from .pickles.layout import scan_zip
 
+    fd = _open_range(rng)
     try:
-        fd = os.open(rng.path, os.O_RDONLY)
-    except OSError as exc:
-        raise InputError(f"{rng.what}: cannot read: {exc.strerror or exc}") from None
-    try:
-        if rng.offset + rng.length > os.fstat(fd).st_size:
-            raise InputError(f"{rng.what}: the range runs past the end of {rng.path}")
         if os.pread(fd, 2, rng.offset) != b"PK":
             return None
         return scan_zip(rng.what, _View(fd, rng.offset, rng.length), rng.length)

@@ -166,11 +166,10 @@ def _spliced(src: int, dst: int, offset: int, nbytes: int) -> int:
 
     ``copy_file_range`` between two files of a local file system without reflink is the
     kernel's own splice through a 16-page pipe. Where the source and destination offsets
-    are not congruent modulo the page size (a DCP chunk's bytes into a safetensors file),
-    that moves bytes 1.5x slower than a 1 MiB pipe on ext4; where they are, whole pages
-    move and ``copy_file_range`` was the faster, and the steadier, in whole-process runs
-    (a safetensors convert: 0.37 s against 0.56 s, medians of 10). Other file systems keep
-    ``copy_file_range``, which may clone extents or copy on the server."""
+    are not congruent modulo the page size (a DCP chunk's bytes into a safetensors file), a
+    1 MiB pipe moves them faster on ext4; where they are, whole pages move and
+    ``copy_file_range`` is the faster (figures in ``docs/performance.md``). Other file
+    systems keep ``copy_file_range``, which may clone extents or copy on the server."""
     import fcntl
 
     setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
